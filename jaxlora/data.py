@@ -1,0 +1,446 @@
+"""Step 2, prepare the data: a labelled text file or hub dataset -> fixed-shape
+numpy batches for sequence classification.
+
+    source --resolve--> local file/folder --datasets.load_dataset--> splits
+        -> label names -> class ids (rows with other labels dropped and counted)
+        -> train / eval (a named split, or `eval_size` rows carved out of train)
+        -> optional seeded caps
+        -> Dataset.map(fast tokenizer), cached by `datasets`
+        -> numpy arrays, once: `Split(input_ids, attention_mask, labels)`
+
+Every example is padded on the right to `max_length` tokens, so the jitted
+step sees one shape and compiles once; `Split.batches` pads the last partial
+batch with rows of weight 0, so every example counts exactly once. Batch order
+is a pure function of (seed, epoch, start), so a resumed run sees exactly the
+batches it would have seen.
+
+Rules for bad input, each a `UserError` naming the file and the column or row:
+unreadable, undecodable, empty or malformed files; missing columns or splits;
+a missing or blank text in a row whose label is kept (refused, never dropped
+silently: the message gives the count and the first data row);
+no rows left after label filtering; a single-class training set; an
+`eval_size` that leaves no training rows. Rows whose label is not in `labels`
+(say the tweets' `neutral`) are the one thing dropped, and `DataStats` counts
+them.
+
+`datasets` takes about a second to import, so the functions that need it
+import it themselves: validating a recipe's `DataConfig` stays cheap.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import functools
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pydantic
+from pydantic import ConfigDict, Field
+
+from jaxlora.errors import UserError
+from jaxlora.sources import resolve
+
+Format = Literal["csv", "json", "parquet"]
+# File suffix -> `datasets` builder; `.jsonl` is JSON lines, read by the same builder.
+SUFFIX_FORMATS: dict[str, Format] = {".csv": "csv", ".json": "json", ".jsonl": "json",
+                                     ".parquet": "parquet"}
+# Builders that decode text themselves and so take an `encoding`.
+TEXT_FORMATS = ("csv", "json")
+# How many distinct label values an error message lists.
+MAX_LISTED_VALUES = 20
+# Independent random streams under one seed, so that changing one cap does not
+# reshuffle the eval carve or the other cap.
+_SPLIT_STREAM, _TRAIN_CAP_STREAM, _EVAL_CAP_STREAM = 0, 1, 2
+
+
+class DataConfig(pydantic.BaseModel):
+    """Where the labelled texts come from and how to cut them into train / eval."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Hub dataset id, local file or folder, or pkg://PACKAGE/path.
+    source: str = Field(min_length=1)
+    # auto: from the file suffix (.csv, .json/.jsonl, .parquet) or the files in a folder.
+    format: Literal["auto", "csv", "json", "parquet"] = "auto"
+    # Column holding the input text.
+    text_column: str = "text"
+    # Column holding the label (a string, an int, or a ClassLabel index).
+    label_column: str = "label"
+    # Label names in class-id order; rows with any other label are dropped and counted.
+    labels: list[str] = Field(min_length=2)
+    # Text encoding of CSV and JSON files (e.g. latin-1); parquet ignores it.
+    encoding: str = "utf-8"
+    # Tokens per example; every example is padded or truncated to it.
+    max_length: int = Field(128, gt=0, le=8192)
+    # Split to train on (a single file is one split named "train").
+    train_split: str = "train"
+    # Split to evaluate on; give this or eval_size.
+    eval_split: str | None = None
+    # Carve this many random rows out of the train split for eval; give this or eval_split.
+    eval_size: int | None = Field(None, gt=0)
+    # Keep at most this many training rows (a seeded random subset).
+    max_train_examples: int | None = Field(None, gt=0)
+    # Keep at most this many eval rows (a seeded random subset).
+    max_eval_examples: int | None = Field(None, gt=0)
+    # Seed of the eval carve and of the caps.
+    seed: int = Field(0, ge=0)
+
+    @pydantic.field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels: list[str]) -> list[str]:
+        repeated = sorted(name for name, n in Counter(labels).items() if n > 1)
+        if repeated:
+            raise ValueError(f"labels must be unique; repeated: {', '.join(repeated)}")
+        return labels
+
+    @pydantic.field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, encoding: str) -> str:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {encoding!r} (e.g. utf-8, latin-1, "
+                             "cp1252)") from None
+        return encoding
+
+    @pydantic.model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if (self.eval_split is None) == (self.eval_size is None):
+            raise ValueError("give exactly one of eval_split (a named split, e.g. 'test') "
+                             "and eval_size (rows carved out of the train split)")
+        if self.eval_split == self.train_split:
+            raise ValueError(f"eval_split and train_split are both {self.train_split!r}; "
+                             "use eval_size to carve eval rows out of it")
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Tokenized examples, right-padded to a common length T.
+
+    input_ids, attention_mask: (N, T) int32; labels: (N,) int32 class ids.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if (self.input_ids.ndim != 2 or self.attention_mask.shape != self.input_ids.shape
+                or self.labels.shape != self.input_ids.shape[:1]):
+            raise ValueError(f"inconsistent shapes: input_ids {self.input_ids.shape}, "
+                             f"attention_mask {self.attention_mask.shape}, "
+                             f"labels {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def num_batches(self, batch_size: int) -> int:
+        """Batches per pass, the last one possibly partial."""
+        return -(-len(self) // batch_size)
+
+    def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over the examples in batches of exactly `batch_size` rows.
+
+        Keys: input_ids, attention_mask (batch_size, T) int32; labels
+        (batch_size,) int32; weights (batch_size,) float32, 1 for an example and
+        0 for the padding rows that fill the last batch. The order is a
+        permutation drawn from (seed, epoch) when `shuffle`, else the stored
+        order; `start` skips that many batches, to resume mid-epoch.
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= start <= self.num_batches(batch_size):
+            raise ValueError(f"start {start} is outside 0..{self.num_batches(batch_size)}")
+        n, seq_len = self.input_ids.shape
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        for b in range(start, self.num_batches(batch_size)):
+            rows = order[b * batch_size:(b + 1) * batch_size]
+            batch = {"input_ids": self.input_ids[rows],
+                     "attention_mask": self.attention_mask[rows],
+                     "labels": self.labels[rows],
+                     "weights": np.ones(len(rows), np.float32)}
+            missing = batch_size - len(rows)
+            if missing:
+                pad_mask = np.zeros((missing, seq_len), np.int32)
+                # One visible token, so no attention row is fully masked (NaN softmax).
+                pad_mask[:, 0] = 1
+                padding = {"input_ids": np.zeros((missing, seq_len), np.int32),
+                           "attention_mask": pad_mask,
+                           "labels": np.zeros(missing, np.int32),
+                           "weights": np.zeros(missing, np.float32)}
+                batch = {k: np.concatenate([v, padding[k]]) for k, v in batch.items()}
+            yield batch
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What `prepare` read and kept; plain types, so `dataclasses.asdict` is JSON."""
+
+    source: str                             # the resolved local path
+    format: str                             # csv, json or parquet
+    label_names: list[str]                  # index = class id
+    train_size: int
+    eval_size: int
+    label_counts: dict[str, dict[str, int]]  # {"train"|"eval": {label name: rows}}
+    dropped: dict[str, int]                 # label value outside label_names, as str -> rows
+    truncated: dict[str, int]               # {"train"|"eval": examples cut to max_length}
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The output of step 2: train and eval examples, and what was read."""
+
+    train: Split
+    eval: Split
+    stats: DataStats
+
+
+def prepare(cfg: DataConfig, tokenizer: Any, *, base_dir: Path | None = None,
+            cache_dir: Path | None = None) -> PreparedData:
+    """Load, filter, split, cap and tokenize `cfg.source` (see the module docstring).
+
+    `tokenizer` is a transformers fast tokenizer; `base_dir` anchors relative
+    local sources (the recipe's folder); `cache_dir` is the `datasets` cache
+    (default: HF_DATASETS_CACHE as read when `datasets` was imported).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer; the model folder "
+                        "needs a tokenizer.json")
+    path = resolve(cfg.source, "dataset", base_dir)
+    fmt = _detect_format(path, cfg.format)
+    with _quiet_datasets():
+        splits = _load(path, fmt, cfg.encoding, cache_dir)
+        train_ds = _get_split(splits, cfg.train_split, path)
+        train_ids, dropped = _read_split(train_ds, cfg, path, cfg.train_split)
+        if cfg.eval_split is not None:
+            eval_ds = _get_split(splits, cfg.eval_split, path)
+            eval_ids, eval_dropped = _read_split(eval_ds, cfg, path, cfg.eval_split)
+            dropped.update(eval_dropped)
+            train_rows, eval_rows = np.flatnonzero(train_ids >= 0), np.flatnonzero(eval_ids >= 0)
+        else:  # eval rows are carved out of the train split
+            eval_ds, eval_ids = train_ds, train_ids
+            train_rows, eval_rows = _carve(np.flatnonzero(train_ids >= 0), cfg, path)
+        train_rows = _cap(train_rows, cfg.max_train_examples, [cfg.seed, _TRAIN_CAP_STREAM])
+        eval_rows = _cap(eval_rows, cfg.max_eval_examples, [cfg.seed, _EVAL_CAP_STREAM])
+        _check_two_classes(train_ids[train_rows], cfg.labels, path)
+        train, train_cut = _tokenize(train_ds, train_rows, train_ids, tokenizer, cfg, path)
+        eval_, eval_cut = _tokenize(eval_ds, eval_rows, eval_ids, tokenizer, cfg, path)
+    stats = DataStats(
+        source=str(path), format=fmt, label_names=list(cfg.labels),
+        train_size=len(train), eval_size=len(eval_),
+        label_counts={"train": _counts(train.labels, cfg.labels),
+                      "eval": _counts(eval_.labels, cfg.labels)},
+        dropped=dict(sorted(dropped.items())),
+        truncated={"train": train_cut, "eval": eval_cut})
+    return PreparedData(train=train, eval=eval_, stats=stats)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence `datasets` progress bars and its logged read errors (ours say it
+    better), restoring both afterwards."""
+    import datasets
+
+    bars, level = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _detect_format(path: Path, fmt: str) -> Format:
+    """The `datasets` builder for `path`: the configured one, or inferred from
+    the file suffix, or from the suffixes of the data files in a folder."""
+    if fmt != "auto":
+        return fmt  # type: ignore[return-value]
+    if path.is_file():
+        if path.suffix.lower() not in SUFFIX_FORMATS:
+            raise UserError(f"{path}: cannot tell the format from the suffix "
+                            f"{path.suffix!r}; set format to csv, json or parquet")
+        return SUFFIX_FORMATS[path.suffix.lower()]
+    found = {SUFFIX_FORMATS[p.suffix.lower()] for p in path.rglob("*")
+             if p.suffix.lower() in SUFFIX_FORMATS and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+    if len(found) != 1:
+        what = f"several formats ({', '.join(sorted(found))})" if found else "no data files"
+        raise UserError(f"{path}: the folder holds {what}; expected .csv, .json/.jsonl or "
+                        ".parquet files of one format (or set format)")
+    return found.pop()
+
+
+def _load(path: Path, fmt: Format, encoding: str, cache_dir: Path | None) -> Any:
+    """`datasets.load_dataset` on a file (one split, "train") or a folder (splits
+    named by the files, e.g. train.csv / test.csv), with read errors turned into
+    `UserError`s."""
+    import datasets
+    import pyarrow
+
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty")
+    where = {"data_dir": str(path)} if path.is_dir() else {"data_files": str(path)}
+    reader = {"encoding": encoding} if fmt in TEXT_FORMATS else {}
+    try:
+        return datasets.load_dataset(fmt, **where, **reader,
+                                     cache_dir=None if cache_dir is None else str(cache_dir))
+    # datasets wraps reader errors (pandas, pyarrow, codecs) in its own, or not at
+    # all; an empty JSON-lines file even ends its generator with StopIteration.
+    except (datasets.exceptions.DatasetsError, ValueError, OSError, StopIteration,
+            pyarrow.ArrowException) as e:
+        cause = _root_cause(e)
+        if isinstance(cause, UnicodeDecodeError):
+            raise UserError(f"{path}: cannot decode the file as {encoding} ({cause.reason}); "
+                            "set encoding to the file's one, e.g. latin-1 or cp1252") from None
+        if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause) \
+                or "No columns to parse" in str(cause):
+            raise UserError(f"{path}: no data rows") from None
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"{path}: cannot read as {fmt}: {detail}") from None
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain; a decode error anywhere wins, because
+    datasets sometimes chains a vaguer Arrow error after it."""
+    chain = [error]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    decode = [e for e in chain if isinstance(e, UnicodeDecodeError)]
+    return decode[0] if decode else chain[-1]
+
+
+def _get_split(splits: Any, name: str, path: Path) -> Any:
+    if name not in splits:
+        raise UserError(f"{path}: no split {name!r}; splits: {', '.join(splits)}")
+    return splits[name]
+
+
+def _read_split(ds: Any, cfg: DataConfig, path: Path,
+                split: str) -> tuple[np.ndarray, Counter[str]]:
+    """Check a split's columns, labels and texts; return the class id per row
+    (-1 for a label outside `cfg.labels`) and the dropped label values with
+    their row counts."""
+    import datasets
+
+    for field, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
+        if column not in ds.column_names:
+            raise UserError(f"{path}: no column {column!r} ({field}) in split {split!r}; "
+                            f"columns: {', '.join(ds.column_names)}")
+    # A freshly loaded split has no indices mapping, so its Arrow table is its rows.
+    raw = ds.data.column(cfg.label_column).to_pylist()
+    feature = ds.features[cfg.label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        # Hub sets store class indices; -1 marks an unlabelled row (e.g. GLUE test).
+        values = [feature.names[v] if v is not None and 0 <= v < len(feature.names) else str(v)
+                  for v in raw]
+    else:
+        values = [str(v) for v in raw]
+    class_id = {name: i for i, name in enumerate(cfg.labels)}
+    ids = np.array([class_id.get(v, -1) for v in values], np.int32)
+    dropped = Counter(v for v, i in zip(values, ids) if i < 0)
+    if not (ids >= 0).any():
+        found = ", ".join(f"{v!r} ({n})" for v, n in dropped.most_common(MAX_LISTED_VALUES))
+        raise UserError(f"{path}: no row of split {split!r} has a label in {cfg.labels} "
+                        f"(column {cfg.label_column!r}); values found: {found}")
+    _check_texts(ds, np.flatnonzero(ids >= 0), cfg.text_column, path, split)
+    return ids, dropped
+
+
+def _check_texts(ds: Any, rows: np.ndarray, column: str, path: Path, split: str) -> None:
+    """Refuse a missing, blank or non-string text in any of `rows`."""
+    import datasets
+
+    feature = ds.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise UserError(f"{path}: column {column!r} (text_column) holds {feature}, not text")
+    texts = ds.data.column(column).to_pylist()
+    bad = [int(r) for r in rows if texts[r] is None or not texts[r].strip()]
+    if bad:
+        raise UserError(f"{path}: column {column!r} is empty in {len(bad)} row(s) of split "
+                        f"{split!r}, first at data row {bad[0] + 1} (1-based, header not "
+                        "counted); fill or remove them")
+
+
+def _carve(rows: np.ndarray, cfg: DataConfig, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Split the kept train rows into (train, eval) with `eval_size` random eval rows."""
+    assert cfg.eval_size is not None
+    if cfg.eval_size >= len(rows):
+        raise UserError(f"{path}: eval_size {cfg.eval_size} leaves no training rows: split "
+                        f"{cfg.train_split!r} has {len(rows)} rows with labels in {cfg.labels}")
+    shuffled = np.random.default_rng([cfg.seed, _SPLIT_STREAM]).permutation(rows)
+    return np.sort(shuffled[cfg.eval_size:]), np.sort(shuffled[:cfg.eval_size])
+
+
+def _cap(rows: np.ndarray, cap: int | None, seed: list[int]) -> np.ndarray:
+    """A random subset of at most `cap` rows (the same seed gives nested subsets
+    for growing caps), in file order."""
+    if cap is None or len(rows) <= cap:
+        return rows
+    return np.sort(np.random.default_rng(seed).permutation(rows)[:cap])
+
+
+def _check_two_classes(ids: np.ndarray, labels: list[str], path: Path) -> None:
+    present = np.unique(ids)
+    if len(present) < 2:
+        raise UserError(f"{path}: the training set has only one class, "
+                        f"{labels[int(present[0])]!r} ({len(ids)} rows); a classifier needs "
+                        "at least two (check labels, label_column and max_train_examples)")
+
+
+def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: DataConfig,
+              path: Path) -> tuple[Split, int]:
+    """Tokenize `rows` of `ds` with a cached `Dataset.map`; returns the Split and
+    how many examples were truncated."""
+    import datasets
+
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32"), length=cfg.max_length),
+        "attention_mask": datasets.Sequence(datasets.Value("int32"), length=cfg.max_length),
+        "truncated": datasets.Value("bool")})
+    subset = ds.select(rows)
+    # A module-level function with bound arguments hashes stably, so datasets
+    # reuses the cached result on the next run with the same inputs.
+    fn = functools.partial(_tokenize_batch, tokenizer=tokenizer, column=cfg.text_column,
+                           max_length=cfg.max_length,
+                           pad_id=tokenizer.pad_token_id or 0)
+    arrays = subset.map(fn, batched=True, remove_columns=subset.column_names,
+                        features=features).with_format("numpy")[:]
+    mask = arrays["attention_mask"].astype(np.int32)
+    if (empty := np.flatnonzero(mask.sum(axis=1) == 0)).size:
+        raise UserError(f"{path}: the text in data row {int(rows[empty[0]]) + 1} of column "
+                        f"{cfg.text_column!r} gives no tokens")
+    split = Split(input_ids=arrays["input_ids"].astype(np.int32), attention_mask=mask,
+                  labels=ids[rows])
+    return split, int(arrays["truncated"].sum())
+
+
+def _tokenize_batch(batch: dict[str, list], *, tokenizer: Any, column: str, max_length: int,
+                    pad_id: int) -> dict[str, list]:
+    """Tokenize, truncate and right-pad a batch of texts to `max_length`.
+
+    We pad here rather than with `padding="max_length"`: decoder tokenizers
+    (GPT-2, Llama) have no pad token, some pad on the left, and the attention
+    mask makes the pad id irrelevant anyway.
+    """
+    enc = tokenizer(batch[column], truncation=True, max_length=max_length)
+    input_ids, attention_mask = [], []
+    for tokens in enc["input_ids"]:
+        pad = max_length - len(tokens)
+        input_ids.append(tokens + [pad_id] * pad)
+        attention_mask.append([1] * len(tokens) + [0] * pad)
+    # A fast tokenizer keeps what truncation cut off in `overflowing`.
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "truncated": [bool(e.overflowing) for e in enc.encodings]}
+
+
+def _counts(ids: np.ndarray, labels: list[str]) -> dict[str, int]:
+    return {name: int((ids == i).sum()) for i, name in enumerate(labels)}

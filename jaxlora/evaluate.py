@@ -1,0 +1,61 @@
+"""Evaluation: one jit'd eval step, used before and after fine-tuning alike.
+
+The "before" figure is the base model with the fresh task head and adapters
+disabled (`jaxlora.lora.without_adapters`), the "after" figure the trained
+weights; both go through the same compiled function, so any difference comes
+from the weights alone. Eval batches are fixed-shape; the last one is padded
+and its padding rows carry weight 0, so every example counts exactly once.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from pydantic import BaseModel, ConfigDict, Field
+
+from jaxlora.tasks import classification_metrics
+
+
+class EvalConfig(BaseModel):
+    """The recipe's [eval] table."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    before: bool = True  # also evaluate the base model before fine-tuning
+    batch_size: int = Field(64, gt=0, le=65536)  # examples per eval step
+
+
+def build_eval_step(graphdef: nnx.GraphDef):
+    """jit'd (trainable, frozen, batch) -> (logits, per-example loss), no dropout."""
+
+    @jax.jit
+    def step(trainable, frozen, batch):
+        model = nnx.merge(graphdef, trainable, frozen)
+        logits = model(batch["input_ids"], batch["attention_mask"]).astype("float32")
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return logits, loss
+
+    return step
+
+
+def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_names: list[str],
+             progress=None, description: str = "eval") -> dict:
+    """Accuracy, macro-F1, per-class scores and mean loss of one model on `split`."""
+    task = (progress.add_task(description, total=split.num_batches(batch_size))
+            if progress is not None else None)
+    predictions, labels, losses = [], [], []
+    for batch in split.batches(batch_size, shuffle=False):
+        logits, loss = eval_step(trainable, frozen, batch)
+        real = batch["weights"] > 0
+        logits, loss = jax.device_get((logits, loss))
+        predictions.append(np.argmax(logits, -1)[real])
+        labels.append(batch["labels"][real])
+        losses.append(loss[real])
+        if task is not None:
+            progress.advance(task)
+    metrics = classification_metrics(np.concatenate(predictions), np.concatenate(labels),
+                                     label_names)
+    metrics["loss"] = float(np.concatenate(losses).mean())
+    return metrics

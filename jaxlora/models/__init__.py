@@ -1,0 +1,60 @@
+"""Model families, keyed by the Hugging Face `model_type` in a folder's config.json.
+
+Every family is one module exposing the same names (one interface per kind of
+component, so adding GPT-2 or Llama is adding a file and a line here):
+
+    Config         frozen dataclass of the architecture, with `Config.from_hf(hf_config)`
+    load           (model_dir, *, num_labels, param_dtype, compute_dtype, attention, seed)
+                   -> weights.LoadedModel
+    LORA_TARGETS   user-facing LoRA target name -> Hugging Face module path in a block
+    WEIGHT_RULES   the checkpoint -> model table (`weights.Rule`s)
+    IGNORED        regexes of checkpoint keys deliberately not loaded
+    PREFIXES       prefixes stripped from checkpoint keys (e.g. "bert.")
+
+The task model a family builds exposes `linear_layers()`: every `Linear` by
+its Hugging Face module path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Literal
+
+import jax.numpy as jnp
+
+from jaxlora.errors import UserError
+from jaxlora.models import bert
+from jaxlora.models.layers import AttentionImpl
+from jaxlora.models.weights import LoadedModel, config_path
+
+Task = Literal["classification"]
+TASKS: tuple[Task, ...] = ("classification",)
+
+# MiniLM checkpoints declare model_type "bert": same architecture.
+FAMILIES: dict[str, ModuleType] = {"bert": bert}
+
+
+def family(model_dir: Path) -> ModuleType:
+    """The family module for the folder's config.json `model_type`."""
+    path = config_path(model_dir)
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{path}: not a JSON object ({e})") from None
+    if model_type not in FAMILIES:
+        raise UserError(f"{path}: model_type {model_type!r} is not supported; "
+                        f"supported: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def load_model(model_dir: Path, *, task: Task, num_labels: int, param_dtype=jnp.float32,
+               compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
+               seed: int = 0) -> LoadedModel:
+    """The task model for the folder, base weights loaded and checked, head seeded by `seed`."""
+    if task not in TASKS:
+        raise UserError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
+    return family(model_dir).load(Path(model_dir), num_labels=num_labels,
+                                  param_dtype=param_dtype, compute_dtype=compute_dtype,
+                                  attention=attention, seed=seed)

@@ -1,0 +1,173 @@
+"""Building blocks shared by every architecture: typed weights, Linear, Head, LayerNorm,
+Embed, dropout and attention.
+
+Trainable versus frozen is a *type*, not a flag (see `jaxlora.lora.trainable_filter`):
+
+    BaseWeight   a pretrained weight loaded from the checkpoint. Frozen under
+                 `lora` (and, quantized, under `qlora`); trainable under `full`.
+    HeadParam    a task head created fresh for fine-tuning (the classifier):
+                 always trainable.
+    nnx.LoRAParam  LoRA factors, attached to a `Linear` by `jaxlora.lora`.
+
+`BaseWeight` deliberately does not subclass `nnx.Param`, so no `nnx.Param`
+filter picks up frozen weights by accident.
+
+Randomness is explicit: modules never hold RNG state. A forward pass in train
+mode receives one `jax.random` key and splits it down the tree, so the jit'd
+train step stays a pure function of (trainable, frozen, opt_state, batch, rng).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+
+
+class BaseWeight(nnx.Variable):
+    """A pretrained weight from the base checkpoint (frozen unless method = full)."""
+
+
+class HeadParam(nnx.Param):
+    """A freshly initialised task head (e.g. the classifier): always trained."""
+
+
+def split_key(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """`n` independent keys from `rng`, or `n` Nones in eval mode (`rng` is None)."""
+    if rng is None:
+        return [None] * n
+    return list(jax.random.split(rng, n))
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when `rng` is None (eval) or `rate` is 0."""
+    if rng is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias`, kernel stored (in, out) as a `BaseWeight`.
+
+    `self.lora` is None until `jaxlora.lora.apply_lora` attaches an adapter;
+    then `y += adapter(x)`. The kernel is cast to the input's dtype (the compute
+    dtype) at use, inside the compiled step.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 dtype=jnp.float32):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = BaseWeight(jnp.zeros((in_features, out_features), dtype))
+        self.bias = BaseWeight(jnp.zeros((out_features,), dtype)) if use_bias else None
+        self.lora = nnx.data(None)  # an adapter module once LoRA is applied
+
+    def dense_kernel(self, dtype) -> jax.Array:
+        """The (in, out) kernel in `dtype` (quantized kernels dequantize here)."""
+        return self.kernel[...].astype(dtype)
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        y = x @ self.dense_kernel(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x, rng).astype(y.dtype)
+        return y
+
+
+class Head(nnx.Module):
+    """A fresh task head `y = x @ kernel + bias` whose weights are `HeadParam`.
+
+    Not a `Linear`: LoRA never targets it and the loader never fills it. Kept in
+    float32 whatever the base weights' dtype, since it is always trained. Initialised
+    as transformers does: kernel ~ normal(0, init_std), bias 0.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, init_std: float,
+                 key: jax.Array):
+        self.kernel = HeadParam(
+            init_std * jax.random.normal(key, (in_features, out_features), jnp.float32))
+        self.bias = HeadParam(jnp.zeros((out_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """float32 outputs, whatever the dtype of `x`."""
+        return x.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, statistics in float32 (as transformers does)."""
+
+    def __init__(self, size: int, *, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = BaseWeight(jnp.ones((size,), dtype))
+        self.bias = BaseWeight(jnp.zeros((size,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """A lookup table (num, features) stored as a `BaseWeight`."""
+
+    def __init__(self, num: int, features: int, *, dtype=jnp.float32):
+        self.embedding = BaseWeight(jnp.zeros((num, features), dtype))
+
+    def __call__(self, ids: jax.Array, dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+
+def resolve_attention(implementation: AttentionImpl) -> Literal["xla", "cudnn"]:
+    """`auto` picks the fused cuDNN kernel on GPU and XLA elsewhere (cuDNN raises on CPU)."""
+    if implementation == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return implementation
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None,
+              causal: bool = False, implementation: Literal["xla", "cudnn"] = "xla",
+              dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+    """Scaled dot-product attention over (batch, seq, heads, head_dim) arrays.
+
+    `mask` is the (batch, seq) key padding mask (1 = real token). The fused
+    cuDNN kernel takes padding as sequence lengths, so it assumes right padding,
+    which is what `jaxlora.data` produces. Dropout on the attention
+    probabilities (train mode only) needs the probabilities, so it runs the
+    explicit XLA formulation; the fused kernel has no dropout and skips it.
+    """
+    if rng is not None and dropout_rate > 0.0 and implementation == "xla":
+        return _attention_with_dropout(q, k, v, mask, causal, dropout_rate, rng)
+    if implementation == "cudnn":
+        lengths = None if mask is None else mask.sum(-1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, query_seq_lengths=lengths,
+            key_value_seq_lengths=lengths, implementation="cudnn")
+    bias_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, is_causal=causal,
+                                        implementation="xla")
+
+
+def _attention_with_dropout(q, k, v, mask, causal, rate, rng):
+    num_heads, num_kv = q.shape[2], k.shape[2]
+    if num_kv != num_heads:  # grouped-query attention: share each kv head
+        k = jnp.repeat(k, num_heads // num_kv, axis=2)
+        v = jnp.repeat(v, num_heads // num_kv, axis=2)
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) * scale
+    allowed = jnp.ones(scores.shape[-2:], bool)[None, None]
+    if mask is not None:
+        allowed = allowed & mask.astype(bool)[:, None, None, :]
+    if causal:
+        allowed = allowed & jnp.tril(jnp.ones(scores.shape[-2:], bool))[None, None]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), rate, rng).astype(v.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v)

@@ -1,0 +1,103 @@
+"""Where models and data come from: a hub id, a local path, or a file inside an
+installed Python package.
+
+    pkg://PACKAGE/path/inside   a file or folder shipped inside an installed
+                                package, found with importlib.util.find_spec
+                                (the package is never imported, and the path
+                                may not leave the package's folder)
+    ./local/path, /abs/path     a local file or folder
+    org/name                    a Hugging Face hub repository; only
+                                safetensors, configs and tokenizer files are
+                                fetched (honours HF_HUB_OFFLINE and the local
+                                Hugging Face cache)
+
+`resolve_model` and `resolve_data` return a local `Path`; every failure is a
+`UserError` naming the location.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Literal
+
+from jaxlora.errors import UserError
+
+PKG_SCHEME = "pkg://"
+# A hub repo id: "name" or "org/name" of letters, digits, '-', '_', '.'.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# Files a model needs; pickle weights (*.bin, *.pt) are never fetched.
+MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "vocab.txt", "vocab.json", "merges.txt", "*.model",
+               "generation_config.json", "added_tokens.json"]
+# A location ending like a file is a local file that is missing, not a hub id.
+LOCAL_SUFFIXES = {".csv", ".json", ".jsonl", ".parquet", ".txt", ".tsv", ".safetensors"}
+DATA_FILES = ["*.csv", "*.json", "*.jsonl", "*.parquet", "*.md", "**/*.csv",
+              "**/*.json", "**/*.jsonl", "**/*.parquet"]
+
+
+def resolve_package_path(location: str) -> Path:
+    """`pkg://PACKAGE/path/inside` -> the absolute path, without importing PACKAGE."""
+    rest = location[len(PKG_SCHEME):]
+    package, _, inner = rest.partition("/")
+    if not package:
+        raise UserError(f"{location}: expected pkg://PACKAGE/path/inside")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"{location}: cannot look up package {package!r}: {e}") from None
+    if spec is None:
+        raise UserError(f"{location}: package {package!r} is not installed "
+                        f"(pip install {package.replace('_', '-')}, or `make run` installs "
+                        "the offline data extras)")
+    if spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations)))
+    elif spec.origin:
+        root = Path(spec.origin).parent
+    else:
+        raise UserError(f"{location}: package {package!r} has no folder on disk")
+    root = root.resolve()
+    target = (root / inner).resolve()
+    if target != root and root not in target.parents:
+        raise UserError(f"{location}: the path leaves the package folder {root}")
+    if not target.exists():
+        raise UserError(f"{location}: no such file or folder in package {package!r} ({target})")
+    return target
+
+
+def _from_hub(repo_id: str, kind: Literal["model", "dataset"], patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type=kind, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise UserError(f"{repo_id}: not in the local Hugging Face cache and the hub cannot be "
+                        "reached (offline?). Download it once with network, or point to a "
+                        "local folder") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise UserError(f"{repo_id}: cannot fetch this {kind} from the Hugging Face hub: "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+def resolve(location: str, kind: Literal["model", "dataset"], base_dir: Path | None = None) -> Path:
+    """Turn a recipe location into a local path (see the module docstring).
+
+    Relative local paths are taken relative to `base_dir` (the recipe's folder)
+    when given, else the working directory.
+    """
+    if location.startswith(PKG_SCHEME):
+        return resolve_package_path(location)
+    local = Path(location).expanduser()
+    if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
+        local = base_dir / local
+    if local.exists():
+        return local.resolve()
+    looks_local = (location.startswith((".", "/", "~"))
+                   or Path(location).suffix.lower() in LOCAL_SUFFIXES)
+    if looks_local or not HUB_ID.match(location):
+        raise UserError(f"{location}: no such file or folder")
+    return _from_hub(location, kind, MODEL_FILES if kind == "model" else DATA_FILES)

@@ -1,0 +1,184 @@
+"""Supervised fine-tuning: the optimizer, one compiled train step, and a small loop.
+
+The step is a pure function
+
+    step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state, metrics)
+
+jitted once with `trainable` and `opt_state` donated (updated in place on
+accelerators). Frozen weights are an *argument*, never a closure constant:
+constants would be baked into the executable (slow compiles, doubled memory).
+Batches have a fixed shape, so the step compiles once. The loop does only
+host-side bookkeeping between steps and reads metrics back every `log_every`
+steps, so dispatch runs ahead of the device.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from pydantic import BaseModel, ConfigDict, Field
+
+LossFn = Callable[[nnx.Module, dict, jax.Array | None], tuple[jax.Array, jax.Array]]
+
+
+class TrainConfig(BaseModel):
+    """The recipe's [train] table: optimisation of the trainable weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int = Field(1, ge=1, le=1000)  # passes over the training split
+    max_steps: int | None = Field(None, gt=0)  # stop after this many steps (None: epochs decide)
+    batch_size: int = Field(32, gt=0, le=65536)  # examples per optimizer step
+    learning_rate: float = Field(5e-4, gt=0, le=1.0)  # peak AdamW learning rate
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)  # share of steps spent warming up from 0
+    weight_decay: float = Field(0.0, ge=0.0, lt=1.0)  # decoupled AdamW decay on matrices only
+    adam_b1: float = Field(0.9, gt=0.0, lt=1.0)  # AdamW first-moment decay
+    adam_b2: float = Field(0.999, gt=0.0, lt=1.0)  # AdamW second-moment decay
+    adam_eps: float = Field(1e-8, gt=0.0)  # AdamW denominator epsilon
+    max_grad_norm: float | None = Field(1.0, gt=0.0)  # clip the global gradient norm (None: off)
+    seed: int = 0  # seeds the head, the adapters, dropout and the data order
+    log_every: int = Field(10, gt=0)  # steps between metric records
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Number of optimizer steps the run takes."""
+    steps = cfg.epochs * steps_per_epoch
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def learning_rate_schedule(cfg: TrainConfig, steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then linear/cosine decay to 0, or constant."""
+    warmup = int(round(cfg.warmup_ratio * steps))
+    decay = max(steps - warmup, 1)
+    peak = cfg.learning_rate
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, 0.0, decay)
+    else:
+        after = optax.cosine_decay_schedule(peak, decay)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(cfg: TrainConfig, steps: int) -> optax.GradientTransformation:
+    """Gradient clipping then AdamW; weight decay only on matrices (not biases/norms)."""
+    adamw = optax.adamw(learning_rate_schedule(cfg, steps), b1=cfg.adam_b1, b2=cfg.adam_b2,
+                        eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if cfg.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+
+
+def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn):
+    """The jit'd step over (trainable, frozen, opt_state, batch, rng); see the module doc."""
+
+    def step(trainable, frozen, opt_state, batch, rng):
+        def objective(params):
+            return loss_fn(nnx.merge(graphdef, params, frozen), batch, rng)
+
+        (loss, count), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, "examples": count, "grad_norm": optax.global_norm(grads),
+                   "update_norm": optax.global_norm(updates)}
+        return trainable, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+@dataclass
+class TrainResult:
+    """What a finished `fit` hands back: the new weights and how the run went."""
+
+    trainable: Any
+    opt_state: Any
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    train_seconds: float = 0.0
+    median_step_ms: float = 0.0
+
+
+def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig,
+        loss_fn: LossFn, *, on_log: Callable[[dict], None] | None = None,
+        progress=None) -> TrainResult:
+    """Train `trainable` on `train_split` for `cfg.epochs` (or `cfg.max_steps`).
+
+    `train_split` provides `num_batches(batch_size)` and
+    `batches(batch_size, shuffle=, seed=, epoch=)`. `on_log` receives one
+    record every `log_every` steps and at the end; `progress` is an optional
+    rich Progress to advance.
+    """
+    per_epoch = train_split.num_batches(cfg.batch_size)
+    steps = total_steps(cfg, per_epoch)
+    schedule = learning_rate_schedule(cfg, steps)
+    tx = make_optimizer(cfg, steps)
+    opt_state = tx.init(trainable)
+    step_fn = build_train_step(graphdef, tx, loss_fn)
+    dropout_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    task = progress.add_task("train", total=steps) if progress is not None else None
+
+    result = TrainResult(trainable=None, opt_state=None, steps=0)
+    interval_ms: list[float] = []
+    pending: list[dict] = []
+    step = 0
+    start = mark = time.perf_counter()
+    mark_step = 0
+    for epoch in range(math.ceil(steps / per_epoch)):
+        for batch in train_split.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
+            if step == steps:
+                break
+            rng = jax.random.fold_in(dropout_key, step)
+            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch, rng)
+            pending.append(metrics)
+            step += 1
+            if step == 1:  # the first call compiles: time it apart from the steady state
+                jax.block_until_ready(metrics)
+                result.compile_seconds = time.perf_counter() - start
+                mark, mark_step = time.perf_counter(), step
+            if step % cfg.log_every == 0 or step == steps:
+                pending = jax.device_get(pending)
+                now = time.perf_counter()
+                if step > mark_step:
+                    interval_ms.append((now - mark) * 1e3 / (step - mark_step))
+                record = _record(pending, step, epoch, float(schedule(step - 1)),
+                                 interval_ms[-1] if interval_ms else None, cfg.batch_size,
+                                 batch["input_ids"].shape[1])
+                result.history.append(record)
+                if on_log:
+                    on_log(record)
+                if task is not None:
+                    progress.update(task, completed=step,
+                                    description=f"train  loss {record['loss']:.4f}")
+                pending, mark, mark_step = [], now, step
+    result.train_seconds = time.perf_counter() - start
+    result.median_step_ms = statistics.median(interval_ms) if interval_ms else 0.0
+    result.trainable, result.opt_state, result.steps = trainable, opt_state, step
+    return result
+
+
+def _record(metrics: list[dict], step: int, epoch: int, lr: float, step_ms: float | None,
+            batch_size: int, seq_len: int) -> dict:
+    """One metrics.jsonl line: means over the steps since the last record."""
+    examples = sum(float(m["examples"]) for m in metrics)
+    loss = sum(float(m["loss"]) * float(m["examples"]) for m in metrics) / max(examples, 1.0)
+    record = {"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr,
+              "grad_norm": float(metrics[-1]["grad_norm"]),
+              "update_norm": float(metrics[-1]["update_norm"])}
+    if step_ms:
+        record["step_ms"] = step_ms
+        record["examples_per_s"] = batch_size * 1e3 / step_ms
+        record["tokens_per_s"] = batch_size * seq_len * 1e3 / step_ms
+    return record

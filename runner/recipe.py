@@ -1,0 +1,164 @@
+"""The recipe: one TOML file composing the settings models of `jaxlora`.
+
+Each section is declared beside the code that uses it; this module only
+composes them and adds what belongs to a file (name, description, output,
+hashing, error messages):
+
+    [model]    jaxlora.models.ModelConfig     base model, task, dtypes, attention
+    [data]     jaxlora.data.DataConfig        source, columns, labels, splits
+    [adapter]  jaxlora.lora.AdapterConfig     method = "lora" | "full" (+ its settings)
+    [train]    jaxlora.train.TrainConfig      epochs, batch, optimizer, schedule
+    [eval]     jaxlora.evaluate.EvalConfig    before/after evaluation
+    [output]   OutputConfig                   where run folders go
+
+Every model is frozen with `extra="forbid"`; a bad recipe yields one message
+per problem naming the file and the dotted field (`adapter.rank: ...`), and an
+unknown key names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import tomllib
+import typing
+from pathlib import Path
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jaxlora.data import DataConfig
+from jaxlora.errors import UserError
+from jaxlora.evaluate import EvalConfig
+from jaxlora.lora import AdapterConfig, LoraConfig
+from jaxlora.models.config import ModelConfig
+from jaxlora.train import TrainConfig
+
+
+class OutputConfig(BaseModel):
+    """The recipe's [output] table."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dir: str = "runs"  # run folders go to DIR/<recipe name>/<timestamp>/ (relative to the cwd)
+
+
+class Recipe(BaseModel):
+    """A whole recipe, as validated from TOML."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)  # default: file stem
+    description: str = ""  # one line for humans
+    model: ModelConfig  # step 3: the base model
+    data: DataConfig  # step 2: the data
+    adapter: AdapterConfig = LoraConfig()  # step 1: the method
+    train: TrainConfig = TrainConfig()  # step 4: fine-tuning
+    eval: EvalConfig = EvalConfig()  # step 5: evaluation
+    output: OutputConfig = OutputConfig()  # the run folder
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; any problem is a `UserError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the recipe: {e}") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    document.setdefault("name", path.stem)
+    try:
+        return Recipe.model_validate(document)
+    except ValidationError as e:
+        raise UserError(format_errors(path, e)) from None
+
+
+def format_errors(path: Path, error: ValidationError) -> str:
+    """One line per problem: `FILE: dotted.field: what is wrong`."""
+    messages: dict[str, list[str]] = {}
+    for err in error.errors(include_url=False):
+        where, holder = _locate(err["loc"])
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            valid = list(holder.model_fields) if holder else []
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else (
+                f"; valid keys: {', '.join(valid)}" if valid else "")
+            msg = f"unknown key{hint}"
+        elif err["type"] == "missing":
+            msg = "required, but missing"
+        elif err["type"] == "union_tag_invalid":
+            where = f"{where}.method"
+            msg = (f"unknown method {err['ctx']['tag']!r}; expected one of: "
+                   f"{err['ctx']['expected_tags']}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+                msg = f"{msg} (got {err['input']!r})"
+        messages.setdefault(where or "(top level)", [])
+        if msg not in messages[where or "(top level)"]:
+            messages[where or "(top level)"].append(msg)
+    lines = [f"{path}: {where}: {'; or '.join(msgs)}" for where, msgs in messages.items()]
+    return "\n".join(lines)
+
+
+def _locate(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+    """The dotted field path a pydantic error location stands for, and the model
+    class holding its last key when that key is unknown (discriminator tags and
+    union members are internal to pydantic and left out)."""
+    cls: type[BaseModel] | None = Recipe
+    parts: list[str] = []
+    i = 0
+    while i < len(loc):
+        item = loc[i]
+        if isinstance(item, int):
+            if parts:
+                parts[-1] += f"[{item}]"
+            i += 1
+            continue
+        if cls is None or item not in cls.model_fields:
+            if cls is not None and i == len(loc) - 1:
+                return ".".join(parts + [item]), cls  # an unknown key, shown as written
+            break
+        parts.append(item)
+        variants = _model_variants(cls.model_fields[item].annotation)
+        cls = variants[0] if len(variants) == 1 else None
+        if len(variants) > 1 and i + 1 < len(loc):
+            tags = {v.model_fields["method"].default: v for v in variants}
+            if loc[i + 1] in tags:
+                cls = tags[loc[i + 1]]
+                i += 1  # skip the discriminator tag
+        i += 1
+    return ".".join(parts), None
+
+
+def _model_variants(annotation) -> list[type[BaseModel]]:
+    """The pydantic model classes inside an annotation (through Annotated/Union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in typing.get_args(annotation):
+        found += _model_variants(arg)
+    return found
+
+
+def canonical(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data (defaults filled in, no None values)."""
+    return recipe.model_dump(mode="json", exclude_none=True)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """sha256 of the canonical JSON of the resolved recipe: same hash, same run."""
+    text = json.dumps(canonical(recipe), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML, loadable again with `load_recipe`."""
+    return tomli_w.dumps(canonical(recipe))

