@@ -91,8 +91,8 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
         (loss, count), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss, "examples": count, "grad_norm": optax.global_norm(grads),
-                   "update_norm": optax.global_norm(updates)}
+        metrics = {"loss": loss, "examples": count, "grad_norm": optax.tree.norm(grads),
+                   "update_norm": optax.tree.norm(updates)}
         return trainable, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 2))

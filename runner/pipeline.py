@@ -106,7 +106,7 @@ def load_pretrained(recipe: Recipe, model_dir: Path):
     param_dtype, compute_dtype = recipe.model.dtypes()
     return load_model(model_dir, task=recipe.model.task, num_labels=len(recipe.data.labels),
                       param_dtype=param_dtype, compute_dtype=compute_dtype,
-                      attention=resolve_attention(recipe.model.attention), seed=recipe.train.seed)
+                      attention=resolve_attention(recipe.model.attention, compute_dtype), seed=recipe.train.seed)
 
 
 def _stats(stats) -> dict:

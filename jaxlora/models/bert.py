@@ -205,7 +205,7 @@ class BertModel(nnx.Module):
                  compute_dtype=jnp.float32, attention: AttentionImpl = "xla"):
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
-        self.attention_impl = resolve_attention(attention)
+        self.attention_impl = resolve_attention(attention, compute_dtype)
         self.embeddings = BertEmbeddings(config, param_dtype=param_dtype)
         self.layers = nnx.List([BertLayer(config, param_dtype=param_dtype,
                                           attention=self.attention_impl)

@@ -282,7 +282,9 @@ def fill(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Sequence[Rule
     if problems:
         raise UserError(f"{source}: cannot load the weights; " + "; ".join(problems))
     for path, (key, rule) in planned.items():
-        targets[path].set_value(jnp.asarray(rule.to_model(tensors[key]), dtype=dtype))
+        # `jnp.array` copies; on CPU `jnp.asarray` of an aligned read-only memmap
+        # aliases the file, so rewriting the checkpoint would change the model.
+        targets[path].set_value(jnp.array(rule.to_model(tensors[key]), dtype=dtype))
     return ignored
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from jaxlora.errors import UserError
 from jaxlora.models import bert, load_model, weights
-from jaxlora.models.layers import BaseWeight
+from jaxlora.models.layers import BaseWeight, Linear
 
 
 def _edited_checkpoint(tmp_path, tiny_bert_dir, edit):
@@ -148,6 +148,25 @@ def test_unknown_model_type_lists_the_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(UserError, match="model_type 't5' is not supported; supported: bert"):
         load_model(tmp_path, task="classification", num_labels=2)
+
+
+class _Dense(nnx.Module):
+    def __init__(self):
+        self.dense = Linear(16, 16)
+
+
+def test_filled_weights_do_not_alias_the_file(tmp_path):
+    # An aligned read-only memmap is what JAX on CPU would map without copying.
+    path = tmp_path / "weights.bin"
+    np.arange(16 * 16 + 16, dtype=np.float32).tofile(path)
+    data = np.memmap(path, dtype=np.float32, mode="r")
+    model = _Dense()
+    weights.fill(model, {"dense.weight": data[:256].reshape(16, 16), "dense.bias": data[256:]},
+                 weights.linear("dense", "dense"), ignore=[], strip_prefixes=(),
+                 dtype=np.float32)
+    np.zeros(16 * 16 + 16, dtype=np.float32).tofile(path)  # rewritten in place
+    assert model.dense.kernel[...].sum() == np.arange(256).sum()
+    assert model.dense.bias[...].sum() == np.arange(256, 272).sum()
 
 
 def test_fingerprint_follows_weights_and_config(tmp_path, tiny_bert_dir):

