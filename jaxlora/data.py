@@ -56,6 +56,9 @@ MAX_LISTED_VALUES = 20
 # Independent random streams under one seed, so that changing one cap does not
 # reshuffle the eval carve or the other cap.
 _SPLIT_STREAM, _TRAIN_CAP_STREAM, _EVAL_CAP_STREAM = 0, 1, 2
+# With length buckets, training batches are drawn from length-sorted chunks of
+# this many batches: large enough to group lengths, small enough to stay random.
+LENGTH_GROUP = 50
 
 
 class DataConfig(pydantic.BaseModel):
@@ -87,6 +90,10 @@ class DataConfig(pydantic.BaseModel):
     max_train_examples: int | None = Field(None, gt=0)
     # Keep at most this many eval rows (a seeded random subset).
     max_eval_examples: int | None = Field(None, gt=0)
+    # Shorter padded lengths a batch may use when all its examples fit (max_length is
+    # always one); each is one more compilation, and training batches are then drawn
+    # from length-sorted chunks so that they fill a short bucket. [] = always max_length.
+    length_buckets: list[int] = []
     # Seed of the eval carve and of the caps.
     seed: int = Field(0, ge=0)
 
@@ -109,6 +116,14 @@ class DataConfig(pydantic.BaseModel):
         return encoding
 
     @pydantic.model_validator(mode="after")
+    def _buckets_below_max_length(self) -> DataConfig:
+        buckets = self.length_buckets
+        if buckets != sorted(set(buckets)) or any(not 0 < b < self.max_length for b in buckets):
+            raise ValueError(f"length_buckets must be increasing lengths between 1 and "
+                             f"max_length - 1 ({self.max_length - 1}), got {buckets}")
+        return self
+
+    @pydantic.model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
         if (self.eval_split is None) == (self.eval_size is None):
             raise ValueError("give exactly one of eval_split (a named split, e.g. 'test') "
@@ -123,12 +138,14 @@ class DataConfig(pydantic.BaseModel):
 class Split:
     """Tokenized examples, right-padded to a common length T.
 
-    input_ids, attention_mask: (N, T) int32; labels: (N,) int32 class ids.
+    input_ids, attention_mask: (N, T) int32; labels: (N,) int32 class ids;
+    buckets: shorter lengths a batch is cut to when all its examples fit.
     """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     labels: np.ndarray
+    buckets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.input_ids.ndim != 2 or self.attention_mask.shape != self.input_ids.shape
@@ -148,35 +165,63 @@ class Split:
                 start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """One pass over the examples in batches of exactly `batch_size` rows.
 
-        Keys: input_ids, attention_mask (batch_size, T) int32; labels
+        Keys: input_ids, attention_mask (batch_size, L) int32; labels
         (batch_size,) int32; weights (batch_size,) float32, 1 for an example and
-        0 for the padding rows that fill the last batch. The order is a
-        permutation drawn from (seed, epoch) when `shuffle`, else the stored
-        order; `start` skips that many batches, to resume mid-epoch.
+        0 for the padding rows that fill the last batch. L is the smallest
+        bucket that holds every example of the batch, else T. The order is
+        drawn from (seed, epoch) when `shuffle`, else the stored order (sorted
+        by length when there are buckets); `start` skips that many batches, to
+        resume mid-epoch.
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= start <= self.num_batches(batch_size):
             raise ValueError(f"start {start} is outside 0..{self.num_batches(batch_size)}")
-        n, seq_len = self.input_ids.shape
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        for b in range(start, self.num_batches(batch_size)):
-            rows = order[b * batch_size:(b + 1) * batch_size]
-            batch = {"input_ids": self.input_ids[rows],
-                     "attention_mask": self.attention_mask[rows],
+        for rows in self._batch_rows(batch_size, shuffle, seed, epoch)[start:]:
+            width = self._width(rows)
+            batch = {"input_ids": self.input_ids[rows, :width],
+                     "attention_mask": self.attention_mask[rows, :width],
                      "labels": self.labels[rows],
                      "weights": np.ones(len(rows), np.float32)}
             missing = batch_size - len(rows)
             if missing:
-                pad_mask = np.zeros((missing, seq_len), np.int32)
+                pad_mask = np.zeros((missing, width), np.int32)
                 # One visible token, so no attention row is fully masked (NaN softmax).
                 pad_mask[:, 0] = 1
-                padding = {"input_ids": np.zeros((missing, seq_len), np.int32),
+                padding = {"input_ids": np.zeros((missing, width), np.int32),
                            "attention_mask": pad_mask,
                            "labels": np.zeros(missing, np.int32),
                            "weights": np.zeros(missing, np.float32)}
                 batch = {k: np.concatenate([v, padding[k]]) for k, v in batch.items()}
             yield batch
+
+    def _batch_rows(self, batch_size: int, shuffle: bool, seed: int,
+                    epoch: int) -> list[np.ndarray]:
+        """The row indices of each batch, in order; only the last may be short."""
+        n = len(self)
+        if not self.buckets:
+            order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+            return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        lengths = self.attention_mask.sum(axis=1)
+        if not shuffle:  # eval: sorted by length, so most batches fit a short bucket
+            order = np.argsort(lengths, kind="stable")
+            return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        # Training: random chunks of LENGTH_GROUP batches, sorted by length inside
+        # each chunk, cut into batches, batches shuffled (as transformers'
+        # group_by_length): batches stay random but hold similar lengths.
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(n)
+        chunk = batch_size * LENGTH_GROUP
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
+                                for c in np.split(order, range(chunk, n, chunk))])
+        full, rest = divmod(n, batch_size)
+        batches = [order[i * batch_size:(i + 1) * batch_size] for i in rng.permutation(full)]
+        return batches + ([order[full * batch_size:]] if rest else [])
+
+    def _width(self, rows: np.ndarray) -> int:
+        """The smallest bucket holding the longest example in `rows`, else T."""
+        longest = int(self.attention_mask[rows].sum(axis=1).max())
+        return next((b for b in self.buckets if b >= longest), self.input_ids.shape[1])
 
 
 @dataclass(frozen=True)
@@ -419,7 +464,7 @@ def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: D
         raise UserError(f"{path}: the text in data row {int(rows[empty[0]]) + 1} of column "
                         f"{cfg.text_column!r} gives no tokens")
     split = Split(input_ids=arrays["input_ids"].astype(np.int32), attention_mask=mask,
-                  labels=ids[rows])
+                  labels=ids[rows], buckets=tuple(cfg.length_buckets))
     return split, int(arrays["truncated"].sum())
 
 

@@ -131,11 +131,9 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
     task = progress.add_task("train", total=steps) if progress is not None else None
 
     result = TrainResult(trainable=None, opt_state=None, steps=0)
-    interval_ms: list[float] = []
     pending: list[dict] = []
-    step = 0
+    step = tokens = 0
     start = mark = time.perf_counter()
-    mark_step = 0
     for epoch in range(math.ceil(steps / per_epoch)):
         for batch in train_split.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
             if step == steps:
@@ -143,42 +141,40 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
             rng = jax.random.fold_in(dropout_key, step)
             trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch, rng)
             pending.append(metrics)
+            tokens += batch["input_ids"].size
             step += 1
-            if step == 1:  # the first call compiles: time it apart from the steady state
+            if step == 1:  # the first call compiles the step
                 jax.block_until_ready(metrics)
                 result.compile_seconds = time.perf_counter() - start
-                mark, mark_step = time.perf_counter(), step
             if step % cfg.log_every == 0 or step == steps:
                 pending = jax.device_get(pending)
                 now = time.perf_counter()
-                if step > mark_step:
-                    interval_ms.append((now - mark) * 1e3 / (step - mark_step))
-                record = _record(pending, step, epoch, float(schedule(step - 1)),
-                                 interval_ms[-1] if interval_ms else None, cfg.batch_size,
-                                 batch["input_ids"].shape[1])
+                record = _record(pending, step, epoch, float(schedule(step - 1)), now - mark,
+                                 tokens)
                 result.history.append(record)
                 if on_log:
                     on_log(record)
                 if task is not None:
                     progress.update(task, completed=step,
                                     description=f"train  loss {record['loss']:.4f}")
-                pending, mark, mark_step = [], now, step
+                pending, mark, tokens = [], now, 0
     result.train_seconds = time.perf_counter() - start
-    result.median_step_ms = statistics.median(interval_ms) if interval_ms else 0.0
+    # The first interval holds the compilation: leave it out when there are others.
+    intervals = [r["step_ms"] for r in result.history]
+    result.median_step_ms = statistics.median(intervals[1:] or intervals) if intervals else 0.0
     result.trainable, result.opt_state, result.steps = trainable, opt_state, step
     return result
 
 
-def _record(metrics: list[dict], step: int, epoch: int, lr: float, step_ms: float | None,
-            batch_size: int, seq_len: int) -> dict:
-    """One metrics.jsonl line: means over the steps since the last record."""
+def _record(metrics: list[dict], step: int, epoch: int, lr: float, seconds: float,
+            tokens: int) -> dict:
+    """One metrics.jsonl line: means over the steps since the last record, and
+    throughput over the wall time they took (padded tokens: what was computed)."""
     examples = sum(float(m["examples"]) for m in metrics)
     loss = sum(float(m["loss"]) * float(m["examples"]) for m in metrics) / max(examples, 1.0)
     record = {"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr,
               "grad_norm": float(metrics[-1]["grad_norm"]),
-              "update_norm": float(metrics[-1]["update_norm"])}
-    if step_ms:
-        record["step_ms"] = step_ms
-        record["examples_per_s"] = batch_size * 1e3 / step_ms
-        record["tokens_per_s"] = batch_size * seq_len * 1e3 / step_ms
+              "update_norm": float(metrics[-1]["update_norm"]),
+              "step_ms": seconds * 1e3 / len(metrics), "examples_per_s": examples / seconds,
+              "tokens_per_s": tokens / seconds}
     return record

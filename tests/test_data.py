@@ -220,6 +220,52 @@ def test_start_skips_batches():
             np.testing.assert_array_equal(a[key], b[key])
 
 
+def bucketed_split(n: int = 200, width: int = 16, seed: int = 0) -> Split:
+    """Rows of random real lengths 1..width; token 0 of row i is i + 1 (its id)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, width + 1, n)
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, 7, 0).astype(np.int32)
+    ids[:, 0] = np.arange(n) + 1
+    return Split(input_ids=ids, attention_mask=mask, labels=np.zeros(n, np.int32),
+                 buckets=(4, 8))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_length_buckets_cut_batches_and_keep_every_example_once(shuffle):
+    split = bucketed_split()
+    batches = list(split.batches(8, shuffle=shuffle, seed=3, epoch=1))
+    assert sorted(examples(batches)) == list(range(200))
+    widths = set()
+    for b in batches:
+        width = b["input_ids"].shape[1]
+        widths.add(width)
+        real = b["attention_mask"][b["weights"] > 0].sum(axis=1)
+        # the smallest bucket (4, 8, else 16) holding the batch's longest example
+        assert width == next(w for w in (4, 8, 16) if w >= real.max())
+        assert b["attention_mask"].shape == b["input_ids"].shape == (8, width)
+    # Sorted (eval) or length-grouped (train) batches really use the short buckets.
+    assert {4, 8} <= widths
+
+
+def test_length_grouped_order_is_reproducible_and_random():
+    split = bucketed_split()
+    a = examples(split.batches(8, shuffle=True, seed=3, epoch=1))
+    b = examples(split.batches(8, shuffle=True, seed=3, epoch=1))
+    c = examples(split.batches(8, shuffle=True, seed=3, epoch=2))
+    assert a == b and a != c
+    resumed = examples(split.batches(8, shuffle=True, seed=3, epoch=1, start=5))
+    assert resumed == a[5 * 8:]
+
+
+def test_buckets_must_lie_below_max_length():
+    with pytest.raises(pydantic.ValidationError, match="length_buckets"):
+        DataConfig(source="x.csv", labels=["a", "b"], eval_size=1, max_length=32,
+                   length_buckets=[16, 32])
+    with pytest.raises(pydantic.ValidationError, match="length_buckets"):
+        DataConfig(source="x.csv", labels=["a", "b"], eval_size=1, length_buckets=[48, 16])
+
+
 def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
     """A source file (and extra DataConfig fields) for one kind of bad input."""
     path = tmp_path / "bad.csv"

@@ -1,0 +1,127 @@
+"""The real `runner` command end to end on tiny assets, and its bad-input path:
+every mistake exits 2 with a message naming the field or file, no traceback."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = [sys.executable, "-m", "runner.cli"]
+
+
+def _runner(*args, cwd: Path, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(cwd / "hf-datasets-cache"))
+    return subprocess.run(RUNNER + list(args), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _tweets_csv(path: Path, n: int = 96) -> Path:
+    """A tiny latin-1 CSV like the default recipe's: sentiment,confidence,text."""
+    good = ["love it", "what a great day", "so happy with this", "brilliant ride"]
+    bad = ["hate it", "awful traffic", "terrible idea", "never again"]
+    rows = ["sentiment,confidence,text"]
+    for i in range(n):
+        label, words = [("positive", good), ("negative", bad), ("neutral", ["meh"])][i % 3]
+        rows.append(f"{label},0.9,{words[i % len(words)]} caf\xe9 {i}")
+    path.write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+    return path
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_bert_dir):
+    shutil.copytree(tiny_bert_dir, tmp_path / "model")
+    _tweets_csv(tmp_path / "tweets.csv")
+    (tmp_path / "tiny.toml").write_text("""
+description = "tiny end-to-end"
+[model]
+source = "model"
+[data]
+source = "tweets.csv"
+encoding = "latin-1"
+text_column = "text"
+label_column = "sentiment"
+labels = ["negative", "positive"]
+max_length = 16
+eval_size = 20
+[adapter]
+method = "lora"
+rank = 4
+targets = ["query", "value"]
+[train]
+epochs = 3
+batch_size = 8
+learning_rate = 1e-2
+log_every = 2
+[eval]
+batch_size = 16
+""")
+    return tmp_path
+
+
+def test_run_end_to_end(workdir):
+    done = _runner("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((workdir / "runs" / "tiny").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    for name in ("recipe.toml", "manifest.json", "metrics.jsonl", "eval.json", "report.md"):
+        assert (run / name).is_file(), name
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and len(manifest["recipe_hash"]) == 64
+    assert manifest["model"]["fingerprint"] and manifest["environment"]["packages"]["jax"]
+    assert manifest["model"]["trainable_params"] == 2 * 2 * (32 * 4 + 4 * 32) + 32 * 2 + 2
+    assert manifest["data"]["dropped"] == {"neutral": 32}
+    evals = json.loads((run / "eval.json").read_text())
+    assert evals["before"]["examples"] == evals["after"]["examples"] == 20
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # 64 labelled rows - 20 eval = 44 train: 6 batches of 8 per epoch, 3 epochs
+    assert [x["step"] for x in lines] == list(range(2, 19, 2))
+    assert manifest["data"]["train_size"] == 44
+    report = (run / "report.md").read_text()
+    assert "| accuracy |" in report and "neutral" in report
+    assert "before" in done.stdout and "after" in done.stdout
+    # The resolved recipe in the run folder runs as is: validate it.
+    again = _runner("validate", str(run / "recipe.toml"), cwd=workdir)
+    assert again.returncode == 0, again.stderr
+
+
+def test_validate_prints_the_resolved_recipe(workdir):
+    done = _runner("validate", "tiny.toml", cwd=workdir)
+    assert done.returncode == 0
+    assert "warmup_ratio" in done.stdout and "valid" in done.stdout  # defaults filled in
+
+
+def test_help():
+    for args in (["--help"], ["run", "--help"], ["validate", "--help"]):
+        done = subprocess.run(RUNNER + args, capture_output=True, text=True)
+        assert done.returncode == 0 and "recipe" in done.stdout
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace("rank = 4", 'rank = "four"'), "adapter.rank"),
+    (lambda t: t.replace("rank = 4", "rank = -4"), "adapter.rank"),
+    (lambda t: t.replace("rank = 4", "rnak = 4"), "did you mean 'rank'"),
+    (lambda t: t.replace("[model]", "[modle]"), "model: required"),
+    (lambda t: t.replace('source = "tweets.csv"', 'source = "nope.csv"'), "nope.csv"),
+    (lambda t: t.replace('label_column = "sentiment"', 'label_column = "mood"'), "mood"),
+    (lambda t: t.replace('targets = ["query", "value"]', 'targets = ["q_proj"]'), "q_proj"),
+    (lambda t: t.replace('source = "model"', 'source = "./no-model"'), "no-model"),
+])
+def test_bad_input_exits_2_without_traceback(workdir, edit, expected):
+    recipe = workdir / "tiny.toml"
+    recipe.write_text(edit(recipe.read_text()))
+    done = _runner("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert done.stderr.strip().startswith("error:")
+
+
+def test_missing_recipe_file(tmp_path):
+    done = _runner("run", "missing.toml", cwd=tmp_path)
+    assert done.returncode == 2 and "recipe file not found" in done.stderr
