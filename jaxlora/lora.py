@@ -19,6 +19,7 @@ by `nnx.split` before compiling:
 
     method   trainable                     frozen
     lora     nnx.LoRAParam + HeadParam     BaseWeight
+    qlora    nnx.LoRAParam + HeadParam     QuantState (4-bit linears) + BaseWeight
     full     BaseWeight + HeadParam        -
 
 Targets are names of linear layers inside each transformer block, as the
@@ -40,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from jaxlora.errors import UserError
 from jaxlora.models.layers import BaseWeight, HeadParam, Linear, dropout
+from jaxlora.quant import QuantConfig, quantize_linears
 
 ALL_LINEAR = "all-linear"
 
@@ -63,6 +65,13 @@ class LoraConfig(BaseModel):
         return v
 
 
+class QLoraConfig(LoraConfig):
+    """`adapter.method = "qlora"`: LoRA over 4-bit quantized frozen linear weights."""
+
+    method: Literal["qlora"] = "qlora"
+    quant: QuantConfig = QuantConfig()  # [adapter.quant]: codebook, block size, double quant
+
+
 class FullConfig(BaseModel):
     """`adapter.method = "full"`: every base weight is trained (no adapters)."""
 
@@ -80,6 +89,7 @@ def _method(value) -> str | None:
 
 # The recipe's [adapter] table: one variant per method, chosen by `method`.
 AdapterConfig = Annotated[Union[Annotated[LoraConfig, Tag("lora")],
+                                Annotated[QLoraConfig, Tag("qlora")],
                                 Annotated[FullConfig, Tag("full")]],
                           Discriminator(_method)]
 
@@ -136,9 +146,9 @@ def apply_lora(linears: dict[str, Linear], cfg: LoraConfig, table: dict[str, str
     return paths
 
 
-def trainable_filter(method: Literal["lora", "full"]):
+def trainable_filter(method: Literal["lora", "qlora", "full"]):
     """The nnx filter selecting the trainable variables for `method`."""
-    if method == "lora":
+    if method in ("lora", "qlora"):
         return nnx.Any(nnx.LoRAParam, HeadParam)
     return nnx.Any(BaseWeight, HeadParam)
 
@@ -157,9 +167,11 @@ def without_adapters(trainable):
 
 
 def adapt(model: nnx.Module, cfg, table: dict[str, str], key: jax.Array):
-    """Step 1, the method: attach adapters (for LoRA) and split the model once
-    into (graphdef, trainable, frozen) by variable type; also returns the
-    adapted layer paths."""
-    paths = apply_lora(model.linear_layers(), cfg, table, key) if cfg.method == "lora" else []
+    """Step 1, the method: quantize the linear weights (QLoRA), attach adapters
+    (LoRA, QLoRA), and split the model once into (graphdef, trainable, frozen)
+    by variable type; also returns the adapted layer paths."""
+    if cfg.method == "qlora":
+        quantize_linears(model.linear_layers(), cfg.quant)
+    paths = [] if cfg.method == "full" else apply_lora(model.linear_layers(), cfg, table, key)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.method), ...)
     return graphdef, trainable, frozen, paths

@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
                     "adapters, evaluate before, train, evaluate after, and write a run "
                     "folder under output.dir/<name>/<timestamp>/.")
     run.add_argument("recipe", type=Path, help="path to a recipe .toml file")
+    compare = commands.add_parser(
+        "compare", help="finished runs side by side (rich table, then Markdown)",
+        description="Read finished run folders (manifest.json, eval.json) and print "
+                    "method, trainable parameters, frozen-weight memory and bits per "
+                    "quantized parameter, peak memory, step and train time, and accuracy "
+                    "and macro-F1 before and after, as a table and as Markdown.")
+    compare.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
+                         help="run folders, e.g. runs/bert-sentiment/20261126-050000")
     return parser
 
 
@@ -54,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     from runner.recipe import load_recipe, to_toml
 
     try:
+        if args.command == "compare":
+            from runner import compare
+
+            runs = [compare.read_run(path) for path in args.runs]
+            console.print(compare.table(runs))
+            console.print(compare.markdown(runs), markup=False, highlight=False)
+            return 0
         recipe = load_recipe(args.recipe)
         if args.command == "validate":
             console.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark"))

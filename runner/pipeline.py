@@ -22,6 +22,7 @@ from jaxlora.evaluate import build_eval_step, evaluate
 from jaxlora.lora import adapt, count_params, without_adapters
 from jaxlora.models import FAMILIES, load_model
 from jaxlora.models.layers import resolve_attention
+from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import classification_loss
 from jaxlora.train import fit
 from runner import report
@@ -49,7 +50,10 @@ def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
     manifest["model"] = {"source": str(model_dir), "fingerprint": loaded.fingerprint,
                          "trainable_params": count_params(trainable),
                          "total_params": count_params(trainable) + count_params(frozen),
-                         "adapted_layers": adapted, "ignored_keys": loaded.ignored_keys}
+                         "adapted_layers": adapted, "ignored_keys": loaded.ignored_keys,
+                         **footprint(frozen),
+                         "bits_per_quantized_param": bits_per_parameter(
+                             loaded.model.linear_layers())}
     manifest["data"] = stats = _stats(data.stats)
     report.write_json(run_dir / "manifest.json", manifest)
     console.print(f"data: {stats['train_size']} train / {stats['eval_size']} eval examples; "
@@ -73,7 +77,7 @@ def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
 
     manifest["train"] = {"steps": result.steps, "compile_seconds": result.compile_seconds,
                          "train_seconds": result.train_seconds,
-                         "median_step_ms": result.median_step_ms}
+                         "median_step_ms": result.median_step_ms, **report.peak_memory()}
     manifest["status"] = "finished"
     report.write_json(run_dir / "eval.json", {"before": before, "after": after})
     report.write_json(run_dir / "manifest.json", manifest)

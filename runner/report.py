@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -69,6 +70,19 @@ def environment() -> dict:
             "devices": [str(d) for d in jax.devices()]}
 
 
+def peak_memory() -> dict:
+    """Peak memory of this run: the accelerator's peak bytes in use where it
+    reports them, else the process's peak resident set (CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"peak_memory_mb": stats["peak_bytes_in_use"] / 2**20,
+                "peak_memory_kind": f"{jax.default_backend()} peak bytes in use"}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_mb": rss_kib / 2**10, "peak_memory_kind": "process peak RSS"}
+
+
 def _fmt(value: float | None, key: str) -> str:
     if value is None:
         return "-"
@@ -118,11 +132,9 @@ def markdown_report(manifest: dict, before: dict | None, after: dict, stats: dic
     if stats.get("dropped"):
         dropped = ", ".join(f"`{k}`: {v}" for k, v in stats["dropped"].items())
         out += ["", f"Rows dropped for labels outside `labels`: {dropped}."]
-    for key, text in (("dropped_empty", "Rows dropped for empty text"),):
-        if stats.get(key):
-            out += ["", f"{text}: {stats[key]}."]
-    if stats.get("truncated"):
-        out += ["", f"Examples truncated to max_length: {stats['truncated']}."]
+    if any(stats.get("truncated", {}).values()):
+        cut = ", ".join(f"{split} {n}" for split, n in stats["truncated"].items())
+        out += ["", f"Examples cut to max_length: {cut}."]
     model = manifest["model"]
     train = manifest["train"]
     out += ["", "## Model and method", "",
@@ -132,9 +144,14 @@ def markdown_report(manifest: dict, before: dict | None, after: dict, stats: dic
             f"{model['trainable_params']:,} of {model['total_params']:,} "
             f"({100 * model['trainable_params'] / model['total_params']:.2f}%)",
             f"- adapted layers: {len(model['adapted_layers'])}",
+            f"- frozen weights: {model['frozen_bytes'] / 2**20:.1f} MiB"
+            + (f", of which 4-bit linear weights {model['quantized_bytes'] / 2**20:.1f} MiB at "
+               f"{model['bits_per_quantized_param']:.3f} bits per parameter (embeddings, norms "
+               "and the head stay unquantized)" if model.get("bits_per_quantized_param") else ""),
             "", "## Training", "",
             f"- steps: {train['steps']}, compile {train['compile_seconds']:.1f} s, "
             f"train {train['train_seconds']:.1f} s, median step {train['median_step_ms']:.1f} ms",
+            f"- peak memory: {train['peak_memory_mb']:.0f} MiB ({train['peak_memory_kind']})",
             f"- devices: {', '.join(manifest['environment']['devices'])}",
             f"- recipe hash: `{manifest['recipe_hash'][:16]}`", ""]
     return "\n".join(out)

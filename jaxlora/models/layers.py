@@ -87,8 +87,11 @@ class Linear(nnx.Module):
         self.lora = nnx.data(None)  # an adapter module once LoRA is applied
 
     def dense_kernel(self, dtype) -> jax.Array:
-        """The (in, out) kernel in `dtype` (quantized kernels dequantize here)."""
-        return self.kernel[...].astype(dtype)
+        """The (in, out) kernel in `dtype`; a quantized kernel (`jaxlora.quant`)
+        dequantizes here, inside the compiled step."""
+        if isinstance(self.kernel, nnx.Variable):
+            return self.kernel[...].astype(dtype)
+        return self.kernel.dequantize(dtype)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         y = x @ self.dense_kernel(x.dtype)

@@ -1,0 +1,75 @@
+"""`runner compare`: finished runs side by side, read from their folders only
+(manifest.json and eval.json), so it also works on runs made elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from jaxlora.errors import UserError
+
+COLUMNS = ["run", "method", "trainable params", "frozen MiB", "bits / quantized param",
+           "peak memory MiB", "median step ms", "train s", "accuracy before -> after",
+           "macro-F1 before -> after"]
+
+
+def read_run(run_dir: Path) -> dict:
+    """The manifest and evaluation of one finished run; a clear error otherwise."""
+    files = {}
+    for name in ("manifest.json", "eval.json"):
+        path = run_dir / name
+        if not path.is_file():
+            raise UserError(f"{run_dir}: no {name}; not a finished run folder "
+                            "(runs/<name>/<timestamp>/ after `runner run`)")
+        try:
+            files[name] = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+    manifest, evals = files["manifest.json"], files["eval.json"]
+    if manifest.get("status") != "finished" or "after" not in evals:
+        raise UserError(f"{run_dir}: the run did not finish (status "
+                        f"{manifest.get('status')!r})")
+    return {"dir": run_dir, "manifest": manifest, "eval": evals}
+
+
+def _before_after(evals: dict, key: str) -> str:
+    before = evals.get("before")
+    return (f"{before[key]:.3f} -> " if before else "- -> ") + f"{evals['after'][key]:.3f}"
+
+
+def rows(runs: list[dict]) -> list[list[str]]:
+    out = []
+    for run in runs:
+        m, model, train = run["manifest"], run["manifest"]["model"], run["manifest"]["train"]
+        bits = model.get("bits_per_quantized_param")
+        out.append([
+            f"{m['recipe']['name']}/{run['dir'].name}",
+            m["recipe"]["adapter"]["method"],
+            f"{model['trainable_params']:,}",
+            f"{model['frozen_bytes'] / 2**20:.1f}",
+            f"{bits:.3f}" if bits else "-",
+            f"{train['peak_memory_mb']:.0f}",
+            f"{train['median_step_ms']:.0f}",
+            f"{train['train_seconds']:.0f}",
+            _before_after(run["eval"], "accuracy"),
+            _before_after(run["eval"], "macro_f1"),
+        ])
+    return out
+
+
+def table(runs: list[dict]) -> Table:
+    t = Table(title="runs side by side")
+    for i, column in enumerate(COLUMNS):
+        t.add_column(column, justify="left" if i < 2 else "right")
+    for row in rows(runs):
+        t.add_row(*row)
+    return t
+
+
+def markdown(runs: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(runs)]
+    return "\n".join(lines)
