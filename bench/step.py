@@ -13,8 +13,13 @@ decay 0.01, random token ids, warmup steps untimed, median of timed steps.
 The last lines are a table with the speed-up (peer time / jaxlora time) and
 jaxlora's time over the yardstick's (what the real model costs over a minimal one).
 
-  python bench/step.py                      # CPU: minilm 32 x 128, fp32
-  python bench/step.py --device gpu         # GPU: bert-base 64 x 128 and 256 x 128, bf16
+  python bench/step.py                      # CPU: minilm 32 x 128, LoRA and QLoRA, fp32
+  python bench/step.py --device gpu         # GPU: bert-base 64 x 128 (LoRA, QLoRA) and
+                                            #      256 x 128 (LoRA), bf16
+
+QLoRA rows quantize every linear weight to NF4 with double quantization. The
+peer's QLoRA (bitsandbytes) runs on CUDA only: on CPU the QLoRA row is timed
+against the peer's LoRA step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,8 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS = REPO.parent / "shared" / "peers"
 
-CPU_SHAPES = [dict(model="minilm", batch=32, seq=128)]
-GPU_SHAPES = [dict(model="bert-base", batch=64, seq=128), dict(model="bert-base", batch=256, seq=128)]
+CPU_SHAPES = [dict(model="minilm", batch=32, seq=128, method="lora"),
+              dict(model="minilm", batch=32, seq=128, method="qlora")]
+GPU_SHAPES = [dict(model="bert-base", batch=64, seq=128, method="lora"),
+              dict(model="bert-base", batch=64, seq=128, method="qlora"),
+              dict(model="bert-base", batch=256, seq=128, method="lora")]
 
 
 def run_json(cmd: list[str], timeout: int = 900) -> dict:
@@ -45,11 +54,15 @@ def run_json(cmd: list[str], timeout: int = 900) -> dict:
 
 
 def peer(peers: Path, shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
+    """The PEFT peer; bitsandbytes QLoRA runs on CUDA only, so on CPU a QLoRA
+    shape is compared with the peer's LoRA step."""
     cmd = [sys.executable, str(peers / "peft_step.py"), "--model", shape["model"], "--task", "cls",
            "--batch", str(shape["batch"]), "--seq", str(shape["seq"]), "--steps", str(steps),
            "--warmup", str(warmup)]
     if gpu:
         cmd += ["--device", "cuda", "--dtype", "bfloat16", "--attn", "sdpa"]
+        if shape["method"] == "qlora":
+            cmd.append("--qlora")
     return run_json(cmd)
 
 
@@ -58,6 +71,8 @@ def yardstick(peers: Path, shape: dict, gpu: bool, steps: int, warmup: int) -> d
            "--task", "cls", "--batch", str(shape["batch"]), "--seq", str(shape["seq"]),
            "--steps", str(steps), "--warmup", str(warmup)]
     cmd += ["--attn", "cudnn"] if gpu else ["--attn", "xla", "--dtype", "float32"]
+    if shape["method"] == "qlora":
+        cmd.append("--qlora")
     return run_json(cmd)
 
 
@@ -75,7 +90,7 @@ def _build(shape: dict, gpu: bool):
     from flax import nnx
 
     from jaxlora import sources
-    from jaxlora.lora import LoraConfig, adapt
+    from jaxlora.lora import LoraConfig, QLoraConfig, adapt
     from jaxlora.models import bert, load_model
     from jaxlora.models.layers import BaseWeight, resolve_attention
 
@@ -100,8 +115,9 @@ def _build(shape: dict, gpu: bool):
         keys = jax.random.split(jax.random.key(1), len(leaves))
         nnx.update(model, jax.tree.unflatten(treedef, [
             (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype) for k, x in zip(keys, leaves)]))
-    lora = LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=["query", "value"])
-    graphdef, trainable, frozen, _ = adapt(model, lora, bert.LORA_TARGETS, jax.random.key(2))
+    settings = dict(rank=8, alpha=16.0, dropout=0.0, targets=["query", "value"])
+    adapter = QLoraConfig(**settings) if shape["method"] == "qlora" else LoraConfig(**settings)
+    graphdef, trainable, frozen, _ = adapt(model, adapter, bert.LORA_TARGETS, jax.random.key(2))
     return graphdef, trainable, frozen, config.vocab_size
 
 
@@ -151,7 +167,9 @@ def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
     return {"step_ms_median": round(med * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
             "tokens_per_s": round(b * t / med, 1), "compile_s": round(compile_s, 2),
             "trainable_params": count_params(trainable), "loss_last": float(m["loss"]),
-            "peak_mem_mb": round(stats.get("peak_bytes_in_use", 0) / 2**20, 1),
+            # device peak where the backend reports it, else the process's peak RSS (CPU)
+            "peak_mem_mb": round(stats["peak_bytes_in_use"] / 2**20 if stats else
+                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 
 
@@ -170,9 +188,12 @@ def main() -> None:
     if a.ours_only:
         print(json.dumps(time_ours(json.loads(a.ours_only), gpu, a.steps, a.warmup)), flush=True)
         return
-    rows = []
+    rows, peers_seen = [], {}
     for shape in GPU_SHAPES if gpu else CPU_SHAPES:
-        result = {"shape": shape, "peer": peer(a.peers, shape, gpu, a.steps, a.warmup)}
+        peer_key = json.dumps({**shape, "method": shape["method"] if gpu else "lora"})
+        if peer_key not in peers_seen:
+            peers_seen[peer_key] = peer(a.peers, shape, gpu, a.steps, a.warmup)
+        result = {"shape": shape, "peer": peers_seen[peer_key]}
         result["yardstick"] = yardstick(a.peers, shape, gpu, a.steps, a.warmup)
         result["jaxlora"] = ours(shape, gpu, a.steps, a.warmup)
         print(json.dumps(result), flush=True)
@@ -181,13 +202,14 @@ def main() -> None:
                 fh.write(json.dumps(result) + "\n")
         rows.append(result)
     print()
-    print(f"{'shape':<24}{'jaxlora ms':>12}{'peer ms':>10}{'speed-up':>10}"
+    print(f"{'shape':<30}{'jaxlora ms':>12}{'peer ms':>10}{'speed-up':>10}"
           f"{'yardstick ms':>14}{'jaxlora/yard':>14}")
     for r in rows:
         s, ours_ms = r["shape"], r["jaxlora"].get("step_ms_median")
         peer_ms = r["peer"].get("step_ms_median")
         ratio = f"{peer_ms / ours_ms:.2f}x" if ours_ms and peer_ms else "-"
-        line = f"{s['model'] + ' ' + str(s['batch']) + 'x' + str(s['seq']):<24}{ours_ms or '-':>12}{peer_ms or '-':>10}{ratio:>10}"
+        label = f"{s['model']} {s['method']} {s['batch']}x{s['seq']}"
+        line = f"{label:<30}{ours_ms or '-':>12}{peer_ms or '-':>10}{ratio:>10}"
         y = r["yardstick"].get("step_ms_median")
         line += f"{y or '-':>14}{(f'{ours_ms / y:.2f}x' if y and ours_ms else '-'):>14}"
         print(line)

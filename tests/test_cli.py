@@ -125,3 +125,42 @@ def test_bad_input_exits_2_without_traceback(workdir, edit, expected):
 def test_missing_recipe_file(tmp_path):
     done = _runner("run", "missing.toml", cwd=tmp_path)
     assert done.returncode == 2 and "recipe file not found" in done.stderr
+
+
+def test_qlora_and_full_runs_then_compare(workdir):
+    recipe = (workdir / "tiny.toml").read_text()
+    (workdir / "tiny-qlora.toml").write_text(recipe.replace('method = "lora"',
+                                                            'method = "qlora"'))
+    full = recipe.replace('method = "lora"\nrank = 4\ntargets = ["query", "value"]\n',
+                          'method = "full"\n')
+    (workdir / "tiny-full.toml").write_text(full)
+    run_dirs = []
+    for name in ("tiny-qlora", "tiny-full"):
+        done = _runner("run", f"{name}.toml", cwd=workdir)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run_dirs += list((workdir / "runs" / name).iterdir())
+    qlora = json.loads((run_dirs[0] / "manifest.json").read_text())["model"]
+    # tiny matrices: the per-tensor scale and offset weigh more than at MiniLM size (4.127)
+    assert 4.127 < qlora["bits_per_quantized_param"] < 4.25
+    assert 0 < qlora["quantized_bytes"] < qlora["frozen_bytes"]
+    full = json.loads((run_dirs[1] / "manifest.json").read_text())["model"]
+    assert full["frozen_bytes"] == 0 and full["bits_per_quantized_param"] is None
+    assert full["trainable_params"] == full["total_params"]
+    assert "4-bit linear weights" in (run_dirs[0] / "report.md").read_text()
+
+    done = _runner("compare", *map(str, run_dirs), cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    markdown = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert markdown[0].startswith("| run | method | trainable params | frozen MiB")
+    assert [row.split(" | ")[1] for row in markdown[1:]] == ["qlora", "full"]
+    assert f"{qlora['bits_per_quantized_param']:.3f}" in markdown[1]
+
+
+def test_compare_refuses_what_is_not_a_finished_run(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "manifest.json").write_text('{"status": "running"}')
+    (tmp_path / "half" / "eval.json").write_text("{}")
+    for target, words in ((tmp_path, "no manifest.json"), (tmp_path / "half", "did not finish")):
+        done = _runner("compare", str(target), cwd=tmp_path)
+        assert done.returncode == 2 and words in done.stderr
+        assert "Traceback" not in done.stderr
