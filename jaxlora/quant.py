@@ -161,11 +161,15 @@ class QuantizedKernel(nnx.Module):
         stored = jax.jit(quantize, static_argnums=1)(kernel.T.reshape(-1), cfg)
         self.state = nnx.Dict({k: QuantState(v) for k, v in stored.items()})
 
-    def dequantize(self, dtype) -> jax.Array:
-        """The (in, out) kernel in `dtype`."""
+    def dequantize_out_in(self, dtype) -> jax.Array:
+        """The kernel in `dtype`, as stored: (out, in), PyTorch's layout."""
         n_in, n_out = self.shape
         stored = {k: v[...] for k, v in self.state.items()}
-        return dequantize(stored, n_in * n_out, self.cfg, dtype).reshape(n_out, n_in).T
+        return dequantize(stored, n_in * n_out, self.cfg, dtype).reshape(n_out, n_in)
+
+    def dequantize(self, dtype) -> jax.Array:
+        """The (in, out) kernel in `dtype`."""
+        return self.dequantize_out_in(dtype).T
 
 
 def quantize_linears(linears: dict, cfg: QuantConfig) -> None:

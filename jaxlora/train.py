@@ -156,7 +156,8 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                     on_log(record)
                 if task is not None:
                     progress.update(task, completed=step,
-                                    description=f"train  loss {record['loss']:.4f}")
+                                    description=f"train  loss {record['loss']:.4f}  "
+                                                f"{record['examples_per_s']:.0f} ex/s")
                 pending, mark, tokens = [], now, 0
     result.train_seconds = time.perf_counter() - start
     # The first interval holds the compilation: leave it out when there are others.

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
-    errors = Console(stderr=True)
+    errors = Console(stderr=True, soft_wrap=True)  # a message is never cut into lines
     # Import the heavy stack only after argument parsing, so --help is instant.
     from jaxlora.errors import UserError
     from runner.recipe import load_recipe, to_toml
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
             runs = [compare.read_run(path) for path in args.runs]
             console.print(compare.table(runs))
-            console.print(compare.markdown(runs), markup=False, highlight=False)
+            print(compare.markdown(runs))  # plain: rich would wrap it at the terminal width
             return 0
         recipe = load_recipe(args.recipe)
         if args.command == "validate":

@@ -32,14 +32,6 @@ from runner.recipe import Recipe, canonical, recipe_hash, to_toml
 def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
     """Run a validated recipe end to end; returns the run folder."""
     base_dir = recipe_path.resolve().parent
-    run_dir = report.new_run_dir(Path(recipe.output.dir), recipe.name)
-    report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
-    manifest = {"status": "running", "recipe_hash": recipe_hash(recipe),
-                "recipe_file": str(recipe_path), "recipe": canonical(recipe),
-                "environment": report.environment()}
-    report.write_json(run_dir / "manifest.json", manifest)
-    console.print(f"run folder: [bold]{run_dir}[/]")
-
     model_dir = sources.resolve(recipe.model.source, "model", base_dir)
     data = prepare(recipe.data, load_tokenizer(model_dir), base_dir=base_dir)
     loaded = load_pretrained(recipe, model_dir)
@@ -47,6 +39,12 @@ def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
     graphdef, trainable, frozen, adapted = adapt(
         loaded.model, recipe.adapter, FAMILIES[loaded.hf_config.model_type].LORA_TARGETS,
         jax.random.fold_in(key, 2))
+    # Bad input has been caught by now: only then is a run folder made.
+    run_dir = report.new_run_dir(Path(recipe.output.dir), recipe.name)
+    report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
+    manifest = {"status": "running", "recipe_hash": recipe_hash(recipe),
+                "recipe_file": str(recipe_path), "recipe": canonical(recipe),
+                "environment": report.environment()}
     manifest["model"] = {"source": str(model_dir), "fingerprint": loaded.fingerprint,
                          "trainable_params": count_params(trainable),
                          "total_params": count_params(trainable) + count_params(frozen),
@@ -56,6 +54,7 @@ def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
                              loaded.model.linear_layers())}
     manifest["data"] = stats = _stats(data.stats)
     report.write_json(run_dir / "manifest.json", manifest)
+    console.print(f"run folder: [bold]{run_dir}[/]")
     console.print(f"data: {stats['train_size']} train / {stats['eval_size']} eval examples; "
                   f"trainable parameters: {manifest['model']['trainable_params']:,}")
 
@@ -118,7 +117,7 @@ def _stats(stats) -> dict:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                     transient=False)
 

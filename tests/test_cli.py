@@ -120,6 +120,7 @@ def test_bad_input_exits_2_without_traceback(workdir, edit, expected):
     assert expected in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert done.stderr.strip().startswith("error:")
+    assert not (workdir / "runs").exists()  # bad input leaves no half-made run folder
 
 
 def test_missing_recipe_file(tmp_path):

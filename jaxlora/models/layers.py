@@ -94,7 +94,11 @@ class Linear(nnx.Module):
         return self.kernel.dequantize(dtype)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        y = x @ self.dense_kernel(x.dtype)
+        if isinstance(self.kernel, nnx.Variable):
+            y = x @ self.kernel[...].astype(x.dtype)
+        else:  # quantized: dequantized as stored, (out, in), and contracted as such
+            w = self.kernel.dequantize_out_in(x.dtype)
+            y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora is not None:
