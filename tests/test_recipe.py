@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from jaxlora.errors import UserError
-from jaxlora.lora import FullConfig, LoraConfig
+from jaxlora.lora import FullConfig, LoraConfig, QLoraConfig
 from runner.recipe import load_recipe, recipe_hash, to_toml
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml"))
@@ -39,10 +39,14 @@ def test_defaults_fill_in(tmp_path):
     assert recipe.train.batch_size == 32 and recipe.eval.before
 
 
-def test_method_full_slots_in(tmp_path):
+def test_methods_full_and_qlora_slot_in(tmp_path):
     f = tmp_path / "full.toml"
     f.write_text(BASE + '[adapter]\nmethod = "full"\n')
     assert isinstance(load_recipe(f).adapter, FullConfig)
+    f.write_text(BASE + '[adapter]\nmethod = "qlora"\nrank = 4\n')
+    adapter = load_recipe(f).adapter
+    assert isinstance(adapter, QLoraConfig) and adapter.rank == 4
+    assert adapter.quant.type == "nf4" and adapter.quant.use_double_quant
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -55,6 +59,13 @@ def test_method_full_slots_in(tmp_path):
     ('[train]\nbatch_size = 0\n', "train.batch_size: Input should be greater than 0"),
     ('[eval]\nbefore = "maybe"\n', "eval.before: Input should be a valid boolean"),
     ('[outptu]\ndir = "x"\n', "outptu: unknown key; did you mean 'output'?"),
+    ('[adapter]\nmethod = "qlora"\n[adapter.quant]\ntype = "nf3"\n',
+     "adapter.quant.type: Input should be 'nf4' or 'int4'"),
+    ('[adapter]\nmethod = "qlora"\n[adapter.quant]\nblocksize = 32\n',
+     "adapter.quant.blocksize: unknown key; did you mean 'block_size'?"),
+    ('[adapter]\nmethod = "qlora"\n[adapter.quant]\nblock_size = 33\n',
+     "adapter.quant.block_size: must be even"),
+    ('[adapter]\nmethod = "full"\nrank = 8\n', "adapter.rank: unknown key"),
 ])
 def test_bad_fields_are_named(tmp_path, extra, expected):
     f = tmp_path / "bad.toml"
