@@ -167,10 +167,6 @@ class QuantizedKernel(nnx.Module):
         stored = {k: v[...] for k, v in self.state.items()}
         return dequantize(stored, n_in * n_out, self.cfg, dtype).reshape(n_out, n_in)
 
-    def dequantize(self, dtype) -> jax.Array:
-        """The (in, out) kernel in `dtype`."""
-        return self.dequantize_out_in(dtype).T
-
 
 def quantize_linears(linears: dict, cfg: QuantConfig) -> None:
     """Replace every listed Linear's kernel by its quantized form, in place."""

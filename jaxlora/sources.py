@@ -11,7 +11,7 @@ installed Python package.
                                 fetched (honours HF_HUB_OFFLINE and the local
                                 Hugging Face cache)
 
-`resolve_model` and `resolve_data` return a local `Path`; every failure is a
+`resolve(location, kind)` returns a local `Path`; every failure is a
 `UserError` naming the location.
 """
 

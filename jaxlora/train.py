@@ -7,7 +7,8 @@ The step is a pure function
 jitted once with `trainable` and `opt_state` donated (updated in place on
 accelerators). Frozen weights are an *argument*, never a closure constant:
 constants would be baked into the executable (slow compiles, doubled memory).
-Batches have a fixed shape, so the step compiles once. The loop does only
+Batches have fixed shapes, so the step compiles once per shape (once, or
+once per length bucket: see `jaxlora.data`). The loop does only
 host-side bookkeeping between steps and reads metrics back every `log_every`
 steps, so dispatch runs ahead of the device.
 """
@@ -44,7 +45,7 @@ class TrainConfig(BaseModel):
     adam_b1: float = Field(0.9, gt=0.0, lt=1.0)  # AdamW first-moment decay
     adam_b2: float = Field(0.999, gt=0.0, lt=1.0)  # AdamW second-moment decay
     adam_eps: float = Field(1e-8, gt=0.0)  # AdamW denominator epsilon
-    max_grad_norm: float | None = Field(1.0, gt=0.0)  # clip the global gradient norm (None: off)
+    max_grad_norm: float = Field(1.0, ge=0.0)  # clip the global gradient norm to this (0: off)
     seed: int = 0  # seeds the head, the adapters, dropout and the data order
     log_every: int = Field(10, gt=0)  # steps between metric records
 
@@ -76,7 +77,7 @@ def make_optimizer(cfg: TrainConfig, steps: int) -> optax.GradientTransformation
     adamw = optax.adamw(learning_rate_schedule(cfg, steps), b1=cfg.adam_b1, b2=cfg.adam_b2,
                         eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                         mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
-    if cfg.max_grad_norm is None:
+    if cfg.max_grad_norm == 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
 

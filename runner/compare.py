@@ -25,8 +25,10 @@ def read_run(run_dir: Path) -> dict:
                             "(runs/<name>/<timestamp>/ after `runner run`)")
         try:
             files[name] = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read it as JSON ({e})") from None
+        if not isinstance(files[name], dict):
+            raise UserError(f"{path}: expected a JSON object")
     manifest, evals = files["manifest.json"], files["eval.json"]
     if manifest.get("status") != "finished" or "after" not in evals:
         raise UserError(f"{run_dir}: the run did not finish (status "
@@ -39,20 +41,26 @@ def _before_after(evals: dict, key: str) -> str:
     return (f"{before[key]:.3f} -> " if before else "- -> ") + f"{evals['after'][key]:.3f}"
 
 
+def _num(value, fmt: str) -> str:
+    """A figure, or '-' where a run (e.g. one made by an older version) lacks it."""
+    return "-" if value is None else format(value, fmt)
+
+
 def rows(runs: list[dict]) -> list[list[str]]:
     out = []
     for run in runs:
-        m, model, train = run["manifest"], run["manifest"]["model"], run["manifest"]["train"]
-        bits = model.get("bits_per_quantized_param")
+        m = run["manifest"]
+        model, train = m.get("model", {}), m.get("train", {})
+        frozen = model.get("frozen_bytes")
         out.append([
             f"{m['recipe']['name']}/{run['dir'].name}",
             m["recipe"]["adapter"]["method"],
-            f"{model['trainable_params']:,}",
-            f"{model['frozen_bytes'] / 2**20:.1f}",
-            f"{bits:.3f}" if bits else "-",
-            f"{train['peak_memory_mb']:.0f}",
-            f"{train['median_step_ms']:.0f}",
-            f"{train['train_seconds']:.0f}",
+            _num(model.get("trainable_params"), ","),
+            _num(None if frozen is None else frozen / 2**20, ".1f"),
+            _num(model.get("bits_per_quantized_param"), ".3f"),
+            _num(train.get("peak_memory_mb"), ".0f"),
+            _num(train.get("median_step_ms"), ".0f"),
+            _num(train.get("train_seconds"), ".0f"),
             _before_after(run["eval"], "accuracy"),
             _before_after(run["eval"], "macro_f1"),
         ])

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import jax
+from flax import nnx
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
@@ -20,7 +21,7 @@ from jaxlora.data import prepare
 from jaxlora.errors import UserError
 from jaxlora.evaluate import build_eval_step, evaluate
 from jaxlora.lora import adapt, count_params, without_adapters
-from jaxlora.models import FAMILIES, load_model
+from jaxlora.models import family, load_model
 from jaxlora.models.layers import resolve_attention
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import classification_loss
@@ -33,11 +34,12 @@ def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
     """Run a validated recipe end to end; returns the run folder."""
     base_dir = recipe_path.resolve().parent
     model_dir = sources.resolve(recipe.model.source, "model", base_dir)
-    data = prepare(recipe.data, load_tokenizer(model_dir), base_dir=base_dir)
     loaded = load_pretrained(recipe, model_dir)
+    data = prepare(recipe.data, load_tokenizer(model_dir), base_dir=base_dir)
+    base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing
     key = jax.random.key(recipe.train.seed)
     graphdef, trainable, frozen, adapted = adapt(
-        loaded.model, recipe.adapter, FAMILIES[loaded.hf_config.model_type].LORA_TARGETS,
+        loaded.model, recipe.adapter, family(model_dir).LORA_TARGETS,
         jax.random.fold_in(key, 2))
     # Bad input has been caught by now: only then is a run folder made.
     run_dir = report.new_run_dir(Path(recipe.output.dir), recipe.name)
@@ -47,7 +49,8 @@ def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
                 "environment": report.environment()}
     manifest["model"] = {"source": str(model_dir), "fingerprint": loaded.fingerprint,
                          "trainable_params": count_params(trainable),
-                         "total_params": count_params(trainable) + count_params(frozen),
+                         "total_params": base_params + count_params(
+                             nnx.state(loaded.model, nnx.LoRAParam)),
                          "adapted_layers": adapted, "ignored_keys": loaded.ignored_keys,
                          **footprint(frozen),
                          "bits_per_quantized_param": bits_per_parameter(
@@ -106,10 +109,17 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_pretrained(recipe: Recipe, model_dir: Path):
+    """The base model with a fresh head; refuses a max_length beyond its positions."""
     param_dtype, compute_dtype = recipe.model.dtypes()
-    return load_model(model_dir, task=recipe.model.task, num_labels=len(recipe.data.labels),
-                      param_dtype=param_dtype, compute_dtype=compute_dtype,
-                      attention=resolve_attention(recipe.model.attention, compute_dtype), seed=recipe.train.seed)
+    loaded = load_model(model_dir, task=recipe.model.task, num_labels=len(recipe.data.labels),
+                        param_dtype=param_dtype, compute_dtype=compute_dtype,
+                        attention=resolve_attention(recipe.model.attention, compute_dtype),
+                        seed=recipe.train.seed)
+    limit = loaded.config.max_position_embeddings
+    if recipe.data.max_length > limit:
+        raise UserError(f"data.max_length: {recipe.data.max_length} is more than the "
+                        f"{limit} positions the model {recipe.model.source} has")
+    return loaded
 
 
 def _stats(stats) -> dict:

@@ -6,7 +6,7 @@ hashing, error messages):
 
     [model]    jaxlora.models.ModelConfig     base model, task, dtypes, attention
     [data]     jaxlora.data.DataConfig        source, columns, labels, splits
-    [adapter]  jaxlora.lora.AdapterConfig     method = "lora" | "full" (+ its settings)
+    [adapter]  jaxlora.lora.AdapterConfig     method = "lora" | "qlora" | "full" (+ settings)
     [train]    jaxlora.train.TrainConfig      epochs, batch, optimizer, schedule
     [eval]     jaxlora.evaluate.EvalConfig    before/after evaluation
     [output]   OutputConfig                   where run folders go
@@ -93,6 +93,11 @@ def format_errors(path: Path, error: ValidationError) -> str:
             msg = f"unknown key{hint}"
         elif err["type"] == "missing":
             msg = "required, but missing"
+        elif err["type"] == "union_tag_not_found":
+            msg = 'expected a table with method = "lora", "qlora" or "full"'
+        elif err["type"] == "string_pattern_mismatch" and where == "name":
+            msg = (f"{err['input']!r} cannot name a run folder (letters, digits, '.', '_', "
+                   "'-'); set name = \"...\" in the recipe (it defaults to the file name)")
         elif err["type"] == "union_tag_invalid":
             where = f"{where}.method"
             msg = (f"unknown method {err['ctx']['tag']!r}; expected one of: "

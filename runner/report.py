@@ -23,6 +23,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from jaxlora.errors import UserError
+
 PACKAGES = ["jaxlora", "jax", "jaxlib", "flax", "optax", "transformers", "tokenizers",
             "datasets", "safetensors", "pydantic", "numpy"]
 HEADLINE = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("loss", "eval loss")]
@@ -44,7 +46,10 @@ def new_run_dir(root: Path, name: str) -> Path:
     """A fresh folder `root/name/<UTC timestamp>`; never reuses an existing one."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = root / name
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output.dir: cannot create {base}: {e.strerror}") from None
     for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
         path = base / f"{stamp}{suffix}"
         try:

@@ -111,6 +111,11 @@ def test_help():
     (lambda t: t.replace('label_column = "sentiment"', 'label_column = "mood"'), "mood"),
     (lambda t: t.replace('targets = ["query", "value"]', 'targets = ["q_proj"]'), "q_proj"),
     (lambda t: t.replace('source = "model"', 'source = "./no-model"'), "no-model"),
+    (lambda t: t.replace("max_length = 16", "max_length = 200"), "data.max_length: 200"),
+    (lambda t: t.replace('source = "model"', 'source = "model"\nattention = "cudnn"'),
+     "model.attention: cudnn needs a GPU"),
+    (lambda t: "adapter = 3\n" + t.replace("[adapter]\n", "[adapter_old]\n"),
+     "adapter: expected a table"),
 ])
 def test_bad_input_exits_2_without_traceback(workdir, edit, expected):
     recipe = workdir / "tiny.toml"
@@ -147,6 +152,8 @@ def test_qlora_and_full_runs_then_compare(workdir):
     full = json.loads((run_dirs[1] / "manifest.json").read_text())["model"]
     assert full["frozen_bytes"] == 0 and full["bits_per_quantized_param"] is None
     assert full["trainable_params"] == full["total_params"]
+    # packed 4-bit storage does not change how many weights the model has
+    assert qlora["total_params"] == full["total_params"] + 2 * 2 * (32 * 4 + 4 * 32)
     assert "4-bit linear weights" in (run_dirs[0] / "report.md").read_text()
 
     done = _runner("compare", *map(str, run_dirs), cwd=workdir)

@@ -134,7 +134,7 @@ def test_qlora_model_equals_base_with_dequantized_weights(tiny_bert_dir):
                                            jax.random.key(0))
     # the reference: plain float weights set to the dequantized values
     for path, layer in reference.linear_layers().items():
-        layer.kernel.set_value(model.linear_layers()[path].kernel.dequantize(jnp.float32))
+        layer.kernel.set_value(model.linear_layers()[path].kernel.dequantize_out_in(jnp.float32).T)
     out = nnx.merge(graphdef, trainable, frozen)(ids, mask)
     np.testing.assert_allclose(np.asarray(out), np.asarray(reference(ids, mask)), atol=1e-6)
     # and the quantized weights are frozen state, never trainable

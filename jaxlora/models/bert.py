@@ -267,7 +267,10 @@ def load(model_dir: Path, *, num_labels: int, param_dtype=jnp.float32,
          seed: int = 0) -> weights.LoadedModel:
     """A `BertForSequenceClassification` with the folder's weights and a head seeded by `seed`."""
     hf_config = weights.read_hf_config(model_dir)
-    config = BertConfig.from_hf(hf_config)
+    try:
+        config = BertConfig.from_hf(hf_config)
+    except UserError as e:
+        raise UserError(f"{weights.config_path(model_dir)}: {e}") from None
     tensors = weights.read_safetensors(model_dir)
     model, ignored = weights.build(
         lambda: BertForSequenceClassification(

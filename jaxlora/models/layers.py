@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlora.errors import UserError
+
 AttentionImpl = Literal["auto", "xla", "cudnn"]
 
 
@@ -75,7 +77,8 @@ class Linear(nnx.Module):
 
     `self.lora` is None until `jaxlora.lora.apply_lora` attaches an adapter;
     then `y += adapter(x)`. The kernel is cast to the input's dtype (the compute
-    dtype) at use, inside the compiled step.
+    dtype) at use, inside the compiled step; a quantized kernel
+    (`jaxlora.quant.QuantizedKernel`) dequantizes there.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
@@ -85,13 +88,6 @@ class Linear(nnx.Module):
         self.kernel = BaseWeight(jnp.zeros((in_features, out_features), dtype))
         self.bias = BaseWeight(jnp.zeros((out_features,), dtype)) if use_bias else None
         self.lora = nnx.data(None)  # an adapter module once LoRA is applied
-
-    def dense_kernel(self, dtype) -> jax.Array:
-        """The (in, out) kernel in `dtype`; a quantized kernel (`jaxlora.quant`)
-        dequantizes here, inside the compiled step."""
-        if isinstance(self.kernel, nnx.Variable):
-            return self.kernel[...].astype(dtype)
-        return self.kernel.dequantize(dtype)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         if isinstance(self.kernel, nnx.Variable):
@@ -155,9 +151,13 @@ class Embed(nnx.Module):
 def resolve_attention(implementation: AttentionImpl, dtype=jnp.bfloat16) -> Literal["xla", "cudnn"]:
     """`auto` picks the fused cuDNN kernel on GPU for 16-bit compute, XLA otherwise
     (cuDNN raises on CPU and refuses float32 inputs)."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fused_possible = jax.default_backend() == "gpu" and half
     if implementation == "auto":
-        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+        return "cudnn" if fused_possible else "xla"
+    if implementation == "cudnn" and not fused_possible:
+        raise UserError(f"model.attention: cudnn needs a GPU and a 16-bit compute_dtype "
+                        f"(here: {jax.default_backend()}, {jnp.dtype(dtype).name}); use auto or xla")
     return implementation
 
 
