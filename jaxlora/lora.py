@@ -132,7 +132,8 @@ def select_targets(targets, linears: dict[str, Linear], table: dict[str, str]) -
             raise UserError(f"adapter.targets: {name!r} matched no linear layer of this "
                             f"model. Its linear layers:\n  {listing}")
         chosen += hits
-    return [p for p in linears if p in set(chosen)]  # model order
+    chosen_set = set(chosen)
+    return [p for p in linears if p in chosen_set]  # model order
 
 
 def apply_lora(linears: dict[str, Linear], cfg: LoraConfig, table: dict[str, str],
