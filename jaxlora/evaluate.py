@@ -46,15 +46,25 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
     task = (progress.add_task(description, total=split.num_batches(batch_size))
             if progress is not None else None)
     predictions, labels, losses = [], [], []
-    for batch in split.batches(batch_size, shuffle=False):
-        logits, loss = eval_step(trainable, frozen, batch)
+
+    def collect(pending):
+        # Read back one batch while the next is already queued on the device.
+        (logits, loss), batch = jax.device_get(pending[0]), pending[1]
         real = batch["weights"] > 0
-        logits, loss = jax.device_get((logits, loss))
         predictions.append(np.argmax(logits, -1)[real])
         labels.append(batch["labels"][real])
         losses.append(loss[real])
         if task is not None:
             progress.advance(task)
+
+    pending = None
+    for batch in split.batches(batch_size, shuffle=False):
+        dispatched = (eval_step(trainable, frozen, batch), batch)
+        if pending is not None:
+            collect(pending)
+        pending = dispatched
+    if pending is not None:
+        collect(pending)
     metrics = classification_metrics(np.concatenate(predictions), np.concatenate(labels),
                                      label_names)
     metrics["loss"] = float(np.concatenate(losses).mean())

@@ -175,10 +175,10 @@ def quantize_linears(linears: dict, cfg: QuantConfig) -> None:
 
 
 def footprint(frozen) -> dict:
-    """Bytes of the frozen weights and bits per quantized parameter, from the arrays."""
+    """Bytes of all frozen weights, and of the quantized ones, from the arrays."""
     quantized_bytes = other_bytes = 0
-    for path, var in nnx.to_flat_state(frozen):
-        nbytes = int(var[...].size) * var[...].dtype.itemsize
+    for _, var in nnx.to_flat_state(frozen):
+        nbytes = _nbytes(var)
         if isinstance(var, QuantState):
             quantized_bytes += nbytes
         else:
@@ -193,6 +193,11 @@ def bits_per_parameter(linears: dict) -> float | None:
         kernel = layer.kernel
         if isinstance(kernel, QuantizedKernel):
             params += math.prod(kernel.shape)
-            bits += 8 * sum(int(v[...].size) * v[...].dtype.itemsize
-                            for v in kernel.state.values())
+            bits += 8 * sum(_nbytes(v) for v in kernel.state.values())
     return bits / params if params else None
+
+
+def _nbytes(var: nnx.Variable) -> int:
+    """Bytes the variable's array really takes (elements x item size)."""
+    value = var[...]
+    return int(value.size) * value.dtype.itemsize

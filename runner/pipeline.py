@@ -21,7 +21,7 @@ from jaxlora.data import prepare
 from jaxlora.errors import UserError
 from jaxlora.evaluate import build_eval_step, evaluate
 from jaxlora.lora import adapt, count_params, without_adapters
-from jaxlora.models import family, load_model
+from jaxlora.models import load_model
 from jaxlora.models.layers import resolve_attention
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import classification_loss
@@ -39,7 +39,7 @@ def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing
     key = jax.random.key(recipe.train.seed)
     graphdef, trainable, frozen, adapted = adapt(
-        loaded.model, recipe.adapter, family(model_dir).LORA_TARGETS,
+        loaded.model, recipe.adapter, loaded.lora_targets,
         jax.random.fold_in(key, 2))
     # Bad input has been caught by now: only then is a run folder made.
     run_dir = report.new_run_dir(Path(recipe.output.dir), recipe.name)

@@ -279,4 +279,5 @@ def load(model_dir: Path, *, num_labels: int, param_dtype=jnp.float32,
         tensors, WEIGHT_RULES, ignore=IGNORED, strip_prefixes=PREFIXES, dtype=param_dtype,
         source=str(model_dir))
     return weights.LoadedModel(model=model, config=config, hf_config=hf_config,
+                               lora_targets=LORA_TARGETS,
                                fingerprint=weights.fingerprint(model_dir), ignored_keys=ignored)

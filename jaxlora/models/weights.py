@@ -127,6 +127,7 @@ class LoadedModel:
     hf_config: Any  # the transformers config object, for export and tokenizers
     fingerprint: str  # sha256 of the weight files and config.json
     ignored_keys: list[str]  # checkpoint keys deliberately not loaded (e.g. a pretraining head)
+    lora_targets: dict[str, str]  # the family's LORA_TARGETS: target name -> path in a block
 
 
 def config_path(model_dir: Path) -> Path:
