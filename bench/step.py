@@ -127,7 +127,7 @@ def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
     import optax
 
     from jaxlora.lora import count_params
-    from jaxlora.tasks import classification_loss
+    from jaxlora.tasks import classification_step_loss
     from jaxlora.train import build_train_step
 
     graphdef, trainable, frozen, vocab = _build(shape, gpu)
@@ -139,13 +139,9 @@ def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
         "labels": rng.integers(0, 2, (b,), dtype=np.int32),
         "weights": np.ones((b,), np.float32)})
 
-    def loss(model, batch, key):
-        return classification_loss(model(batch["input_ids"], batch["attention_mask"], rng=key),
-                                   batch)
-
     tx = optax.adamw(1e-4, weight_decay=0.01)  # torch.optim.AdamW defaults, as the peer
     opt_state = tx.init(trainable)
-    step = build_train_step(graphdef, tx, loss)
+    step = build_train_step(graphdef, tx, classification_step_loss)
     key = jax.random.key(0)
     t0 = time.perf_counter()
     trainable, opt_state, m = step(trainable, frozen, opt_state, batch, jax.random.fold_in(key, 0))

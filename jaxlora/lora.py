@@ -121,7 +121,7 @@ def select_targets(targets, linears: dict[str, Linear], table: dict[str, str]) -
     if targets == ALL_LINEAR:
         return list(linears)
     listing = "\n  ".join(linears)
-    chosen: list[str] = []
+    chosen: set[str] = set()
     for name in targets:
         if name not in table:
             raise UserError(
@@ -131,9 +131,8 @@ def select_targets(targets, linears: dict[str, Linear], table: dict[str, str]) -
         if not hits:
             raise UserError(f"adapter.targets: {name!r} matched no linear layer of this "
                             f"model. Its linear layers:\n  {listing}")
-        chosen += hits
-    chosen_set = set(chosen)
-    return [p for p in linears if p in chosen_set]  # model order
+        chosen.update(hits)
+    return [p for p in linears if p in chosen]  # model order
 
 
 def apply_lora(linears: dict[str, Linear], cfg: LoraConfig, table: dict[str, str],

@@ -22,6 +22,14 @@ def classification_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.
     return (ce * weights).sum() / jnp.maximum(count, 1.0), count
 
 
+def classification_step_loss(model, batch: dict,
+                             rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The train step's objective for a classifier: forward (dropout when `rng`
+    is given) and `classification_loss`."""
+    logits = model(batch["input_ids"], batch["attention_mask"], rng=rng)
+    return classification_loss(logits, batch)
+
+
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
                            label_names: list[str]) -> dict:
     """Accuracy, macro-F1 and per-class precision/recall/F1 from class ids.

@@ -24,7 +24,7 @@ from jaxlora.lora import adapt, count_params, without_adapters
 from jaxlora.models import load_model
 from jaxlora.models.layers import resolve_attention
 from jaxlora.quant import bits_per_parameter, footprint
-from jaxlora.tasks import classification_loss
+from jaxlora.tasks import classification_step_loss
 from jaxlora.train import fit
 from runner import report
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
@@ -70,7 +70,7 @@ def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
                               batch_size=recipe.eval.batch_size, label_names=labels,
                               progress=progress, description="eval before")
         with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log:
-            result = fit(graphdef, trainable, frozen, data.train, recipe.train, _task_loss,
+            result = fit(graphdef, trainable, frozen, data.train, recipe.train, classification_step_loss,
                          on_log=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()),
                          progress=progress)
         after = evaluate(eval_step, result.trainable, frozen, data.eval,
@@ -90,10 +90,6 @@ def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
     console.print(f"train {result.train_seconds:.0f} s ({result.steps} steps); "
                   f"report: {run_dir / 'report.md'}")
     return run_dir
-
-
-def _task_loss(model, batch, rng):
-    return classification_loss(model(batch["input_ids"], batch["attention_mask"], rng=rng), batch)
 
 
 def load_tokenizer(model_dir: Path):

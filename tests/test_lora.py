@@ -11,7 +11,7 @@ from flax import nnx
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, adapt, count_params, without_adapters
 from jaxlora.models import bert, load_model
-from jaxlora.tasks import classification_loss
+from jaxlora.tasks import classification_step_loss
 from jaxlora.train import build_train_step
 
 
@@ -25,10 +25,6 @@ def _batch(n=4, t=16, vocab=30522, seed=0):
     mask[1, t // 2:] = 0  # one right-padded row
     return {"input_ids": rng.integers(1, vocab, (n, t), dtype=np.int32), "attention_mask": mask,
             "labels": rng.integers(0, 2, (n,), dtype=np.int32), "weights": np.ones(n, np.float32)}
-
-
-def _loss(model, batch, rng):
-    return classification_loss(model(batch["input_ids"], batch["attention_mask"], rng=rng), batch)
 
 
 def test_adapted_model_equals_base_at_init(tiny_bert_dir):
@@ -49,7 +45,7 @@ def test_one_step_changes_only_adapters_and_head(tiny_bert_dir):
     frozen_before = jax.tree.map(np.array, frozen)
     trainable_before = jax.tree.map(np.array, trainable)
     tx = optax.adamw(1e-2)
-    step = build_train_step(graphdef, tx, _loss)
+    step = build_train_step(graphdef, tx, classification_step_loss)
     opt_state = tx.init(trainable)
     for i in range(2):
         trainable, opt_state, _ = step(trainable, frozen, opt_state, _batch(seed=i),

@@ -9,7 +9,7 @@ import pytest
 from jaxlora.data import Split
 from jaxlora.lora import LoraConfig, adapt
 from jaxlora.models import bert, load_model
-from jaxlora.tasks import classification_loss
+from jaxlora.tasks import classification_step_loss
 from jaxlora.train import TrainConfig, build_train_step, fit, learning_rate_schedule
 
 
@@ -36,8 +36,7 @@ def test_five_steps_compile_once(tiny_bert_dir):
 
     def loss(model, batch, rng):
         traces.append(1)  # runs only while jax traces the step
-        return classification_loss(model(batch["input_ids"], batch["attention_mask"], rng=rng),
-                                   batch)
+        return classification_step_loss(model, batch, rng)
 
     tx = optax.adamw(1e-3)
     step = build_train_step(graphdef, tx, loss)
@@ -70,9 +69,7 @@ def test_fit_lowers_the_loss_and_logs(tiny_bert_dir):
     cfg = TrainConfig(epochs=6, batch_size=16, learning_rate=1e-2, warmup_ratio=0.0,
                       log_every=4, seed=0)
     records = []
-    result = fit(graphdef, trainable, frozen, split, cfg,
-                 lambda m, b, r: classification_loss(
-                     m(b["input_ids"], b["attention_mask"], rng=r), b),
+    result = fit(graphdef, trainable, frozen, split, cfg, classification_step_loss,
                  on_log=records.append)
     assert result.steps == 24 and [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
     assert records[-1]["loss"] < records[0]["loss"] * 0.85
@@ -83,6 +80,5 @@ def test_fit_lowers_the_loss_and_logs(tiny_bert_dir):
 def test_max_steps_caps_the_run(tiny_bert_dir):
     graphdef, trainable, frozen = _adapted(tiny_bert_dir)
     cfg = TrainConfig(epochs=3, max_steps=5, batch_size=16, log_every=100)
-    result = fit(graphdef, trainable, frozen, _toy_split(), cfg,
-                 lambda m, b, r: classification_loss(m(b["input_ids"], b["attention_mask"]), b))
+    result = fit(graphdef, trainable, frozen, _toy_split(), cfg, classification_step_loss)
     assert result.steps == 5 and result.history[-1]["step"] == 5
