@@ -106,9 +106,9 @@ def format_errors(path: Path, error: ValidationError) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
                 msg = f"{msg} (got {err['input']!r})"
-        messages.setdefault(where or "(top level)", [])
-        if msg not in messages[where or "(top level)"]:
-            messages[where or "(top level)"].append(msg)
+        found = messages.setdefault(where or "(top level)", [])
+        if msg not in found:  # union members repeat the same complaint
+            found.append(msg)
     lines = [f"{path}: {where}: {'; or '.join(msgs)}" for where, msgs in messages.items()]
     return "\n".join(lines)
 
