@@ -287,6 +287,31 @@ def prepare(cfg: DataConfig, tokenizer: Any, *, base_dir: Path | None = None,
     return PreparedData(train=train, eval=eval_, stats=stats)
 
 
+def prepare_eval(cfg: DataConfig, tokenizer: Any, source: str, *, split: str | None = None,
+                 base_dir: Path | None = None, cache_dir: Path | None = None
+                 ) -> tuple[Split, dict[str, Any]]:
+    """Every labelled row of one split of another `source`, tokenized as `cfg`
+    says (columns, labels, encoding, max_length, buckets): for evaluating a
+    trained model on new data. `split` defaults to "test" when the source has
+    one, else "train". Returns the Split and what was read (path, split, rows,
+    label counts, dropped labels, truncated)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer")
+    cfg = cfg.model_copy(update={"source": source, "format": "auto"})
+    path = resolve(source, "dataset", base_dir)
+    fmt = _detect_format(path, cfg.format)
+    with _quiet_datasets():
+        splits = _load(path, fmt, cfg.encoding, cache_dir)
+        name = split or ("test" if "test" in splits else "train")
+        ds = _get_split(splits, name, path)
+        ids, dropped = _read_split(ds, cfg, path, name)
+        rows = np.flatnonzero(ids >= 0)
+        examples, cut = _tokenize(ds, rows, ids, tokenizer, cfg, path)
+    return examples, {"source": str(path), "split": name, "rows": len(examples),
+                      "label_counts": _counts(examples.labels, cfg.labels),
+                      "dropped": dict(sorted(dropped.items())), "truncated": cut}
+
+
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Silence `datasets` progress bars and its logged read errors (ours say it
@@ -454,7 +479,7 @@ def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: D
     subset = ds.select(rows)
     # A module-level function with bound arguments hashes stably, so datasets
     # reuses the cached result on the next run with the same inputs.
-    fn = functools.partial(_tokenize_batch, tokenizer=tokenizer, column=cfg.text_column,
+    fn = functools.partial(tokenize_batch, tokenizer=tokenizer, column=cfg.text_column,
                            max_length=cfg.max_length,
                            pad_id=tokenizer.pad_token_id or 0)
     arrays = subset.map(fn, batched=True, remove_columns=subset.column_names,
@@ -468,7 +493,7 @@ def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: D
     return split, int(arrays["truncated"].sum())
 
 
-def _tokenize_batch(batch: dict[str, list], *, tokenizer: Any, column: str, max_length: int,
+def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, column: str, max_length: int,
                     pad_id: int) -> dict[str, list]:
     """Tokenize, truncate and right-pad a batch of texts to `max_length`.
 

@@ -48,6 +48,8 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0.0)  # clip the global gradient norm to this (0: off)
     seed: int = 0  # seeds the head, the adapters, dropout and the data order
     log_every: int = Field(10, gt=0)  # steps between metric records
+    checkpoint_every: int = Field(100, ge=0)  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = Field(2, ge=1, le=1000)  # the newest N checkpoints are kept
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -100,43 +102,100 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
 
 
 @dataclass
-class TrainResult:
-    """What a finished `fit` hands back: the new weights and how the run went."""
+class TrainState:
+    """Everything a run needs to go on exactly where it stopped, frozen weights
+    aside: what `jaxlora.checkpoint` saves and restores.
+
+    The data position is `step` itself: batch order is a pure function of
+    (seed, epoch), so step -> (epoch, batch in epoch) is exact. `pending` holds
+    the per-step metrics since the last metrics record, so a record that spans
+    an interruption averages the same steps as an uninterrupted run's.
+    """
 
     trainable: Any
     opt_state: Any
-    steps: int
-    history: list[dict] = field(default_factory=list)
+    dropout_key: jax.Array  # raw key data (uint32); step s uses fold_in(key, s)
+    step: int = 0  # optimizer steps taken
+    pending: list[dict] = field(default_factory=list)  # metrics of steps not yet recorded
+    tokens: int = 0  # padded tokens in those steps (for throughput)
+    seconds: float = 0.0  # training wall time so far, over every session
+
+
+def init_state(trainable, cfg: TrainConfig, train_split) -> TrainState:
+    """The state before the first step: fresh optimizer state, step 0."""
+    tx = make_optimizer(cfg, plan(cfg, train_split)[0])
+    dropout_key = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    return TrainState(trainable=trainable, opt_state=tx.init(trainable), dropout_key=dropout_key)
+
+
+def plan(cfg: TrainConfig, train_split) -> tuple[int, int]:
+    """(total optimizer steps, batches per epoch) for `train_split`."""
+    per_epoch = train_split.num_batches(cfg.batch_size)
+    return total_steps(cfg, per_epoch), per_epoch
+
+
+@dataclass
+class TrainResult:
+    """What a `fit` hands back: the state it reached and how this session went."""
+
+    state: TrainState
+    steps: int  # the step reached (== the plan's total unless stopped)
+    stopped: bool = False  # ended early because `should_stop` said so
+    history: list[dict] = field(default_factory=list)  # this session's metrics records
     compile_seconds: float = 0.0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # over every session of the run
     median_step_ms: float = 0.0
+
+    @property
+    def trainable(self):
+        return self.state.trainable
+
+    @property
+    def opt_state(self):
+        return self.state.opt_state
 
 
 def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig,
-        loss_fn: LossFn, *, on_log: Callable[[dict], None] | None = None,
-        progress=None) -> TrainResult:
+        loss_fn: LossFn, *, resume: TrainState | None = None,
+        on_log: Callable[[dict], None] | None = None,
+        on_checkpoint: Callable[[TrainState], None] | None = None, checkpoint_every: int = 0,
+        should_stop: Callable[[], bool] | None = None, progress=None) -> TrainResult:
     """Train `trainable` on `train_split` for `cfg.epochs` (or `cfg.max_steps`).
 
-    `train_split` provides `num_batches(batch_size)` and
-    `batches(batch_size, shuffle=, seed=, epoch=)`. `on_log` receives one
-    record every `log_every` steps and at the end; `progress` is an optional
+    `train_split` provides `num_batches(batch_size)` and `batches(batch_size,
+    shuffle=, seed=, epoch=, start=)`. `resume` continues from a saved state
+    instead of from `trainable` (which then only names the structure).
+    `on_log` receives one record every `log_every` steps and at the end.
+    `on_checkpoint` receives the state every `checkpoint_every` steps (0: never
+    on a schedule), at the end, and when `should_stop()` turns true after a
+    step, which ends the session early (`stopped`). `progress` is an optional
     rich Progress to advance.
     """
-    per_epoch = train_split.num_batches(cfg.batch_size)
-    steps = total_steps(cfg, per_epoch)
+    steps, per_epoch = plan(cfg, train_split)
     schedule = learning_rate_schedule(cfg, steps)
-    tx = make_optimizer(cfg, steps)
-    opt_state = tx.init(trainable)
-    step_fn = build_train_step(graphdef, tx, loss_fn)
-    dropout_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-    task = progress.add_task("train", total=steps) if progress is not None else None
+    step_fn = build_train_step(graphdef, make_optimizer(cfg, steps), loss_fn)
+    state = resume or init_state(trainable, cfg, train_split)
+    if state.step > steps:
+        raise ValueError(f"the saved state is at step {state.step}, past the run's {steps}")
+    dropout_key = jax.random.wrap_key_data(jnp.asarray(state.dropout_key))
+    task = (progress.add_task("train", total=steps, completed=state.step)
+            if progress is not None else None)
+    trainable, opt_state, step = state.trainable, state.opt_state, state.step
+    pending, tokens = list(state.pending), state.tokens
+    result = TrainResult(state=state, steps=step)
+    session_start = start = mark = time.perf_counter()
+    first = True
 
-    result = TrainResult(trainable=None, opt_state=None, steps=0)
-    pending: list[dict] = []
-    step = tokens = 0
-    start = mark = time.perf_counter()
-    for epoch in range(math.ceil(steps / per_epoch)):
-        for batch in train_split.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch):
+    def snapshot() -> TrainState:
+        host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        return TrainState(trainable=trainable, opt_state=opt_state, dropout_key=state.dropout_key,
+                          step=step, pending=host, tokens=tokens,
+                          seconds=state.seconds + time.perf_counter() - session_start)
+
+    for epoch in range(step // per_epoch, math.ceil(steps / per_epoch)):
+        skip = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
+        for batch in train_split.batches(cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                         epoch=epoch, start=skip):
             if step == steps:
                 break
             rng = jax.random.fold_in(dropout_key, step)
@@ -144,9 +203,10 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
             pending.append(metrics)
             tokens += batch["input_ids"].size
             step += 1
-            if step == 1:  # the first call compiles the step
+            if first:  # the first call compiles the step
                 jax.block_until_ready(metrics)
                 result.compile_seconds = time.perf_counter() - start
+                first = False
             if step % cfg.log_every == 0 or step == steps:
                 pending = jax.device_get(pending)
                 now = time.perf_counter()
@@ -160,11 +220,21 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                                     description=f"train  loss {record['loss']:.4f}  "
                                                 f"{record['examples_per_s']:.0f} ex/s")
                 pending, mark, tokens = [], now, 0
-    result.train_seconds = time.perf_counter() - start
+            stop = should_stop is not None and should_stop() and step < steps
+            due = step == steps or (checkpoint_every and step % checkpoint_every == 0)
+            if on_checkpoint is not None and (due or stop):
+                on_checkpoint(snapshot())
+            if stop:
+                result.stopped = True
+                break
+        if result.stopped or step == steps:
+            break
+    result.state = snapshot()
+    result.train_seconds = result.state.seconds
     # The first interval holds the compilation: leave it out when there are others.
     intervals = [r["step_ms"] for r in result.history]
     result.median_step_ms = statistics.median(intervals[1:] or intervals) if intervals else 0.0
-    result.trainable, result.opt_state, result.steps = trainable, opt_state, step
+    result.steps = step
     return result
 
 

@@ -1,12 +1,15 @@
-"""`runner`: argument parsing only; the work happens in `runner.pipeline`.
+"""`runner`: argument parsing only; the work happens in `runner.pipeline`,
+`runner.inference`, `runner.export` and `runner.compare`.
 
-Exit codes: 0 done, 2 bad input (a recipe field, a data file, a model folder:
-one message naming it, no traceback), 130 interrupted.
+Exit codes: 0 done, 2 bad input (a recipe field, a data file, a model folder,
+a run folder: one message naming it, no traceback), 128 + N stopped by signal
+N (130 Ctrl-C, 143 SIGTERM) after saving a checkpoint when training.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +29,20 @@ evaluation settings. `runner run` fine-tunes and evaluates the model before and
 after, and writes everything to a run folder (see README.md).
 """
 
+RUN_HELP = """\
+Validate the recipe, prepare the data, load the model, attach the adapters,
+evaluate before, train, evaluate after, and write a run folder under
+output.dir/<name>/<timestamp>/. Checkpoints are written every
+train.checkpoint_every steps and at the end.
+
+Resuming: when the newest run of the recipe did not finish and holds a
+checkpoint (stopped by SIGTERM/Ctrl-C, killed, preempted), `runner run RECIPE`
+goes on from that checkpoint, after checking that the recipe, the base model
+and the data are unchanged. --fresh always starts a new run folder; --resume
+insists on resuming (exit 2 if there is nothing to resume). `runner run
+RUN_DIR` resumes that run folder.
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description=DESCRIPTION,
@@ -37,11 +54,44 @@ def _parser() -> argparse.ArgumentParser:
                     "Exit 2 with one message per problem when it is invalid.")
     validate.add_argument("recipe", type=Path, help="path to a recipe .toml file")
     run = commands.add_parser(
-        "run", help="fine-tune and evaluate before/after, as the recipe says",
-        description="Validate the recipe, prepare the data, load the model, attach the "
-                    "adapters, evaluate before, train, evaluate after, and write a run "
-                    "folder under output.dir/<name>/<timestamp>/.")
-    run.add_argument("recipe", type=Path, help="path to a recipe .toml file")
+        "run", help="fine-tune and evaluate before/after, or resume a stopped run",
+        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("target", type=Path, metavar="RECIPE|RUN_DIR",
+                     help="a recipe .toml file, or a run folder to resume")
+    how = run.add_mutually_exclusive_group()
+    how.add_argument("--fresh", action="store_true",
+                     help="start a new run folder even if an unfinished run could resume")
+    how.add_argument("--resume", action="store_true",
+                     help="resume the newest unfinished run of the recipe; exit 2 if none")
+    evaluate = commands.add_parser(
+        "eval", help="re-evaluate a finished run (its held-out set, or --data)",
+        description="Rebuild a run's model (base checkpoint + its latest checkpoint) and "
+                    "evaluate it on the recipe's held-out set, or on every labelled row of "
+                    "--data. The result is printed and written to RUN_DIR/evals/.")
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("--data", metavar="SOURCE",
+                          help="a data file/folder/hub id with the recipe's text and label "
+                               "columns (default: the recipe's eval split)")
+    evaluate.add_argument("--split", help="the split of --data to use (default: test if "
+                                          "present, else train)")
+    evaluate.add_argument("--batch-size", type=int, help="default: the recipe's eval.batch_size")
+    predict = commands.add_parser(
+        "predict", help="label texts with a finished run's model",
+        description="Print the predicted label and each class's probability for every "
+                    "TEXT (`-` reads one text per line from standard input).")
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    predict.add_argument("texts", nargs="+", metavar="TEXT")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    export = commands.add_parser(
+        "export", help="write a run's weights for PyTorch: PEFT adapter or merged model",
+        description="peft: adapter_config.json + adapter_model.safetensors, loadable with "
+                    "peft.PeftModel.from_pretrained(base_model, folder). merged: a Hugging "
+                    "Face model folder with the adapter merged into the base weights, "
+                    "loadable with transformers.AutoModelForSequenceClassification. Default "
+                    "folder: RUN_DIR/export/FORMAT; an existing one is never overwritten.")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--format", required=True, metavar="peft|merged")
+    export.add_argument("--out", type=Path, help="the folder to write (must not exist)")
     compare = commands.add_parser(
         "compare", help="finished runs side by side (rich table, then Markdown)",
         description="Read finished run folders (manifest.json, eval.json) and print "
@@ -59,32 +109,102 @@ def main(argv: list[str] | None = None) -> int:
     errors = Console(stderr=True, soft_wrap=True)  # a message is never cut into lines
     # Import the heavy stack only after argument parsing, so --help is instant.
     from jaxlora.errors import UserError
-    from runner.recipe import load_recipe, to_toml
+    from runner.signals import Interrupted, StopSignals
 
     try:
-        if args.command == "compare":
-            from runner import compare
-
-            runs = [compare.read_run(path) for path in args.runs]
-            console.print(compare.table(runs))
-            print(compare.markdown(runs))  # plain: rich would wrap it at the terminal width
-            return 0
-        recipe = load_recipe(args.recipe)
-        if args.command == "validate":
-            console.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark"))
-            console.print(f"[green]{args.recipe}: valid[/]")
-            return 0
-        _quiet_libraries()
-        from runner.pipeline import run
-
-        run(recipe, args.recipe, console)
-        return 0
+        with StopSignals() as stop:
+            return _dispatch(args, console, stop)
     except UserError as e:
         errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return EXIT_BAD_INPUT
+    except Interrupted as e:
+        errors.print(f"[bold red]stopped[/]: {escape(str(e))}", highlight=False)
+        return e.exit_code
     except KeyboardInterrupt:
         errors.print("[bold red]interrupted[/]: the run folder keeps what was written so far")
         return EXIT_INTERRUPTED
+
+
+def _dispatch(args, console: Console, stop) -> int:
+    from jaxlora.errors import UserError
+    from runner.recipe import load_recipe, to_toml
+
+    if args.command == "compare":
+        from runner import compare
+
+        runs = [compare.read_run(path) for path in args.runs]
+        console.print(compare.table(runs))
+        print(compare.markdown(runs))  # plain: rich would wrap it at the terminal width
+        return 0
+    if args.command == "validate":
+        recipe = load_recipe(args.recipe)
+        console.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark"))
+        console.print(f"[green]{args.recipe}: valid[/]")
+        return 0
+    if args.command == "run":
+        target = args.target
+        if target.is_dir():
+            from runner.runs import is_run_dir
+
+            if not is_run_dir(target):
+                raise UserError(f"{target}: a folder without manifest.json; give a recipe "
+                                ".toml file or a run folder (runs/<name>/<timestamp>/)")
+            if args.fresh:
+                raise UserError(f"{target}: --fresh starts a new run from a recipe file; give "
+                                "the recipe instead of a run folder")
+            recipe = load_recipe(target / "recipe.toml")
+            run_dir, recipe_path = target, target / "recipe.toml"
+        else:
+            recipe, run_dir, recipe_path = load_recipe(target), None, target
+        _quiet_libraries()
+        from runner.pipeline import run
+
+        mode = "fresh" if args.fresh else "resume" if args.resume else "auto"
+        run(recipe, recipe_path, console, mode=mode, run_dir=run_dir, stop=stop)
+        return 0
+    if args.command == "export":
+        from runner.export import check_format
+
+        check_format(args.format)
+    texts = None
+    if args.command == "predict":
+        texts = _texts(args.texts)
+    _quiet_libraries()
+    from runner.runs import open_run
+
+    opened = open_run(args.run_dir)
+    if args.command == "export":
+        from runner.export import export
+
+        export(opened, args.format, args.out, console)
+    elif args.command == "eval":
+        from runner.inference import eval_run
+
+        if args.batch_size is not None and args.batch_size <= 0:
+            raise UserError(f"--batch-size: must be positive (got {args.batch_size})")
+        eval_run(opened, console, data=args.data, split=args.split, batch_size=args.batch_size)
+    else:
+        from runner.inference import predict, predictions_table
+
+        rows = predict(opened, texts)
+        if args.json:
+            for row in rows:
+                print(json.dumps(row, ensure_ascii=False))
+        else:
+            console.print(predictions_table(rows, list(opened.recipe.data.labels)))
+    return 0
+
+
+def _texts(args: list[str]) -> list[str]:
+    from jaxlora.errors import UserError
+
+    texts = []
+    for arg in args:
+        texts += [line for line in sys.stdin.read().splitlines() if line.strip()] \
+            if arg == "-" else [arg]
+    if not texts or any(not t.strip() for t in texts):
+        raise UserError("predict: every TEXT must be non-empty")
+    return texts
 
 
 def _quiet_libraries() -> None:

@@ -1,14 +1,25 @@
 """The pipeline: a recipe in, a run folder out, in the order of the five steps.
 
     resolve sources -> build data -> load model -> adapt -> evaluate before
-      -> train -> evaluate after -> save and report
+      -> train (checkpoints) -> evaluate after -> save and report
+
+A run can stop and go on. `runner run RECIPE` resumes the newest run of that
+recipe when it did not finish and holds a checkpoint (`resume_target`), after
+checking that nothing it depends on changed: the recipe (hash), the base model
+(fingerprint) and the data (sizes and label counts). SIGTERM or Ctrl-C during
+training writes a checkpoint at the next step boundary and raises
+`Interrupted`; a resumed run then replays nothing it had done: it reuses the
+"before" evaluation, keeps the metrics lines up to the checkpoint and goes on
+from the checkpoint's step with the same batches and dropout keys.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import jax
 from flax import nnx
@@ -17,79 +28,218 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from jaxlora import sources
+from jaxlora.checkpoint import Checkpointer
 from jaxlora.data import prepare
 from jaxlora.errors import UserError
 from jaxlora.evaluate import build_eval_step, evaluate
 from jaxlora.lora import adapt, count_params, without_adapters
 from jaxlora.models import load_model
 from jaxlora.models.layers import resolve_attention
+from jaxlora.models.weights import fingerprint
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import classification_step_loss
-from jaxlora.train import fit
+from jaxlora.train import fit, init_state, plan
 from runner import report
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
+from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, newest_run, read_json,
+                         recipe_changes)
+from runner.signals import Interrupted, StopSignals
+
+Mode = Literal["auto", "fresh", "resume"]
 
 
-def run(recipe: Recipe, recipe_path: Path, console: Console) -> Path:
-    """Run a validated recipe end to end; returns the run folder."""
-    base_dir = recipe_path.resolve().parent
-    model_dir = sources.resolve(recipe.model.source, "model", base_dir)
+def resume_target(recipe: Recipe, mode: Mode) -> Path | None:
+    """The run folder `runner run` goes on with, or None for a new run.
+
+    auto: the newest run of this recipe, if it did not finish and holds a
+    checkpoint. resume: the same, and an error when there is none. fresh: None.
+    """
+    if mode == "fresh":
+        return None
+    newest = newest_run(Path(recipe.output.dir), recipe.name)
+    if newest is not None and checkpoint_steps(newest):
+        if read_json(newest / "manifest.json").get("status") != "finished":
+            return newest
+    if mode == "resume":
+        where = Path(recipe.output.dir) / recipe.name
+        raise UserError(f"--resume: no unfinished run with a checkpoint to resume: the newest "
+                        f"run under {where} is {newest or 'missing'}"
+                        + (" and it finished" if newest and checkpoint_steps(newest) else ""))
+    return None
+
+
+def check_resumable(run_dir: Path, recipe: Recipe) -> dict:
+    """The manifest of `run_dir` if `recipe` may go on there; a UserError otherwise."""
+    manifest = read_json(run_dir / "manifest.json")
+    if manifest.get("status") == "finished":
+        raise UserError(f"{run_dir}: the run finished; nothing to resume (`runner run RECIPE "
+                        "--fresh` starts a new run)")
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise UserError(f"{run_dir}: no checkpoint to resume from in {CHECKPOINTS}/ (the run "
+                        "stopped before its first one); start a new run with --fresh")
+    if manifest.get("recipe_hash") != recipe_hash(recipe):
+        changes = recipe_changes(manifest.get("recipe", {}), canonical(recipe))
+        raise UserError(f"{run_dir}: the recipe changed since this run's checkpoint at step "
+                        f"{steps[-1]} ({'; '.join(changes) or 'recipe hash differs'}); resuming "
+                        "needs the same recipe: undo the change, or pass --fresh to start a "
+                        "new run")
+    return manifest
+
+
+def check_fingerprint(model_dir: Path, manifest: dict, run_dir: Path) -> None:
+    """Refuse a base model whose files differ from the ones the run trained on."""
+    expected = manifest.get("model", {}).get("fingerprint")
+    found = fingerprint(model_dir)
+    if expected and found != expected:
+        raise UserError(f"{model_dir}: the base model's files differ from the ones run "
+                        f"{run_dir} was trained on (fingerprint {found[:16]} here, "
+                        f"{expected[:16]} in its manifest); its adapters only fit that model")
+
+
+def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "auto",
+        run_dir: Path | None = None, stop: StopSignals | None = None) -> Path:
+    """Run a validated recipe end to end (or go on with `run_dir`); returns the run folder.
+
+    `stop` is the caller's installed `StopSignals` (the CLI's); without one,
+    signals keep their default behaviour.
+    """
+    stop = stop or StopSignals()  # not installed: never requested
+    run_dir = run_dir or resume_target(recipe, mode)
+    old = check_resumable(run_dir, recipe) if run_dir is not None else None
+    base = base_dir(old, run_dir) if old else recipe_path.resolve().parent
+    model_dir = sources.resolve(recipe.model.source, "model", base)
+    if old:
+        check_fingerprint(model_dir, old, run_dir)
     loaded = load_pretrained(recipe, model_dir)
-    data = prepare(recipe.data, load_tokenizer(model_dir), base_dir=base_dir)
+    data = prepare(recipe.data, load_tokenizer(model_dir), base_dir=base)
+    stats = _stats(data.stats)
+    if old and old.get("data") != stats:
+        raise UserError(f"{stats['source']}: the data changed since run {run_dir} started "
+                        "(sizes or label counts differ from its manifest); resuming needs the "
+                        "same data: restore it, or pass --fresh")
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing
     key = jax.random.key(recipe.train.seed)
     graphdef, trainable, frozen, adapted = adapt(
-        loaded.model, recipe.adapter, loaded.lora_targets,
-        jax.random.fold_in(key, 2))
-    # Bad input has been caught by now: only then is a run folder made.
-    run_dir = report.new_run_dir(Path(recipe.output.dir), recipe.name)
-    report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
-    manifest = {"status": "running", "recipe_hash": recipe_hash(recipe),
-                "recipe_file": str(recipe_path), "recipe": canonical(recipe),
-                "environment": report.environment()}
-    manifest["model"] = {"source": str(model_dir), "fingerprint": loaded.fingerprint,
-                         "trainable_params": count_params(trainable),
-                         "total_params": base_params + count_params(
-                             nnx.state(loaded.model, nnx.LoRAParam)),
-                         "adapted_layers": adapted, "ignored_keys": loaded.ignored_keys,
-                         **footprint(frozen),
-                         "bits_per_quantized_param": bits_per_parameter(
-                             loaded.model.linear_layers())}
-    manifest["data"] = stats = _stats(data.stats)
+        loaded.model, recipe.adapter, loaded.lora_targets, jax.random.fold_in(key, 2))
+    state = init_state(trainable, recipe.train, data.train)
+    steps, _ = plan(recipe.train, data.train)
+    resumed = None
+    if old:
+        with Checkpointer(run_dir / CHECKPOINTS) as checkpointer:
+            resumed, _ = checkpointer.restore(state)
+        manifest = old
+        manifest.setdefault("resumed", []).append({"from_step": resumed.step, "at": _now()})
+        _keep_metrics_until(run_dir / "metrics.jsonl", resumed.step)
+        console.print(f"resuming [bold]{run_dir}[/] from its checkpoint at step "
+                      f"{resumed.step} of {steps}")
+    else:
+        # Bad input has been caught by now: only then is a run folder made.
+        run_dir = report.new_run_dir(Path(recipe.output.dir), recipe.name)
+        report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
+        manifest = {"status": "running", "recipe_hash": recipe_hash(recipe),
+                    "recipe_file": str(recipe_path.resolve()), "base_dir": str(base),
+                    "recipe": canonical(recipe), "environment": report.environment()}
+        manifest["model"] = {"source": str(model_dir), "fingerprint": loaded.fingerprint,
+                             "trainable_params": count_params(trainable),
+                             "total_params": base_params + count_params(
+                                 nnx.state(loaded.model, nnx.LoRAParam)),
+                             "adapted_layers": adapted, "ignored_keys": loaded.ignored_keys,
+                             **footprint(frozen),
+                             "bits_per_quantized_param": bits_per_parameter(
+                                 loaded.model.linear_layers())}
+        manifest["data"] = stats
+        console.print(f"run folder: [bold]{run_dir}[/]")
+    manifest["status"] = "running"
+    manifest["train"] = {**manifest.get("train", {}), "total_steps": steps}
     report.write_json(run_dir / "manifest.json", manifest)
-    console.print(f"run folder: [bold]{run_dir}[/]")
     console.print(f"data: {stats['train_size']} train / {stats['eval_size']} eval examples; "
                   f"trainable parameters: {manifest['model']['trainable_params']:,}")
+    try:
+        return _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest,
+                                   graphdef, frozen, data, state, resumed)
+    except Interrupted as e:
+        manifest["status"] = "interrupted"
+        manifest["interrupted"] = {"signal": e.name, "at": _now(),
+                                   "checkpoint_step": (checkpoint_steps(run_dir) or [None])[-1]}
+        report.write_json(run_dir / "manifest.json", manifest)
+        raise Interrupted(e.signum, _interrupted_message(e, run_dir, recipe_path)) from None
 
+
+def _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest, graphdef, frozen,
+                        data, state, resumed) -> Path:
     eval_step = build_eval_step(graphdef)
     labels = list(recipe.data.labels)
-    with _progress(console) as progress:
-        before = None
-        if recipe.eval.before:
-            before = evaluate(eval_step, without_adapters(trainable), frozen, data.eval,
+    evals_path = run_dir / "eval.json"
+    evals = read_json(evals_path) if evals_path.is_file() else {}
+    extra = {"recipe_hash": manifest["recipe_hash"],
+             "fingerprint": manifest["model"]["fingerprint"]}
+    with _progress(console) as progress, \
+            Checkpointer(run_dir / CHECKPOINTS, keep=recipe.train.keep_checkpoints) as ckpt:
+        before = evals.get("before")
+        if recipe.eval.before and before is None:
+            before = evaluate(eval_step, without_adapters(state.trainable), frozen, data.eval,
                               batch_size=recipe.eval.batch_size, label_names=labels,
                               progress=progress, description="eval before")
-        with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log:
-            result = fit(graphdef, trainable, frozen, data.train, recipe.train, classification_step_loss,
+            report.write_json(evals_path, {"before": before})
+        with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, stop.deferred():
+            result = fit(graphdef, state.trainable, frozen, data.train, recipe.train,
+                         classification_step_loss, resume=resumed,
                          on_log=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()),
-                         progress=progress)
+                         on_checkpoint=lambda s: ckpt.save(s, extra),
+                         checkpoint_every=recipe.train.checkpoint_every,
+                         should_stop=stop.requested, progress=progress)
+        if stop.requested():  # during training, or just as it ended
+            raise Interrupted(stop.signum)
         after = evaluate(eval_step, result.trainable, frozen, data.eval,
                          batch_size=recipe.eval.batch_size, label_names=labels,
                          progress=progress, description="eval after")
 
-    manifest["train"] = {"steps": result.steps, "compile_seconds": result.compile_seconds,
+    manifest["train"] = {"steps": result.steps, "total_steps": manifest["train"]["total_steps"],
+                         "compile_seconds": result.compile_seconds,
                          "train_seconds": result.train_seconds,
                          "median_step_ms": result.median_step_ms, **report.peak_memory()}
     manifest["status"] = "finished"
     report.write_json(run_dir / "eval.json", {"before": before, "after": after})
     report.write_json(run_dir / "manifest.json", manifest)
     report.write_atomic(run_dir / "report.md",
-                        report.markdown_report(manifest, before, after, stats))
+                        report.markdown_report(manifest, before, after, manifest["data"]))
     console.print(report.comparison_table(before, after,
                                           f"{recipe.name}: {after['examples']} eval examples"))
     console.print(f"train {result.train_seconds:.0f} s ({result.steps} steps); "
                   f"report: {run_dir / 'report.md'}")
     return run_dir
+
+
+def _interrupted_message(e: Interrupted, run_dir: Path, recipe_path: Path) -> str:
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        return (f"interrupted by {e.name} before the first checkpoint; `runner run "
+                f"{recipe_path}` starts again")
+    return (f"interrupted by {e.name}: checkpoint at step {steps[-1]} saved in "
+            f"{run_dir / CHECKPOINTS / str(steps[-1])}; to go on, run the same command again, "
+            f"or `runner run {run_dir}`")
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics lines past the checkpoint (and a line cut by a kill): the
+    resumed run writes them again, identically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if record.get("step", 0) > step:
+            break
+        kept.append(line + "\n")
+    report.write_atomic(path, "".join(kept))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def load_tokenizer(model_dir: Path):

@@ -32,11 +32,7 @@ def _tweets_csv(path: Path, n: int = 96) -> Path:
     return path
 
 
-@pytest.fixture()
-def workdir(tmp_path, tiny_bert_dir):
-    shutil.copytree(tiny_bert_dir, tmp_path / "model")
-    _tweets_csv(tmp_path / "tweets.csv")
-    (tmp_path / "tiny.toml").write_text("""
+TINY_RECIPE = """
 description = "tiny end-to-end"
 [model]
 source = "model"
@@ -59,7 +55,14 @@ learning_rate = 1e-2
 log_every = 2
 [eval]
 batch_size = 16
-""")
+"""
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_bert_dir):
+    shutil.copytree(tiny_bert_dir, tmp_path / "model")
+    _tweets_csv(tmp_path / "tweets.csv")
+    (tmp_path / "tiny.toml").write_text(TINY_RECIPE)
     return tmp_path
 
 

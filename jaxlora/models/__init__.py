@@ -10,6 +10,9 @@ component, so adding GPT-2 or Llama is adding a file and a line here):
     WEIGHT_RULES   the checkpoint -> model table (`weights.Rule`s)
     IGNORED        regexes of checkpoint keys deliberately not loaded
     PREFIXES       prefixes stripped from checkpoint keys (e.g. "bert.")
+    CLASSIFIER_ARCHITECTURE, CLASSIFIER_PREFIX, HEAD_RULES
+                   export: the transformers classifier class, the prefix of its
+                   encoder keys ("bert."), the rules for the task head
 
 The task model a family builds exposes `linear_layers()`: every `Linear` by
 its Hugging Face module path.

@@ -21,7 +21,8 @@ key is split down the tree, one per dropout site and one per `Linear` call (a
 LoRA adapter on that `Linear` uses it for its own dropout).
 
 Every family module exposes the same names: `Config`, `load`, `LORA_TARGETS`,
-`WEIGHT_RULES`, `IGNORED`, `PREFIXES`.
+`WEIGHT_RULES`, `IGNORED`, `PREFIXES`, and for export `CLASSIFIER_ARCHITECTURE`,
+`CLASSIFIER_PREFIX`, `HEAD_RULES`.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ WEIGHT_RULES: list[weights.Rule] = [
 IGNORED: list[str] = [r"embeddings\.position_ids", r"cls\..*", r"classifier\..*"]
 # Task checkpoints (e.g. BertForSequenceClassification) nest the encoder under `bert.`.
 PREFIXES = ("bert.",)
+# Export (`jaxlora.export`): the transformers class of our task model, the prefix
+# its encoder keys take there, and the fresh head's rules.
+CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
+CLASSIFIER_PREFIX = "bert."
+HEAD_RULES: list[weights.Rule] = weights.linear("classifier", "classifier")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,159 @@
+"""Checkpoints: what a preempted run needs to go on exactly, and nothing more.
+
+    RUN_DIR/checkpoints/          an orbax `CheckpointManager`, the last `keep` kept
+      <step>/state/               trainable weights, optimizer state and dropout key,
+                                  one array per leaf, named by its pytree path
+      <step>/meta/                JSON: step, metrics not yet recorded, tokens, train
+                                  seconds so far, a sha256 of the arrays, and what
+                                  the caller adds (recipe hash, base-model fingerprint)
+
+Frozen base weights are never saved: they are the base checkpoint's, and the
+caller checks its fingerprint before resuming. Orbax writes each step into a
+temporary folder and renames it into place when complete, so a process killed
+mid-write leaves the previous checkpoint as it was; the leftover temporary
+folder is ignored. A checkpoint that is there but unreadable, or whose arrays
+do not hash to what was written, is refused naming its folder, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlora.errors import UserError
+from jaxlora.train import TrainState
+
+STATE, META = "state", "meta"
+
+
+def _flatten(state: TrainState) -> tuple[dict[str, np.ndarray], Any]:
+    """{pytree path: host array} for the arrays of `state`, and the treedef to rebuild it."""
+    tree = {"trainable": state.trainable, "opt_state": state.opt_state,
+            "dropout_key": state.dropout_key}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [jax.tree_util.keystr(path) for path, _ in leaves]
+    if len(set(names)) != len(names):
+        raise ValueError("two leaves of the train state have the same path name")
+    # np.array copies: the device buffers are donated to the next step.
+    return {name: np.array(leaf) for name, (_, leaf) in zip(names, leaves)}, treedef
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+class Checkpointer:
+    """Saves and restores `TrainState`s under `directory` (see the module docstring)."""
+
+    def __init__(self, directory: Path, *, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            # Written before training goes on: a save must be complete before a
+            # signal handler reports "checkpoint saved", and LoRA state is small.
+            enable_async_checkpointing=False)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.directory}: cannot open the checkpoints: {e}") from None
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, state: TrainState, extra: dict | None = None) -> Path:
+        """Write `state` as checkpoint `state.step`; returns its folder."""
+        ocp = self._ocp
+        arrays, _ = _flatten(state)
+        meta = {"step": state.step, "pending": state.pending, "tokens": state.tokens,
+                "seconds": state.seconds, "sha256": _digest(arrays), "leaves": sorted(arrays),
+                **(extra or {})}
+        self._manager.save(state.step, args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)}), force=True)
+        self._manager.wait_until_finished()
+        return self.directory / str(state.step)
+
+    def read_meta(self, step: int) -> dict:
+        """The JSON part of checkpoint `step` alone (cheap)."""
+        ocp = self._ocp
+        where = self.directory / str(step)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+            return dict(restored[META])
+        except Exception as e:  # orbax raises many kinds; all mean "unusable"
+            raise _corrupt(where, e) from None
+
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """The state saved at `step` (default: the latest) shaped like `template`,
+        and its meta. Arrays come back as host numpy arrays."""
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"{self.directory}: no checkpoint")
+        where = self.directory / str(step)
+        target, treedef = _flatten(template)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(
+                    {k: np.zeros(v.shape, v.dtype) for k, v in target.items()}),
+                META: ocp.args.JsonRestore()}))
+            arrays, meta = dict(restored[STATE]), dict(restored[META])
+        except Exception as e:  # noqa: BLE001 - see read_meta
+            raise _corrupt(where, e) from None
+        if sorted(arrays) != sorted(target) or meta.get("leaves") != sorted(target):
+            raise UserError(f"{where}: the checkpoint holds other weights than this run trains "
+                            "(different method, targets or model)")
+        for name, array in arrays.items():
+            if array.shape != target[name].shape or array.dtype != target[name].dtype:
+                raise UserError(f"{where}: {name} is {array.dtype}{list(array.shape)} in the "
+                                f"checkpoint, {target[name].dtype}{list(target[name].shape)} "
+                                "in this run")
+        if _digest(arrays) != meta.get("sha256"):
+            raise UserError(f"{where}: the checkpoint's arrays do not match the checksum "
+                            "written with them (corrupted on disk); delete that folder to "
+                            "resume from an earlier checkpoint, if any")
+        leaves = [arrays[name] for name in target]  # `target` is in treedef order
+        tree = jax.tree_util.tree_unflatten(treedef, leaves)
+        state = TrainState(trainable=tree["trainable"], opt_state=tree["opt_state"],
+                           dropout_key=tree["dropout_key"], step=int(meta["step"]),
+                           pending=list(meta["pending"]), tokens=int(meta["tokens"]),
+                           seconds=float(meta["seconds"]))
+        return state, meta
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _corrupt(where: Path, error: Exception) -> UserError:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(f"{where}: the checkpoint is unreadable ({detail[:300]}); delete that "
+                     "folder to resume from an earlier checkpoint, if any")
+
+
+def remove_stale(directory: Path) -> None:
+    """Delete orbax's temporary folders left by a process killed mid-save."""
+    for path in Path(directory).glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(path, ignore_errors=True)

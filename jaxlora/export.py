@@ -1,0 +1,157 @@
+"""Trained weights in PyTorch's formats: PEFT adapters and merged models.
+
+PEFT (`peft.PeftModel.from_pretrained(base_model, folder)`):
+
+    adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, ...
+    adapter_model.safetensors   base_model.model.<module>.lora_A.weight   (r, in)
+                                base_model.model.<module>.lora_B.weight   (out, r)
+                                base_model.model.classifier.weight        (labels, hidden)
+                                base_model.model.classifier.bias
+
+Our A is (in, r) and B is (r, out), so both are transposed; PEFT's scale is
+lora_alpha / r, as ours. `target_modules` lists the adapted modules by full
+path (without the task prefix), because suffixes are ambiguous in BERT:
+`output.dense` also ends `attention.output.dense`.
+
+Merged (`transformers.AutoModelForSequenceClassification.from_pretrained`):
+every linear weight becomes W0 + (alpha / r) * A B, transposed to torch's
+(out, in); the other base weights are written back through the family's
+weight table (`WEIGHT_RULES` read in reverse) and the head through
+`HEAD_RULES`. For QLoRA W0 is the dequantized 4-bit weight the adapter was
+trained against, not the original full-precision one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxlora.models.layers import BaseWeight, HeadParam, Linear
+from jaxlora.models.weights import Rule
+
+PEFT_PREFIX = "base_model.model."
+# numpy dtype -> safetensors dtype name (the inverse of `weights._DTYPES`, float types only).
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+              np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float64): "F64"}
+
+
+def kernel_out_in(linear: Linear) -> np.ndarray:
+    """The layer's frozen weight as torch stores it, (out, in) float32: the
+    kernel transposed, or a quantized kernel dequantized."""
+    if isinstance(linear.kernel, nnx.Variable):
+        return np.asarray(linear.kernel[...], np.float32).T
+    return np.asarray(linear.kernel.dequantize_out_in(jnp.float32))
+
+
+def lora_delta_out_in(linear: Linear) -> np.ndarray | None:
+    """(alpha / r) * (A B)^T, (out, in) float32, or None without an adapter."""
+    if linear.lora is None:
+        return None
+    a = np.asarray(linear.lora.lora_a[...], np.float32)
+    b = np.asarray(linear.lora.lora_b[...], np.float32)
+    return (linear.lora.scale * (a @ b)).T
+
+
+def peft_tensors(model, family) -> dict[str, np.ndarray]:
+    """PEFT's adapter_model.safetensors contents for an adapted task model."""
+    tensors = {}
+    for path, linear in model.linear_layers().items():
+        if linear.lora is not None:
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = np.asarray(
+                linear.lora.lora_a[...], np.float32).T.copy()
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = np.asarray(
+                linear.lora.lora_b[...], np.float32).T.copy()
+    for key, value in _head_tensors(model, family).items():
+        tensors[PEFT_PREFIX + key] = value
+    return tensors
+
+
+def peft_config(cfg, model, family, *, base_model: str | None) -> dict:
+    """adapter_config.json for a LoRA/QLoRA `cfg` (a `jaxlora.lora.LoraConfig`)."""
+    prefix = family.CLASSIFIER_PREFIX
+    targets = [path.removeprefix(prefix) for path, linear in model.linear_layers().items()
+               if linear.lora is not None]
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
+            "r": cfg.rank, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
+            "target_modules": targets, "modules_to_save": [_head_module(family)],
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True, "inference_mode": True, "revision": None}
+
+
+def merged_tensors(model, family, dtype=np.float32) -> dict[str, np.ndarray]:
+    """A transformers `<Family>ForSequenceClassification` state dict, adapters merged."""
+    tensors: dict[str, np.ndarray] = {}
+    handled: set[int] = set()
+    for path, linear in model.linear_layers().items():
+        weight = kernel_out_in(linear)
+        delta = lora_delta_out_in(linear)
+        tensors[f"{path}.weight"] = weight if delta is None else weight + delta
+        handled.add(id(linear.kernel))
+        if linear.bias is not None:
+            tensors[f"{path}.bias"] = np.asarray(linear.bias[...], np.float32)
+            handled.add(id(linear.bias))
+    for path, variable in nnx.iter_graph(model):
+        if not isinstance(variable, BaseWeight) or id(variable) in handled:
+            continue
+        dotted = ".".join(map(str, path))
+        rule, key = _rule_for(dotted, family.WEIGHT_RULES)
+        if key is None:
+            raise ValueError(f"no weight rule writes {dotted}")
+        tensors[family.CLASSIFIER_PREFIX + key] = rule.to_model(
+            np.asarray(variable[...], np.float32))
+    tensors.update(_head_tensors(model, family))
+    return {k: np.ascontiguousarray(v).astype(dtype) for k, v in tensors.items()}
+
+
+def _head_tensors(model, family) -> dict[str, np.ndarray]:
+    out = {}
+    for path, variable in nnx.iter_graph(model):
+        if isinstance(variable, HeadParam):
+            dotted = ".".join(map(str, path))
+            rule, key = _rule_for(dotted, family.HEAD_RULES)
+            if key is None:
+                raise ValueError(f"no head rule writes {dotted}")
+            out[key] = np.ascontiguousarray(rule.to_model(np.asarray(variable[...], np.float32)))
+    return out
+
+
+def _head_module(family) -> str:
+    return family.HEAD_RULES[0].hf.rsplit(".", 1)[0]
+
+
+def _rule_for(path: str, rules: list[Rule]) -> tuple[Rule | None, str | None]:
+    for rule in rules:
+        key = rule.hf_key(path)
+        if key is not None:
+            return rule, key
+    return None, None
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file (8-byte header size, JSON header, raw little-endian
+    bytes; this host's byte order, which is little-endian wherever JAX runs)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        if a.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {a.dtype} is not exported")
+        header[name] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())

@@ -1,0 +1,126 @@
+"""`runner export RUN_DIR --format peft|merged`: a finished run's weights as a
+folder PyTorch users load (see `jaxlora.export` for the formats).
+
+The folder is written under a temporary name and renamed into place when
+complete, and an existing folder is never overwritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from jaxlora.errors import UserError
+from jaxlora.export import merged_tensors, peft_config, peft_tensors, write_safetensors
+from jaxlora.models import family
+from runner.runs import OpenedRun
+
+FORMATS = ("peft", "merged")
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"--format: {fmt!r} is not an export format; choose one of "
+                        f"{', '.join(FORMATS)}")
+
+
+def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console) -> Path:
+    """Write the export folder; returns its path."""
+    check_format(fmt)
+    method = opened.recipe.adapter.method
+    if fmt == "peft" and method == "full":
+        raise UserError(f"{opened.run_dir}: method 'full' trains every weight, so there is no "
+                        "adapter to export; use --format merged")
+    out = Path(out) if out else opened.run_dir / "export" / fmt
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists; remove it or pass --out to another folder")
+    fam = family(opened.model_dir)
+    model = opened.model()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the folder: {e.strerror}") from None
+    notes = _notes(opened, fmt)
+    if fmt == "peft":
+        write_safetensors(tmp / "adapter_model.safetensors", peft_tensors(model, fam),
+                          {"format": "pt"})
+        config = peft_config(opened.recipe.adapter, model, fam, base_model=_base_name(opened))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    else:
+        # float32 whatever the training dtype: a LoRA update is small next to the
+        # weight it is added to, and bfloat16 would round much of it away.
+        write_safetensors(tmp / "model.safetensors", merged_tensors(model, fam, np.float32),
+                          {"format": "pt"})
+        _hf_config(opened, fam).save_pretrained(tmp)
+    opened.tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(_readme(opened, fmt, notes))
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    tmp.rename(out)
+    console.print(f"exported {fmt} ({method}, step {opened.step}) to [bold]{out}[/]")
+    for note in notes:
+        console.print(f"note: {note}")
+    return out
+
+
+def _base_name(opened: OpenedRun) -> str:
+    """What base_model_name_or_path should say: the hub id for a model from the
+    Hugging Face cache (`.../models--org--name/snapshots/...`), else the folder."""
+    if any(part.startswith("models--") for part in opened.model_dir.parts):
+        return opened.recipe.model.source
+    return str(opened.model_dir)
+
+
+def _hf_config(opened: OpenedRun, fam):
+    config = copy.deepcopy(opened.loaded.hf_config)
+    labels = list(opened.recipe.data.labels)
+    config.architectures = [fam.CLASSIFIER_ARCHITECTURE]
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    config.dtype = "float32"
+    return config
+
+
+def _notes(opened: OpenedRun, fmt: str) -> list[str]:
+    notes = []
+    if not opened.finished:
+        notes.append(f"the run has not finished: this is its checkpoint at step {opened.step}"
+                     + (f" of {opened.total_steps}" if opened.total_steps else ""))
+    if opened.recipe.adapter.method == "qlora":
+        quant = opened.recipe.adapter.quant
+        if fmt == "merged":
+            notes.append(f"QLoRA: the adapter was merged into the dequantized "
+                         f"{quant.type.upper()} (block {quant.block_size}) base weights it was "
+                         "trained against, not into the original full-precision weights")
+        else:
+            notes.append(f"QLoRA: the adapter was trained against {quant.type.upper()}-quantized "
+                         f"base weights (block {quant.block_size}); on the full-precision base "
+                         "its outputs differ slightly")
+    return notes
+
+
+def _readme(opened: OpenedRun, fmt: str, notes: list[str]) -> str:
+    labels = list(opened.recipe.data.labels)
+    lines = [f"# {opened.recipe.name} ({fmt} export)", "",
+             f"Exported by jaxlora from run `{opened.run_dir}` at step {opened.step}; "
+             f"method `{opened.recipe.adapter.method}`; labels {labels} (class id = position).",
+             ""]
+    if fmt == "peft":
+        lines += ["```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForSequenceClassification", "",
+                  "base = AutoModelForSequenceClassification.from_pretrained(",
+                  f"    {_base_name(opened)!r}, num_labels={len(labels)})",
+                  "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()", "```"]
+    else:
+        lines += ["```python", "from transformers import AutoModelForSequenceClassification",
+                  "model = AutoModelForSequenceClassification.from_pretrained('THIS_FOLDER')",
+                  "```"]
+    lines += [""] + [f"Note: {note}" for note in notes]
+    return "\n".join(lines) + "\n"

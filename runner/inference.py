@@ -1,0 +1,120 @@
+"""`runner eval` and `runner predict`: a finished run's model, used again.
+
+    runner eval RUN_DIR                       the recipe's held-out set again
+    runner eval RUN_DIR --data FILE [--split] every labelled row of other data
+    runner predict RUN_DIR "text" ...         a label and class probabilities per text
+
+Both rebuild the model from the base checkpoint and the run's latest
+checkpoint (`runner.runs.open_run`). `eval` writes its result to
+RUN_DIR/evals/<UTC timestamp>.json and never touches eval.json.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from rich.console import Console
+from rich.table import Table
+
+from jaxlora.data import tokenize_batch, prepare, prepare_eval
+from jaxlora.evaluate import build_eval_step, evaluate
+from runner import report
+from runner.runs import OpenedRun, base_dir
+
+
+def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
+             split: str | None = None, batch_size: int | None = None) -> dict:
+    """Evaluate the run's trained model; prints a table, writes evals/<stamp>.json."""
+    recipe = opened.recipe
+    where = base_dir(opened.manifest, opened.run_dir)
+    if data is None:
+        examples = prepare(recipe.data, opened.tokenizer, base_dir=where).eval
+        read = {"source": opened.manifest.get("data", {}).get("source", recipe.data.source),
+                "split": "the recipe's eval split", "rows": len(examples)}
+    else:
+        examples, read = prepare_eval(recipe.data, opened.tokenizer, data, split=split,
+                                      base_dir=Path.cwd())
+    metrics = evaluate(build_eval_step(opened.graphdef), opened.trainable, opened.frozen,
+                       examples, batch_size=batch_size or recipe.eval.batch_size,
+                       label_names=list(recipe.data.labels))
+    result = {"run": str(opened.run_dir), "checkpoint_step": opened.step, "data": read,
+              "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "metrics": metrics}
+    folder = opened.run_dir / "evals"
+    folder.mkdir(exist_ok=True)
+    path = _fresh_path(folder, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    report.write_json(path, result)
+    table = Table(title=f"{recipe.name} at step {opened.step}: {metrics['examples']} examples "
+                        f"of {read['source']} ({read['split']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("accuracy", f"{metrics['accuracy']:.3f}")
+    table.add_row("macro-F1", f"{metrics['macro_f1']:.3f}")
+    table.add_row("loss", f"{metrics['loss']:.4f}")
+    for name, scores in metrics["per_class"].items():
+        table.add_row(f"F1 {name}", f"{scores['f1']:.3f}")
+    console.print(table)
+    if read.get("dropped"):
+        console.print(f"rows with labels outside {list(recipe.data.labels)} were left out: "
+                      + ", ".join(f"{k}: {v}" for k, v in read["dropped"].items()))
+    console.print(f"written to {path}")
+    return result
+
+
+def _fresh_path(folder: Path, stamp: str) -> Path:
+    for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
+        path = folder / f"{stamp}{suffix}.json"
+        if not path.exists():
+            return path
+    raise RuntimeError(f"no free file name in {folder}")
+
+
+def predict(opened: OpenedRun, texts: list[str], *, batch_size: int | None = None
+            ) -> list[dict]:
+    """For each text: the predicted label and every class's probability."""
+    recipe = opened.recipe
+    labels = list(recipe.data.labels)
+    max_length = recipe.data.max_length
+    encoded = tokenize_batch({"text": texts}, tokenizer=opened.tokenizer, column="text",
+                              max_length=max_length, pad_id=opened.tokenizer.pad_token_id or 0)
+    ids = np.asarray(encoded["input_ids"], np.int32)
+    mask = np.asarray(encoded["attention_mask"], np.int32)
+    graphdef = opened.graphdef
+
+    @jax.jit
+    def probabilities(trainable, frozen, input_ids, attention_mask):
+        model = nnx.merge(graphdef, trainable, frozen)
+        return jax.nn.softmax(model(input_ids, attention_mask).astype("float32"), axis=-1)
+
+    size = batch_size or min(recipe.eval.batch_size, max(len(texts), 1))
+    out = []
+    for begin in range(0, len(texts), size):
+        rows_ids, rows_mask = ids[begin:begin + size], mask[begin:begin + size]
+        missing = size - len(rows_ids)  # one shape for every batch: one compilation
+        if missing:
+            rows_ids = np.concatenate([rows_ids, np.zeros((missing, max_length), np.int32)])
+            pad = np.zeros((missing, max_length), np.int32)
+            pad[:, 0] = 1
+            rows_mask = np.concatenate([rows_mask, pad])
+        probs = np.asarray(probabilities(opened.trainable, opened.frozen, rows_ids, rows_mask))
+        for i in range(size - missing):
+            p = probs[i]
+            out.append({"text": texts[begin + i], "label": labels[int(p.argmax())],
+                        "probabilities": {name: float(p[j]) for j, name in enumerate(labels)},
+                        "truncated": bool(encoded["truncated"][begin + i])})
+    return out
+
+
+def predictions_table(rows: list[dict], labels: list[str]) -> Table:
+    table = Table()
+    table.add_column("text", overflow="fold")
+    table.add_column("label")
+    for name in labels:
+        table.add_column(f"p({name})", justify="right")
+    for row in rows:
+        table.add_row(row["text"], row["label"],
+                      *(f"{row['probabilities'][name]:.3f}" for name in labels))
+    return table

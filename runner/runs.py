@@ -1,0 +1,148 @@
+"""Run folders as things to find, check and reopen: which run a `runner run`
+resumes, whether it may, and a finished (or stopped) run's model rebuilt from
+its base checkpoint and its own latest checkpoint, for `eval`, `predict` and
+`export`.
+
+A run folder holds (see `runner.report`) recipe.toml, manifest.json,
+metrics.jsonl, eval.json, report.md and checkpoints/<step>/.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jaxlora.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a UserError naming the file otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").is_file()
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of the complete checkpoints in the run folder (orbax renames a
+    step's folder into place only once it is written)."""
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def newest_run(root: Path, name: str) -> Path | None:
+    """The most recent run folder of recipe `name` under `root` (folder names
+    are UTC timestamps, so they sort in time order)."""
+    base = root / name
+    if not base.is_dir():
+        return None
+    runs = sorted(p for p in base.iterdir() if is_run_dir(p))
+    return runs[-1] if runs else None
+
+
+def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`field: old -> new` for every leaf that differs between two canonical recipes."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        where = f"{prefix}{key}"
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += recipe_changes(a, b, f"{where}.")
+        elif a != b:
+            changes.append(f"{where}: {a!r} -> {b!r}")
+    return changes
+
+
+def base_dir(manifest: dict, run_dir: Path) -> Path:
+    """The folder the run's relative sources were resolved from (the recipe's)."""
+    if manifest.get("base_dir"):
+        return Path(manifest["base_dir"])
+    recipe_file = manifest.get("recipe_file")
+    return Path(recipe_file).resolve().parent if recipe_file else run_dir
+
+
+@dataclass
+class OpenedRun:
+    """A run's model, rebuilt: base weights from the base checkpoint (checked
+    against the manifest's fingerprint), trained weights from the latest
+    checkpoint."""
+
+    run_dir: Path
+    recipe: Any  # runner.recipe.Recipe
+    manifest: dict
+    model_dir: Path
+    loaded: Any  # jaxlora.models.weights.LoadedModel (model adapted in place)
+    graphdef: Any
+    trainable: Any
+    frozen: Any
+    step: int
+    total_steps: int | None
+    tokenizer: Any
+
+    @property
+    def finished(self) -> bool:
+        return self.manifest.get("status") == "finished"
+
+    def model(self):
+        """The task model with the trained weights (an nnx module)."""
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+
+def open_run(run_dir: Path) -> OpenedRun:
+    """Rebuild a run's trained model; a UserError for anything missing or changed."""
+    import jax
+
+    from jaxlora import sources
+    from jaxlora.checkpoint import Checkpointer
+    from jaxlora.lora import adapt
+    from jaxlora.train import TrainState, make_optimizer
+    from runner.pipeline import check_fingerprint, load_pretrained, load_tokenizer
+    from runner.recipe import load_recipe, recipe_hash
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    if not is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: no manifest.json; not a run folder "
+                        "(runs/<name>/<timestamp>/ after `runner run`)")
+    manifest = read_json(run_dir / "manifest.json")
+    recipe = load_recipe(run_dir / "recipe.toml")
+    if manifest.get("recipe_hash") != recipe_hash(recipe):
+        raise UserError(f"{run_dir / 'recipe.toml'}: changed since the run was made (its hash "
+                        "differs from the manifest's recipe_hash)")
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise UserError(f"{run_dir}: no checkpoint in {CHECKPOINTS}/ (the run stopped before "
+                        "its first checkpoint, or was made before checkpoints existed)")
+    model_dir = sources.resolve(recipe.model.source, "model", base_dir(manifest, run_dir))
+    check_fingerprint(model_dir, manifest, run_dir)
+    loaded = load_pretrained(recipe, model_dir)
+    key = jax.random.key(recipe.train.seed)
+    graphdef, trainable, frozen, _ = adapt(loaded.model, recipe.adapter, loaded.lora_targets,
+                                           jax.random.fold_in(key, 2))
+    template = TrainState(trainable=trainable,
+                          opt_state=make_optimizer(recipe.train, 1).init(trainable),
+                          dropout_key=jax.random.key_data(key))
+    with Checkpointer(run_dir / CHECKPOINTS) as checkpointer:
+        state, _ = checkpointer.restore(template, steps[-1])
+    return OpenedRun(run_dir=run_dir, recipe=recipe, manifest=manifest, model_dir=model_dir,
+                     loaded=loaded, graphdef=graphdef, trainable=state.trainable, frozen=frozen,
+                     step=state.step, total_steps=manifest.get("train", {}).get("total_steps"),
+                     tokenizer=load_tokenizer(model_dir))

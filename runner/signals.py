@@ -1,0 +1,73 @@
+"""SIGTERM and Ctrl-C (SIGINT) as a request to stop cleanly.
+
+Preemptible machines (TPU VMs, spot GPUs) send SIGTERM shortly before they go
+away. During training the request is *deferred*: the step in flight finishes,
+a checkpoint is written, and the run ends with `Interrupted`. Anywhere else
+(data preparation, evaluation) it ends the run at once with `Interrupted`. A
+second signal while a deferred one is pending stops at once too: a user
+pressing Ctrl-C twice means it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal; `exit_code` is the shell's 128 + signal number."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class StopSignals:
+    """Installs the handlers for the `with` block and restores the old ones after."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._deferring = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self._deferring and self.signum is None:
+            self.signum = signum
+            return
+        raise Interrupted(signum)
+
+    def requested(self) -> bool:
+        """True once a deferred signal has arrived."""
+        return self.signum is not None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within the block a first signal is only recorded (see `requested`)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False

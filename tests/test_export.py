@@ -1,0 +1,183 @@
+"""Export round trips with the real PyTorch packages: a tiny trained run
+exported as PEFT and loaded with `PeftModel.from_pretrained`, and exported
+merged and loaded with `AutoModelForSequenceClassification`, gives jaxlora's
+logits within 1e-4 (float32). Also `runner eval` / `runner predict` on the run,
+and the refusals (no checkpoint, unknown format, an existing folder)."""
+
+import contextlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+
+
+class Done:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _runner(*args, cwd):
+    """`runner ARGS` in this process (the interpreter and JAX start once for the
+    module; test_cli runs the real command in subprocesses)."""
+    import io
+
+    from runner.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return Done(code, out.getvalue(), err.getvalue())
+
+TEXTS = ["love it caf\xe9", "awful traffic today", "so happy with this brilliant ride",
+         "never again, terrible idea", "meh"]
+
+
+def _recipe(text: str, method: str) -> str:
+    if method == "full":
+        return text.replace('method = "lora"\nrank = 4\ntargets = ["query", "value"]\n',
+                            'method = "full"\n')
+    # every linear kind, so suffix-ambiguous names (output.dense) are exercised
+    return (text.replace('method = "lora"', f'method = "{method}"')
+            .replace('targets = ["query", "value"]',
+                     'targets = ["query", "value", "attention.output", "output"]\n'
+                     'dropout = 0.1\nalpha = 12'))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_bert_dir):
+    """One finished tiny run per method, made by the real CLI."""
+    from test_cli import _tweets_csv, TINY_RECIPE
+
+    root = tmp_path_factory.mktemp("export")
+    shutil.copytree(tiny_bert_dir, root / "model")
+    _tweets_csv(root / "tweets.csv")
+    out = {}
+    for method in ("lora", "qlora", "full"):
+        (root / f"{method}.toml").write_text(_recipe(TINY_RECIPE, method))
+        done = _runner("run", f"{method}.toml", cwd=root)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[method] = next((root / "runs" / method).iterdir())
+    out["root"] = root
+    return out
+
+
+def _jaxlora_logits(run_dir, texts):
+    from runner.runs import open_run
+
+    opened = open_run(run_dir)
+    enc = opened.tokenizer(texts, padding=True, return_tensors="np")
+    logits = opened.model()(enc["input_ids"].astype(np.int32),
+                            enc["attention_mask"].astype(np.int32))
+    return opened, enc, np.asarray(logits)
+
+
+def test_peft_export_loads_in_peft_with_equal_logits(runs):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run = runs["lora"]
+    done = _runner("export", str(run), "--format", "peft", cwd=runs["root"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = run / "export" / "peft"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
+    assert config["r"] == 4 and config["lora_alpha"] == 12 and config["modules_to_save"] == ["classifier"]
+    assert "encoder.layer.1.attention.output.dense" in config["target_modules"]
+    assert len(config["target_modules"]) == 2 * 4
+
+    opened, enc, ours = _jaxlora_logits(run, TEXTS)
+    base = AutoModelForSequenceClassification.from_pretrained(str(runs["root"] / "model"),
+                                                              num_labels=2)
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    # exactly the adapted layers got adapters (no suffix matched a wrong layer)
+    adapted = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A")
+                     for n, _ in model.named_modules() if n.endswith(".lora_A"))
+    assert adapted == sorted(p for p in opened.manifest["model"]["adapted_layers"])
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(enc["input_ids"]),
+                       attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+    assert np.abs(ours).max() > 0.01  # not a degenerate comparison
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_merged_export_loads_in_transformers_with_equal_logits(runs, method):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    run = runs[method]
+    done = _runner("export", str(run), "--format", "merged", cwd=runs["root"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    if method == "qlora":
+        assert "dequantized NF4" in done.stdout
+    folder = run / "export" / "merged"
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        str(folder), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    _, enc, ours = _jaxlora_logits(run, TEXTS)
+    with torch.no_grad():
+        theirs = model.eval()(input_ids=torch.tensor(enc["input_ids"]),
+                              attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_export_refusals(runs, tmp_path):
+    root, run = runs["root"], runs["lora"]
+    done = _runner("export", str(run), "--format", "onnx", cwd=root)
+    assert done.returncode == 2 and "--format: 'onnx' is not an export format" in done.stderr
+    done = _runner("export", str(runs["full"]), "--format", "peft", cwd=root)
+    assert done.returncode == 2 and "no adapter" in done.stderr
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    done = _runner("export", str(run), "--format", "peft", "--out", str(target), cwd=root)
+    assert done.returncode == 2 and "already exists" in done.stderr
+    assert (target / "keep.txt").read_text() == "mine"  # nothing overwritten
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    for command in ("export", "eval", "predict"):
+        extra = {"export": ["--format", "peft"], "eval": [], "predict": ["hello"]}[command]
+        done = _runner(command, str(empty), *extra, cwd=root)
+        assert done.returncode == 2 and "not a run folder" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_eval_reproduces_the_run_and_takes_other_data(runs, tmp_path):
+    root, run = runs["root"], runs["lora"]
+    done = _runner("eval", str(run), cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [written] = list((run / "evals").iterdir())
+    again = json.loads(written.read_text())["metrics"]
+    after = json.loads((run / "eval.json").read_text())["after"]
+    assert again["accuracy"] == after["accuracy"] and again["examples"] == 20
+    assert again["loss"] == pytest.approx(after["loss"], abs=1e-6)
+
+    other = tmp_path / "other.csv"
+    other.write_text("sentiment,confidence,text\npositive,1,great\nnegative,1,awful\n"
+                     "neutral,1,fine\n", encoding="latin-1")
+    done = _runner("eval", str(run), "--data", str(other), cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "neutral: 1" in done.stdout  # dropped rows are reported
+    newest = max((run / "evals").iterdir())
+    assert json.loads(newest.read_text())["metrics"]["examples"] == 2
+    done = _runner("eval", str(run), "--data", str(tmp_path / "missing.csv"), cwd=root)
+    assert done.returncode == 2 and "missing.csv" in done.stderr
+
+
+def test_predict_prints_labels_and_probabilities(runs):
+    root, run = runs["root"], runs["lora"]
+    done = _runner("predict", str(run), *TEXTS[:3], "--json", cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in rows] == TEXTS[:3]
+    _, _, logits = _jaxlora_logits(run, TEXTS[:3])
+    for row, z in zip(rows, logits):
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        assert row["label"] == ["negative", "positive"][int(z.argmax())]
+        assert row["probabilities"]["positive"] == pytest.approx(float(p[1]), abs=1e-5)
+    done = _runner("predict", str(run), "love it", cwd=root)
+    assert done.returncode == 0 and "p(positive)" in done.stdout
