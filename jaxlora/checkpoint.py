@@ -18,7 +18,6 @@ do not hash to what was written, is refused naming its folder, never used.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,11 @@ def _flatten(state: TrainState) -> tuple[dict[str, np.ndarray], Any]:
         raise ValueError("two leaves of the train state have the same path name")
     # np.array copies: the device buffers are donated to the next step.
     return {name: np.array(leaf) for name, (_, leaf) in zip(names, leaves)}, treedef
+
+
+def _layout(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """{leaf name: "float32[384, 8]"}: what a checkpoint must hold to fit a run."""
+    return {name: f"{a.dtype}{list(a.shape)}" for name, a in sorted(arrays.items())}
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
@@ -82,7 +86,7 @@ class Checkpointer:
         ocp = self._ocp
         arrays, _ = _flatten(state)
         meta = {"step": state.step, "pending": state.pending, "tokens": state.tokens,
-                "seconds": state.seconds, "sha256": _digest(arrays), "leaves": sorted(arrays),
+                "seconds": state.seconds, "sha256": _digest(arrays), "leaves": _layout(arrays),
                 **(extra or {})}
         self._manager.save(state.step, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)}), force=True)
@@ -109,6 +113,15 @@ class Checkpointer:
             raise UserError(f"{self.directory}: no checkpoint")
         where = self.directory / str(step)
         target, treedef = _flatten(template)
+        saved = self.read_meta(step).get("leaves")
+        expected = _layout(target)
+        if saved != expected:
+            names = set(saved or {}) ^ set(expected)
+            what = (f"leaves only on one side: {', '.join(sorted(names)[:3])}" if names else
+                    "; ".join(f"{k} is {saved[k]} there, {expected[k]} here"
+                              for k in expected if saved[k] != expected[k])[:300])
+            raise UserError(f"{where}: the checkpoint holds other weights than this run trains "
+                            f"({what})")
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
                 STATE: ocp.args.StandardRestore(
@@ -117,14 +130,8 @@ class Checkpointer:
             arrays, meta = dict(restored[STATE]), dict(restored[META])
         except Exception as e:  # noqa: BLE001 - see read_meta
             raise _corrupt(where, e) from None
-        if sorted(arrays) != sorted(target) or meta.get("leaves") != sorted(target):
-            raise UserError(f"{where}: the checkpoint holds other weights than this run trains "
-                            "(different method, targets or model)")
-        for name, array in arrays.items():
-            if array.shape != target[name].shape or array.dtype != target[name].dtype:
-                raise UserError(f"{where}: {name} is {array.dtype}{list(array.shape)} in the "
-                                f"checkpoint, {target[name].dtype}{list(target[name].shape)} "
-                                "in this run")
+        if _layout(arrays) != expected:
+            raise _corrupt(where, ValueError("the arrays read back differ in shape or dtype"))
         if _digest(arrays) != meta.get("sha256"):
             raise UserError(f"{where}: the checkpoint's arrays do not match the checksum "
                             "written with them (corrupted on disk); delete that folder to "
@@ -152,8 +159,3 @@ def _corrupt(where: Path, error: Exception) -> UserError:
     return UserError(f"{where}: the checkpoint is unreadable ({detail[:300]}); delete that "
                      "folder to resume from an earlier checkpoint, if any")
 
-
-def remove_stale(directory: Path) -> None:
-    """Delete orbax's temporary folders left by a process killed mid-save."""
-    for path in Path(directory).glob("*.orbax-checkpoint-tmp*"):
-        shutil.rmtree(path, ignore_errors=True)

@@ -1,6 +1,8 @@
 """The real `runner` command end to end on tiny assets, and its bad-input path:
 every mistake exits 2 with a message naming the field or file, no traceback."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -18,6 +20,17 @@ def _runner(*args, cwd: Path, timeout=600):
                HF_DATASETS_CACHE=str(cwd / "hf-datasets-cache"))
     return subprocess.run(RUNNER + list(args), cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def runner_here(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """`runner ARGS` inside this process: the same `main`, without the seconds an
+    interpreter and JAX take to start (tests of signals use real processes)."""
+    from runner.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["runner", *args], code, out.getvalue(), err.getvalue())
 
 
 def _tweets_csv(path: Path, n: int = 96) -> Path:

@@ -4,7 +4,6 @@ merged and loaded with `AutoModelForSequenceClassification`, gives jaxlora's
 logits within 1e-4 (float32). Also `runner eval` / `runner predict` on the run,
 and the refusals (no checkpoint, unknown format, an existing folder)."""
 
-import contextlib
 import json
 import shutil
 
@@ -12,23 +11,6 @@ import numpy as np
 import pytest
 
 
-
-class Done:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def _runner(*args, cwd):
-    """`runner ARGS` in this process (the interpreter and JAX start once for the
-    module; test_cli runs the real command in subprocesses)."""
-    import io
-
-    from runner.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return Done(code, out.getvalue(), err.getvalue())
 
 TEXTS = ["love it caf\xe9", "awful traffic today", "so happy with this brilliant ride",
          "never again, terrible idea", "meh"]

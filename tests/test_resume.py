@@ -1,0 +1,283 @@
+"""Runs that survive: checkpoints, exact resume after a real signal, crash
+safety under SIGKILL while a checkpoint is being written, and the refusals
+(changed recipe, base model or data; corrupted or missing checkpoint) that
+must leave the run folder exactly as it was."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlora.checkpoint import Checkpointer
+from runner.runs import checkpoint_steps
+from jaxlora.train import TrainConfig, fit, init_state
+from jaxlora.tasks import classification_step_loss
+from test_cli import TINY_RECIPE, _tweets_csv
+from test_cli import runner_here as _runner
+from test_train import _adapted, _toy_split
+
+TIMING = ("step_ms", "examples_per_s", "tokens_per_s")
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _assert_bitwise_equal(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+# -- in process: the loop and the checkpointer ---------------------------------
+
+
+def test_fit_stopped_and_resumed_from_a_checkpoint_is_bitwise_exact(tiny_bert_dir, tmp_path):
+    graphdef, trainable, frozen = _adapted(tiny_bert_dir)
+    split = _toy_split(n=40)  # 5 batches an epoch: the stop falls mid-epoch
+    cfg = TrainConfig(epochs=4, batch_size=8, learning_rate=1e-2, log_every=3, seed=3)
+    records = []
+    full = fit(graphdef, trainable, frozen, split, cfg, classification_step_loss,
+               on_log=records.append)
+
+    graphdef, trainable, frozen = _adapted(tiny_bert_dir)
+    part_records, calls = [], []
+    with Checkpointer(tmp_path / "ckpt", keep=2) as ckpt:
+        part = fit(graphdef, trainable, frozen, split, cfg, classification_step_loss,
+                   on_log=part_records.append, on_checkpoint=ckpt.save, checkpoint_every=4,
+                   should_stop=lambda: calls.append(1) or len(calls) == 7)  # after step 7
+        assert part.stopped and part.steps == 7
+        assert ckpt.steps() == [4, 7]  # on schedule, then at the stop; keep 2
+        template = init_state(_adapted(tiny_bert_dir)[1], cfg, split)
+        restored, meta = ckpt.restore(template)
+    assert restored.step == 7 and len(restored.pending) == 1  # step 7 awaits its record
+    graphdef, trainable, frozen = _adapted(tiny_bert_dir)
+    rest = fit(graphdef, trainable, frozen, split, cfg, classification_step_loss,
+               resume=restored, on_log=part_records.append)
+    assert rest.steps == full.steps == 20
+    _assert_bitwise_equal(rest.trainable, full.trainable)
+    _assert_bitwise_equal(rest.opt_state, full.opt_state)
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in part_records]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_checkpointer_refuses_another_structure(tiny_bert_dir, tmp_path):
+    graphdef, trainable, frozen = _adapted(tiny_bert_dir)
+    cfg = TrainConfig(batch_size=8)
+    state = init_state(trainable, cfg, _toy_split(n=16))
+    with Checkpointer(tmp_path / "c") as ckpt:
+        ckpt.save(state)
+        other = init_state({"x": np.zeros(3, np.float32)}, cfg, _toy_split(n=16))
+        with pytest.raises(Exception, match="other weights than this run trains"):
+            ckpt.restore(other)
+
+
+# -- the real command, stopped by real signals ---------------------------------
+
+LONG = (TINY_RECIPE.replace("epochs = 3", "epochs = 80\ncheckpoint_every = 50\nwarmup_ratio = 0.1")
+        .replace("log_every = 2", "log_every = 5")
+        .replace('targets = ["query", "value"]', 'targets = ["query", "value"]\ndropout = 0.1')
+        .replace("learning_rate = 1e-2", "learning_rate = 1e-3"))
+STEPS = 80 * 6  # 44 training rows, batches of 8
+
+
+def _workdir(path: Path, model_dir: Path, recipe: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(model_dir, path / "model")
+    _tweets_csv(path / "tweets.csv")
+    (path / "tiny.toml").write_text(recipe)
+    return path
+
+
+def _start(cwd: Path, *args) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(cwd / "hf-datasets-cache"))
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout=300.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"the run ended first (exit {process.returncode}): {err[-2000:]}")
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def _run_dir(workdir: Path) -> Path:
+    [run] = list((workdir / "runs" / "tiny").iterdir())
+    return run
+
+
+def _metrics_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _loss_lines(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_state(run: Path):
+    from runner.runs import open_run
+
+    return open_run(run).trainable
+
+
+def _meta(run: Path, step: int) -> dict:
+    return json.loads((run / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
+def _stop_with(workdir: Path, signum: int, after_lines: int) -> subprocess.CompletedProcess:
+    process = _start(workdir, "run", "tiny.toml")
+    metrics = lambda: workdir / "runs" / "tiny"  # noqa: E731
+    _wait_for(lambda: metrics().is_dir() and any(
+        _metrics_lines(r / "metrics.jsonl") >= after_lines for r in metrics().iterdir()), process)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_bert_dir):
+    """The same recipe run straight through, in its own folder."""
+    workdir = _workdir(tmp_path_factory.mktemp("straight"), tiny_bert_dir, LONG)
+    done = _runner("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _run_dir(workdir)
+
+
+def test_sigterm_then_resume_is_exact(tmp_path, tiny_bert_dir, reference):
+    workdir = _workdir(tmp_path, tiny_bert_dir, LONG)
+    stopped = _stop_with(workdir, signal.SIGTERM, after_lines=2)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    run = _run_dir(workdir)
+    manifest = json.loads((run / "manifest.json").read_text())
+    step = manifest["interrupted"]["checkpoint_step"]
+    assert manifest["status"] == "interrupted" and 10 <= step < STEPS
+    assert f"checkpoint at step {step}" in stopped.stderr and "runner run" in stopped.stderr
+    assert all(line["step"] <= step for line in _loss_lines(run))
+
+    resumed = _runner("run", "tiny.toml", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from its checkpoint at step {step}" in resumed.stdout
+    assert list((workdir / "runs" / "tiny").iterdir()) == [run]  # went on in the same folder
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["resumed"][0]["from_step"] == step
+    # bitwise: the digests cover trainable weights, optimizer state and the dropout key
+    assert _meta(run, STEPS)["sha256"] == _meta(reference, STEPS)["sha256"]
+    _assert_bitwise_equal(_final_state(run), _final_state(reference))
+    assert _loss_lines(run) == _loss_lines(reference)
+    evals = [json.loads((r / "eval.json").read_text()) for r in (run, reference)]
+    assert evals[0] == evals[1]
+
+
+def test_sigkill_while_writing_checkpoints_leaves_the_last_one_usable(tmp_path, tiny_bert_dir):
+    """Full fine-tuning (12 MB checkpoints) with a checkpoint after every step:
+    the process spends most of its time writing them, so kills land mid-write."""
+    recipe = (TINY_RECIPE.replace('method = "lora"\nrank = 4\ntargets = ["query", "value"]\n',
+                                  'method = "full"\n')
+              .replace("epochs = 3", "epochs = 5\ncheckpoint_every = 1\nkeep_checkpoints = 2")
+              .replace("learning_rate = 1e-2", "learning_rate = 1e-4"))
+    steps = 5 * 6
+    straight = _workdir(tmp_path / "straight", tiny_bert_dir, recipe)
+    assert _runner("run", "tiny.toml", cwd=straight).returncode == 0
+    workdir = _workdir(tmp_path / "killed", tiny_bert_dir, recipe)
+    mid_write = 0
+    folder = workdir / "runs" / "tiny"
+
+    def checkpoints(pattern):
+        return [p for run in folder.iterdir() for p in (run / "checkpoints").glob(pattern)]
+
+    for delay in [0.0, 0.004, 0.012]:  # at several points of a write
+        process = _start(workdir, "run", "tiny.toml")
+        # a complete checkpoint exists, and orbax is writing the next one
+        _wait_for(lambda: folder.is_dir() and any(p.name.isdigit() for p in checkpoints("*"))
+                  and checkpoints("*tmp*"), process)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        run = _run_dir(workdir)
+        mid_write += bool(checkpoints("*tmp*"))  # the half-written one is still there
+        assert checkpoint_steps(run), "no complete checkpoint survived"
+    assert mid_write >= 2, f"only {mid_write} of 3 kills landed while a checkpoint was written"
+    done = _runner("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "from its checkpoint at step" in done.stdout
+    run = _run_dir(workdir)
+    assert _meta(run, steps)["sha256"] == _meta(_run_dir(straight), steps)["sha256"]
+    assert _loss_lines(run) == _loss_lines(_run_dir(straight))
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_refusals_leave_the_stopped_run_as_it_was(tmp_path, tiny_bert_dir):
+    workdir = _workdir(tmp_path, tiny_bert_dir, LONG)
+    stopped = _stop_with(workdir, signal.SIGINT, after_lines=1)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    run = _run_dir(workdir)
+    snapshot = _snapshot(run)
+
+    def refused(*args, expected: str):
+        done = _runner(*args, cwd=workdir)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert expected in done.stderr and "Traceback" not in done.stderr
+        assert done.stderr.strip().startswith("error:")
+        assert _snapshot(run) == snapshot  # nothing written, nothing lost
+        assert list((workdir / "runs" / "tiny").iterdir()) == [run]
+
+    recipe = workdir / "tiny.toml"
+    recipe.write_text(LONG.replace("learning_rate = 1e-3", "learning_rate = 2e-3"))
+    refused("run", "tiny.toml", expected="train.learning_rate: 0.001 -> 0.002")
+    recipe.write_text(LONG)
+
+    edited = run / "recipe.toml"
+    original = edited.read_text()
+    edited.write_text(original.replace("rank = 4", "rank = 5"))
+    snapshot = _snapshot(run)
+    refused("run", str(run), expected="adapter.rank: 4 -> 5")
+    edited.write_text(original)
+    snapshot = _snapshot(run)
+
+    data = workdir / "tweets.csv"
+    kept = data.read_bytes()
+    data.write_bytes(kept + b"positive,0.9,one more\n")
+    refused("run", "tiny.toml", expected="the data changed")
+    data.write_bytes(kept)
+
+    config = workdir / "model" / "config.json"
+    kept = config.read_bytes()
+    config.write_bytes(kept + b"\n")
+    refused("run", "tiny.toml", expected="the base model's files differ")
+    config.write_bytes(kept)
+
+    [latest] = sorted((run / "checkpoints").iterdir(), key=lambda p: int(p.name))[-1:]
+    for path in (latest / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 64:
+            path.write_bytes(path.read_bytes()[:40])  # truncated on disk
+    snapshot = _snapshot(run)
+    refused("run", "tiny.toml", expected=f"{latest.relative_to(workdir)}: the checkpoint")
+
+    shutil.rmtree(run / "checkpoints")
+    snapshot = _snapshot(run)
+    refused("run", str(run), expected="no checkpoint to resume from")
+    refused("eval", str(run), expected="no checkpoint")
+    # with nothing to resume, the recipe starts afresh (and --fresh always does)
+    done = _runner("run", "tiny.toml", "--resume", cwd=workdir)
+    assert done.returncode == 2 and "no unfinished run with a checkpoint" in done.stderr
