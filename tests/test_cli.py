@@ -116,6 +116,9 @@ def test_help():
     for args in (["--help"], ["run", "--help"], ["validate", "--help"]):
         done = subprocess.run(RUNNER + args, capture_output=True, text=True)
         assert done.returncode == 0 and "recipe" in done.stdout
+    for command in ("eval", "predict", "export", "compare"):
+        done = subprocess.run(RUNNER + [command, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "RUN_DIR" in done.stdout
 
 
 @pytest.mark.parametrize("edit, expected", [

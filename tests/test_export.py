@@ -2,7 +2,7 @@
 exported as PEFT and loaded with `PeftModel.from_pretrained`, and exported
 merged and loaded with `AutoModelForSequenceClassification`, gives jaxlora's
 logits within 1e-4 (float32). Also `runner eval` / `runner predict` on the run,
-and the refusals (no checkpoint, unknown format, an existing folder)."""
+and the refusals (not a run folder, unknown format, an existing folder)."""
 
 import json
 import shutil
@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-
+from test_cli import TINY_RECIPE, _tweets_csv
+from test_cli import runner_here as _runner
 
 TEXTS = ["love it caf\xe9", "awful traffic today", "so happy with this brilliant ride",
          "never again, terrible idea", "meh"]
@@ -30,8 +31,6 @@ def _recipe(text: str, method: str) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_bert_dir):
     """One finished tiny run per method, made by the real CLI."""
-    from test_cli import _tweets_csv, TINY_RECIPE
-
     root = tmp_path_factory.mktemp("export")
     shutil.copytree(tiny_bert_dir, root / "model")
     _tweets_csv(root / "tweets.csv")
