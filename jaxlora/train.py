@@ -10,7 +10,9 @@ constants would be baked into the executable (slow compiles, doubled memory).
 Batches have fixed shapes, so the step compiles once per shape (once, or
 once per length bucket: see `jaxlora.data`). The loop does only
 host-side bookkeeping between steps and reads metrics back every `log_every`
-steps, so dispatch runs ahead of the device.
+steps; dispatch runs up to `RUN_AHEAD` steps ahead of the device, enough to
+keep it busy and little enough that a stop request (SIGTERM) is acted on
+within a couple of steps.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
+
+# Steps dispatched ahead of the one the device is computing (see `fit`).
+RUN_AHEAD = 2
 
 LossFn = Callable[[nnx.Module, dict, jax.Array | None], tuple[jax.Array, jax.Array]]
 
@@ -203,6 +208,10 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
             pending.append(metrics)
             tokens += batch["input_ids"].size
             step += 1
+            if len(pending) > RUN_AHEAD:
+                # Let dispatch run at most RUN_AHEAD steps ahead of the device: the
+                # device stays fed, and a stop request is seen within that many steps.
+                jax.block_until_ready(pending[-RUN_AHEAD - 1]["loss"])
             if first:  # the first call compiles the step
                 jax.block_until_ready(metrics)
                 result.compile_seconds = time.perf_counter() - start

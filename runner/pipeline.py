@@ -15,6 +15,7 @@ from the checkpoint's step with the same batches and dropout keys.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -41,8 +42,8 @@ from jaxlora.tasks import classification_step_loss
 from jaxlora.train import fit, init_state, plan
 from runner import report
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
-from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, newest_run, read_json,
-                         recipe_changes)
+from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, lock_run, newest_run,
+                         read_json, recipe_changes)
 from runner.signals import Interrupted, StopSignals
 
 Mode = Literal["auto", "fresh", "resume"]
@@ -105,7 +106,15 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
     signals keep their default behaviour.
     """
     stop = stop or StopSignals()  # not installed: never requested
-    run_dir = run_dir or resume_target(recipe, mode)
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however we leave
+        return _run(recipe, recipe_path, console, run_dir or resume_target(recipe, mode),
+                    stop, held)
+
+
+def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | None,
+         stop: StopSignals, held: contextlib.ExitStack) -> Path:
+    if run_dir is not None:
+        held.enter_context(lock_run(run_dir))
     old = check_resumable(run_dir, recipe) if run_dir is not None else None
     base = base_dir(old, run_dir) if old else recipe_path.resolve().parent
     model_dir = sources.resolve(recipe.model.source, "model", base)
@@ -136,6 +145,7 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
     else:
         # Bad input has been caught by now: only then is a run folder made.
         run_dir = report.new_run_dir(Path(recipe.output.dir), recipe.name)
+        held.enter_context(lock_run(run_dir))
         report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
         manifest = {"status": "running", "recipe_hash": recipe_hash(recipe),
                     "recipe_file": str(recipe_path.resolve()), "base_dir": str(base),

@@ -9,7 +9,9 @@ metrics.jsonl, eval.json, report.md and checkpoints/<step>/.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 from jaxlora.errors import UserError
 
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 
 
 def read_json(path: Path) -> dict:
@@ -43,6 +46,28 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     if not folder.is_dir():
         return []
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def lock_run(run_dir: Path):
+    """Hold RUN_DIR/.lock (an advisory `flock`) for as long as the returned file
+    stays open; the OS releases it when the process ends, however it ends. A
+    UserError if another process holds it: two processes must never train in
+    one run folder."""
+    path = run_dir / LOCK
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{run_dir}: in use by {owner}; wait for it to end, or start a "
+                        "new run with --fresh") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def newest_run(root: Path, name: str) -> Path | None:

@@ -224,7 +224,7 @@ def test_sigkill_while_writing_checkpoints_leaves_the_last_one_usable(tmp_path, 
 
 def _snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != ".lock"}
 
 
 def test_refusals_leave_the_stopped_run_as_it_was(tmp_path, tiny_bert_dir):
@@ -281,3 +281,21 @@ def test_refusals_leave_the_stopped_run_as_it_was(tmp_path, tiny_bert_dir):
     # with nothing to resume, the recipe starts afresh (and --fresh always does)
     done = _runner("run", "tiny.toml", "--resume", cwd=workdir)
     assert done.returncode == 2 and "no unfinished run with a checkpoint" in done.stderr
+
+
+def test_a_run_in_progress_is_not_resumed_by_a_second_process(tmp_path, tiny_bert_dir):
+    workdir = _workdir(tmp_path, tiny_bert_dir, LONG.replace("checkpoint_every = 50",
+                                                             "checkpoint_every = 5"))
+    process = _start(workdir, "run", "tiny.toml")
+    try:
+        folder = workdir / "runs" / "tiny"
+        _wait_for(lambda: folder.is_dir() and any(checkpoint_steps(r) for r in folder.iterdir()),
+                  process)
+        done = _runner("run", "tiny.toml", cwd=workdir)
+        assert done.returncode == 2 and "in use by pid" in done.stderr, done.stderr[-2000:]
+        assert process.poll() is None  # the first run goes on undisturbed
+    finally:
+        process.kill()
+        process.wait()
+    # killed: the lock went with the process, so the run can be resumed now
+    assert "in use" not in _runner("run", "tiny.toml", "--resume", cwd=workdir).stderr
