@@ -18,6 +18,7 @@ do not hash to what was written, is refused naming its folder, never used.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,12 @@ def _layout(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     return {name: f"{a.dtype}{list(a.shape)}" for name, a in sorted(arrays.items())}
 
 
-def _digest(arrays: dict[str, np.ndarray]) -> str:
+def _digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
+    """sha256 over the arrays and the meta that positions them (step, pending
+    metrics, tokens), so neither can change unnoticed."""
     digest = hashlib.sha256()
+    digest.update(json.dumps([meta.get("step"), meta.get("pending"), meta.get("tokens")],
+                             sort_keys=True).encode())
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         digest.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
@@ -59,16 +64,23 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 class Checkpointer:
     """Saves and restores `TrainState`s under `directory` (see the module docstring)."""
 
-    def __init__(self, directory: Path, *, keep: int = 2):
+    def __init__(self, directory: Path, *, keep: int = 2, read_only: bool = False):
+        """`read_only` for readers (eval, predict, export): they never delete a
+        checkpoint or a half-written one that a training process may be writing."""
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.directory = Path(directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-            # Written before training goes on: a save must be complete before a
-            # signal handler reports "checkpoint saved", and LoRA state is small.
-            enable_async_checkpointing=False)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, max_to_keep=None, save_interval_steps=0,
+                cleanup_tmp_directories=False, enable_async_checkpointing=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                # Written before training goes on: a save must be complete before a
+                # signal handler reports "checkpoint saved", and LoRA state is small.
+                enable_async_checkpointing=False)
         try:
             self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
         except (OSError, ValueError) as e:
@@ -86,8 +98,8 @@ class Checkpointer:
         ocp = self._ocp
         arrays, _ = _flatten(state)
         meta = {"step": state.step, "pending": state.pending, "tokens": state.tokens,
-                "seconds": state.seconds, "sha256": _digest(arrays), "leaves": _layout(arrays),
-                **(extra or {})}
+                "seconds": state.seconds, "leaves": _layout(arrays), **(extra or {})}
+        meta["sha256"] = _digest(arrays, meta)
         self._manager.save(state.step, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)}), force=True)
         self._manager.wait_until_finished()
@@ -132,16 +144,19 @@ class Checkpointer:
             raise _corrupt(where, e) from None
         if _layout(arrays) != expected:
             raise _corrupt(where, ValueError("the arrays read back differ in shape or dtype"))
-        if _digest(arrays) != meta.get("sha256"):
-            raise UserError(f"{where}: the checkpoint's arrays do not match the checksum "
-                            "written with them (corrupted on disk); delete that folder to "
-                            "resume from an earlier checkpoint, if any")
+        if _digest(arrays, meta) != meta.get("sha256") or meta.get("step") != step:
+            raise UserError(f"{where}: the checkpoint does not match the checksum written "
+                            "with it (corrupted on disk); delete that folder to resume from "
+                            "an earlier checkpoint, if any")
         leaves = [arrays[name] for name in target]  # `target` is in treedef order
         tree = jax.tree_util.tree_unflatten(treedef, leaves)
-        state = TrainState(trainable=tree["trainable"], opt_state=tree["opt_state"],
-                           dropout_key=tree["dropout_key"], step=int(meta["step"]),
-                           pending=list(meta["pending"]), tokens=int(meta["tokens"]),
-                           seconds=float(meta["seconds"]))
+        try:
+            state = TrainState(trainable=tree["trainable"], opt_state=tree["opt_state"],
+                               dropout_key=tree["dropout_key"], step=int(meta["step"]),
+                               pending=[dict(m) for m in meta["pending"]],
+                               tokens=int(meta["tokens"]), seconds=float(meta["seconds"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise _corrupt(where, e) from None
         return state, meta
 
     def close(self) -> None:

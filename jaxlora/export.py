@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.layers import BaseWeight, HeadParam, Linear
-from jaxlora.models.weights import Rule
+from jaxlora.models.weights import rule_for_path
 
 PEFT_PREFIX = "base_model.model."
 # numpy dtype -> safetensors dtype name (the inverse of `weights._DTYPES`, float types only).
@@ -100,7 +100,7 @@ def merged_tensors(model, family, dtype=np.float32) -> dict[str, np.ndarray]:
         if not isinstance(variable, BaseWeight) or id(variable) in handled:
             continue
         dotted = ".".join(map(str, path))
-        rule, key = _rule_for(dotted, family.WEIGHT_RULES)
+        rule, key = rule_for_path(dotted, family.WEIGHT_RULES)
         if key is None:
             raise ValueError(f"no weight rule writes {dotted}")
         tensors[family.CLASSIFIER_PREFIX + key] = rule.to_model(
@@ -114,7 +114,7 @@ def _head_tensors(model, family) -> dict[str, np.ndarray]:
     for path, variable in nnx.iter_graph(model):
         if isinstance(variable, HeadParam):
             dotted = ".".join(map(str, path))
-            rule, key = _rule_for(dotted, family.HEAD_RULES)
+            rule, key = rule_for_path(dotted, family.HEAD_RULES)
             if key is None:
                 raise ValueError(f"no head rule writes {dotted}")
             out[key] = np.ascontiguousarray(rule.to_model(np.asarray(variable[...], np.float32)))
@@ -123,14 +123,6 @@ def _head_tensors(model, family) -> dict[str, np.ndarray]:
 
 def _head_module(family) -> str:
     return family.HEAD_RULES[0].hf.rsplit(".", 1)[0]
-
-
-def _rule_for(path: str, rules: list[Rule]) -> tuple[Rule | None, str | None]:
-    for rule in rules:
-        key = rule.hf_key(path)
-        if key is not None:
-            return rule, key
-    return None, None
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray],

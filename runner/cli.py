@@ -173,6 +173,11 @@ def _dispatch(args, console: Console, stop) -> int:
     from runner.runs import open_run
 
     opened = open_run(args.run_dir)
+    if not opened.finished and args.command != "export":  # export notes it in its folder too
+        Console(stderr=True).print(
+            f"note: {args.run_dir} has not finished (status "
+            f"{opened.manifest.get('status')!r}): using its checkpoint at step {opened.step}"
+            + (f" of {opened.total_steps}" if opened.total_steps else ""))
     if args.command == "export":
         from runner.export import export
 

@@ -1,15 +1,17 @@
 """`runner export RUN_DIR --format peft|merged`: a finished run's weights as a
 folder PyTorch users load (see `jaxlora.export` for the formats).
 
-The folder is written under a temporary name and renamed into place when
-complete, and an existing folder is never overwritten.
+The folder is written under a hidden temporary name beside the target and
+renamed into place when complete; an existing folder is never overwritten.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +43,32 @@ def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console) -> P
         raise UserError(f"{out}: already exists; remove it or pass --out to another folder")
     fam = family(opened.model_dir)
     model = opened.model()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    notes = _notes(opened, fmt)
     try:
-        tmp.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh hidden folder beside the target, renamed into place when complete.
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     except OSError as e:
         raise UserError(f"{out}: cannot create the folder: {e.strerror}") from None
-    notes = _notes(opened, fmt)
+    try:
+        _write(tmp, opened, fmt, fam, model, notes)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is not
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the export: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
+    console.print(f"exported {fmt} ({method}, step {opened.step}) to [bold]{out}[/]")
+    for note in notes:
+        console.print(f"note: {note}")
+    return out
+
+
+def _write(tmp: Path, opened: OpenedRun, fmt: str, fam, model, notes: list[str]) -> None:
     if fmt == "peft":
         write_safetensors(tmp / "adapter_model.safetensors", peft_tensors(model, fam),
                           {"format": "pt"})
@@ -61,13 +82,6 @@ def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console) -> P
         _hf_config(opened, fam).save_pretrained(tmp)
     opened.tokenizer.save_pretrained(tmp)
     (tmp / "README.md").write_text(_readme(opened, fmt, notes))
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    tmp.rename(out)
-    console.print(f"exported {fmt} ({method}, step {opened.step}) to [bold]{out}[/]")
-    for note in notes:
-        console.print(f"note: {note}")
-    return out
 
 
 def _base_name(opened: OpenedRun) -> str:

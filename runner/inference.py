@@ -22,8 +22,10 @@ from rich.table import Table
 
 from jaxlora.data import tokenize_batch, prepare, prepare_eval
 from jaxlora.evaluate import build_eval_step, evaluate
+from jaxlora.errors import UserError
 from runner import report
-from runner.runs import OpenedRun, base_dir
+from runner.pipeline import data_stats
+from runner.runs import OpenedRun, base_dir, require_same_data
 
 
 def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
@@ -32,7 +34,11 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
     recipe = opened.recipe
     where = base_dir(opened.manifest, opened.run_dir)
     if data is None:
-        examples = prepare(recipe.data, opened.tokenizer, base_dir=where).eval
+        prepared = prepare(recipe.data, opened.tokenizer, base_dir=where)
+        require_same_data(opened.run_dir, opened.manifest, data_stats(prepared.stats),
+                          "the held-out set would not be the run's; pass --data to evaluate "
+                          "on other data")
+        examples = prepared.eval
         read = {"source": opened.manifest.get("data", {}).get("source", recipe.data.source),
                 "split": "the recipe's eval split", "rows": len(examples)}
     else:
@@ -44,9 +50,12 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
     result = {"run": str(opened.run_dir), "checkpoint_step": opened.step, "data": read,
               "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "metrics": metrics}
     folder = opened.run_dir / "evals"
-    folder.mkdir(exist_ok=True)
-    path = _fresh_path(folder, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
-    report.write_json(path, result)
+    try:
+        folder.mkdir(exist_ok=True)
+        path = _fresh_path(folder, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+        report.write_json(path, result)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the evaluation: {e.strerror}") from None
     table = Table(title=f"{recipe.name} at step {opened.step}: {metrics['examples']} examples "
                         f"of {read['source']} ({read['split']})")
     table.add_column("metric")

@@ -43,7 +43,7 @@ from jaxlora.train import fit, init_state, plan
 from runner import report
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
 from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, lock_run, newest_run,
-                         read_json, recipe_changes)
+                         read_json, require_checkpoint, require_same_data, require_same_recipe)
 from runner.signals import Interrupted, StopSignals
 
 Mode = Literal["auto", "fresh", "resume"]
@@ -75,16 +75,10 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> dict:
     if manifest.get("status") == "finished":
         raise UserError(f"{run_dir}: the run finished; nothing to resume (`runner run RECIPE "
                         "--fresh` starts a new run)")
-    steps = checkpoint_steps(run_dir)
-    if not steps:
-        raise UserError(f"{run_dir}: no checkpoint to resume from in {CHECKPOINTS}/ (the run "
-                        "stopped before its first one); start a new run with --fresh")
-    if manifest.get("recipe_hash") != recipe_hash(recipe):
-        changes = recipe_changes(manifest.get("recipe", {}), canonical(recipe))
-        raise UserError(f"{run_dir}: the recipe changed since this run's checkpoint at step "
-                        f"{steps[-1]} ({'; '.join(changes) or 'recipe hash differs'}); resuming "
-                        "needs the same recipe: undo the change, or pass --fresh to start a "
-                        "new run")
+    require_checkpoint(run_dir, "nothing to resume from: the run stopped before its first "
+                                "one; start a new run with --fresh")
+    require_same_recipe(run_dir, manifest, recipe, "resuming needs the same recipe: undo the "
+                                                   "change, or pass --fresh to start a new run")
     return manifest
 
 
@@ -122,11 +116,10 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         check_fingerprint(model_dir, old, run_dir)
     loaded = load_pretrained(recipe, model_dir)
     data = prepare(recipe.data, load_tokenizer(model_dir), base_dir=base)
-    stats = _stats(data.stats)
-    if old and old.get("data") != stats:
-        raise UserError(f"{stats['source']}: the data changed since run {run_dir} started "
-                        "(sizes or label counts differ from its manifest); resuming needs the "
-                        "same data: restore it, or pass --fresh")
+    stats = data_stats(data.stats)
+    if old:
+        require_same_data(run_dir, old, stats, "resuming needs the same data: restore it, or "
+                                               "pass --fresh")
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing
     key = jax.random.key(recipe.train.seed)
     graphdef, trainable, frozen, adapted = adapt(
@@ -169,6 +162,9 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         return _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest,
                                    graphdef, frozen, data, state, resumed)
     except Interrupted as e:
+        if manifest["status"] == "finished":  # the signal came as the run was ending
+            raise Interrupted(e.signum, f"interrupted by {e.name} after the run finished; "
+                              f"everything is in {run_dir}") from None
         manifest["status"] = "interrupted"
         manifest["interrupted"] = {"signal": e.name, "at": _now(),
                                    "checkpoint_step": (checkpoint_steps(run_dir) or [None])[-1]}
@@ -205,10 +201,18 @@ def _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest, g
                          batch_size=recipe.eval.batch_size, label_names=labels,
                          progress=progress, description="eval after")
 
-    manifest["train"] = {"steps": result.steps, "total_steps": manifest["train"]["total_steps"],
+    earlier = manifest["train"]
+    manifest["train"] = {"steps": result.steps, "total_steps": earlier["total_steps"],
                          "compile_seconds": result.compile_seconds,
                          "train_seconds": result.train_seconds,
                          "median_step_ms": result.median_step_ms, **report.peak_memory()}
+    if not result.history and "median_step_ms" in earlier:
+        # Resumed after the last step (stopped during "eval after"): this session
+        # trained nothing, so the figures of the session that did stand.
+        for key in ("compile_seconds", "median_step_ms"):
+            manifest["train"][key] = earlier[key]
+    if earlier.get("peak_memory_mb", 0) > manifest["train"]["peak_memory_mb"]:
+        manifest["train"]["peak_memory_mb"] = earlier["peak_memory_mb"]
     manifest["status"] = "finished"
     report.write_json(run_dir / "eval.json", {"before": before, "after": after})
     report.write_json(run_dir / "manifest.json", manifest)
@@ -227,8 +231,8 @@ def _interrupted_message(e: Interrupted, run_dir: Path, recipe_path: Path) -> st
         return (f"interrupted by {e.name} before the first checkpoint; `runner run "
                 f"{recipe_path}` starts again")
     return (f"interrupted by {e.name}: checkpoint at step {steps[-1]} saved in "
-            f"{run_dir / CHECKPOINTS / str(steps[-1])}; to go on, run the same command again, "
-            f"or `runner run {run_dir}`")
+            f"{run_dir / CHECKPOINTS / str(steps[-1])}; to go on: `runner run {run_dir}`, or "
+            f"`runner run {recipe_path}` (without --fresh)")
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
@@ -278,7 +282,8 @@ def load_pretrained(recipe: Recipe, model_dir: Path):
     return loaded
 
 
-def _stats(stats) -> dict:
+def data_stats(stats) -> dict:
+    """`DataStats` as the plain JSON the manifest records (and resume compares)."""
     return json.loads(json.dumps(asdict(stats), default=str))
 
 

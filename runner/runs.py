@@ -54,7 +54,10 @@ def lock_run(run_dir: Path):
     UserError if another process holds it: two processes must never train in
     one run folder."""
     path = run_dir / LOCK
-    handle = open(path, "a+", encoding="utf-8")
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the run folder's lock: {e.strerror}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -76,8 +79,15 @@ def newest_run(root: Path, name: str) -> Path | None:
     base = root / name
     if not base.is_dir():
         return None
-    runs = sorted(p for p in base.iterdir() if is_run_dir(p))
+    runs = sorted((p for p in base.iterdir() if is_run_dir(p)), key=_stamp_order)
     return runs[-1] if runs else None
+
+
+def _stamp_order(path: Path) -> tuple[str, int]:
+    """`20261126-050000-10` after `20261126-050000-2` (see `report.new_run_dir`)."""
+    stamp, _, suffix = path.name.partition("-")
+    time, _, count = suffix.partition("-")
+    return (f"{stamp}-{time}", int(count) if count.isdigit() else 0)
 
 
 def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -91,6 +101,35 @@ def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             changes.append(f"{where}: {a!r} -> {b!r}")
     return changes
+
+
+def require_same_recipe(run_dir: Path, manifest: dict, recipe, advice: str) -> None:
+    """Refuse a recipe whose hash differs from the run's, naming each changed field."""
+    from runner.recipe import canonical, recipe_hash
+
+    if manifest.get("recipe_hash") != recipe_hash(recipe):
+        changes = recipe_changes(manifest.get("recipe", {}), canonical(recipe))
+        raise UserError(f"{run_dir}: the recipe differs from the one this run was made with "
+                        f"({'; '.join(changes) or 'its hash differs'}); {advice}")
+
+
+def require_checkpoint(run_dir: Path, advice: str) -> list[int]:
+    """The run's checkpoint steps; a UserError if it has none."""
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise UserError(f"{run_dir}: no checkpoint in {CHECKPOINTS}/ ({advice})")
+    return steps
+
+
+def require_same_data(run_dir: Path, manifest: dict, stats: dict, advice: str) -> None:
+    """Refuse data whose statistics (path, sizes, label counts, ...) differ from
+    the ones the run recorded, naming what differs."""
+    recorded = manifest.get("data")
+    if recorded is not None and recorded != stats:
+        changed = ", ".join(k for k in sorted(set(recorded) | set(stats))
+                            if recorded.get(k) != stats.get(k))
+        raise UserError(f"{stats.get('source')}: the data differ from what run {run_dir} "
+                        f"recorded ({changed}); {advice}")
 
 
 def base_dir(manifest: dict, run_dir: Path) -> Path:
@@ -139,7 +178,7 @@ def open_run(run_dir: Path) -> OpenedRun:
     from jaxlora.lora import adapt
     from jaxlora.train import TrainState, make_optimizer
     from runner.pipeline import check_fingerprint, load_pretrained, load_tokenizer
-    from runner.recipe import load_recipe, recipe_hash
+    from runner.recipe import load_recipe
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -148,14 +187,10 @@ def open_run(run_dir: Path) -> OpenedRun:
         raise UserError(f"{run_dir}: no manifest.json; not a run folder "
                         "(runs/<name>/<timestamp>/ after `runner run`)")
     manifest = read_json(run_dir / "manifest.json")
+    require_checkpoint(run_dir, "the run stopped before its first checkpoint, or was made "
+                                "before checkpoints existed")
     recipe = load_recipe(run_dir / "recipe.toml")
-    if manifest.get("recipe_hash") != recipe_hash(recipe):
-        raise UserError(f"{run_dir / 'recipe.toml'}: changed since the run was made (its hash "
-                        "differs from the manifest's recipe_hash)")
-    steps = checkpoint_steps(run_dir)
-    if not steps:
-        raise UserError(f"{run_dir}: no checkpoint in {CHECKPOINTS}/ (the run stopped before "
-                        "its first checkpoint, or was made before checkpoints existed)")
+    require_same_recipe(run_dir, manifest, recipe, "its recipe.toml was edited; restore it")
     model_dir = sources.resolve(recipe.model.source, "model", base_dir(manifest, run_dir))
     check_fingerprint(model_dir, manifest, run_dir)
     loaded = load_pretrained(recipe, model_dir)
@@ -165,8 +200,16 @@ def open_run(run_dir: Path) -> OpenedRun:
     template = TrainState(trainable=trainable,
                           opt_state=make_optimizer(recipe.train, 1).init(trainable),
                           dropout_key=jax.random.key_data(key))
-    with Checkpointer(run_dir / CHECKPOINTS) as checkpointer:
-        state, _ = checkpointer.restore(template, steps[-1])
+    with Checkpointer(run_dir / CHECKPOINTS, read_only=True) as checkpointer:
+        try:
+            state, _ = checkpointer.restore(template)
+        except UserError:
+            # A run training in this folder may have just pruned the step we
+            # began reading; the newest one is then complete.
+            if checkpointer.latest_step() in checkpoint_steps(run_dir):
+                raise  # still there: really unreadable
+            with Checkpointer(run_dir / CHECKPOINTS, read_only=True) as again:
+                state, _ = again.restore(template)
     return OpenedRun(run_dir=run_dir, recipe=recipe, manifest=manifest, model_dir=model_dir,
                      loaded=loaded, graphdef=graphdef, trainable=state.trainable, frozen=frozen,
                      step=state.step, total_steps=manifest.get("train", {}).get("total_steps"),

@@ -112,6 +112,9 @@ def test_export_refusals(runs, tmp_path):
     assert done.returncode == 2 and "--format: 'onnx' is not an export format" in done.stderr
     done = _runner("export", str(runs["full"]), "--format", "peft", cwd=root)
     assert done.returncode == 2 and "no adapter" in done.stderr
+    done = _runner("export", str(runs["qlora"]), "--format", "peft", cwd=root)
+    assert done.returncode == 0 and "trained against NF4-quantized base weights" in done.stdout
+    assert (runs["qlora"] / "export" / "peft" / "adapter_model.safetensors").is_file()
     target = tmp_path / "taken"
     target.mkdir()
     (target / "keep.txt").write_text("mine")

@@ -258,7 +258,7 @@ def test_refusals_leave_the_stopped_run_as_it_was(tmp_path, tiny_bert_dir):
     data = workdir / "tweets.csv"
     kept = data.read_bytes()
     data.write_bytes(kept + b"positive,0.9,one more\n")
-    refused("run", "tiny.toml", expected="the data changed")
+    refused("run", "tiny.toml", expected="the data differ from what run")
     data.write_bytes(kept)
 
     config = workdir / "model" / "config.json"
@@ -276,7 +276,7 @@ def test_refusals_leave_the_stopped_run_as_it_was(tmp_path, tiny_bert_dir):
 
     shutil.rmtree(run / "checkpoints")
     snapshot = _snapshot(run)
-    refused("run", str(run), expected="no checkpoint to resume from")
+    refused("run", str(run), expected="no checkpoint in checkpoints/ (nothing to resume")
     refused("eval", str(run), expected="no checkpoint")
     # with nothing to resume, the recipe starts afresh (and --fresh always does)
     done = _runner("run", "tiny.toml", "--resume", cwd=workdir)

@@ -302,8 +302,18 @@ def _route(name: str, rules: Sequence[Rule]) -> tuple[Rule | None, str | None]:
     return None, None
 
 
+def rule_for_path(path: str, rules: Sequence[Rule]) -> tuple[Rule | None, str | None]:
+    """The rule that fills model `path` and the checkpoint key it reads (export
+    writes that key), or (None, None)."""
+    for rule in rules:
+        key = rule.hf_key(path)
+        if key is not None:
+            return rule, key
+    return None, None
+
+
 def _expected_key(path: str, rules: Sequence[Rule]) -> str:
-    key = next((k for k in (rule.hf_key(path) for rule in rules) if k is not None), None)
+    key = rule_for_path(path, rules)[1]
     return f"{path} (no rule for it)" if key is None else key
 
 
