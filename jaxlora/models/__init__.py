@@ -4,11 +4,12 @@ Every family is one module exposing the same names (one interface per kind of
 component, so adding GPT-2 or Llama is adding a file and a line here):
 
     Config         frozen dataclass of the architecture, with `Config.from_hf(hf_config)`
-    load           (model_dir, *, num_labels, param_dtype, compute_dtype, attention, seed)
+    load           (model_dir, *, task, num_labels, param_dtype, compute_dtype, attention, seed)
                    -> weights.LoadedModel
     LORA_TARGETS   user-facing LoRA target name -> Hugging Face module path in a block
     WEIGHT_RULES   the checkpoint -> model table (`weights.Rule`s)
     IGNORED        regexes of checkpoint keys deliberately not loaded
+    TASKS          the tasks it builds models for ("classification", "causal-lm")
     PREFIXES       prefixes stripped from checkpoint keys (e.g. "bert.")
     CLASSIFIER_ARCHITECTURE, CLASSIFIER_PREFIX, HEAD_RULES
                    export: the transformers classifier class, the prefix of its
@@ -28,15 +29,17 @@ from typing import Literal
 import jax.numpy as jnp
 
 from jaxlora.errors import UserError
-from jaxlora.models import bert
+from jaxlora.models import bert, gpt2, llama
 from jaxlora.models.layers import AttentionImpl
 from jaxlora.models.weights import LoadedModel, config_path
 
-Task = Literal["classification"]
-TASKS: tuple[Task, ...] = ("classification",)
+Task = Literal["classification", "causal-lm"]
+TASKS: tuple[Task, ...] = ("classification", "causal-lm")
 
-# MiniLM checkpoints declare model_type "bert": same architecture.
-FAMILIES: dict[str, ModuleType] = {"bert": bert}
+# MiniLM checkpoints declare model_type "bert": same architecture. Mistral and
+# Qwen2 are Llama with other settings (see jaxlora.models.llama).
+FAMILIES: dict[str, ModuleType] = {"bert": bert, "gpt2": gpt2, "llama": llama,
+                                   "mistral": llama, "qwen2": llama}
 
 
 def family(model_dir: Path) -> ModuleType:
@@ -52,12 +55,14 @@ def family(model_dir: Path) -> ModuleType:
     return FAMILIES[model_type]
 
 
-def load_model(model_dir: Path, *, task: Task, num_labels: int, param_dtype=jnp.float32,
-               compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
-               seed: int = 0) -> LoadedModel:
-    """The task model for the folder, base weights loaded and checked, head seeded by `seed`."""
-    if task not in TASKS:
-        raise UserError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
-    return family(model_dir).load(Path(model_dir), num_labels=num_labels,
-                                  param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                  attention=attention, seed=seed)
+def load_model(model_dir: Path, *, task: Task, num_labels: int | None = None,
+               param_dtype=jnp.float32, compute_dtype=jnp.float32,
+               attention: AttentionImpl = "auto", seed: int = 0) -> LoadedModel:
+    """The task model for the folder, base weights loaded and checked, a head
+    (classification) seeded by `seed`."""
+    fam = family(model_dir)
+    if task not in fam.TASKS:
+        raise UserError(f"task {task!r} is not supported by {fam.__name__.rsplit('.', 1)[-1]} "
+                        f"models; supported: {', '.join(fam.TASKS)}")
+    return fam.load(Path(model_dir), task=task, num_labels=num_labels, param_dtype=param_dtype,
+                    compute_dtype=compute_dtype, attention=attention, seed=seed)

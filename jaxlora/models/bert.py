@@ -62,6 +62,8 @@ _BLOCK_LINEARS = {
 }
 _BLOCK_NORMS = {"attention.output.LayerNorm": "attention_norm", "output.LayerNorm": "output_norm"}
 
+TASKS = ("classification",)
+
 # User-facing LoRA target name -> Hugging Face module path inside a block.
 LORA_TARGETS: dict[str, str] = {
     "query": "attention.self.query",
@@ -268,7 +270,8 @@ class BertForSequenceClassification(nnx.Module):
         return {f"bert.{path}": linear for path, linear in self.bert.linear_layers().items()}
 
 
-def load(model_dir: Path, *, num_labels: int, param_dtype=jnp.float32,
+def load(model_dir: Path, *, task: str = "classification", num_labels: int,
+         param_dtype=jnp.float32,
          compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
          seed: int = 0) -> weights.LoadedModel:
     """A `BertForSequenceClassification` with the folder's weights and a head seeded by `seed`."""

@@ -162,29 +162,34 @@ def resolve_attention(implementation: AttentionImpl, dtype=jnp.bfloat16) -> Lite
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None,
-              causal: bool = False, implementation: Literal["xla", "cudnn"] = "xla",
+              causal: bool = False, window: int | None = None,
+              implementation: Literal["xla", "cudnn"] = "xla",
               dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
-    """Scaled dot-product attention over (batch, seq, heads, head_dim) arrays.
+    """Scaled dot-product attention over (batch, seq, heads, head_dim) arrays;
+    k and v may have fewer heads than q (grouped-query attention).
 
-    `mask` is the (batch, seq) key padding mask (1 = real token). The fused
+    `mask` is the (batch, seq) key padding mask (1 = real token). `causal`
+    lets position i see keys <= i; `window` (sliding-window attention, as
+    Mistral's) further limits it to the `window` keys ending at i. The fused
     cuDNN kernel takes padding as sequence lengths, so it assumes right padding,
     which is what `jaxlora.data` produces. Dropout on the attention
     probabilities (train mode only) needs the probabilities, so it runs the
     explicit XLA formulation; the fused kernel has no dropout and skips it.
     """
+    local = None if window is None else (window - 1, 0)
     if rng is not None and dropout_rate > 0.0 and implementation == "xla":
-        return _attention_with_dropout(q, k, v, mask, causal, dropout_rate, rng)
+        return _attention_with_dropout(q, k, v, mask, causal, window, dropout_rate, rng)
     if implementation == "cudnn":
         lengths = None if mask is None else mask.sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, query_seq_lengths=lengths,
-            key_value_seq_lengths=lengths, implementation="cudnn")
+            key_value_seq_lengths=lengths, local_window_size=local, implementation="cudnn")
     bias_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, is_causal=causal,
-                                        implementation="xla")
+                                        local_window_size=local, implementation="xla")
 
 
-def _attention_with_dropout(q, k, v, mask, causal, rate, rng):
+def _attention_with_dropout(q, k, v, mask, causal, window, rate, rng):
     num_heads, num_kv = q.shape[2], k.shape[2]
     if num_kv != num_heads:  # grouped-query attention: share each kv head
         k = jnp.repeat(k, num_heads // num_kv, axis=2)
@@ -196,6 +201,33 @@ def _attention_with_dropout(q, k, v, mask, causal, rate, rng):
         allowed = allowed & mask.astype(bool)[:, None, None, :]
     if causal:
         allowed = allowed & jnp.tril(jnp.ones(scores.shape[-2:], bool))[None, None]
+    if window is not None:
+        allowed = allowed & jnp.triu(jnp.ones(scores.shape[-2:], bool), 1 - window)[None, None]
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1), rate, rng).astype(v.dtype)
     return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis (Llama's): statistics in float32, scale only."""
+
+    def __init__(self, size: int, *, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = BaseWeight(jnp.ones((size,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        # transformers casts back to the input dtype before the scale
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary position embedding, transformers' half-split convention: the
+    (batch, seq, heads, head_dim) `x` rotated by angles positions * inv_freq."""
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin

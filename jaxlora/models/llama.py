@@ -1,0 +1,246 @@
+"""Llama-family decoders (Llama 2/3.x, Mistral, Qwen2) in Flax NNX, for causal-LM fine-tuning.
+
+    LlamaForCausalLM
+    ├── model: LlamaModel
+    │   ├── embed_tokens
+    │   ├── layers[i]: LlamaDecoderLayer (pre-RMSNorm)
+    │   │     x = x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))  n = norm(x)
+    │   │     x = x + down_proj(silu(gate_proj(n)) * up_proj(n))                 n = norm(x)
+    │   └── norm
+    └── lm_head (or the token embeddings, when tied)
+
+The variants differ only by configuration, read from config.json:
+grouped-query attention (num_key_value_heads), RoPE with Llama-3 (or linear)
+frequency scaling, q/k/v biases (Qwen2, or `attention_bias`), MLP biases,
+sliding-window attention (Mistral's `sliding_window`; Qwen2's per layer), tied
+or untied embeddings, an explicit head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlora.errors import UserError
+from jaxlora.models import weights
+from jaxlora.models.layers import (AttentionImpl, Embed, Linear, RMSNorm, attention,
+                                   resolve_attention, rotary, split_key)
+
+TASKS = ("causal-lm",)
+_ATTENTION = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj",
+              "self_attn.v_proj": "v_proj", "self_attn.o_proj": "o_proj"}
+_MLP = {"mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj", "mlp.down_proj": "down_proj"}
+_BLOCK_LINEARS = {**_ATTENTION, **_MLP}
+LORA_TARGETS: dict[str, str] = {ours: hf for hf, ours in _BLOCK_LINEARS.items()}
+
+WEIGHT_RULES: list[weights.Rule] = [
+    *weights.embedding("embed_tokens", "model.embed_tokens"),
+    *(weights.Rule(f"layers.{{i}}.{hf}.{part}", f"model.layers.{{i}}.{ours}.{kind}", transform)
+      for hf, ours in _BLOCK_LINEARS.items()
+      for part, kind, transform in (("weight", "kernel", "transpose"), ("bias", "bias", "none"))),
+    weights.Rule("layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.scale"),
+    weights.Rule("layers.{i}.post_attention_layernorm.weight",
+                 "model.layers.{i}.post_attention_layernorm.scale"),
+    weights.Rule("norm.weight", "model.norm.scale"),
+    weights.Rule("lm_head.weight", "lm_head.kernel", "transpose"),
+]
+IGNORED: list[str] = [r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+PREFIXES = ("model.",)
+CAUSAL_LM_ARCHITECTURE = "LlamaForCausalLM"
+FAN_IN_FAN_OUT = False
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope: tuple  # (("rope_type", ...), ...) as sorted items, hashable
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    windows: tuple  # per layer: None or the sliding-window size
+    attention_dropout: float
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> LlamaConfig:
+        c = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+        model_type = c.get("model_type", "llama")
+        act = c.get("hidden_act", "silu")
+        if act != "silu":
+            raise UserError(f"hidden_act {act!r} is not supported; supported: silu")
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE:
+            raise UserError(f"rope type {rope_type!r} is not supported; supported: "
+                            f"{', '.join(SUPPORTED_ROPE)}")
+        try:
+            heads, layers = c["num_attention_heads"], c["num_hidden_layers"]
+            window = c.get("sliding_window")
+            if model_type == "qwen2":
+                use = c.get("use_sliding_window", False)
+                types = c.get("layer_types") or ["full_attention"] * layers
+                windows = tuple(window if use and t == "sliding_attention" else None
+                                for t in types)
+            else:
+                windows = (window,) * layers
+            bias = bool(c.get("attention_bias", False))
+            return cls(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                       num_layers=layers, num_heads=heads,
+                       num_kv_heads=c.get("num_key_value_heads") or heads,
+                       head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+                       intermediate_size=c["intermediate_size"], eps=c.get("rms_norm_eps", 1e-6),
+                       max_position_embeddings=c["max_position_embeddings"],
+                       rope_theta=float(theta), rope=tuple(sorted(rope.items())),
+                       tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                       qkv_bias=bias or model_type == "qwen2", o_bias=bias,
+                       mlp_bias=bool(c.get("mlp_bias", False)), windows=windows,
+                       attention_dropout=c.get("attention_dropout", 0.0) or 0.0)
+        except KeyError as e:
+            raise UserError(f"the {model_type} config has no {e.args[0]!r}") from None
+
+    def inv_freq(self) -> jax.Array:
+        """RoPE inverse frequencies, with the configured scaling applied."""
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+        rope = dict(self.rope)
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "linear":
+            return inv / rope["factor"]
+        if kind == "llama3":
+            factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+            old = rope["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv
+            scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+            smooth = (old / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= old / high) & (wavelen <= old / low)
+            return jnp.where(medium, smoothed, scaled)
+        return inv
+
+
+Config = LlamaConfig
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, window: int | None, *, param_dtype, attention: str):
+        self.config = config
+        self.window = window
+        self.attention_impl = attention
+        h, d = config.hidden_size, config.head_dim
+        self.input_layernorm = RMSNorm(h, eps=config.eps, dtype=param_dtype)
+        self.q_proj = Linear(h, config.num_heads * d, use_bias=config.qkv_bias, dtype=param_dtype)
+        self.k_proj = Linear(h, config.num_kv_heads * d, use_bias=config.qkv_bias,
+                             dtype=param_dtype)
+        self.v_proj = Linear(h, config.num_kv_heads * d, use_bias=config.qkv_bias,
+                             dtype=param_dtype)
+        self.o_proj = Linear(config.num_heads * d, h, use_bias=config.o_bias, dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(h, eps=config.eps, dtype=param_dtype)
+        inner = config.intermediate_size
+        self.gate_proj = Linear(h, inner, use_bias=config.mlp_bias, dtype=param_dtype)
+        self.up_proj = Linear(h, inner, use_bias=config.mlp_bias, dtype=param_dtype)
+        self.down_proj = Linear(inner, h, use_bias=config.mlp_bias, dtype=param_dtype)
+
+    def __call__(self, x, mask, positions, inv_freq, rng):
+        cfg = self.config
+        keys = split_key(rng, 8)
+        b, t = x.shape[:2]
+        n = self.input_layernorm(x)
+        q = self.q_proj(n, rng=keys[0]).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(n, rng=keys[1]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(n, rng=keys[2]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
+        context = attention(q, k, v, mask=mask, causal=True, window=self.window,
+                            implementation=self.attention_impl,
+                            dropout_rate=cfg.attention_dropout, rng=keys[3])
+        x = x + self.o_proj(context.reshape(b, t, -1), rng=keys[4])
+        n = self.post_attention_layernorm(x)
+        h = jax.nn.silu(self.gate_proj(n, rng=keys[5])) * self.up_proj(n, rng=keys[6])
+        return x + self.down_proj(h, rng=keys[7])
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, param_dtype, compute_dtype, attention):
+        self.config = config
+        self.compute_dtype = jnp.dtype(compute_dtype)
+        impl = resolve_attention(attention, compute_dtype)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=param_dtype)
+        self.layers = nnx.List([LlamaDecoderLayer(config, config.windows[i],
+                                                  param_dtype=param_dtype, attention=impl)
+                                for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.eps, dtype=param_dtype)
+
+    def __call__(self, input_ids, attention_mask, *, rng=None):
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise UserError(f"sequences of {input_ids.shape[1]} tokens exceed the model's "
+                            f"max_position_embeddings {self.config.max_position_embeddings}")
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        inv_freq = self.config.inv_freq()
+        x = self.embed_tokens(input_ids, self.compute_dtype)
+        for layer, key in zip(self.layers, split_key(rng, len(self.layers))):
+            x = layer(x, attention_mask, positions, inv_freq, key)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """`(input_ids, attention_mask) -> float32 logits (batch, seq, vocab)`."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype=jnp.float32,
+                 compute_dtype=jnp.float32, attention: AttentionImpl = "xla"):
+        self.config = config
+        self.model = LlamaModel(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                                attention=attention)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Linear(config.hidden_size, config.vocab_size, use_bias=False,
+                               dtype=param_dtype))
+
+    def __call__(self, input_ids, attention_mask=None, *, rng=None):
+        x = self.model(input_ids, attention_mask, rng=rng)
+        if self.lm_head is None:
+            logits = x @ self.model.embed_tokens.embedding[...].astype(x.dtype).T
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def linear_layers(self) -> dict[str, Linear]:
+        """The blocks' linear layers by Hugging Face path; lm_head is left out (as
+        PEFT's all-linear and bitsandbytes' 4-bit loading leave it out)."""
+        return {f"model.layers.{i}.{hf}": getattr(layer, ours)
+                for i, layer in enumerate(self.model.layers)
+                for hf, ours in _BLOCK_LINEARS.items()}
+
+
+def load(model_dir: Path, *, task: str = "causal-lm", num_labels: int | None = None,
+         param_dtype=jnp.float32, compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
+         seed: int = 0) -> weights.LoadedModel:
+    hf_config = weights.read_hf_config(model_dir)
+    try:
+        config = LlamaConfig.from_hf(hf_config)
+    except UserError as e:
+        raise UserError(f"{weights.config_path(model_dir)}: {e}") from None
+    ignore = IGNORED + ([r"lm_head\.weight"] if config.tie_word_embeddings else [])
+    model, ignored = weights.build(
+        lambda: LlamaForCausalLM(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                                 attention=attention),
+        weights.read_safetensors(model_dir), WEIGHT_RULES, ignore=ignore,
+        strip_prefixes=PREFIXES, dtype=param_dtype, source=str(model_dir))
+    return weights.LoadedModel(model=model, config=config, hf_config=hf_config,
+                               lora_targets=LORA_TARGETS,
+                               fingerprint=weights.fingerprint(model_dir), ignored_keys=ignored)
