@@ -34,7 +34,7 @@ import contextlib
 import functools
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,12 +70,19 @@ class DataConfig(pydantic.BaseModel):
     source: str = Field(min_length=1)
     # auto: from the file suffix (.csv, .json/.jsonl, .parquet) or the files in a folder.
     format: Literal["auto", "csv", "json", "parquet"] = "auto"
-    # Column holding the input text.
+    # Column holding the input text (classification; causal-lm plain text).
     text_column: str = "text"
-    # Column holding the label (a string, an int, or a ClassLabel index).
+    # Column holding the label (a string, an int, or a ClassLabel index); classification.
     label_column: str = "label"
     # Label names in class-id order; rows with any other label are dropped and counted.
-    labels: list[str] = Field(min_length=2)
+    # Required for classification, not given for causal-lm.
+    labels: list[str] | None = Field(None, min_length=2)
+    # causal-lm prompt/response pairs: the two columns (instead of text_column); the
+    # loss counts response tokens only.
+    prompt_column: str | None = None
+    response_column: str | None = None
+    # How a prompt is shown to the model; "{prompt}" is replaced by the prompt text.
+    template: str = "{prompt}"
     # Text encoding of CSV and JSON files (e.g. latin-1); parquet ignores it.
     encoding: str = "utf-8"
     # Tokens per example; every example is padded or truncated to it.
@@ -99,7 +106,9 @@ class DataConfig(pydantic.BaseModel):
 
     @pydantic.field_validator("labels")
     @classmethod
-    def _unique_labels(cls, labels: list[str]) -> list[str]:
+    def _unique_labels(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
         repeated = sorted(name for name, n in Counter(labels).items() if n > 1)
         if repeated:
             raise ValueError(f"labels must be unique; repeated: {', '.join(repeated)}")
@@ -124,6 +133,19 @@ class DataConfig(pydantic.BaseModel):
         return self
 
     @pydantic.model_validator(mode="after")
+    def _prompt_and_response(self) -> DataConfig:
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise ValueError("give both prompt_column and response_column, or neither")
+        if "{prompt}" not in self.template:
+            raise ValueError(f"template must contain {{prompt}}, got {self.template!r}")
+        return self
+
+    @property
+    def pairs(self) -> bool:
+        """Prompt/response data (causal-lm), as opposed to one text column."""
+        return self.prompt_column is not None
+
+    @pydantic.model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
         if (self.eval_split is None) == (self.eval_size is None):
             raise ValueError("give exactly one of eval_split (a named split, e.g. 'test') "
@@ -146,10 +168,12 @@ class Split:
     attention_mask: np.ndarray
     labels: np.ndarray
     buckets: tuple[int, ...] = ()
+    loss_mask: np.ndarray | None = None  # causal-lm: (N, T), 1 where a token is a target
 
     def __post_init__(self) -> None:
         if (self.input_ids.ndim != 2 or self.attention_mask.shape != self.input_ids.shape
-                or self.labels.shape != self.input_ids.shape[:1]):
+                or self.labels.shape != self.input_ids.shape[:1]
+                or (self.loss_mask is not None and self.loss_mask.shape != self.input_ids.shape)):
             raise ValueError(f"inconsistent shapes: input_ids {self.input_ids.shape}, "
                              f"attention_mask {self.attention_mask.shape}, "
                              f"labels {self.labels.shape}")
@@ -183,6 +207,8 @@ class Split:
                      "attention_mask": self.attention_mask[rows, :width],
                      "labels": self.labels[rows],
                      "weights": np.ones(len(rows), np.float32)}
+            if self.loss_mask is not None:
+                batch["loss_mask"] = self.loss_mask[rows, :width]
             missing = batch_size - len(rows)
             if missing:
                 pad_mask = np.zeros((missing, width), np.int32)
@@ -191,7 +217,8 @@ class Split:
                 padding = {"input_ids": np.zeros((missing, width), np.int32),
                            "attention_mask": pad_mask,
                            "labels": np.zeros(missing, np.int32),
-                           "weights": np.zeros(missing, np.float32)}
+                           "weights": np.zeros(missing, np.float32),
+                           "loss_mask": np.zeros((missing, width), np.int32)}
                 batch = {k: np.concatenate([v, padding[k]]) for k, v in batch.items()}
             yield batch
 
@@ -236,6 +263,7 @@ class DataStats:
     label_counts: dict[str, dict[str, int]]  # {"train"|"eval": {label name: rows}}
     dropped: dict[str, int]                 # label value outside label_names, as str -> rows
     truncated: dict[str, int]               # {"train"|"eval": examples cut to max_length}
+    target_tokens: dict[str, int] = field(default_factory=dict)  # causal-lm: loss tokens
 
 
 @dataclass(frozen=True)
@@ -247,8 +275,8 @@ class PreparedData:
     stats: DataStats
 
 
-def prepare(cfg: DataConfig, tokenizer: Any, *, base_dir: Path | None = None,
-            cache_dir: Path | None = None) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer: Any, *, task: str = "classification",
+            base_dir: Path | None = None, cache_dir: Path | None = None) -> PreparedData:
     """Load, filter, split, cap and tokenize `cfg.source` (see the module docstring).
 
     `tokenizer` is a transformers fast tokenizer; `base_dir` anchors relative
@@ -263,6 +291,8 @@ def prepare(cfg: DataConfig, tokenizer: Any, *, base_dir: Path | None = None,
     with _quiet_datasets():
         splits = _load(path, fmt, cfg.encoding, cache_dir)
         train_ds = _get_split(splits, cfg.train_split, path)
+        if task == "causal-lm":
+            return _prepare_lm(cfg, tokenizer, splits, train_ds, path, fmt)
         train_ids, dropped = _read_split(train_ds, cfg, path, cfg.train_split)
         if cfg.eval_split is not None:
             eval_ds = _get_split(splits, cfg.eval_split, path)
@@ -444,8 +474,9 @@ def _carve(rows: np.ndarray, cfg: DataConfig, path: Path) -> tuple[np.ndarray, n
     """Split the kept train rows into (train, eval) with `eval_size` random eval rows."""
     assert cfg.eval_size is not None
     if cfg.eval_size >= len(rows):
+        which = f"with labels in {cfg.labels}" if cfg.labels else "usable"
         raise UserError(f"{path}: eval_size {cfg.eval_size} leaves no training rows: split "
-                        f"{cfg.train_split!r} has {len(rows)} rows with labels in {cfg.labels}")
+                        f"{cfg.train_split!r} has {len(rows)} rows {which}")
     shuffled = np.random.default_rng([cfg.seed, _SPLIT_STREAM]).permutation(rows)
     return np.sort(shuffled[cfg.eval_size:]), np.sort(shuffled[:cfg.eval_size])
 
@@ -510,6 +541,97 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, column: str, max_l
     # A fast tokenizer keeps what truncation cut off in `overflowing`.
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "truncated": [bool(e.overflowing) for e in enc.encodings]}
+
+
+def _prepare_lm(cfg: DataConfig, tokenizer: Any, splits: Any, train_ds: Any, path: Path,
+                fmt: Format) -> PreparedData:
+    """The causal-lm branch of `prepare`: texts (or prompt/response pairs) ->
+    token ids with a loss mask (1 where a token is a target)."""
+    if cfg.pairs and tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no eos token, which ends every response")
+    columns = ([("prompt_column", cfg.prompt_column), ("response_column", cfg.response_column)]
+               if cfg.pairs else [("text_column", cfg.text_column)])
+
+    def check(ds: Any, split: str) -> np.ndarray:
+        for name, column in columns:
+            if column not in ds.column_names:
+                raise UserError(f"{path}: no column {column!r} ({name}) in split {split!r}; "
+                                f"columns: {', '.join(ds.column_names)}")
+            _check_texts(ds, np.arange(len(ds)), column, path, split)
+        return np.arange(len(ds))
+
+    train_rows = check(train_ds, cfg.train_split)
+    if cfg.eval_split is not None:
+        eval_ds = _get_split(splits, cfg.eval_split, path)
+        eval_rows = check(eval_ds, cfg.eval_split)
+    else:
+        eval_ds = train_ds
+        train_rows, eval_rows = _carve(train_rows, cfg, path)
+    train_rows = _cap(train_rows, cfg.max_train_examples, [cfg.seed, _TRAIN_CAP_STREAM])
+    eval_rows = _cap(eval_rows, cfg.max_eval_examples, [cfg.seed, _EVAL_CAP_STREAM])
+    train, train_cut = _tokenize_lm(train_ds, train_rows, tokenizer, cfg, path)
+    eval_, eval_cut = _tokenize_lm(eval_ds, eval_rows, tokenizer, cfg, path)
+    stats = DataStats(source=str(path), format=fmt, label_names=[], train_size=len(train),
+                      eval_size=len(eval_), label_counts={}, dropped={},
+                      truncated={"train": train_cut, "eval": eval_cut},
+                      # the first token of a sequence is never predicted
+                      target_tokens={"train": int(train.loss_mask[:, 1:].sum()),
+                                     "eval": int(eval_.loss_mask[:, 1:].sum())})
+    return PreparedData(train=train, eval=eval_, stats=stats)
+
+
+def _tokenize_lm(ds: Any, rows: np.ndarray, tokenizer: Any, cfg: DataConfig,
+                 path: Path) -> tuple[Split, int]:
+    import datasets
+
+    width = datasets.Sequence(datasets.Value("int32"), length=cfg.max_length)
+    features = datasets.Features({"input_ids": width, "attention_mask": width,
+                                  "loss_mask": width, "truncated": datasets.Value("bool")})
+    subset = ds.select(rows)
+    fn = functools.partial(tokenize_lm_batch, tokenizer=tokenizer, text_column=cfg.text_column,
+                           prompt_column=cfg.prompt_column, response_column=cfg.response_column,
+                           template=cfg.template, max_length=cfg.max_length,
+                           pad_id=tokenizer.pad_token_id or 0, eos_id=tokenizer.eos_token_id)
+    arrays = subset.map(fn, batched=True, remove_columns=subset.column_names,
+                        features=features).with_format("numpy")[:]
+    loss_mask = arrays["loss_mask"].astype(np.int32)
+    if (empty := np.flatnonzero(loss_mask[:, 1:].sum(axis=1) == 0)).size:
+        raise UserError(f"{path}: data row {int(rows[empty[0]]) + 1} leaves no token to learn "
+                        f"within max_length {cfg.max_length} (a text of one token, or a prompt "
+                        "that fills max_length)")
+    split = Split(input_ids=arrays["input_ids"].astype(np.int32),
+                  attention_mask=arrays["attention_mask"].astype(np.int32),
+                  labels=np.zeros(len(rows), np.int32), buckets=tuple(cfg.length_buckets),
+                  loss_mask=loss_mask)
+    return split, int(arrays["truncated"].sum())
+
+
+def tokenize_lm_batch(batch: dict[str, list], *, tokenizer: Any, text_column: str,
+                      prompt_column: str | None, response_column: str | None, template: str,
+                      max_length: int, pad_id: int, eos_id: int | None) -> dict[str, list]:
+    """Token ids and loss masks for causal-lm: a text is all targets; a pair is
+    the templated prompt (the tokenizer's special tokens, e.g. BOS, included;
+    no targets) followed by the response and EOS (targets). Cut to max_length,
+    right-padded."""
+    if prompt_column is None:
+        sequences = [(ids, [1] * len(ids))
+                     for ids in tokenizer(batch[text_column])["input_ids"]]
+    else:
+        prompts = tokenizer([template.replace("{prompt}", p)
+                             for p in batch[prompt_column]])["input_ids"]
+        responses = tokenizer(batch[response_column], add_special_tokens=False)["input_ids"]
+        sequences = [(p + r + [eos_id], [0] * len(p) + [1] * (len(r) + 1))
+                     for p, r in zip(prompts, responses)]
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "loss_mask": [],
+                            "truncated": []}
+    for ids, mask in sequences:
+        out["truncated"].append(len(ids) > max_length)
+        ids, mask = ids[:max_length], mask[:max_length]
+        pad = max_length - len(ids)
+        out["input_ids"].append(ids + [pad_id] * pad)
+        out["attention_mask"].append([1] * len(ids) + [0] * pad)
+        out["loss_mask"].append(mask + [0] * pad)
+    return out
 
 
 def _counts(ids: np.ndarray, labels: list[str]) -> dict[str, int]:

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxlora.tasks import classification_metrics
+from jaxlora.tasks import causal_lm_token_losses, classification_metrics
 
 
 class EvalConfig(BaseModel):
@@ -27,13 +27,18 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(64, gt=0, le=65536)  # examples per eval step
 
 
-def build_eval_step(graphdef: nnx.GraphDef):
-    """jit'd (trainable, frozen, batch) -> (logits, per-example loss), no dropout."""
+def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification"):
+    """jit'd (trainable, frozen, batch) -> per-example outputs, no dropout:
+    classification (logits, loss); causal-lm (summed target-token loss, target
+    tokens)."""
 
     @jax.jit
     def step(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
         logits = model(batch["input_ids"], batch["attention_mask"]).astype("float32")
+        if task == "causal-lm":
+            nll, counts = causal_lm_token_losses(logits, batch)
+            return (nll * counts).sum(-1), counts.sum(-1)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         return logits, loss
 
@@ -41,21 +46,26 @@ def build_eval_step(graphdef: nnx.GraphDef):
 
 
 def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_names: list[str],
-             progress=None, description: str = "eval") -> dict:
-    """Accuracy, macro-F1, per-class scores and mean loss of one model on `split`."""
-    task = (progress.add_task(description, total=split.num_batches(batch_size))
-            if progress is not None else None)
+             progress=None, description: str = "eval", task: str = "classification") -> dict:
+    """Classification: accuracy, macro-F1, per-class scores and mean loss.
+    Causal-lm: token-weighted loss and perplexity over the target tokens."""
+    bar = (progress.add_task(description, total=split.num_batches(batch_size))
+           if progress is not None else None)
     predictions, labels, losses = [], [], []
 
     def collect(pending):
         # Read back one batch while the next is already queued on the device.
-        (logits, loss), batch = jax.device_get(pending[0]), pending[1]
+        (first, second), batch = jax.device_get(pending[0]), pending[1]
         real = batch["weights"] > 0
-        predictions.append(np.argmax(logits, -1)[real])
-        labels.append(batch["labels"][real])
-        losses.append(loss[real])
-        if task is not None:
-            progress.advance(task)
+        if task == "causal-lm":  # (summed loss, tokens) per example
+            losses.append(first[real])
+            labels.append(second[real])
+        else:  # (logits, loss)
+            predictions.append(np.argmax(first, -1)[real])
+            labels.append(batch["labels"][real])
+            losses.append(second[real])
+        if bar is not None:
+            progress.advance(bar)
 
     pending = None
     for batch in split.batches(batch_size, shuffle=False):
@@ -65,6 +75,11 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
         pending = dispatched
     if pending is not None:
         collect(pending)
+    if task == "causal-lm":
+        tokens = float(np.concatenate(labels).sum())
+        loss = float(np.concatenate(losses).sum()) / max(tokens, 1.0)
+        return {"examples": int(sum(len(x) for x in losses)), "tokens": int(tokens),
+                "loss": loss, "perplexity": float(np.exp(min(loss, 700.0)))}
     metrics = classification_metrics(np.concatenate(predictions), np.concatenate(labels),
                                      label_names)
     metrics["loss"] = float(np.concatenate(losses).mean())

@@ -30,6 +30,33 @@ def classification_step_loss(model, batch: dict,
     return classification_loss(logits, batch)
 
 
+def causal_lm_token_losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Next-token cross-entropy at every position and where it counts: position
+    t predicts token t + 1, which must be real, a target (`loss_mask`) and in a
+    real example. Both (batch, seq - 1)."""
+    targets = batch["input_ids"][:, 1:]
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1].astype(jnp.float32), targets)
+    counts = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
+    return nll, counts * batch["weights"][:, None]
+
+
+def causal_lm_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Token-weighted mean next-token loss; returns (loss, number of target tokens)."""
+    nll, counts = causal_lm_token_losses(logits, batch)
+    total = counts.sum()
+    return (nll * counts).sum() / jnp.maximum(total, 1.0), total
+
+
+def causal_lm_step_loss(model, batch: dict,
+                        rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The train step's objective for a causal LM."""
+    return causal_lm_loss(model(batch["input_ids"], batch["attention_mask"], rng=rng), batch)
+
+
+STEP_LOSSES = {"classification": classification_step_loss, "causal-lm": causal_lm_step_loss}
+
+
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
                            label_names: list[str]) -> dict:
     """Accuracy, macro-F1 and per-class precision/recall/F1 from class ids.

@@ -37,8 +37,13 @@ def read_run(run_dir: Path) -> dict:
 
 
 def _before_after(evals: dict, key: str) -> str:
-    before = evals.get("before")
-    return (f"{before[key]:.3f} -> " if before else "- -> ") + f"{evals['after'][key]:.3f}"
+    """`before -> after` of one metric; '-' where the run's task has no such metric
+    (accuracy of a causal-lm run)."""
+    after = evals["after"].get(key)
+    if after is None:
+        return "-"
+    before = (evals.get("before") or {}).get(key)
+    return (f"{before:.3f} -> " if before is not None else "- -> ") + f"{after:.3f}"
 
 
 def _num(value, fmt: str) -> str:

@@ -34,19 +34,24 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
     recipe = opened.recipe
     where = base_dir(opened.manifest, opened.run_dir)
     if data is None:
-        prepared = prepare(recipe.data, opened.tokenizer, base_dir=where)
+        prepared = prepare(recipe.data, opened.tokenizer, task=recipe.model.task,
+                           base_dir=where)
         require_same_data(opened.run_dir, opened.manifest, data_stats(prepared.stats),
                           "the held-out set would not be the run's; pass --data to evaluate "
                           "on other data")
         examples = prepared.eval
         read = {"source": opened.manifest.get("data", {}).get("source", recipe.data.source),
                 "split": "the recipe's eval split", "rows": len(examples)}
+    elif recipe.model.task != "classification":
+        raise UserError(f"--data: evaluating a {recipe.model.task} run on other data is not "
+                        "supported yet; without --data it uses the recipe's eval split")
     else:
         examples, read = prepare_eval(recipe.data, opened.tokenizer, data, split=split,
                                       base_dir=Path.cwd())
-    metrics = evaluate(build_eval_step(opened.graphdef), opened.trainable, opened.frozen,
+    task = recipe.model.task
+    metrics = evaluate(build_eval_step(opened.graphdef, task), opened.trainable, opened.frozen,
                        examples, batch_size=batch_size or recipe.eval.batch_size,
-                       label_names=list(recipe.data.labels))
+                       label_names=list(recipe.data.labels or []), task=task)
     result = {"run": str(opened.run_dir), "checkpoint_step": opened.step, "data": read,
               "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "metrics": metrics}
     folder = opened.run_dir / "evals"
@@ -60,11 +65,8 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
                         f"of {read['source']} ({read['split']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("accuracy", f"{metrics['accuracy']:.3f}")
-    table.add_row("macro-F1", f"{metrics['macro_f1']:.3f}")
-    table.add_row("loss", f"{metrics['loss']:.4f}")
-    for name, scores in metrics["per_class"].items():
-        table.add_row(f"F1 {name}", f"{scores['f1']:.3f}")
+    for metric, _, value, _ in report.comparison_rows(None, metrics):
+        table.add_row(metric, value)
     console.print(table)
     if read.get("dropped"):
         console.print(f"rows with labels outside {list(recipe.data.labels)} were left out: "

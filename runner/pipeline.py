@@ -38,7 +38,7 @@ from jaxlora.models import load_model
 from jaxlora.models.layers import resolve_attention
 from jaxlora.models.weights import fingerprint
 from jaxlora.quant import bits_per_parameter, footprint
-from jaxlora.tasks import classification_step_loss
+from jaxlora.tasks import STEP_LOSSES
 from jaxlora.train import fit, init_state, plan
 from runner import report
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
@@ -115,7 +115,8 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     if old:
         check_fingerprint(model_dir, old, run_dir)
     loaded = load_pretrained(recipe, model_dir)
-    data = prepare(recipe.data, load_tokenizer(model_dir), base_dir=base)
+    data = prepare(recipe.data, load_tokenizer(model_dir), task=recipe.model.task,
+                   base_dir=base)
     stats = data_stats(data.stats)
     if old:
         require_same_data(run_dir, old, stats, "resuming needs the same data: restore it, or "
@@ -174,8 +175,9 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
 
 def _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest, graphdef, frozen,
                         data, state, resumed) -> Path:
-    eval_step = build_eval_step(graphdef)
-    labels = list(recipe.data.labels)
+    task = recipe.model.task
+    eval_step = build_eval_step(graphdef, task)
+    labels = list(recipe.data.labels or [])
     evals_path = run_dir / "eval.json"
     evals = read_json(evals_path) if evals_path.is_file() else {}
     extra = {"recipe_hash": manifest["recipe_hash"],
@@ -186,11 +188,11 @@ def _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest, g
         if recipe.eval.before and before is None:
             before = evaluate(eval_step, without_adapters(state.trainable), frozen, data.eval,
                               batch_size=recipe.eval.batch_size, label_names=labels,
-                              progress=progress, description="eval before")
+                              progress=progress, description="eval before", task=task)
             report.write_json(evals_path, {"before": before})
         with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, stop.deferred():
             result = fit(graphdef, state.trainable, frozen, data.train, recipe.train,
-                         classification_step_loss, resume=resumed,
+                         STEP_LOSSES[task], resume=resumed,
                          on_log=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()),
                          on_checkpoint=lambda s: ckpt.save(s, extra),
                          checkpoint_every=recipe.train.checkpoint_every,
@@ -199,7 +201,7 @@ def _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest, g
             raise Interrupted(stop.signum)
         after = evaluate(eval_step, result.trainable, frozen, data.eval,
                          batch_size=recipe.eval.batch_size, label_names=labels,
-                         progress=progress, description="eval after")
+                         progress=progress, description="eval after", task=task)
 
     earlier = manifest["train"]
     manifest["train"] = {"steps": result.steps, "total_steps": earlier["total_steps"],
@@ -271,7 +273,9 @@ def load_tokenizer(model_dir: Path):
 def load_pretrained(recipe: Recipe, model_dir: Path):
     """The base model with a fresh head; refuses a max_length beyond its positions."""
     param_dtype, compute_dtype = recipe.model.dtypes()
-    loaded = load_model(model_dir, task=recipe.model.task, num_labels=len(recipe.data.labels),
+    labels = recipe.data.labels
+    loaded = load_model(model_dir, task=recipe.model.task,
+                        num_labels=len(labels) if labels else None,
                         param_dtype=param_dtype, compute_dtype=compute_dtype,
                         attention=resolve_attention(recipe.model.attention, compute_dtype),
                         seed=recipe.train.seed)

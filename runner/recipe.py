@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jaxlora.data import DataConfig
 from jaxlora.errors import UserError
@@ -57,6 +57,20 @@ class Recipe(BaseModel):
     train: TrainConfig = TrainConfig()  # step 4: fine-tuning
     eval: EvalConfig = EvalConfig()  # step 5: evaluation
     output: OutputConfig = OutputConfig()  # the run folder
+
+    @model_validator(mode="after")
+    def _data_fits_the_task(self) -> "Recipe":
+        data = self.data
+        if self.model.task == "classification":
+            if data.labels is None:
+                raise ValueError("data.labels: required for task classification (the class "
+                                 "names, in class-id order)")
+            if data.pairs:
+                raise ValueError("data.prompt_column: only for task causal-lm")
+        elif data.labels is not None:
+            raise ValueError("data.labels: only for task classification; causal-lm learns "
+                             "the text itself")
+        return self
 
 
 def load_recipe(path: str | Path) -> Recipe:

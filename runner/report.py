@@ -28,6 +28,7 @@ from jaxlora.errors import UserError
 PACKAGES = ["jaxlora", "jax", "jaxlib", "flax", "optax", "transformers", "tokenizers",
             "datasets", "safetensors", "pydantic", "numpy"]
 HEADLINE = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("loss", "eval loss")]
+LM_HEADLINE = [("loss", "eval loss"), ("perplexity", "perplexity")]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -91,20 +92,22 @@ def peak_memory() -> dict:
 def _fmt(value: float | None, key: str) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" if key == "loss" else f"{value:.3f}"
+    return f"{value:.4f}" if key in ("loss", "perplexity") else f"{value:.3f}"
 
 
 def _delta(before: float | None, after: float, key: str) -> str:
     if before is None:
         return "-"
-    return f"{after - before:+.4f}" if key == "loss" else f"{after - before:+.3f}"
+    return f"{after - before:+.4f}" if key in ("loss", "perplexity") else f"{after - before:+.3f}"
 
 
 def comparison_rows(before: dict | None, after: dict) -> list[tuple[str, str, str, str]]:
-    """(metric, before, after, change) rows: headline metrics, then per-class F1."""
+    """(metric, before, after, change) rows: headline metrics, then per-class F1
+    (classification), or loss and perplexity (causal-lm)."""
+    headline = HEADLINE if "accuracy" in after else LM_HEADLINE
     rows = [(label, _fmt(before and before[key], key), _fmt(after[key], key),
-             _delta(before and before[key], after[key], key)) for key, label in HEADLINE]
-    for name, scores in after["per_class"].items():
+             _delta(before and before[key], after[key], key)) for key, label in headline]
+    for name, scores in after.get("per_class", {}).items():
         b = before["per_class"][name]["f1"] if before else None
         rows.append((f"F1 {name}", _fmt(b, "f1"), _fmt(scores["f1"], "f1"),
                      _delta(b, scores["f1"], "f1")))
@@ -129,11 +132,17 @@ def markdown_report(manifest: dict, before: dict | None, after: dict, stats: dic
     out += [f"## Before and after fine-tuning ({n} held-out examples)", "",
             "| metric | before | after | change |", "|---|---:|---:|---:|"]
     out += [f"| {' | '.join(row)} |" for row in comparison_rows(before, after)]
-    out += ["", "## Data", "", f"Source: `{stats['source']}`", "",
-            "| label | train | eval |", "|---|---:|---:|"]
-    for name in stats["label_names"]:
-        out.append(f"| {name} | {stats['label_counts']['train'].get(name, 0)} "
-                   f"| {stats['label_counts']['eval'].get(name, 0)} |")
+    out += ["", "## Data", "", f"Source: `{stats['source']}`", ""]
+    if stats["label_names"]:
+        out += ["| label | train | eval |", "|---|---:|---:|"]
+        for name in stats["label_names"]:
+            out.append(f"| {name} | {stats['label_counts']['train'].get(name, 0)} "
+                       f"| {stats['label_counts']['eval'].get(name, 0)} |")
+    else:
+        tokens = stats.get("target_tokens", {})
+        out += ["| split | examples | target tokens |", "|---|---:|---:|",
+                f"| train | {stats['train_size']} | {tokens.get('train', '-')} |",
+                f"| eval | {stats['eval_size']} | {tokens.get('eval', '-')} |"]
     if stats.get("dropped"):
         dropped = ", ".join(f"`{k}`: {v}" for k, v in stats["dropped"].items())
         out += ["", f"Rows dropped for labels outside `labels`: {dropped}."]

@@ -17,7 +17,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     source: str  # hub id, local folder, or pkg://PACKAGE/path/inside (safetensors + config.json)
-    task: Literal["classification"] = "classification"  # the head put on top of the encoder
+    # classification: a fresh head on an encoder's pooled output (BERT family);
+    # causal-lm: next-token prediction with a decoder's own LM head (GPT-2, Llama family)
+    task: Literal["classification", "causal-lm"] = "classification"
     compute_dtype: Dtype = "auto"  # activations; auto = bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: Dtype = "auto"  # frozen base weights; auto = the compute dtype
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto = cuDNN fused kernel on GPU, else XLA

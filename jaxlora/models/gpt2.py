@@ -28,8 +28,8 @@ from flax import nnx
 
 from jaxlora.errors import UserError
 from jaxlora.models import weights
-from jaxlora.models.layers import (AttentionImpl, Embed, LayerNorm, Linear, attention, dropout,
-                                   resolve_attention, split_key)
+from jaxlora.models.layers import (AttentionImpl, Embed, LayerNorm, Linear, attention,
+                                   cached_attention, dropout, resolve_attention, split_key)
 
 TASKS = ("causal-lm",)
 ACTIVATIONS = {
@@ -124,19 +124,26 @@ class GPT2Block(nnx.Module):
         self.c_fc = Linear(n, inner, dtype=param_dtype)
         self.mlp_proj = Linear(inner, n, dtype=param_dtype)
 
-    def __call__(self, x, mask, rng):
+    def __call__(self, x, mask, rng, cache=None, index=None):
+        """The block; with a KV `cache` (generation) `mask` is the cache's
+        key-valid mask and the result is (x, cache), else x."""
         cfg = self.config
         keys = split_key(rng, 7)
         heads = (*x.shape[:2], cfg.n_head, cfg.n_embd // cfg.n_head)
         q, k, v = jnp.split(self.c_attn(self.ln_1(x), rng=keys[0]), 3, axis=-1)
-        context = attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), mask=mask,
-                            causal=True, implementation=self.attention_impl,
-                            dropout_rate=cfg.attn_pdrop, rng=keys[1])
+        q, k, v = q.reshape(heads), k.reshape(heads), v.reshape(heads)
+        if cache is not None:
+            context, cache = cached_attention(q, k, v, cache, index, mask)
+        else:
+            context = attention(q, k, v, mask=mask, causal=True,
+                                implementation=self.attention_impl,
+                                dropout_rate=cfg.attn_pdrop, rng=keys[1])
         h = self.attn_proj(context.reshape(x.shape), rng=keys[2])
         x = x + dropout(h, cfg.resid_pdrop, keys[3])
         h = self.mlp_proj(ACTIVATIONS[cfg.activation](self.c_fc(self.ln_2(x), rng=keys[4])),
                           rng=keys[5])
-        return x + dropout(h, cfg.resid_pdrop, keys[6])
+        x = x + dropout(h, cfg.resid_pdrop, keys[6])
+        return x if cache is None else (x, cache)
 
 
 class GPT2Model(nnx.Module):
@@ -162,6 +169,14 @@ class GPT2Model(nnx.Module):
             x = block(x, attention_mask, key)
         return self.ln_f(x)
 
+    def decode(self, input_ids, positions, key_valid, cache, index):
+        x = self.wte(input_ids, self.compute_dtype) + self.wpe(positions, self.compute_dtype)
+        new = []
+        for block, block_cache in zip(self.h, cache):
+            x, block_cache = block(x, key_valid, None, block_cache, index)
+            new.append(block_cache)
+        return self.ln_f(x), new
+
 
 class GPT2LMHeadModel(nnx.Module):
     """`(input_ids, attention_mask) -> float32 logits (batch, seq, vocab)`."""
@@ -173,9 +188,23 @@ class GPT2LMHeadModel(nnx.Module):
                                      compute_dtype=compute_dtype, attention=attention)
 
     def __call__(self, input_ids, attention_mask=None, *, rng=None):
-        x = self.transformer(input_ids, attention_mask, rng=rng)
+        return self._logits(self.transformer(input_ids, attention_mask, rng=rng))
+
+    def _logits(self, x):
         table = self.transformer.wte.embedding[...].astype(x.dtype)
         return (x @ table.T).astype(jnp.float32)
+
+    def init_cache(self, batch: int, length: int) -> list:
+        """An empty KV cache: per block (keys, values), each (batch, length, heads, head_dim)."""
+        cfg = self.config
+        shape = (batch, length, cfg.n_head, cfg.n_embd // cfg.n_head)
+        dtype = self.transformer.compute_dtype
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer)]
+
+    def decode(self, input_ids, positions, key_valid, cache, index):
+        """Generation: float32 logits of the new tokens, and the updated cache."""
+        x, cache = self.transformer.decode(input_ids, positions, key_valid, cache, index)
+        return self._logits(x), cache
 
     def linear_layers(self) -> dict[str, Linear]:
         return {f"transformer.h.{i}.{hf}": getattr(block, ours)

@@ -231,3 +231,28 @@ def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: tuple, index: jax.Array,
+                     key_valid: jax.Array, window: int | None = None
+                     ) -> tuple[jax.Array, tuple]:
+    """Attention for generation with a KV cache of fixed length L.
+
+    q, k, v: (batch, T, heads, head_dim) for the T new tokens, which go to cache
+    slots index .. index + T - 1; `cache` is (keys, values), each (batch, L,
+    kv_heads, head_dim); `key_valid` (batch, L) marks the slots holding real
+    tokens (left padding is not). Query i sees the valid slots up to its own,
+    and within `window` of it when given. Returns the context and the cache.
+    """
+    keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
+    values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
+    t, length = q.shape[1], keys.shape[1]
+    slot = jnp.arange(length)[None, :]
+    query = index + jnp.arange(t)[:, None]
+    allowed = slot <= query
+    if window is not None:
+        allowed = allowed & (slot > query - window)
+    mask = allowed[None, None] & key_valid.astype(bool)[:, None, None, :]
+    context = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                           mask=mask, implementation="xla")
+    return context, (keys, values)

@@ -31,7 +31,7 @@ from flax import nnx
 from jaxlora.errors import UserError
 from jaxlora.models import weights
 from jaxlora.models.layers import (AttentionImpl, Embed, Linear, RMSNorm, attention,
-                                   resolve_attention, rotary, split_key)
+                                   cached_attention, resolve_attention, rotary, split_key)
 
 TASKS = ("causal-lm",)
 _ATTENTION = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj",
@@ -158,7 +158,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.up_proj = Linear(h, inner, use_bias=config.mlp_bias, dtype=param_dtype)
         self.down_proj = Linear(inner, h, use_bias=config.mlp_bias, dtype=param_dtype)
 
-    def __call__(self, x, mask, positions, inv_freq, rng):
+    def __call__(self, x, mask, positions, inv_freq, rng, cache=None, index=None):
+        """The block; with a KV `cache` (generation) `mask` is the cache's
+        key-valid mask and the result is (x, cache), else x."""
         cfg = self.config
         keys = split_key(rng, 8)
         b, t = x.shape[:2]
@@ -167,13 +169,17 @@ class LlamaDecoderLayer(nnx.Module):
         k = self.k_proj(n, rng=keys[1]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(n, rng=keys[2]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
-        context = attention(q, k, v, mask=mask, causal=True, window=self.window,
-                            implementation=self.attention_impl,
-                            dropout_rate=cfg.attention_dropout, rng=keys[3])
+        if cache is not None:
+            context, cache = cached_attention(q, k, v, cache, index, mask, self.window)
+        else:
+            context = attention(q, k, v, mask=mask, causal=True, window=self.window,
+                                implementation=self.attention_impl,
+                                dropout_rate=cfg.attention_dropout, rng=keys[3])
         x = x + self.o_proj(context.reshape(b, t, -1), rng=keys[4])
         n = self.post_attention_layernorm(x)
         h = jax.nn.silu(self.gate_proj(n, rng=keys[5])) * self.up_proj(n, rng=keys[6])
-        return x + self.down_proj(h, rng=keys[7])
+        x = x + self.down_proj(h, rng=keys[7])
+        return x if cache is None else (x, cache)
 
 
 class LlamaModel(nnx.Module):
@@ -198,6 +204,16 @@ class LlamaModel(nnx.Module):
             x = layer(x, attention_mask, positions, inv_freq, key)
         return self.norm(x)
 
+    def decode(self, input_ids, positions, key_valid, cache, index):
+        """Hidden states of the new tokens at cache slots index.., and the cache."""
+        inv_freq = self.config.inv_freq()
+        x = self.embed_tokens(input_ids, self.compute_dtype)
+        new = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer(x, key_valid, positions, inv_freq, None, layer_cache, index)
+            new.append(layer_cache)
+        return self.norm(x), new
+
 
 class LlamaForCausalLM(nnx.Module):
     """`(input_ids, attention_mask) -> float32 logits (batch, seq, vocab)`."""
@@ -212,12 +228,26 @@ class LlamaForCausalLM(nnx.Module):
                                dtype=param_dtype))
 
     def __call__(self, input_ids, attention_mask=None, *, rng=None):
-        x = self.model(input_ids, attention_mask, rng=rng)
+        return self._logits(self.model(input_ids, attention_mask, rng=rng))
+
+    def _logits(self, x):
         if self.lm_head is None:
             logits = x @ self.model.embed_tokens.embedding[...].astype(x.dtype).T
         else:
             logits = self.lm_head(x)
         return logits.astype(jnp.float32)
+
+    def init_cache(self, batch: int, length: int) -> list:
+        """An empty KV cache: per layer (keys, values), each (batch, length, kv_heads, head_dim)."""
+        cfg = self.config
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        dtype = self.model.compute_dtype
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+    def decode(self, input_ids, positions, key_valid, cache, index):
+        """Generation: float32 logits of the new tokens, and the updated cache."""
+        x, cache = self.model.decode(input_ids, positions, key_valid, cache, index)
+        return self._logits(x), cache
 
     def linear_layers(self) -> dict[str, Linear]:
         """The blocks' linear layers by Hugging Face path; lm_head is left out (as

@@ -1,0 +1,110 @@
+"""Text generation from a causal LM: a KV cache and one compiled decode loop.
+
+    prompts (left-padded to P) --prefill--> cache slots 0..P-1, first token
+      --while not all done and < max_new_tokens--> one token per step, its
+        keys/values written to slot P + i, attention over the valid slots
+
+Everything after the prompt runs inside one `jax.jit` (a `lax.while_loop`), so
+a step costs one dispatch-free iteration. The cache has a fixed length (P +
+max_new_tokens) so shapes never change. Left padding keeps every row's next
+slot the same; positions (for RoPE / learned positions) count each row's real
+tokens only, and padded slots are never attended to. Greedy when temperature
+is 0, else sampling at that temperature from the top-p nucleus.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerateConfig(BaseModel):
+    """Sampling settings (the `runner generate` options)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_new_tokens: int = Field(64, gt=0, le=32768)
+    temperature: float = Field(0.0, ge=0.0, le=100.0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)  # nucleus: the smallest set of tokens with this mass
+    seed: int = 0
+
+
+def _pick(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """Next token ids (batch,) from float32 logits (batch, vocab)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        outside = jnp.cumsum(probs, axis=-1) - probs > top_p  # the first token always stays
+        sorted_logits = jnp.where(outside, -jnp.inf, sorted_logits)
+        logits = jnp.full_like(logits, -jnp.inf).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
+              temperature: float, top_p: float):
+    length = prompt_len + max_new
+
+    @jax.jit
+    def run(trainable, frozen, ids, valid, positions, key, eos_id, pad_id):
+        model = nnx.merge(graphdef, trainable, frozen)
+        cache = model.init_cache(batch, length)
+        logits, cache = model.decode(ids, positions, valid, cache, 0)
+        key, sub = jax.random.split(key)
+        token = _pick(logits[:, -1], sub, temperature, top_p)
+        out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(token)
+        done = token == eos_id
+
+        def cond(carry):
+            i, _, _, _, _, _, done, _ = carry
+            return (i < max_new) & ~jnp.all(done)
+
+        def body(carry):
+            i, out, cache, valid, token, position, done, key = carry
+            slot = prompt_len + i - 1  # where the previous token's keys go
+            valid = valid.at[:, slot].set(1)
+            position = position + 1
+            logits, cache = model.decode(token[:, None], position[:, None], valid, cache, slot)
+            key, sub = jax.random.split(key)
+            token = jnp.where(done, pad_id, _pick(logits[:, 0], sub, temperature, top_p))
+            out = out.at[:, i].set(token)
+            return i + 1, out, cache, valid, token, position, done | (token == eos_id), key
+
+        carry = (jnp.int32(1), out, cache, valid, token, positions[:, -1], done, key)
+        return jax.lax.while_loop(cond, body, carry)[1]
+
+    return run
+
+
+def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]],
+             cfg: GenerateConfig, *, eos_id: int | None, pad_id: int = 0) -> list[list[int]]:
+    """The new token ids of each prompt, up to and including EOS (or
+    `cfg.max_new_tokens` of them)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    length = prompt_len + cfg.max_new_tokens
+    ids = np.full((batch, prompt_len), pad_id, np.int32)
+    valid = np.zeros((batch, length), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, prompt_len - len(prompt):] = prompt
+        valid[row, prompt_len - len(prompt):prompt_len] = 1
+    positions = np.maximum(np.cumsum(valid[:, :prompt_len], axis=1) - 1, 0).astype(np.int32)
+    run = _compiled(graphdef, batch, prompt_len, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    eos = -1 if eos_id is None else eos_id
+    out = np.asarray(run(trainable, frozen, ids, valid, positions, jax.random.key(cfg.seed),
+                         jnp.int32(eos), jnp.int32(pad_id)))
+    result = []
+    for row in out.tolist():
+        result.append(row[:row.index(eos) + 1] if eos in row else row)
+    return result

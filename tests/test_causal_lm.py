@@ -1,0 +1,151 @@
+"""Causal-LM fine-tuning end to end on tiny random decoders the test builds
+(GPT-2 and Llama, with a small word-level tokenizer): the loss mask of
+prompt/response data, and a run whose perplexity falls."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from test_cli import runner_here as _runner
+from models.test_decoders import CONFIGS, save_tiny_decoder
+
+WORDS = ("the a cat dog bird sat ran flew on under over mat rug tree . question answer is "
+         "what where who red blue green ?").split()
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def save_word_tokenizer(folder, with_bos: bool):
+    """A word-level fast tokenizer over WORDS (ids < 211, the tiny models' vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if with_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_decoder_dir(folder, name):
+    save_tiny_decoder(name, folder)
+    save_word_tokenizer(folder, with_bos=not name.startswith("gpt2"))
+    return folder
+
+
+def _texts(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    animals, places = ["cat", "dog", "bird"], ["mat", "rug", "tree"]
+    verbs = {"cat": "sat", "dog": "ran", "bird": "flew"}
+    rows = []
+    for _ in range(n):
+        a, p = animals[rng.integers(3)], places[rng.integers(3)]
+        rows.append({"text": f"the {a} {verbs[a]} on the {p} .",
+                     "prompt": f"what is the {a} ?", "response": f"the {a} {verbs[a]} ."})
+    return rows
+
+
+def test_prompt_response_loss_mask_covers_the_response_only(tmp_path):
+    from jaxlora.data import tokenize_lm_batch
+
+    tok = save_word_tokenizer(tmp_path, with_bos=True)
+    out = tokenize_lm_batch({"p": ["what is the cat ?"], "r": ["the cat sat ."]},
+                            tokenizer=tok, text_column="text", prompt_column="p",
+                            response_column="r", template="question {prompt} answer",
+                            max_length=16, pad_id=0, eos_id=tok.eos_token_id)
+    ids, mask = out["input_ids"][0], out["loss_mask"][0]
+    words = tok.convert_ids_to_tokens(ids)
+    assert words[:13] == ["<s>", "question", "what", "is", "the", "cat", "?", "answer",
+                          "the", "cat", "sat", ".", "</s>"]
+    assert mask == [0] * 8 + [1] * 5 + [0] * 3  # response and EOS; not prompt, not padding
+    assert out["attention_mask"][0] == [1] * 13 + [0] * 3 and out["truncated"] == [False]
+    cut = tokenize_lm_batch({"p": ["what is the cat ?"], "r": ["the cat sat ."]},
+                            tokenizer=tok, text_column="text", prompt_column="p",
+                            response_column="r", template="{prompt}", max_length=8, pad_id=0,
+                            eos_id=tok.eos_token_id)
+    assert cut["truncated"] == [True] and cut["loss_mask"][0] == [0] * 6 + [1] * 2
+
+
+def test_causal_lm_loss_counts_targets_only():
+    import jax.numpy as jnp
+
+    from jaxlora.tasks import causal_lm_loss
+
+    logits = jnp.zeros((1, 4, 5)).at[0, 1, 3].set(10.0)  # position 1 predicts token 3
+    batch = {"input_ids": jnp.array([[1, 2, 3, 4]]), "attention_mask": jnp.ones((1, 4)),
+             "loss_mask": jnp.array([[0, 0, 1, 0]]), "weights": jnp.ones(1)}
+    loss, count = causal_lm_loss(logits, batch)
+    assert float(count) == 1.0 and float(loss) < 1e-3  # only token 3 counts, and it is right
+
+
+RECIPE = """
+[model]
+source = "model"
+task = "causal-lm"
+[data]
+source = "data.jsonl"
+{data}
+max_length = 16
+eval_size = 20
+[adapter]
+method = "{method}"
+rank = 8
+targets = {targets}
+[train]
+epochs = 4
+batch_size = 10
+learning_rate = 5e-3
+warmup_ratio = 0.0
+log_every = 5
+[eval]
+batch_size = 10
+"""
+
+
+@pytest.mark.parametrize("name, method, targets, data", [
+    ("gpt2", "lora", '["c_attn"]', 'text_column = "text"'),
+    ("llama-gqa-rope3", "qlora", '"all-linear"',
+     'prompt_column = "prompt"\nresponse_column = "response"\ntemplate = "question {prompt} answer"'),
+])
+def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
+    tiny_decoder_dir(tmp_path / "model", name)
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in _texts()) + "\n")
+    (tmp_path / "lm.toml").write_text(RECIPE.format(data=data, method=method, targets=targets))
+    done = _runner("run", "lm.toml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = list((tmp_path / "runs" / "lm").iterdir())
+    evals = json.loads((run / "eval.json").read_text())
+    before, after = evals["before"], evals["after"]
+    assert before["examples"] == after["examples"] == 20 and after["tokens"] > 0
+    assert after["perplexity"] < 0.5 * before["perplexity"]
+    assert after["perplexity"] == pytest.approx(np.exp(after["loss"]))
+    assert "perplexity" in done.stdout and "| perplexity |" in (run / "report.md").read_text()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data"]["target_tokens"]["eval"] == after["tokens"]
+    again = _runner("eval", str(run), cwd=tmp_path)  # a finished causal-lm run, re-evaluated
+    assert again.returncode == 0 and "perplexity" in again.stdout
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace('text_column = "text"', 'text_column = "text"\nlabels = ["a", "b"]'),
+     "data.labels: only for task classification"),
+    (lambda t: t.replace('text_column = "text"', 'prompt_column = "prompt"'),
+     "give both prompt_column and response_column"),
+    (lambda t: t.replace('text_column = "text"', 'text_column = "body"'), "no column 'body'"),
+    (lambda t: t.replace('task = "causal-lm"', 'task = "classification"'),
+     "data.labels: required for task classification"),
+])
+def test_causal_lm_bad_input(tmp_path, edit, expected):
+    tiny_decoder_dir(tmp_path / "model", "gpt2")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in _texts(30)) + "\n")
+    (tmp_path / "lm.toml").write_text(edit(RECIPE.format(data='text_column = "text"',
+                                                         method="lora", targets='["c_attn"]')))
+    done = _runner("run", "lm.toml", cwd=tmp_path)
+    assert done.returncode == 2 and expected in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
