@@ -431,9 +431,9 @@ def _read_split(ds: Any, cfg: DataConfig, path: Path,
     their row counts."""
     import datasets
 
-    for field, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
+    for name, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
         if column not in ds.column_names:
-            raise UserError(f"{path}: no column {column!r} ({field}) in split {split!r}; "
+            raise UserError(f"{path}: no column {column!r} ({name}) in split {split!r}; "
                             f"columns: {', '.join(ds.column_names)}")
     # A freshly loaded split has no indices mapping, so its Arrow table is its rows.
     raw = ds.data.column(cfg.label_column).to_pylist()

@@ -25,6 +25,9 @@ class EvalConfig(BaseModel):
 
     before: bool = True  # also evaluate the base model before fine-tuning
     batch_size: int = Field(64, gt=0, le=65536)  # examples per eval step
+    # causal-lm prompt/response data: greedy-complete this many eval prompts and
+    # count exact matches with the reference responses (0: skip)
+    exact_match_examples: int = Field(32, ge=0, le=100000)
 
 
 def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification"):
@@ -84,3 +87,27 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
                                      label_names)
     metrics["loss"] = float(np.concatenate(losses).mean())
     return metrics
+
+
+def exact_match(graphdef: nnx.GraphDef, trainable, frozen, split, *, examples: int,
+                eos_id: int | None, pad_id: int = 0) -> dict:
+    """Share of the first `examples` eval prompts whose greedy completion equals
+    the reference response token for token (through EOS; a reference cut by
+    max_length is compared over its length)."""
+    from jaxlora.generate import GenerateConfig, generate
+
+    prompts, references = [], []
+    for row in range(min(examples, len(split))):
+        real = split.attention_mask[row] > 0
+        ids, targets = split.input_ids[row][real], split.loss_mask[row][real]
+        first = int(np.argmax(targets > 0))
+        prompts.append(ids[:first].tolist())
+        references.append(ids[first:].tolist())
+    if not prompts:
+        return {"exact_match": None, "exact_match_examples": 0}
+    cfg = GenerateConfig(max_new_tokens=max(len(r) for r in references))
+    completions = generate(graphdef, trainable, frozen, prompts, cfg, eos_id=eos_id,
+                           pad_id=pad_id)
+    hits = sum(c[:len(r)] == r and (len(c) == len(r) or r[-1] != eos_id)
+               for c, r in zip(completions, references))
+    return {"exact_match": hits / len(prompts), "exact_match_examples": len(prompts)}

@@ -82,6 +82,25 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     predict.add_argument("texts", nargs="+", metavar="TEXT")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    generate = commands.add_parser(
+        "generate", help="complete prompts with a causal-LM run's model (or a recipe's base)",
+        description="Sample completions with a jit'd decode loop and a KV cache, from a "
+                    "causal-lm run's fine-tuned model (RUN_DIR) or a recipe's base model "
+                    "(RECIPE). Prompts of a run trained on prompt/response pairs are shown "
+                    "through the recipe's data.template, as in training (--raw: as given).")
+    generate.add_argument("target", type=Path, metavar="RUN_DIR|RECIPE")
+    generate.add_argument("--prompt", action="append", required=True,
+                          help="a prompt (repeat for several; `-` reads one per line from "
+                               "standard input)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0,
+                          help="0 (default): greedy; else sample at this temperature")
+    generate.add_argument("--top-p", type=float, default=1.0,
+                          help="sample from the smallest set of tokens with this probability")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--raw", action="store_true",
+                          help="do not apply the recipe's data.template to the prompts")
+    generate.add_argument("--json", action="store_true", help="one JSON object per line")
     export = commands.add_parser(
         "export", help="write a run's weights for PyTorch: PEFT adapter or merged model",
         description="peft: adapter_config.json + adapter_model.safetensors, loadable with "
@@ -162,6 +181,30 @@ def _dispatch(args, console: Console, stop) -> int:
         mode = "fresh" if args.fresh else "resume" if args.resume else "auto"
         run(recipe, recipe_path, console, mode=mode, run_dir=run_dir, stop=stop)
         return 0
+    if args.command == "generate":
+        from pydantic import ValidationError
+
+        from jaxlora.generate import GenerateConfig
+
+        try:
+            cfg = GenerateConfig(max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            raise UserError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} "
+                            f"(got {err['input']!r})") from None
+        prompts = _texts(args.prompt)
+        _quiet_libraries()
+        from runner.inference import generate_texts
+
+        rows = generate_texts(args.target, prompts, cfg, console, raw=args.raw)
+        for row in rows:
+            if args.json:
+                print(json.dumps(row, ensure_ascii=False))
+            else:
+                console.print(f"[bold]{escape(row['prompt'])}[/]{escape(row['completion'])}",
+                              highlight=False)
+        return 0
     if args.command == "export":
         from runner.export import check_format
 
@@ -211,7 +254,7 @@ def _texts(args: list[str]) -> list[str]:
         texts += [line for line in sys.stdin.read().splitlines() if line.strip()] \
             if arg == "-" else [arg]
     if not texts or any(not t.strip() for t in texts):
-        raise UserError("predict: every TEXT must be non-empty")
+        raise UserError("every text or prompt must be non-empty")
     return texts
 
 

@@ -129,3 +129,52 @@ def predictions_table(rows: list[dict], labels: list[str]) -> Table:
         table.add_row(row["text"], row["label"],
                       *(f"{row['probabilities'][name]:.3f}" for name in labels))
     return table
+
+
+def generate_texts(target: Path, prompts: list[str], cfg, console: Console, *,
+                   raw: bool = False) -> list[dict]:
+    """`runner generate`: completions from a causal-LM run's fine-tuned model
+    (RUN_DIR) or from a recipe's base model (RECIPE, before fine-tuning).
+
+    The recipe's `data.template` is applied to each prompt when the run was
+    trained on prompt/response pairs (as in training), unless `raw`.
+    """
+    from flax import nnx
+
+    from jaxlora import sources
+    from jaxlora.generate import generate
+    from runner.pipeline import load_pretrained, load_tokenizer
+    from runner.recipe import load_recipe
+    from runner.runs import is_run_dir, open_run
+
+    if target.is_dir():
+        if not is_run_dir(target):
+            raise UserError(f"{target}: not a run folder (no manifest.json) and not a recipe")
+        opened = open_run(target)
+        recipe, tokenizer = opened.recipe, opened.tokenizer
+        graphdef, trainable, frozen = opened.graphdef, opened.trainable, opened.frozen
+        where = f"{target} at step {opened.step}"
+    else:
+        recipe = load_recipe(target)
+        model_dir = sources.resolve(recipe.model.source, "model", target.resolve().parent)
+        if recipe.model.task == "causal-lm":
+            loaded = load_pretrained(recipe, model_dir)
+            graphdef, trainable, frozen = nnx.split(loaded.model, nnx.Param, ...)
+        tokenizer = load_tokenizer(model_dir)
+        where = f"the base model {recipe.model.source} (not fine-tuned)"
+    if recipe.model.task != "causal-lm":
+        raise UserError(f"{target}: generate needs a causal-lm model; this recipe's task is "
+                        f"{recipe.model.task} (use `runner predict`)")
+    shown = [p if raw or not recipe.data.pairs else recipe.data.template.replace("{prompt}", p)
+             for p in prompts]
+    ids = [tokenizer(text)["input_ids"] for text in shown]
+    if any(not row for row in ids):
+        raise UserError("--prompt: a prompt gave no tokens")
+    new = generate(graphdef, trainable, frozen, ids, cfg, eos_id=tokenizer.eos_token_id,
+                   pad_id=tokenizer.pad_token_id or 0)
+    console.print(f"[dim]{where}; {'greedy' if cfg.temperature == 0 else 'sampled'}, "
+                  f"up to {cfg.max_new_tokens} new tokens[/]", highlight=False)
+    return [{"prompt": p, "completion": tokenizer.decode(tokens, skip_special_tokens=True),
+             "tokens": len(tokens),
+             "stopped_at_eos": bool(tokens) and tokens[-1] == tokenizer.eos_token_id}
+            for p, tokens in zip(prompts, new)]

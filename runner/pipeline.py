@@ -32,7 +32,7 @@ from jaxlora import sources
 from jaxlora.checkpoint import Checkpointer
 from jaxlora.data import prepare
 from jaxlora.errors import UserError
-from jaxlora.evaluate import build_eval_step, evaluate
+from jaxlora.evaluate import build_eval_step, evaluate, exact_match
 from jaxlora.lora import adapt, count_params, without_adapters
 from jaxlora.models import load_model
 from jaxlora.models.layers import resolve_attention
@@ -115,7 +115,8 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     if old:
         check_fingerprint(model_dir, old, run_dir)
     loaded = load_pretrained(recipe, model_dir)
-    data = prepare(recipe.data, load_tokenizer(model_dir), task=recipe.model.task,
+    tokenizer = load_tokenizer(model_dir)
+    data = prepare(recipe.data, tokenizer, task=recipe.model.task,
                    base_dir=base)
     stats = data_stats(data.stats)
     if old:
@@ -160,8 +161,8 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     console.print(f"data: {stats['train_size']} train / {stats['eval_size']} eval examples; "
                   f"trainable parameters: {manifest['model']['trainable_params']:,}")
     try:
-        return _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest,
-                                   graphdef, frozen, data, state, resumed)
+        return _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen,
+                                   data, state, resumed, tokenizer)
     except Interrupted as e:
         if manifest["status"] == "finished":  # the signal came as the run was ending
             raise Interrupted(e.signum, f"interrupted by {e.name} after the run finished; "
@@ -173,11 +174,10 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         raise Interrupted(e.signum, _interrupted_message(e, run_dir, recipe_path)) from None
 
 
-def _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest, graphdef, frozen,
-                        data, state, resumed) -> Path:
+def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen, data, state,
+                        resumed, tokenizer) -> Path:
     task = recipe.model.task
     eval_step = build_eval_step(graphdef, task)
-    labels = list(recipe.data.labels or [])
     evals_path = run_dir / "eval.json"
     evals = read_json(evals_path) if evals_path.is_file() else {}
     extra = {"recipe_hash": manifest["recipe_hash"],
@@ -186,9 +186,8 @@ def _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest, g
             Checkpointer(run_dir / CHECKPOINTS, keep=recipe.train.keep_checkpoints) as ckpt:
         before = evals.get("before")
         if recipe.eval.before and before is None:
-            before = evaluate(eval_step, without_adapters(state.trainable), frozen, data.eval,
-                              batch_size=recipe.eval.batch_size, label_names=labels,
-                              progress=progress, description="eval before", task=task)
+            before = _evaluate(recipe, eval_step, graphdef, without_adapters(state.trainable),
+                               frozen, data.eval, progress, "eval before", tokenizer)
             report.write_json(evals_path, {"before": before})
         with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, stop.deferred():
             result = fit(graphdef, state.trainable, frozen, data.train, recipe.train,
@@ -199,9 +198,8 @@ def _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest, g
                          should_stop=stop.requested, progress=progress)
         if stop.requested():  # during training, or just as it ended
             raise Interrupted(stop.signum)
-        after = evaluate(eval_step, result.trainable, frozen, data.eval,
-                         batch_size=recipe.eval.batch_size, label_names=labels,
-                         progress=progress, description="eval after", task=task)
+        after = _evaluate(recipe, eval_step, graphdef, result.trainable, frozen, data.eval,
+                          progress, "eval after", tokenizer)
 
     earlier = manifest["train"]
     manifest["train"] = {"steps": result.steps, "total_steps": earlier["total_steps"],
@@ -225,6 +223,22 @@ def _train_and_evaluate(recipe, recipe_path, console, stop, run_dir, manifest, g
     console.print(f"train {result.train_seconds:.0f} s ({result.steps} steps); "
                   f"report: {run_dir / 'report.md'}")
     return run_dir
+
+
+def _evaluate(recipe, eval_step, graphdef, trainable, frozen, split, progress, description,
+              tokenizer) -> dict:
+    """The task's metrics of one model on the eval split; for prompt/response
+    data also the exact match of greedy completions."""
+    task = recipe.model.task
+    metrics = evaluate(eval_step, trainable, frozen, split, batch_size=recipe.eval.batch_size,
+                       label_names=list(recipe.data.labels or []), progress=progress,
+                       description=description, task=task)
+    if task == "causal-lm" and recipe.data.pairs and recipe.eval.exact_match_examples:
+        metrics.update(exact_match(graphdef, trainable, frozen, split,
+                                   examples=recipe.eval.exact_match_examples,
+                                   eos_id=tokenizer.eos_token_id,
+                                   pad_id=tokenizer.pad_token_id or 0))
+    return metrics
 
 
 def _interrupted_message(e: Interrupted, run_dir: Path, recipe_path: Path) -> str:

@@ -28,7 +28,8 @@ from jaxlora.errors import UserError
 PACKAGES = ["jaxlora", "jax", "jaxlib", "flax", "optax", "transformers", "tokenizers",
             "datasets", "safetensors", "pydantic", "numpy"]
 HEADLINE = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("loss", "eval loss")]
-LM_HEADLINE = [("loss", "eval loss"), ("perplexity", "perplexity")]
+LM_HEADLINE = [("loss", "eval loss"), ("perplexity", "perplexity"),
+               ("exact_match", "exact match")]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -104,7 +105,8 @@ def _delta(before: float | None, after: float, key: str) -> str:
 def comparison_rows(before: dict | None, after: dict) -> list[tuple[str, str, str, str]]:
     """(metric, before, after, change) rows: headline metrics, then per-class F1
     (classification), or loss and perplexity (causal-lm)."""
-    headline = HEADLINE if "accuracy" in after else LM_HEADLINE
+    headline = HEADLINE if "accuracy" in after else [
+        (key, label) for key, label in LM_HEADLINE if after.get(key) is not None]
     rows = [(label, _fmt(before and before[key], key), _fmt(after[key], key),
              _delta(before and before[key], after[key], key)) for key, label in headline]
     for name, scores in after.get("per_class", {}).items():

@@ -3,13 +3,12 @@
 prompt/response data, and a run whose perplexity falls."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 from test_cli import runner_here as _runner
-from models.test_decoders import CONFIGS, save_tiny_decoder
+from models.test_decoders import save_tiny_decoder
 
 WORDS = ("the a cat dog bird sat ran flew on under over mat rug tree . question answer is "
          "what where who red blue green ?").split()
@@ -130,6 +129,17 @@ def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     assert manifest["data"]["target_tokens"]["eval"] == after["tokens"]
     again = _runner("eval", str(run), cwd=tmp_path)  # a finished causal-lm run, re-evaluated
     assert again.returncode == 0 and "perplexity" in again.stdout
+    if "prompt" in data:  # greedy completions of the 20 eval prompts, before and after
+        assert before["exact_match_examples"] == after["exact_match_examples"] == 20
+        assert after["exact_match"] > before["exact_match"]
+        assert "exact match" in done.stdout
+    else:
+        assert "exact_match" not in after
+    out = _runner("generate", str(run), "--prompt", "what is the dog ?", "--max-new-tokens",
+                  "6", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [row] = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert row["prompt"] == "what is the dog ?" and 0 < row["tokens"] <= 6
 
 
 @pytest.mark.parametrize("edit, expected", [

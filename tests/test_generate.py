@@ -2,7 +2,6 @@
 20 greedy tokens, token for token, on tiny random decoders, for a batch of
 prompts of different lengths (left-padded); and sampling settings."""
 
-import numpy as np
 import pytest
 
 from jaxlora.generate import GenerateConfig, generate
