@@ -71,27 +71,42 @@ def peft_tensors(model, family) -> dict[str, np.ndarray]:
     return tensors
 
 
-def peft_config(cfg, model, family, *, base_model: str | None) -> dict:
+def _prefix(family, task: str) -> str:
+    """The prefix of the base model's keys inside the task model transformers
+    builds (`bert.` in BertForSequenceClassification, `model.` in LlamaForCausalLM)."""
+    return family.CLASSIFIER_PREFIX if task == "classification" else family.PREFIXES[0]
+
+
+def peft_config(cfg, model, family, *, task: str, base_model: str | None) -> dict:
     """adapter_config.json for a LoRA/QLoRA `cfg` (a `jaxlora.lora.LoraConfig`)."""
-    prefix = family.CLASSIFIER_PREFIX
+    prefix = _prefix(family, task)
     targets = [path.removeprefix(prefix) for path, linear in model.linear_layers().items()
                if linear.lora is not None]
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
-    return {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model,
-            "r": cfg.rank, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
-            "target_modules": targets, "modules_to_save": [_head_module(family)],
-            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-            "init_lora_weights": True, "inference_mode": True, "revision": None}
+    classify = task == "classification"
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS" if classify else "CAUSAL_LM",
+            "base_model_name_or_path": base_model, "r": cfg.rank, "lora_alpha": alpha,
+            "lora_dropout": cfg.dropout, "target_modules": targets,
+            "modules_to_save": [_head_module(family)] if classify else None,
+            "bias": "none", "fan_in_fan_out": getattr(family, "FAN_IN_FAN_OUT", False),
+            "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "revision": None}
 
 
-def merged_tensors(model, family, dtype=np.float32) -> dict[str, np.ndarray]:
-    """A transformers `<Family>ForSequenceClassification` state dict, adapters merged."""
+def merged_tensors(model, family, dtype=np.float32, *,
+                   task: str = "classification") -> dict[str, np.ndarray]:
+    """The state dict of the transformers task model (`<Family>ForSequenceClassification`,
+    `<Family>ForCausalLM`), adapters merged."""
     tensors: dict[str, np.ndarray] = {}
     handled: set[int] = set()
+    prefix = _prefix(family, task)
+    top_level = tuple(getattr(family, "UNPREFIXED", ()))  # e.g. Llama's lm_head
     for path, linear in model.linear_layers().items():
         weight = kernel_out_in(linear)
         delta = lora_delta_out_in(linear)
-        tensors[f"{path}.weight"] = weight if delta is None else weight + delta
+        weight = weight if delta is None else weight + delta
+        # GPT-2's Conv1D keeps (in, out)
+        tensors[f"{path}.weight"] = weight.T if getattr(family, "FAN_IN_FAN_OUT", False) else weight
         handled.add(id(linear.kernel))
         if linear.bias is not None:
             tensors[f"{path}.bias"] = np.asarray(linear.bias[...], np.float32)
@@ -103,7 +118,7 @@ def merged_tensors(model, family, dtype=np.float32) -> dict[str, np.ndarray]:
         rule, key = rule_for_path(dotted, family.WEIGHT_RULES)
         if key is None:
             raise ValueError(f"no weight rule writes {dotted}")
-        tensors[family.CLASSIFIER_PREFIX + key] = rule.to_model(
+        tensors[key if key.startswith(top_level) else prefix + key] = rule.to_model(
             np.asarray(variable[...], np.float32))
     tensors.update(_head_tensors(model, family))
     return {k: np.ascontiguousarray(v).astype(dtype) for k, v in tensors.items()}

@@ -216,9 +216,9 @@ def _dispatch(args, console: Console, stop) -> int:
     from runner.runs import open_run
 
     opened = open_run(args.run_dir)
-    if args.command in ("predict", "export") and opened.recipe.model.task != "classification":
-        raise UserError(f"{args.run_dir}: `runner {args.command}` handles classification runs; "
-                        f"this one is {opened.recipe.model.task}, which it does not support yet")
+    if args.command == "predict" and opened.recipe.model.task != "classification":
+        raise UserError(f"{args.run_dir}: `runner predict` labels texts with a classification "
+                        f"run; this one is {opened.recipe.model.task}: use `runner generate`")
     if not opened.finished and args.command != "export":  # export notes it in its folder too
         Console(stderr=True).print(
             f"note: {args.run_dir} has not finished (status "

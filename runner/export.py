@@ -72,12 +72,14 @@ def _write(tmp: Path, opened: OpenedRun, fmt: str, fam, model, notes: list[str])
     if fmt == "peft":
         write_safetensors(tmp / "adapter_model.safetensors", peft_tensors(model, fam),
                           {"format": "pt"})
-        config = peft_config(opened.recipe.adapter, model, fam, base_model=_base_name(opened))
+        config = peft_config(opened.recipe.adapter, model, fam, task=opened.recipe.model.task,
+                             base_model=_base_name(opened))
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     else:
         # float32 whatever the training dtype: a LoRA update is small next to the
         # weight it is added to, and bfloat16 would round much of it away.
-        write_safetensors(tmp / "model.safetensors", merged_tensors(model, fam, np.float32),
+        write_safetensors(tmp / "model.safetensors",
+                          merged_tensors(model, fam, np.float32, task=opened.recipe.model.task),
                           {"format": "pt"})
         _hf_config(opened, fam).save_pretrained(tmp)
     opened.tokenizer.save_pretrained(tmp)
@@ -94,11 +96,15 @@ def _base_name(opened: OpenedRun) -> str:
 
 def _hf_config(opened: OpenedRun, fam):
     config = copy.deepcopy(opened.loaded.hf_config)
+    config.dtype = "float32"
+    if opened.recipe.model.task != "classification":
+        named = [a for a in (config.architectures or []) if a.endswith("ForCausalLM")]
+        config.architectures = named or [fam.CAUSAL_LM_ARCHITECTURE]
+        return config
     labels = list(opened.recipe.data.labels)
     config.architectures = [fam.CLASSIFIER_ARCHITECTURE]
     config.id2label = dict(enumerate(labels))
     config.label2id = {name: i for i, name in enumerate(labels)}
-    config.dtype = "float32"
     return config
 
 
@@ -121,20 +127,20 @@ def _notes(opened: OpenedRun, fmt: str) -> list[str]:
 
 
 def _readme(opened: OpenedRun, fmt: str, notes: list[str]) -> str:
-    labels = list(opened.recipe.data.labels)
+    labels = list(opened.recipe.data.labels or [])
+    classify = opened.recipe.model.task == "classification"
+    auto = "AutoModelForSequenceClassification" if classify else "AutoModelForCausalLM"
+    extra = f", num_labels={len(labels)}" if classify else ""
     lines = [f"# {opened.recipe.name} ({fmt} export)", "",
              f"Exported by jaxlora from run `{opened.run_dir}` at step {opened.step}; "
-             f"method `{opened.recipe.adapter.method}`; labels {labels} (class id = position).",
-             ""]
+             f"task `{opened.recipe.model.task}`; method `{opened.recipe.adapter.method}`"
+             + (f"; labels {labels} (class id = position)." if classify else "."), ""]
     if fmt == "peft":
-        lines += ["```python", "from peft import PeftModel",
-                  "from transformers import AutoModelForSequenceClassification", "",
-                  "base = AutoModelForSequenceClassification.from_pretrained(",
-                  f"    {_base_name(opened)!r}, num_labels={len(labels)})",
+        lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}",
+                  "", f"base = {auto}.from_pretrained({_base_name(opened)!r}{extra})",
                   "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()", "```"]
     else:
-        lines += ["```python", "from transformers import AutoModelForSequenceClassification",
-                  "model = AutoModelForSequenceClassification.from_pretrained('THIS_FOLDER')",
-                  "```"]
+        lines += ["```python", f"from transformers import {auto}",
+                  f"model = {auto}.from_pretrained('THIS_FOLDER')", "```"]
     lines += [""] + [f"Note: {note}" for note in notes]
     return "\n".join(lines) + "\n"

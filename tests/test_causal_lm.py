@@ -107,10 +107,13 @@ batch_size = 10
 """
 
 
+PAIRS = 'prompt_column = "prompt"\nresponse_column = "response"\ntemplate = "question {prompt} answer"'
+
+
 @pytest.mark.parametrize("name, method, targets, data", [
-    ("gpt2", "lora", '["c_attn"]', 'text_column = "text"'),
-    ("llama-gqa-rope3", "qlora", '"all-linear"',
-     'prompt_column = "prompt"\nresponse_column = "response"\ntemplate = "question {prompt} answer"'),
+    ("gpt2", "lora", '["c_attn", "mlp.c_proj"]', 'text_column = "text"'),
+    ("llama-gqa-rope3", "lora", '"all-linear"', PAIRS),
+    ("qwen2", "qlora", '["q_proj", "v_proj"]', PAIRS),
 ])
 def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     tiny_decoder_dir(tmp_path / "model", name)
@@ -140,6 +143,43 @@ def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     assert out.returncode == 0, out.stderr[-2000:]
     [row] = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert row["prompt"] == "what is the dog ?" and 0 < row["tokens"] <= 6
+    _check_exports(tmp_path, run, method)
+
+
+def _check_exports(root, run, method):
+    """PEFT and merged exports load in PyTorch with jaxlora's logits (float32, 1e-4).
+    A QLoRA adapter was trained on the 4-bit base, so its PEFT export is only
+    loaded; its merged export carries the dequantized base and must match."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from runner.runs import open_run
+
+    for fmt in ("peft", "merged"):
+        done = _runner("export", str(run), "--format", fmt, cwd=root)
+        assert done.returncode == 0, done.stderr[-2000:]
+    opened = open_run(run)
+    ids = np.array([[1, 5, 6, 7, 8, 20, 4], [1, 9, 10, 11, 0, 0, 0]], np.int32)
+    mask = (np.arange(7)[None, :] < np.array([[7], [4]])).astype(np.int32)
+    ours = np.asarray(opened.model()(ids, mask))
+    config = json.loads((run / "export" / "peft" / "adapter_config.json").read_text())
+    gpt2 = opened.manifest["model"]["adapted_layers"][0].startswith("transformer.h.")
+    assert config["task_type"] == "CAUSAL_LM" and config["fan_in_fan_out"] == gpt2
+    base = AutoModelForCausalLM.from_pretrained(str(root / "model"))
+    peft_model = PeftModel.from_pretrained(base, str(run / "export" / "peft")).eval()
+    merged, info = AutoModelForCausalLM.from_pretrained(str(run / "export" / "merged"),
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    real = mask.astype(bool)
+    with torch.no_grad():
+        inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long),
+                      attention_mask=torch.tensor(mask))
+        via_peft = peft_model(**inputs).logits.numpy()
+        via_merged = merged.eval()(**inputs).logits.numpy()
+    np.testing.assert_allclose(via_merged[real], ours[real], atol=1e-4, rtol=0)
+    if method != "qlora":
+        np.testing.assert_allclose(via_peft[real], ours[real], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("edit, expected", [

@@ -53,6 +53,7 @@ WEIGHT_RULES: list[weights.Rule] = [
 ]
 IGNORED: list[str] = [r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 PREFIXES = ("model.",)
+UNPREFIXED = ("lm_head.",)  # export: keys outside `model.` in LlamaForCausalLM
 CAUSAL_LM_ARCHITECTURE = "LlamaForCausalLM"
 FAN_IN_FAN_OUT = False
 SUPPORTED_ROPE = ("default", "linear", "llama3")
