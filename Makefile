@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RECIPE ?= recipes/bert-sentiment.toml
 
-.PHONY: setup setup-test run test bench clean
+.PHONY: setup setup-test run test bench tiny clean
 
 setup: $(VENV)/.installed-run
 setup-test: $(VENV)/.installed-test
@@ -34,5 +34,8 @@ test: setup-test
 bench: setup-test
 	$(PY) bench/step.py
 
+tiny: setup-test  # the tiny model and data of recipes/tiny-llama-offline.toml
+	$(PY) tests/tiny_models.py .tiny
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .tiny

@@ -3,51 +3,13 @@
 prompt/response data, and a run whose perplexity falls."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from test_cli import runner_here as _runner
-from models.test_decoders import save_tiny_decoder
-
-WORDS = ("the a cat dog bird sat ran flew on under over mat rug tree . question answer is "
-         "what where who red blue green ?").split()
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-def save_word_tokenizer(folder, with_bos: bool):
-    """A word-level fast tokenizer over WORDS (ids < 211, the tiny models' vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if with_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
-    fast.save_pretrained(folder)
-    return fast
-
-
-def tiny_decoder_dir(folder, name):
-    save_tiny_decoder(name, folder)
-    save_word_tokenizer(folder, with_bos=not name.startswith("gpt2"))
-    return folder
-
-
-def _texts(n=120, seed=0):
-    rng = np.random.default_rng(seed)
-    animals, places = ["cat", "dog", "bird"], ["mat", "rug", "tree"]
-    verbs = {"cat": "sat", "dog": "ran", "bird": "flew"}
-    rows = []
-    for _ in range(n):
-        a, p = animals[rng.integers(3)], places[rng.integers(3)]
-        rows.append({"text": f"the {a} {verbs[a]} on the {p} .",
-                     "prompt": f"what is the {a} ?", "response": f"the {a} {verbs[a]} ."})
-    return rows
+from tiny_models import qa_rows, save_word_tokenizer, tiny_decoder_dir, write_qa
 
 
 def test_prompt_response_loss_mask_covers_the_response_only(tmp_path):
@@ -117,7 +79,7 @@ PAIRS = 'prompt_column = "prompt"\nresponse_column = "response"\ntemplate = "que
 ])
 def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     tiny_decoder_dir(tmp_path / "model", name)
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in _texts()) + "\n")
+    write_qa(tmp_path / "data.jsonl")
     (tmp_path / "lm.toml").write_text(RECIPE.format(data=data, method=method, targets=targets))
     done = _runner("run", "lm.toml", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -193,9 +155,31 @@ def _check_exports(root, run, method):
 ])
 def test_causal_lm_bad_input(tmp_path, edit, expected):
     tiny_decoder_dir(tmp_path / "model", "gpt2")
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in _texts(30)) + "\n")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in qa_rows(30)) + "\n")
     (tmp_path / "lm.toml").write_text(edit(RECIPE.format(data='text_column = "text"',
                                                          method="lora", targets='["c_attn"]')))
     done = _runner("run", "lm.toml", cwd=tmp_path)
     assert done.returncode == 2 and expected in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+def test_shipped_recipes_validate_and_the_offline_one_runs(tmp_path):
+    """Every recipe in recipes/ validates; the offline decoder recipe runs on
+    what tests/tiny_models.py writes (as `make tiny` does)."""
+    from pathlib import Path
+
+    from tiny_models import main as make_tiny
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for recipe in sorted(recipes.glob("*.toml")):
+        done = _runner("validate", str(recipe), cwd=tmp_path)
+        assert done.returncode == 0, (recipe, done.stderr)
+    (tmp_path / "recipes").mkdir()
+    shutil.copy(recipes / "tiny-llama-offline.toml", tmp_path / "recipes")
+    make_tiny(str(tmp_path / ".tiny"))
+    done = _runner("run", "recipes/tiny-llama-offline.toml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = list((tmp_path / "runs" / "tiny-llama-offline").iterdir())
+    evals = json.loads((run / "eval.json").read_text())
+    assert evals["after"]["perplexity"] < evals["before"]["perplexity"]
+    assert evals["after"]["exact_match"] > evals["before"]["exact_match"]

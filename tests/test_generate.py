@@ -7,7 +7,7 @@ import pytest
 from jaxlora.generate import GenerateConfig, generate
 from jaxlora.lora import LoraConfig, adapt
 from jaxlora.models import load_model
-from models.test_decoders import save_tiny_decoder
+from tiny_models import save_tiny_decoder
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 61], [120, 7, 33]]
 

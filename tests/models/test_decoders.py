@@ -8,35 +8,7 @@ import pytest
 
 from jaxlora.models import load_model
 
-TINY = dict(vocab_size=211, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=64)
-CONFIGS = {
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
-             dict(vocab_size=211, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
-    "llama-gqa-rope3": ("LlamaConfig", "LlamaForCausalLM",
-                        dict(TINY, num_key_value_heads=2, rope_scaling={
-                            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
-    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(TINY, tie_word_embeddings=True)),
-    "mistral-window": ("MistralConfig", "MistralForCausalLM",
-                       dict(TINY, num_key_value_heads=1, sliding_window=4)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(TINY, num_key_value_heads=2)),
-}
-
-
-def save_tiny_decoder(name: str, folder):
-    """A tiny random decoder saved by transformers (safetensors), every weight perturbed."""
-    import torch
-    import transformers
-
-    config_cls, model_cls, kwargs = CONFIGS[name]
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    model.save_pretrained(folder)
-    return model.eval()
+from tiny_models import CONFIGS, save_tiny_decoder
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
