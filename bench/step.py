@@ -13,9 +13,11 @@ decay 0.01, random token ids, warmup steps untimed, median of timed steps.
 The last lines are a table with the speed-up (peer time / jaxlora time) and
 jaxlora's time over the yardstick's (what the real model costs over a minimal one).
 
-  python bench/step.py                      # CPU: minilm 32 x 128, LoRA and QLoRA, fp32
+  python bench/step.py                      # CPU: minilm 32 x 128 (LoRA, QLoRA), tiny-llama
+                                            #      causal LM 4 x 256 (LoRA), fp32
   python bench/step.py --device gpu         # GPU: bert-base 64 x 128 (LoRA, QLoRA) and
-                                            #      256 x 128 (LoRA), bf16
+                                            #      256 x 128 (LoRA), llama-1b causal LM
+                                            #      8 x 1024 (LoRA, QLoRA), bf16
 
 QLoRA rows quantize every linear weight to NF4 with double quantization. The
 peer's QLoRA (bitsandbytes) runs on CUDA only: on CPU the QLoRA row is timed
@@ -38,10 +40,13 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS = REPO.parent / "shared" / "peers"
 
 CPU_SHAPES = [dict(model="minilm", batch=32, seq=128, method="lora"),
-              dict(model="minilm", batch=32, seq=128, method="qlora")]
+              dict(model="minilm", batch=32, seq=128, method="qlora"),
+              dict(model="tiny-llama", task="clm", batch=4, seq=256, method="lora")]
 GPU_SHAPES = [dict(model="bert-base", batch=64, seq=128, method="lora"),
               dict(model="bert-base", batch=64, seq=128, method="qlora"),
-              dict(model="bert-base", batch=256, seq=128, method="lora")]
+              dict(model="bert-base", batch=256, seq=128, method="lora"),
+              dict(model="llama-1b", task="clm", batch=8, seq=1024, method="lora"),
+              dict(model="llama-1b", task="clm", batch=8, seq=1024, method="qlora")]
 
 
 def run_json(cmd: list[str], timeout: int = 900) -> dict:
@@ -56,7 +61,8 @@ def run_json(cmd: list[str], timeout: int = 900) -> dict:
 def peer(peers: Path, shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
     """The PEFT peer; bitsandbytes QLoRA runs on CUDA only, so on CPU a QLoRA
     shape is compared with the peer's LoRA step."""
-    cmd = [sys.executable, str(peers / "peft_step.py"), "--model", shape["model"], "--task", "cls",
+    cmd = [sys.executable, str(peers / "peft_step.py"), "--model", shape["model"],
+           "--task", shape.get("task", "cls"),
            "--batch", str(shape["batch"]), "--seq", str(shape["seq"]), "--steps", str(steps),
            "--warmup", str(warmup)]
     if gpu:
@@ -68,7 +74,7 @@ def peer(peers: Path, shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
 
 def yardstick(peers: Path, shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
     cmd = [sys.executable, str(peers / "jax_minimal_step.py"), "--shape", shape["model"],
-           "--task", "cls", "--batch", str(shape["batch"]), "--seq", str(shape["seq"]),
+           "--task", shape.get("task", "cls"), "--batch", str(shape["batch"]), "--seq", str(shape["seq"]),
            "--steps", str(steps), "--warmup", str(warmup)]
     cmd += ["--attn", "cudnn"] if gpu else ["--attn", "xla", "--dtype", "float32"]
     if shape["method"] == "qlora":
@@ -84,15 +90,15 @@ def ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
 
 
 def _build(shape: dict, gpu: bool):
-    """(graphdef, trainable, frozen, vocab_size) for the shape, LoRA q,v r8 attached."""
+    """(graphdef, trainable, frozen, vocab_size) for the shape, LoRA q,v r8 attached
+    (query/value on BERT, q_proj/v_proj on Llama)."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from jaxlora import sources
     from jaxlora.lora import LoraConfig, QLoraConfig, adapt
-    from jaxlora.models import bert, load_model
-    from jaxlora.models.layers import BaseWeight, resolve_attention
+    from jaxlora.models import bert, llama, load_model
+    from jaxlora.models.layers import resolve_attention
 
     dtype = jnp.bfloat16 if gpu else jnp.float32
     attention = resolve_attention("auto", dtype)
@@ -101,6 +107,24 @@ def _build(shape: dict, gpu: bool):
                             task="classification", num_labels=2, param_dtype=dtype,
                             compute_dtype=dtype, attention=attention, seed=0)
         model, config = loaded.model, loaded.config
+    elif shape["model"] in ("tiny-llama", "llama-1b"):  # the peer's LlamaConfig shapes
+        big = shape["model"] == "llama-1b"
+        config = llama.LlamaConfig(
+            vocab_size=128256 if big else 32000, hidden_size=2048 if big else 512,
+            num_layers=16 if big else 8, num_heads=32 if big else 8,
+            num_kv_heads=8 if big else 8, head_dim=64, intermediate_size=8192 if big else 1376,
+            eps=1e-6, max_position_embeddings=2048, rope_theta=10000.0, rope=(),
+            tie_word_embeddings=big, qkv_bias=False, o_bias=False, mlp_bias=False,
+            windows=(None,) * (16 if big else 8), attention_dropout=0.0)
+        model = llama.LlamaForCausalLM(config, param_dtype=dtype, compute_dtype=dtype,
+                                       attention=attention)
+        _randomize(model)
+        settings = dict(rank=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"])
+        adapter = (QLoraConfig(**settings) if shape["method"] == "qlora"
+                   else LoraConfig(**settings))
+        graphdef, trainable, frozen, _ = adapt(model, adapter, llama.LORA_TARGETS,
+                                               jax.random.key(2))
+        return graphdef, trainable, frozen, config.vocab_size
     else:  # bert-base shape, random weights (as the peer's BertConfig() model)
         config = bert.BertConfig(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
                                  intermediate_size=3072, max_position_embeddings=512,
@@ -110,15 +134,25 @@ def _build(shape: dict, gpu: bool):
         model = bert.BertForSequenceClassification(config, 2, key=jax.random.key(0),
                                                    param_dtype=dtype, compute_dtype=dtype,
                                                    attention=attention)
-        state = nnx.state(model, BaseWeight)
-        leaves, treedef = jax.tree.flatten(state)
-        keys = jax.random.split(jax.random.key(1), len(leaves))
-        nnx.update(model, jax.tree.unflatten(treedef, [
-            (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype) for k, x in zip(keys, leaves)]))
+        _randomize(model)
     settings = dict(rank=8, alpha=16.0, dropout=0.0, targets=["query", "value"])
     adapter = QLoraConfig(**settings) if shape["method"] == "qlora" else LoraConfig(**settings)
     graphdef, trainable, frozen, _ = adapt(model, adapter, bert.LORA_TARGETS, jax.random.key(2))
     return graphdef, trainable, frozen, config.vocab_size
+
+
+def _randomize(model) -> None:
+    """Random base weights, normal(0, 0.02), as the peer's random-init models."""
+    import jax
+    from flax import nnx
+
+    from jaxlora.models.layers import BaseWeight
+
+    state = nnx.state(model, BaseWeight)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [
+        (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype) for k, x in zip(keys, leaves)]))
 
 
 def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
@@ -127,7 +161,7 @@ def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
     import optax
 
     from jaxlora.lora import count_params
-    from jaxlora.tasks import classification_step_loss
+    from jaxlora.tasks import STEP_LOSSES
     from jaxlora.train import build_train_step
 
     graphdef, trainable, frozen, vocab = _build(shape, gpu)
@@ -137,11 +171,13 @@ def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
         "input_ids": rng.integers(1, vocab, (b, t), dtype=np.int32),
         "attention_mask": np.ones((b, t), np.int32),
         "labels": rng.integers(0, 2, (b,), dtype=np.int32),
-        "weights": np.ones((b,), np.float32)})
+        "weights": np.ones((b,), np.float32),
+        "loss_mask": np.ones((b, t), np.int32)})  # causal LM: every token a target
 
     tx = optax.adamw(1e-4, weight_decay=0.01)  # torch.optim.AdamW defaults, as the peer
     opt_state = tx.init(trainable)
-    step = build_train_step(graphdef, tx, classification_step_loss)
+    task = "causal-lm" if shape.get("task") == "clm" else "classification"
+    step = build_train_step(graphdef, tx, STEP_LOSSES[task])
     key = jax.random.key(0)
     t0 = time.perf_counter()
     trainable, opt_state, m = step(trainable, frozen, opt_state, batch, jax.random.fold_in(key, 0))
@@ -204,7 +240,7 @@ def main() -> None:
         s, ours_ms = r["shape"], r["jaxlora"].get("step_ms_median")
         peer_ms = r["peer"].get("step_ms_median")
         ratio = f"{peer_ms / ours_ms:.2f}x" if ours_ms and peer_ms else "-"
-        label = f"{s['model']} {s['method']} {s['batch']}x{s['seq']}"
+        label = f"{s['model']} {s.get('task', 'cls')} {s['method']} {s['batch']}x{s['seq']}"
         line = f"{label:<30}{ours_ms or '-':>12}{peer_ms or '-':>10}{ratio:>10}"
         y = r["yardstick"].get("step_ms_median")
         line += f"{y or '-':>14}{(f'{ours_ms / y:.2f}x' if y and ours_ms else '-'):>14}"
