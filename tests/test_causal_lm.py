@@ -55,9 +55,7 @@ source = "data.jsonl"
 max_length = 16
 eval_size = 20
 [adapter]
-method = "{method}"
-rank = 8
-targets = {targets}
+{adapter}
 [train]
 epochs = 4
 batch_size = 10
@@ -76,11 +74,14 @@ PAIRS = 'prompt_column = "prompt"\nresponse_column = "response"\ntemplate = "que
     ("gpt2", "lora", '["c_attn", "mlp.c_proj"]', 'text_column = "text"'),
     ("llama-gqa-rope3", "lora", '"all-linear"', PAIRS),
     ("qwen2", "qlora", '["q_proj", "v_proj"]', PAIRS),
+    ("llama-tied", "full", None, 'text_column = "text"'),
 ])
 def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     tiny_decoder_dir(tmp_path / "model", name)
     write_qa(tmp_path / "data.jsonl")
-    (tmp_path / "lm.toml").write_text(RECIPE.format(data=data, method=method, targets=targets))
+    adapter = (f'method = "{method}"' if method == "full"
+               else f'method = "{method}"\nrank = 8\ntargets = {targets}')
+    (tmp_path / "lm.toml").write_text(RECIPE.format(data=data, adapter=adapter))
     done = _runner("run", "lm.toml", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = list((tmp_path / "runs" / "lm").iterdir())
@@ -118,28 +119,32 @@ def _check_exports(root, run, method):
 
     from runner.runs import open_run
 
-    for fmt in ("peft", "merged"):
+    formats = ("merged",) if method == "full" else ("peft", "merged")
+    for fmt in formats:
         done = _runner("export", str(run), "--format", fmt, cwd=root)
         assert done.returncode == 0, done.stderr[-2000:]
     opened = open_run(run)
     ids = np.array([[1, 5, 6, 7, 8, 20, 4], [1, 9, 10, 11, 0, 0, 0]], np.int32)
     mask = (np.arange(7)[None, :] < np.array([[7], [4]])).astype(np.int32)
     ours = np.asarray(opened.model()(ids, mask))
+    merged, info = AutoModelForCausalLM.from_pretrained(str(run / "export" / "merged"),
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    real = mask.astype(bool)
+    inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long),
+                  attention_mask=torch.tensor(mask))
+    with torch.no_grad():
+        via_merged = merged.eval()(**inputs).logits.numpy()
+    np.testing.assert_allclose(via_merged[real], ours[real], atol=1e-4, rtol=0)
+    if method == "full":
+        return
     config = json.loads((run / "export" / "peft" / "adapter_config.json").read_text())
     gpt2 = opened.manifest["model"]["adapted_layers"][0].startswith("transformer.h.")
     assert config["task_type"] == "CAUSAL_LM" and config["fan_in_fan_out"] == gpt2
     base = AutoModelForCausalLM.from_pretrained(str(root / "model"))
     peft_model = PeftModel.from_pretrained(base, str(run / "export" / "peft")).eval()
-    merged, info = AutoModelForCausalLM.from_pretrained(str(run / "export" / "merged"),
-                                                        output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    real = mask.astype(bool)
     with torch.no_grad():
-        inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long),
-                      attention_mask=torch.tensor(mask))
         via_peft = peft_model(**inputs).logits.numpy()
-        via_merged = merged.eval()(**inputs).logits.numpy()
-    np.testing.assert_allclose(via_merged[real], ours[real], atol=1e-4, rtol=0)
     if method != "qlora":
         np.testing.assert_allclose(via_peft[real], ours[real], atol=1e-4, rtol=0)
 
@@ -156,8 +161,8 @@ def _check_exports(root, run, method):
 def test_causal_lm_bad_input(tmp_path, edit, expected):
     tiny_decoder_dir(tmp_path / "model", "gpt2")
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in qa_rows(30)) + "\n")
-    (tmp_path / "lm.toml").write_text(edit(RECIPE.format(data='text_column = "text"',
-                                                         method="lora", targets='["c_attn"]')))
+    (tmp_path / "lm.toml").write_text(edit(RECIPE.format(
+        data='text_column = "text"', adapter='method = "lora"\nrank = 8\ntargets = ["c_attn"]')))
     done = _runner("run", "lm.toml", cwd=tmp_path)
     assert done.returncode == 2 and expected in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
