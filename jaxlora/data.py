@@ -83,6 +83,9 @@ class DataConfig(pydantic.BaseModel):
     response_column: str | None = None
     # How a prompt is shown to the model; "{prompt}" is replaced by the prompt text.
     template: str = "{prompt}"
+    # causal-lm: pack several training examples into each max_length row (attention
+    # and positions stay within each example); evaluation is never packed.
+    packing: bool = False
     # Text encoding of CSV and JSON files (e.g. latin-1); parquet ignores it.
     encoding: str = "utf-8"
     # Tokens per example; every example is padded or truncated to it.
@@ -169,6 +172,8 @@ class Split:
     labels: np.ndarray
     buckets: tuple[int, ...] = ()
     loss_mask: np.ndarray | None = None  # causal-lm: (N, T), 1 where a token is a target
+    segment_ids: np.ndarray | None = None  # packed rows: (N, T), example number within a row
+    positions: np.ndarray | None = None  # packed rows: (N, T), position within its example
 
     def __post_init__(self) -> None:
         if (self.input_ids.ndim != 2 or self.attention_mask.shape != self.input_ids.shape
@@ -207,8 +212,9 @@ class Split:
                      "attention_mask": self.attention_mask[rows, :width],
                      "labels": self.labels[rows],
                      "weights": np.ones(len(rows), np.float32)}
-            if self.loss_mask is not None:
-                batch["loss_mask"] = self.loss_mask[rows, :width]
+            for name in ("loss_mask", "segment_ids", "positions"):
+                if getattr(self, name) is not None:
+                    batch[name] = getattr(self, name)[rows, :width]
             missing = batch_size - len(rows)
             if missing:
                 pad_mask = np.zeros((missing, width), np.int32)
@@ -218,7 +224,9 @@ class Split:
                            "attention_mask": pad_mask,
                            "labels": np.zeros(missing, np.int32),
                            "weights": np.zeros(missing, np.float32),
-                           "loss_mask": np.zeros((missing, width), np.int32)}
+                           "loss_mask": np.zeros((missing, width), np.int32),
+                           "segment_ids": np.zeros((missing, width), np.int32),
+                           "positions": np.zeros((missing, width), np.int32)}
                 batch = {k: np.concatenate([v, padding[k]]) for k, v in batch.items()}
             yield batch
 
@@ -571,6 +579,8 @@ def _prepare_lm(cfg: DataConfig, tokenizer: Any, splits: Any, train_ds: Any, pat
     eval_rows = _cap(eval_rows, cfg.max_eval_examples, [cfg.seed, _EVAL_CAP_STREAM])
     train, train_cut = _tokenize_lm(train_ds, train_rows, tokenizer, cfg, path)
     eval_, eval_cut = _tokenize_lm(eval_ds, eval_rows, tokenizer, cfg, path)
+    if cfg.packing:
+        train = pack(train)
     stats = DataStats(source=str(path), format=fmt, label_names=[], train_size=len(train),
                       eval_size=len(eval_), label_counts={}, dropped={},
                       truncated={"train": train_cut, "eval": eval_cut},
@@ -604,6 +614,37 @@ def _tokenize_lm(ds: Any, rows: np.ndarray, tokenizer: Any, cfg: DataConfig,
                   labels=np.zeros(len(rows), np.int32), buckets=tuple(cfg.length_buckets),
                   loss_mask=loss_mask)
     return split, int(arrays["truncated"].sum())
+
+
+def pack(split: Split) -> Split:
+    """Causal-lm examples packed greedily, in order, into rows of the same width:
+    each row holds whole examples one after another; `segment_ids` numbers them
+    (1, 2, ...; 0 is padding) so that attention stays within an example and no
+    target crosses into the next, and `positions` restart at 0 for each."""
+    width = split.input_ids.shape[1]
+    lengths = split.attention_mask.sum(axis=1)
+    rows: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if used + n > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += int(n)
+    shape = (len(rows), width)
+    out = {name: np.zeros(shape, np.int32) for name in
+           ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")}
+    for r, members in enumerate(rows):
+        at = 0
+        for segment, i in enumerate(members, start=1):
+            n = int(lengths[i])
+            out["input_ids"][r, at:at + n] = split.input_ids[i, :n]
+            out["attention_mask"][r, at:at + n] = 1
+            out["loss_mask"][r, at:at + n] = split.loss_mask[i, :n]
+            out["segment_ids"][r, at:at + n] = segment
+            out["positions"][r, at:at + n] = np.arange(n)
+            at += n
+    return Split(labels=np.zeros(len(rows), np.int32), buckets=split.buckets, **out)
 
 
 def tokenize_lm_batch(batch: dict[str, list], *, tokenizer: Any, text_column: str,

@@ -38,6 +38,9 @@ def causal_lm_token_losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, j
     nll = optax.softmax_cross_entropy_with_integer_labels(
         logits[:, :-1].astype(jnp.float32), targets)
     counts = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
+    if "segment_ids" in batch:  # packed: the first token of an example is not a target
+        segments = batch["segment_ids"]
+        counts = counts * (segments[:, 1:] == segments[:, :-1])
     return nll, counts * batch["weights"][:, None]
 
 
@@ -50,8 +53,11 @@ def causal_lm_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array
 
 def causal_lm_step_loss(model, batch: dict,
                         rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """The train step's objective for a causal LM."""
-    return causal_lm_loss(model(batch["input_ids"], batch["attention_mask"], rng=rng), batch)
+    """The train step's objective for a causal LM (packed batches carry
+    segment ids and positions)."""
+    packed = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+    return causal_lm_loss(model(batch["input_ids"], batch["attention_mask"], rng=rng, **packed),
+                          batch)
 
 
 STEP_LOSSES = {"classification": classification_step_loss, "causal-lm": causal_lm_step_loss}

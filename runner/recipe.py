@@ -67,6 +67,8 @@ class Recipe(BaseModel):
                                  "names, in class-id order)")
             if data.pairs:
                 raise ValueError("data.prompt_column: only for task causal-lm")
+            if data.packing:
+                raise ValueError("data.packing: only for task causal-lm")
         elif data.labels is not None:
             raise ValueError("data.labels: only for task classification; causal-lm learns "
                              "the text itself")

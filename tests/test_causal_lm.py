@@ -71,7 +71,7 @@ PAIRS = 'prompt_column = "prompt"\nresponse_column = "response"\ntemplate = "que
 
 
 @pytest.mark.parametrize("name, method, targets, data", [
-    ("gpt2", "lora", '["c_attn", "mlp.c_proj"]', 'text_column = "text"'),
+    ("gpt2", "lora", '["c_attn", "mlp.c_proj"]', 'text_column = "text"\npacking = true'),
     ("llama-gqa-rope3", "lora", '"all-linear"', PAIRS),
     ("qwen2", "qlora", '["q_proj", "v_proj"]', PAIRS),
     ("llama-tied", "full", None, 'text_column = "text"'),
@@ -93,6 +93,8 @@ def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     assert "perplexity" in done.stdout and "| perplexity |" in (run / "report.md").read_text()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["target_tokens"]["eval"] == after["tokens"]
+    if "packing" in data:  # 100 training texts of 8 tokens, two to a 16-token row
+        assert manifest["data"]["train_size"] == 50
     again = _runner("eval", str(run), cwd=tmp_path)  # a finished causal-lm run, re-evaluated
     assert again.returncode == 0 and "perplexity" in again.stdout
     if "prompt" in data:  # greedy completions of the 20 eval prompts, before and after
@@ -188,3 +190,45 @@ def test_shipped_recipes_validate_and_the_offline_one_runs(tmp_path):
     evals = json.loads((run / "eval.json").read_text())
     assert evals["after"]["perplexity"] < evals["before"]["perplexity"]
     assert evals["after"]["exact_match"] > evals["before"]["exact_match"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-rope3"])
+def test_a_packed_row_computes_what_its_examples_compute_alone(tmp_path, name):
+    """Packing changes nothing an example sees: logits of each packed example
+    equal its own unpacked logits, and the loss counts the same targets."""
+    import jax.numpy as jnp
+
+    from jaxlora.data import Split, pack
+    from jaxlora.models import load_model
+    from jaxlora.tasks import causal_lm_loss
+
+    tiny_decoder_dir(tmp_path, name)
+    model = load_model(tmp_path, task="causal-lm", attention="xla").model
+    rng = np.random.default_rng(0)
+    lengths = [5, 3, 6, 4]
+    ids = np.zeros((4, 12), np.int32)
+    mask = np.zeros((4, 12), np.int32)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(4, 200, n)
+        mask[i, :n] = 1
+    split = Split(input_ids=ids, attention_mask=mask, labels=np.zeros(4, np.int32),
+                  loss_mask=mask.copy())
+    packed = pack(split)
+    assert len(packed) == 2  # [5 + 3], [6 + 4]: 12 columns each at most
+    np.testing.assert_array_equal(packed.segment_ids[0, :9], [1] * 5 + [2] * 3 + [0])
+    np.testing.assert_array_equal(packed.positions[0, :8], [0, 1, 2, 3, 4, 0, 1, 2])
+    alone = np.asarray(model(ids, mask))
+    together = np.asarray(model(packed.input_ids, packed.attention_mask,
+                                segment_ids=packed.segment_ids, positions=packed.positions))
+    starts = {0: (0, 0), 1: (0, 5), 2: (1, 0), 3: (1, 6)}
+    for i, n in enumerate(lengths):
+        row, at = starts[i]
+        np.testing.assert_allclose(together[row, at:at + n], alone[i, :n], atol=1e-4)
+
+    def loss(split, logits):
+        batch = next(split.batches(len(split), shuffle=False))
+        return causal_lm_loss(jnp.asarray(logits[:, :batch["input_ids"].shape[1]]), batch)
+
+    (a, count_a), (b, count_b) = loss(split, alone), loss(packed, together)
+    assert float(count_a) == float(count_b) == sum(n - 1 for n in lengths)
+    assert float(a) == pytest.approx(float(b), abs=1e-5)

@@ -124,7 +124,7 @@ class GPT2Block(nnx.Module):
         self.c_fc = Linear(n, inner, dtype=param_dtype)
         self.mlp_proj = Linear(inner, n, dtype=param_dtype)
 
-    def __call__(self, x, mask, rng, cache=None, index=None):
+    def __call__(self, x, mask, rng, cache=None, index=None, segment_ids=None):
         """The block; with a KV `cache` (generation) `mask` is the cache's
         key-valid mask and the result is (x, cache), else x."""
         cfg = self.config
@@ -137,7 +137,8 @@ class GPT2Block(nnx.Module):
         else:
             context = attention(q, k, v, mask=mask, causal=True,
                                 implementation=self.attention_impl,
-                                dropout_rate=cfg.attn_pdrop, rng=keys[1])
+                                dropout_rate=cfg.attn_pdrop, rng=keys[1],
+                                segment_ids=segment_ids)
         h = self.attn_proj(context.reshape(x.shape), rng=keys[2])
         x = x + dropout(h, cfg.resid_pdrop, keys[3])
         h = self.mlp_proj(ACTIVATIONS[cfg.activation](self.c_fc(self.ln_2(x), rng=keys[4])),
@@ -157,16 +158,19 @@ class GPT2Model(nnx.Module):
                            for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, eps=config.eps, dtype=param_dtype)
 
-    def __call__(self, input_ids, attention_mask, *, rng=None):
+    def __call__(self, input_ids, attention_mask, *, rng=None, segment_ids=None,
+                 positions=None):
+        """`segment_ids` and `positions` (batch, seq) describe packed rows."""
         if input_ids.shape[1] > self.config.n_positions:
             raise UserError(f"sequences of {input_ids.shape[1]} tokens exceed the model's "
                             f"n_positions {self.config.n_positions}")
         embed_key, *layer_keys = split_key(rng, 1 + len(self.h))
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        if positions is None:
+            positions = jnp.arange(input_ids.shape[1])[None, :]
         x = self.wte(input_ids, self.compute_dtype) + self.wpe(positions, self.compute_dtype)
         x = dropout(x, self.config.embd_pdrop, embed_key)
         for block, key in zip(self.h, layer_keys):
-            x = block(x, attention_mask, key)
+            x = block(x, attention_mask, key, segment_ids=segment_ids)
         return self.ln_f(x)
 
     def decode(self, input_ids, positions, key_valid, cache, index):
@@ -187,8 +191,10 @@ class GPT2LMHeadModel(nnx.Module):
         self.transformer = GPT2Model(config, param_dtype=param_dtype,
                                      compute_dtype=compute_dtype, attention=attention)
 
-    def __call__(self, input_ids, attention_mask=None, *, rng=None):
-        return self._logits(self.transformer(input_ids, attention_mask, rng=rng))
+    def __call__(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
+                 positions=None):
+        return self._logits(self.transformer(input_ids, attention_mask, rng=rng,
+                                             segment_ids=segment_ids, positions=positions))
 
     def _logits(self, x):
         table = self.transformer.wte.embedding[...].astype(x.dtype)

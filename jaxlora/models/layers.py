@@ -164,7 +164,8 @@ def resolve_attention(implementation: AttentionImpl, dtype=jnp.bfloat16) -> Lite
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None,
               causal: bool = False, window: int | None = None,
               implementation: Literal["xla", "cudnn"] = "xla",
-              dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+              dropout_rate: float = 0.0, rng: jax.Array | None = None,
+              segment_ids: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention over (batch, seq, heads, head_dim) arrays;
     k and v may have fewer heads than q (grouped-query attention).
 
@@ -175,8 +176,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     which is what `jaxlora.data` produces. Dropout on the attention
     probabilities (train mode only) needs the probabilities, so it runs the
     explicit XLA formulation; the fused kernel has no dropout and skips it.
+    `segment_ids` (batch, seq), for packed rows, keeps attention within each
+    example; it runs through XLA (the fused kernel takes no such mask).
     """
     local = None if window is None else (window - 1, 0)
+    if segment_ids is not None:
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        mask = same if mask is None else same & mask.astype(bool)[:, None, None, :]
+        implementation = "xla"
     if rng is not None and dropout_rate > 0.0 and implementation == "xla":
         return _attention_with_dropout(q, k, v, mask, causal, window, dropout_rate, rng)
     if implementation == "cudnn":
@@ -184,9 +191,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, query_seq_lengths=lengths,
             key_value_seq_lengths=lengths, local_window_size=local, implementation="cudnn")
-    bias_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, is_causal=causal,
+    return jax.nn.dot_product_attention(q, k, v, mask=_key_mask(mask), is_causal=causal,
                                         local_window_size=local, implementation="xla")
+
+
+def _key_mask(mask: jax.Array | None) -> jax.Array | None:
+    """(batch, seq) key padding -> (batch, 1, 1, seq); a 4-D mask passes as is."""
+    if mask is None or mask.ndim == 4:
+        return mask
+    return mask.astype(bool)[:, None, None, :]
 
 
 def _attention_with_dropout(q, k, v, mask, causal, window, rate, rng):
@@ -198,7 +211,7 @@ def _attention_with_dropout(q, k, v, mask, causal, window, rate, rng):
     scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) * scale
     allowed = jnp.ones(scores.shape[-2:], bool)[None, None]
     if mask is not None:
-        allowed = allowed & mask.astype(bool)[:, None, None, :]
+        allowed = allowed & _key_mask(mask)
     if causal:
         allowed = allowed & jnp.tril(jnp.ones(scores.shape[-2:], bool))[None, None]
     if window is not None:

@@ -159,7 +159,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.up_proj = Linear(h, inner, use_bias=config.mlp_bias, dtype=param_dtype)
         self.down_proj = Linear(inner, h, use_bias=config.mlp_bias, dtype=param_dtype)
 
-    def __call__(self, x, mask, positions, inv_freq, rng, cache=None, index=None):
+    def __call__(self, x, mask, positions, inv_freq, rng, cache=None, index=None,
+                 segment_ids=None):
         """The block; with a KV `cache` (generation) `mask` is the cache's
         key-valid mask and the result is (x, cache), else x."""
         cfg = self.config
@@ -175,7 +176,8 @@ class LlamaDecoderLayer(nnx.Module):
         else:
             context = attention(q, k, v, mask=mask, causal=True, window=self.window,
                                 implementation=self.attention_impl,
-                                dropout_rate=cfg.attention_dropout, rng=keys[3])
+                                dropout_rate=cfg.attention_dropout, rng=keys[3],
+                                segment_ids=segment_ids)
         x = x + self.o_proj(context.reshape(b, t, -1), rng=keys[4])
         n = self.post_attention_layernorm(x)
         h = jax.nn.silu(self.gate_proj(n, rng=keys[5])) * self.up_proj(n, rng=keys[6])
@@ -194,15 +196,18 @@ class LlamaModel(nnx.Module):
                                 for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.eps, dtype=param_dtype)
 
-    def __call__(self, input_ids, attention_mask, *, rng=None):
+    def __call__(self, input_ids, attention_mask, *, rng=None, segment_ids=None,
+                 positions=None):
+        """`segment_ids` and `positions` (batch, seq) describe packed rows."""
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise UserError(f"sequences of {input_ids.shape[1]} tokens exceed the model's "
                             f"max_position_embeddings {self.config.max_position_embeddings}")
-        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         inv_freq = self.config.inv_freq()
         x = self.embed_tokens(input_ids, self.compute_dtype)
         for layer, key in zip(self.layers, split_key(rng, len(self.layers))):
-            x = layer(x, attention_mask, positions, inv_freq, key)
+            x = layer(x, attention_mask, positions, inv_freq, key, segment_ids=segment_ids)
         return self.norm(x)
 
     def decode(self, input_ids, positions, key_valid, cache, index):
@@ -228,8 +233,10 @@ class LlamaForCausalLM(nnx.Module):
                         Linear(config.hidden_size, config.vocab_size, use_bias=False,
                                dtype=param_dtype))
 
-    def __call__(self, input_ids, attention_mask=None, *, rng=None):
-        return self._logits(self.model(input_ids, attention_mask, rng=rng))
+    def __call__(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
+                 positions=None):
+        return self._logits(self.model(input_ids, attention_mask, rng=rng,
+                                       segment_ids=segment_ids, positions=positions))
 
     def _logits(self, x):
         if self.lm_head is None:
