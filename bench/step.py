@@ -214,6 +214,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path, help="also append the result lines (JSON) to this file")
+    p.add_argument("--only", metavar="MODEL", help="run only the shapes of this model "
+                                                   "(e.g. tiny-llama)")
     p.add_argument("--ours-only", metavar="SHAPE_JSON", help=argparse.SUPPRESS)
     a = p.parse_args()
     gpu = a.device == "gpu"
@@ -222,6 +224,8 @@ def main() -> None:
         return
     rows, peers_seen = [], {}
     for shape in GPU_SHAPES if gpu else CPU_SHAPES:
+        if a.only and shape["model"] != a.only:
+            continue
         peer_key = json.dumps({**shape, "method": shape["method"] if gpu else "lora"})
         if peer_key not in peers_seen:
             peers_seen[peer_key] = peer(a.peers, shape, gpu, a.steps, a.warmup)
