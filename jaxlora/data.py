@@ -272,6 +272,7 @@ class DataStats:
     dropped: dict[str, int]                 # label value outside label_names, as str -> rows
     truncated: dict[str, int]               # {"train"|"eval": examples cut to max_length}
     target_tokens: dict[str, int] = field(default_factory=dict)  # causal-lm: loss tokens
+    packed_rows: int | None = None  # causal-lm with packing: training rows after packing
 
 
 @dataclass(frozen=True)
@@ -463,13 +464,14 @@ def _read_split(ds: Any, cfg: DataConfig, path: Path,
     return ids, dropped
 
 
-def _check_texts(ds: Any, rows: np.ndarray, column: str, path: Path, split: str) -> None:
+def _check_texts(ds: Any, rows: np.ndarray, column: str, path: Path, split: str,
+                 field_name: str = "text_column") -> None:
     """Refuse a missing, blank or non-string text in any of `rows`."""
     import datasets
 
     feature = ds.features[column]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise UserError(f"{path}: column {column!r} (text_column) holds {feature}, not text")
+        raise UserError(f"{path}: column {column!r} ({field_name}) holds {feature}, not text")
     texts = ds.data.column(column).to_pylist()
     bad = [int(r) for r in rows if texts[r] is None or not texts[r].strip()]
     if bad:
@@ -565,7 +567,7 @@ def _prepare_lm(cfg: DataConfig, tokenizer: Any, splits: Any, train_ds: Any, pat
             if column not in ds.column_names:
                 raise UserError(f"{path}: no column {column!r} ({name}) in split {split!r}; "
                                 f"columns: {', '.join(ds.column_names)}")
-            _check_texts(ds, np.arange(len(ds)), column, path, split)
+            _check_texts(ds, np.arange(len(ds)), column, path, split, name)
         return np.arange(len(ds))
 
     train_rows = check(train_ds, cfg.train_split)
@@ -577,21 +579,25 @@ def _prepare_lm(cfg: DataConfig, tokenizer: Any, splits: Any, train_ds: Any, pat
         train_rows, eval_rows = _carve(train_rows, cfg, path)
     train_rows = _cap(train_rows, cfg.max_train_examples, [cfg.seed, _TRAIN_CAP_STREAM])
     eval_rows = _cap(eval_rows, cfg.max_eval_examples, [cfg.seed, _EVAL_CAP_STREAM])
-    train, train_cut = _tokenize_lm(train_ds, train_rows, tokenizer, cfg, path)
-    eval_, eval_cut = _tokenize_lm(eval_ds, eval_rows, tokenizer, cfg, path)
+    train, train_cut = _tokenize_lm(train_ds, train_rows, tokenizer, cfg, path,
+                                    cfg.train_split)
+    eval_, eval_cut = _tokenize_lm(eval_ds, eval_rows, tokenizer, cfg, path,
+                                   cfg.eval_split or cfg.train_split)
+    # the first token of an example is never predicted
+    targets = {"train": int(train.loss_mask[:, 1:].sum()),
+               "eval": int(eval_.loss_mask[:, 1:].sum())}
+    examples = len(train)
     if cfg.packing:
         train = pack(train)
-    stats = DataStats(source=str(path), format=fmt, label_names=[], train_size=len(train),
+    stats = DataStats(source=str(path), format=fmt, label_names=[], train_size=examples,
                       eval_size=len(eval_), label_counts={}, dropped={},
-                      truncated={"train": train_cut, "eval": eval_cut},
-                      # the first token of a sequence is never predicted
-                      target_tokens={"train": int(train.loss_mask[:, 1:].sum()),
-                                     "eval": int(eval_.loss_mask[:, 1:].sum())})
+                      truncated={"train": train_cut, "eval": eval_cut}, target_tokens=targets,
+                      packed_rows=len(train) if cfg.packing else None)
     return PreparedData(train=train, eval=eval_, stats=stats)
 
 
 def _tokenize_lm(ds: Any, rows: np.ndarray, tokenizer: Any, cfg: DataConfig,
-                 path: Path) -> tuple[Split, int]:
+                 path: Path, split_name: str) -> tuple[Split, int]:
     import datasets
 
     width = datasets.Sequence(datasets.Value("int32"), length=cfg.max_length)
@@ -606,9 +612,10 @@ def _tokenize_lm(ds: Any, rows: np.ndarray, tokenizer: Any, cfg: DataConfig,
                         features=features).with_format("numpy")[:]
     loss_mask = arrays["loss_mask"].astype(np.int32)
     if (empty := np.flatnonzero(loss_mask[:, 1:].sum(axis=1) == 0)).size:
-        raise UserError(f"{path}: data row {int(rows[empty[0]]) + 1} leaves no token to learn "
-                        f"within max_length {cfg.max_length} (a text of one token, or a prompt "
-                        "that fills max_length)")
+        raise UserError(f"{path}: data row {int(rows[empty[0]]) + 1} of split {split_name!r} "
+                        f"leaves no token to learn within max_length {cfg.max_length} (a text "
+                        "of one token, or a prompt that fills max_length); raise max_length or "
+                        "remove the row")
     split = Split(input_ids=arrays["input_ids"].astype(np.int32),
                   attention_mask=arrays["attention_mask"].astype(np.int32),
                   labels=np.zeros(len(rows), np.int32), buckets=tuple(cfg.length_buckets),

@@ -15,12 +15,17 @@ is 0, else sampling at that temperature from the top-p nucleus.
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
+
+from jaxlora.errors import UserError
 
 
 class GenerateConfig(BaseModel):
@@ -56,14 +61,14 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
     length = prompt_len + max_new
 
     @jax.jit
-    def run(trainable, frozen, ids, valid, positions, key, eos_id, pad_id):
+    def run(trainable, frozen, ids, valid, positions, key, eos_ids, pad_id):
         model = nnx.merge(graphdef, trainable, frozen)
         cache = model.init_cache(batch, length)
         logits, cache = model.decode(ids, positions, valid, cache, 0)
         key, sub = jax.random.split(key)
         token = _pick(logits[:, -1], sub, temperature, top_p)
         out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(token)
-        done = token == eos_id
+        done = jnp.isin(token, eos_ids)
 
         def cond(carry):
             i, _, _, _, _, _, done, _ = carry
@@ -78,7 +83,7 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
             key, sub = jax.random.split(key)
             token = jnp.where(done, pad_id, _pick(logits[:, 0], sub, temperature, top_p))
             out = out.at[:, i].set(token)
-            return i + 1, out, cache, valid, token, position, done | (token == eos_id), key
+            return i + 1, out, cache, valid, token, position, done | jnp.isin(token, eos_ids), key
 
         carry = (jnp.int32(1), out, cache, valid, token, positions[:, -1], done, key)
         return jax.lax.while_loop(cond, body, carry)[1]
@@ -86,13 +91,36 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
     return run
 
 
+def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
+    """The token ids that end a completion: the tokenizer's EOS and every id in
+    the model folder's generation_config.json `eos_token_id` (a list for e.g.
+    Llama-3 Instruct's <|eot_id|>), as transformers' `generate` uses them."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    path = None if model_dir is None else Path(model_dir) / "generation_config.json"
+    if path is not None and path.is_file():
+        try:
+            found = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError):
+            found = None
+        for value in found if isinstance(found, list) else [found]:
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
+    return ids
+
+
 def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]],
-             cfg: GenerateConfig, *, eos_id: int | None, pad_id: int = 0) -> list[list[int]]:
-    """The new token ids of each prompt, up to and including EOS (or
-    `cfg.max_new_tokens` of them)."""
+             cfg: GenerateConfig, *, eos_id: int | Sequence[int] | None, pad_id: int = 0,
+             position_limit: int | None = None) -> list[list[int]]:
+    """The new token ids of each prompt, up to and including the first stop id
+    (`eos_id`: one id or several), or `cfg.max_new_tokens` of them.
+    `position_limit`: a model with learned positions (GPT-2) has none past it."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise UserError("every prompt needs at least one token")
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    if position_limit is not None and prompt_len + cfg.max_new_tokens > position_limit:
+        raise UserError(f"a prompt of {prompt_len} tokens plus {cfg.max_new_tokens} new ones "
+                        f"exceeds the model's {position_limit} positions; shorten the prompt "
+                        "or lower max_new_tokens")
     length = prompt_len + cfg.max_new_tokens
     ids = np.full((batch, prompt_len), pad_id, np.int32)
     valid = np.zeros((batch, length), np.int32)
@@ -101,10 +129,12 @@ def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]]
         valid[row, prompt_len - len(prompt):prompt_len] = 1
     positions = np.maximum(np.cumsum(valid[:, :prompt_len], axis=1) - 1, 0).astype(np.int32)
     run = _compiled(graphdef, batch, prompt_len, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-    eos = -1 if eos_id is None else eos_id
+    stops = ([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id))
+    stop_array = jnp.asarray(stops or [-1], jnp.int32)
     out = np.asarray(run(trainable, frozen, ids, valid, positions, jax.random.key(cfg.seed),
-                         jnp.int32(eos), jnp.int32(pad_id)))
+                         stop_array, jnp.int32(pad_id)))
     result = []
     for row in out.tolist():
-        result.append(row[:row.index(eos) + 1] if eos in row else row)
+        end = next((i for i, token in enumerate(row) if token in stops), None)
+        result.append(row if end is None else row[:end + 1])
     return result

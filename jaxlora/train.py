@@ -99,7 +99,10 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
         (loss, count), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss, "examples": count, "grad_norm": optax.tree.norm(grads),
+        # `count` weighs the loss when averaging over steps (examples, or target
+        # tokens for a causal LM); `examples` is what throughput counts.
+        metrics = {"loss": loss, "count": count, "examples": batch["weights"].sum(),
+                   "grad_norm": optax.tree.norm(grads),
                    "update_norm": optax.tree.norm(updates)}
         return trainable, opt_state, metrics
 
@@ -252,7 +255,8 @@ def _record(metrics: list[dict], step: int, epoch: int, lr: float, seconds: floa
     """One metrics.jsonl line: means over the steps since the last record, and
     throughput over the wall time they took (padded tokens: what was computed)."""
     examples = sum(float(m["examples"]) for m in metrics)
-    loss = sum(float(m["loss"]) * float(m["examples"]) for m in metrics) / max(examples, 1.0)
+    counts = [float(m.get("count", m["examples"])) for m in metrics]
+    loss = sum(float(m["loss"]) * c for m, c in zip(metrics, counts)) / max(sum(counts), 1.0)
     record = {"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr,
               "grad_norm": float(metrics[-1]["grad_norm"]),
               "update_norm": float(metrics[-1]["update_norm"]),

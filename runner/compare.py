@@ -68,13 +68,24 @@ def rows(runs: list[dict]) -> list[list[str]]:
             _num(train.get("train_seconds"), ".0f"),
             _before_after(run["eval"], "accuracy"),
             _before_after(run["eval"], "macro_f1"),
-        ])
+        ] + ([_before_after(run["eval"], "perplexity"), _before_after(run["eval"], "exact_match")]
+             if _any_causal_lm(runs) else []))
     return out
+
+
+def _any_causal_lm(runs: list[dict]) -> bool:
+    return any("perplexity" in run["eval"]["after"] for run in runs)
+
+
+def columns(runs: list[dict]) -> list[str]:
+    """COLUMNS, and perplexity and exact match when a causal-lm run is compared."""
+    extra = ["perplexity before -> after", "exact match before -> after"]
+    return COLUMNS + (extra if _any_causal_lm(runs) else [])
 
 
 def table(runs: list[dict]) -> Table:
     t = Table(title="runs side by side")
-    for i, column in enumerate(COLUMNS):
+    for i, column in enumerate(columns(runs)):
         t.add_column(column, justify="left" if i < 2 else "right")
     for row in rows(runs):
         t.add_row(*row)
@@ -82,7 +93,8 @@ def table(runs: list[dict]) -> Table:
 
 
 def markdown(runs: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"]
+    names = columns(runs)
+    lines = ["| " + " | ".join(names) + " |",
+             "|" + "|".join(["---"] * 2 + ["---:"] * (len(names) - 2)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows(runs)]
     return "\n".join(lines)

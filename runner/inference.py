@@ -25,6 +25,7 @@ from jaxlora.evaluate import build_eval_step, evaluate
 from jaxlora.errors import UserError
 from runner import report
 from runner.pipeline import data_stats
+from jaxlora.lora import without_adapters
 from runner.runs import OpenedRun, base_dir, require_same_data
 
 
@@ -134,15 +135,15 @@ def predictions_table(rows: list[dict], labels: list[str]) -> Table:
 def generate_texts(target: Path, prompts: list[str], cfg, console: Console, *,
                    raw: bool = False) -> list[dict]:
     """`runner generate`: completions from a causal-LM run's fine-tuned model
-    (RUN_DIR) or from a recipe's base model (RECIPE, before fine-tuning).
+    (RUN_DIR) or from a recipe's base model (RECIPE, before fine-tuning: as the
+    "before" evaluation sees it, 4-bit for qlora).
 
     The recipe's `data.template` is applied to each prompt when the run was
     trained on prompt/response pairs (as in training), unless `raw`.
     """
-    from flax import nnx
-
     from jaxlora import sources
-    from jaxlora.generate import generate
+    from jaxlora.generate import generate, stop_ids
+    from jaxlora.lora import adapt
     from runner.pipeline import load_pretrained, load_tokenizer
     from runner.recipe import load_recipe
     from runner.runs import is_run_dir, open_run
@@ -150,31 +151,37 @@ def generate_texts(target: Path, prompts: list[str], cfg, console: Console, *,
     if target.is_dir():
         if not is_run_dir(target):
             raise UserError(f"{target}: not a run folder (no manifest.json) and not a recipe")
-        opened = open_run(target)
-        recipe, tokenizer = opened.recipe, opened.tokenizer
-        graphdef, trainable, frozen = opened.graphdef, opened.trainable, opened.frozen
-        where = f"{target} at step {opened.step}"
+        recipe = load_recipe(target / "recipe.toml")
     else:
         recipe = load_recipe(target)
-        model_dir = sources.resolve(recipe.model.source, "model", target.resolve().parent)
-        if recipe.model.task == "causal-lm":
-            loaded = load_pretrained(recipe, model_dir)
-            graphdef, trainable, frozen = nnx.split(loaded.model, nnx.Param, ...)
-        tokenizer = load_tokenizer(model_dir)
-        where = f"the base model {recipe.model.source} (not fine-tuned)"
     if recipe.model.task != "causal-lm":
         raise UserError(f"{target}: generate needs a causal-lm model; this recipe's task is "
                         f"{recipe.model.task} (use `runner predict`)")
+    if target.is_dir():
+        opened = open_run(target)
+        tokenizer, model_dir, model = opened.tokenizer, opened.model_dir, opened.loaded.model
+        graphdef, trainable, frozen = opened.graphdef, opened.trainable, opened.frozen
+        where = f"{target} at step {opened.step}"
+    else:
+        model_dir = sources.resolve(recipe.model.source, "model", target.resolve().parent)
+        loaded = load_pretrained(recipe, model_dir)
+        model = loaded.model
+        graphdef, trainable, frozen, _ = adapt(model, recipe.adapter, loaded.lora_targets,
+                                               jax.random.key(0))
+        trainable = without_adapters(trainable)
+        tokenizer = load_tokenizer(model_dir)
+        where = f"the base model {recipe.model.source} (not fine-tuned)"
     shown = [p if raw or not recipe.data.pairs else recipe.data.template.replace("{prompt}", p)
              for p in prompts]
     ids = [tokenizer(text)["input_ids"] for text in shown]
     if any(not row for row in ids):
         raise UserError("--prompt: a prompt gave no tokens")
-    new = generate(graphdef, trainable, frozen, ids, cfg, eos_id=tokenizer.eos_token_id,
-                   pad_id=tokenizer.pad_token_id or 0)
+    stops = stop_ids(tokenizer, model_dir)
+    new = generate(graphdef, trainable, frozen, ids, cfg, eos_id=stops,
+                   pad_id=tokenizer.pad_token_id or 0,
+                   position_limit=getattr(model, "position_limit", None))
     console.print(f"[dim]{where}; {'greedy' if cfg.temperature == 0 else 'sampled'}, "
                   f"up to {cfg.max_new_tokens} new tokens[/]", highlight=False)
     return [{"prompt": p, "completion": tokenizer.decode(tokens, skip_special_tokens=True),
-             "tokens": len(tokens),
-             "stopped_at_eos": bool(tokens) and tokens[-1] == tokenizer.eos_token_id}
+             "tokens": len(tokens), "stopped_at_eos": bool(tokens) and tokens[-1] in stops}
             for p, tokens in zip(prompts, new)]

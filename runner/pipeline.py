@@ -234,10 +234,13 @@ def _evaluate(recipe, eval_step, graphdef, trainable, frozen, split, progress, d
                        label_names=list(recipe.data.labels or []), progress=progress,
                        description=description, task=task)
     if task == "causal-lm" and recipe.data.pairs and recipe.eval.exact_match_examples:
+        model = nnx.merge(graphdef, trainable, frozen)  # a view: for its position limit
         metrics.update(exact_match(graphdef, trainable, frozen, split,
                                    examples=recipe.eval.exact_match_examples,
                                    eos_id=tokenizer.eos_token_id,
-                                   pad_id=tokenizer.pad_token_id or 0))
+                                   pad_id=tokenizer.pad_token_id or 0,
+                                   batch_size=recipe.eval.batch_size,
+                                   position_limit=getattr(model, "position_limit", None)))
     return metrics
 
 

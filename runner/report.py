@@ -145,6 +145,8 @@ def markdown_report(manifest: dict, before: dict | None, after: dict, stats: dic
         out += ["| split | examples | target tokens |", "|---|---:|---:|",
                 f"| train | {stats['train_size']} | {tokens.get('train', '-')} |",
                 f"| eval | {stats['eval_size']} | {tokens.get('eval', '-')} |"]
+        if stats.get("packed_rows"):
+            out += ["", f"Training examples packed into {stats['packed_rows']} rows."]
     if stats.get("dropped"):
         dropped = ", ".join(f"`{k}`: {v}" for k, v in stats["dropped"].items())
         out += ["", f"Rows dropped for labels outside `labels`: {dropped}."]

@@ -125,9 +125,9 @@ def require_same_data(run_dir: Path, manifest: dict, stats: dict, advice: str) -
     """Refuse data whose statistics (path, sizes, label counts, ...) differ from
     the ones the run recorded, naming what differs."""
     recorded = manifest.get("data")
-    if recorded is not None and recorded != stats:
-        changed = ", ".join(k for k in sorted(set(recorded) | set(stats))
-                            if recorded.get(k) != stats.get(k))
+    # keys the run did not record (made by an older version) are not compared
+    changed = ", ".join(k for k in sorted(recorded or {}) if recorded[k] != stats.get(k))
+    if changed:
         raise UserError(f"{stats.get('source')}: the data differ from what run {run_dir} "
                         f"recorded ({changed}); {advice}")
 

@@ -93,8 +93,9 @@ def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     assert "perplexity" in done.stdout and "| perplexity |" in (run / "report.md").read_text()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["target_tokens"]["eval"] == after["tokens"]
-    if "packing" in data:  # 100 training texts of 8 tokens, two to a 16-token row
-        assert manifest["data"]["train_size"] == 50
+    if "packing" in data:  # 100 training texts of 7 tokens, two to a 16-token row
+        assert manifest["data"]["train_size"] == 100
+        assert manifest["data"]["packed_rows"] == 50
     again = _runner("eval", str(run), cwd=tmp_path)  # a finished causal-lm run, re-evaluated
     assert again.returncode == 0 and "perplexity" in again.stdout
     if "prompt" in data:  # greedy completions of the 20 eval prompts, before and after
@@ -109,6 +110,23 @@ def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     [row] = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert row["prompt"] == "what is the dog ?" and 0 < row["tokens"] <= 6
     _check_exports(tmp_path, run, method)
+    table = _runner("compare", str(run), cwd=tmp_path)
+    assert table.returncode == 0 and "perplexity before -> after" in table.stdout
+
+
+def test_generation_refuses_to_run_past_learned_positions(tmp_path):
+    from jaxlora.errors import UserError
+    from jaxlora.generate import GenerateConfig, generate
+    from jaxlora.models import load_model
+
+    tiny_decoder_dir(tmp_path, "gpt2")  # n_positions 64
+    model = load_model(tmp_path, task="causal-lm", attention="xla").model
+    from flax import nnx
+
+    graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+    with pytest.raises(UserError, match="exceeds the model's 64 positions"):
+        generate(graphdef, trainable, frozen, [[5] * 60], GenerateConfig(max_new_tokens=5),
+                 eos_id=None, position_limit=model.position_limit)
 
 
 def _check_exports(root, run, method):

@@ -92,6 +92,9 @@ class GPT2Config:
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if c.get(flag):
                 raise UserError(f"{flag} = true is not supported")
+        if c.get("tie_word_embeddings") is False:
+            raise UserError("tie_word_embeddings = false is not supported for GPT-2 (its LM "
+                            "head is the token embedding table)")
         if c.get("scale_attn_weights") is False:
             raise UserError("scale_attn_weights = false is not supported")
         if c.get("activation_function", "gelu_new") not in ACTIVATIONS:
@@ -188,6 +191,7 @@ class GPT2LMHeadModel(nnx.Module):
     def __init__(self, config: GPT2Config, *, param_dtype=jnp.float32,
                  compute_dtype=jnp.float32, attention: AttentionImpl = "xla"):
         self.config = config
+        self.position_limit = config.n_positions  # learned positions: none beyond
         self.transformer = GPT2Model(config, param_dtype=param_dtype,
                                      compute_dtype=compute_dtype, attention=attention)
 
@@ -208,9 +212,9 @@ class GPT2LMHeadModel(nnx.Module):
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer)]
 
     def decode(self, input_ids, positions, key_valid, cache, index):
-        """Generation: float32 logits of the new tokens, and the updated cache."""
+        """Generation: float32 logits (batch, 1, vocab) of the last new token, and the cache."""
         x, cache = self.transformer.decode(input_ids, positions, key_valid, cache, index)
-        return self._logits(x), cache
+        return self._logits(x[:, -1:]), cache  # only the last position picks a token
 
     def linear_layers(self) -> dict[str, Linear]:
         return {f"transformer.h.{i}.{hf}": getattr(block, ours)

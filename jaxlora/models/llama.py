@@ -227,6 +227,7 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: LlamaConfig, *, param_dtype=jnp.float32,
                  compute_dtype=jnp.float32, attention: AttentionImpl = "xla"):
         self.config = config
+        self.position_limit = None  # RoPE extrapolates past max_position_embeddings, as in HF
         self.model = LlamaModel(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
                                 attention=attention)
         self.lm_head = (None if config.tie_word_embeddings else
@@ -253,9 +254,9 @@ class LlamaForCausalLM(nnx.Module):
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
     def decode(self, input_ids, positions, key_valid, cache, index):
-        """Generation: float32 logits of the new tokens, and the updated cache."""
+        """Generation: float32 logits (batch, 1, vocab) of the last new token, and the cache."""
         x, cache = self.model.decode(input_ids, positions, key_valid, cache, index)
-        return self._logits(x), cache
+        return self._logits(x[:, -1:]), cache  # only the last position picks a token
 
     def linear_layers(self) -> dict[str, Linear]:
         """The blocks' linear layers by Hugging Face path; lm_head is left out (as
