@@ -275,18 +275,10 @@ def load(model_dir: Path, *, task: str = "classification", num_labels: int,
          compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
          seed: int = 0) -> weights.LoadedModel:
     """A `BertForSequenceClassification` with the folder's weights and a head seeded by `seed`."""
-    hf_config = weights.read_hf_config(model_dir)
-    try:
-        config = BertConfig.from_hf(hf_config)
-    except UserError as e:
-        raise UserError(f"{weights.config_path(model_dir)}: {e}") from None
-    tensors = weights.read_safetensors(model_dir)
-    model, ignored = weights.build(
-        lambda: BertForSequenceClassification(
+    return weights.load_checkpoint(
+        model_dir, config_from_hf=BertConfig.from_hf,
+        make_model=lambda config: BertForSequenceClassification(
             config, num_labels, key=jax.random.key(seed), param_dtype=param_dtype,
             compute_dtype=compute_dtype, attention=attention),
-        tensors, WEIGHT_RULES, ignore=IGNORED, strip_prefixes=PREFIXES, dtype=param_dtype,
-        source=str(model_dir))
-    return weights.LoadedModel(model=model, config=config, hf_config=hf_config,
-                               lora_targets=LORA_TARGETS,
-                               fingerprint=weights.fingerprint(model_dir), ignored_keys=ignored)
+        rules=WEIGHT_RULES, ignore=IGNORED, strip_prefixes=PREFIXES, dtype=param_dtype,
+        lora_targets=LORA_TARGETS)

@@ -225,16 +225,11 @@ class GPT2LMHeadModel(nnx.Module):
 def load(model_dir: Path, *, task: str = "causal-lm", num_labels: int | None = None,
          param_dtype=jnp.float32, compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
          seed: int = 0) -> weights.LoadedModel:
-    hf_config = weights.read_hf_config(model_dir)
-    try:
-        config = GPT2Config.from_hf(hf_config)
-    except UserError as e:
-        raise UserError(f"{weights.config_path(model_dir)}: {e}") from None
-    model, ignored = weights.build(
-        lambda: GPT2LMHeadModel(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                attention=attention),
-        weights.read_safetensors(model_dir), WEIGHT_RULES, ignore=IGNORED,
-        strip_prefixes=PREFIXES, dtype=param_dtype, source=str(model_dir))
-    return weights.LoadedModel(model=model, config=config, hf_config=hf_config,
-                               lora_targets=LORA_TARGETS,
-                               fingerprint=weights.fingerprint(model_dir), ignored_keys=ignored)
+    """A `GPT2LMHeadModel` with the folder's weights."""
+    return weights.load_checkpoint(
+        model_dir, config_from_hf=GPT2Config.from_hf,
+        make_model=lambda config: GPT2LMHeadModel(config, param_dtype=param_dtype,
+                                                  compute_dtype=compute_dtype,
+                                                  attention=attention),
+        rules=WEIGHT_RULES, ignore=IGNORED, strip_prefixes=PREFIXES, dtype=param_dtype,
+        lora_targets=LORA_TARGETS)

@@ -269,17 +269,13 @@ class LlamaForCausalLM(nnx.Module):
 def load(model_dir: Path, *, task: str = "causal-lm", num_labels: int | None = None,
          param_dtype=jnp.float32, compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
          seed: int = 0) -> weights.LoadedModel:
-    hf_config = weights.read_hf_config(model_dir)
-    try:
-        config = LlamaConfig.from_hf(hf_config)
-    except UserError as e:
-        raise UserError(f"{weights.config_path(model_dir)}: {e}") from None
-    ignore = IGNORED + ([r"lm_head\.weight"] if config.tie_word_embeddings else [])
-    model, ignored = weights.build(
-        lambda: LlamaForCausalLM(config, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                 attention=attention),
-        weights.read_safetensors(model_dir), WEIGHT_RULES, ignore=ignore,
-        strip_prefixes=PREFIXES, dtype=param_dtype, source=str(model_dir))
-    return weights.LoadedModel(model=model, config=config, hf_config=hf_config,
-                               lora_targets=LORA_TARGETS,
-                               fingerprint=weights.fingerprint(model_dir), ignored_keys=ignored)
+    """A `LlamaForCausalLM` (Llama, Mistral or Qwen2 by config) with the folder's
+    weights; a tied model's checkpoint may carry an `lm_head.weight` copy, ignored."""
+    return weights.load_checkpoint(
+        model_dir, config_from_hf=LlamaConfig.from_hf,
+        make_model=lambda config: LlamaForCausalLM(config, param_dtype=param_dtype,
+                                                   compute_dtype=compute_dtype,
+                                                   attention=attention),
+        rules=WEIGHT_RULES, strip_prefixes=PREFIXES, dtype=param_dtype, lora_targets=LORA_TARGETS,
+        ignore=lambda config: IGNORED + ([r"lm_head\.weight"] if config.tie_word_embeddings
+                                         else []))

@@ -130,6 +130,28 @@ class LoadedModel:
     lora_targets: dict[str, str]  # the family's LORA_TARGETS: target name -> path in a block
 
 
+def load_checkpoint(model_dir: Path, *, config_from_hf: Callable[[Any], Any],
+                    make_model: Callable[[Any], nnx.Module], rules: Sequence[Rule],
+                    ignore: Sequence[str] | Callable[[Any], Sequence[str]],
+                    strip_prefixes: Sequence[str], dtype,
+                    lora_targets: dict[str, str]) -> LoadedModel:
+    """What every family's `load` does: read config.json into the family's
+    config (`config_from_hf`), build `make_model(config)` with the folder's
+    safetensors (see `build`), and describe the result. `ignore` may depend
+    on the config (a callable)."""
+    hf_config = read_hf_config(model_dir)
+    try:
+        config = config_from_hf(hf_config)
+    except UserError as e:
+        raise UserError(f"{config_path(model_dir)}: {e}") from None
+    patterns = ignore(config) if callable(ignore) else ignore
+    model, ignored = build(lambda: make_model(config), read_safetensors(model_dir), rules,
+                           ignore=patterns, strip_prefixes=strip_prefixes, dtype=dtype,
+                           source=str(model_dir))
+    return LoadedModel(model=model, config=config, hf_config=hf_config, lora_targets=lora_targets,
+                       fingerprint=fingerprint(model_dir), ignored_keys=ignored)
+
+
 def config_path(model_dir: Path) -> Path:
     """`model_dir/config.json`; UserError naming the folder if it or the file is missing."""
     model_dir = Path(model_dir)
