@@ -176,7 +176,7 @@ def _check_exports(root, run, method):
      "give both prompt_column and response_column"),
     (lambda t: t.replace('text_column = "text"', 'text_column = "body"'), "no column 'body'"),
     (lambda t: t.replace('task = "causal-lm"', 'task = "classification"'),
-     "data.labels: required for task classification"),
+     "data.labels: required, but missing"),
 ])
 def test_causal_lm_bad_input(tmp_path, edit, expected):
     tiny_decoder_dir(tmp_path / "model", "gpt2")
