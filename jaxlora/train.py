@@ -196,6 +196,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
 
     def snapshot() -> TrainState:
         host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        _check_finite(host, step)
         return TrainState(trainable=trainable, opt_state=opt_state, dropout_key=state.dropout_key,
                           step=step, pending=host, tokens=tokens,
                           seconds=state.seconds + time.perf_counter() - session_start)
@@ -221,6 +222,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                 first = False
             if step % cfg.log_every == 0 or step == steps:
                 pending = jax.device_get(pending)
+                _check_finite(pending, step)
                 now = time.perf_counter()
                 record = _record(pending, step, epoch, float(schedule(step - 1)), now - mark,
                                  tokens)
@@ -248,6 +250,26 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
     result.median_step_ms = statistics.median(intervals[1:] or intervals) if intervals else 0.0
     result.steps = step
     return result
+
+
+class Diverged(Exception):
+    """The loss or the gradient became NaN or infinite at `step` (1-based): the
+    weights after that step are unusable, so nothing from it is saved."""
+
+    def __init__(self, step: int, what: str, value: float):
+        super().__init__(f"the {what} became {value} at step {step}")
+        self.step, self.what, self.value = step, what, value
+
+
+def _check_finite(metrics: list[dict], last_step: int) -> None:
+    """Raise `Diverged` for the first of these consecutive steps (ending at
+    `last_step`) whose loss or gradient norm is not finite."""
+    first = last_step - len(metrics) + 1
+    for i, m in enumerate(metrics):
+        for key, what in (("loss", "loss"), ("grad_norm", "gradient norm")):
+            value = float(m[key])
+            if not math.isfinite(value):
+                raise Diverged(first + i, what, value)
 
 
 def _record(metrics: list[dict], step: int, epoch: int, lr: float, seconds: float,

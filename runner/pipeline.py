@@ -39,7 +39,7 @@ from jaxlora.models.layers import resolve_attention
 from jaxlora.models.weights import fingerprint
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import STEP_LOSSES
-from jaxlora.train import fit, init_state, plan
+from jaxlora.train import Diverged, fit, init_state, plan
 from runner import report
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
 from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, lock_run, newest_run,
@@ -163,6 +163,16 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     try:
         return _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen,
                                    data, state, resumed, tokenizer)
+    except Diverged as e:
+        steps = checkpoint_steps(run_dir)
+        manifest["status"] = "diverged"
+        manifest["diverged"] = {"step": e.step, "what": e.what, "at": _now(),
+                                "checkpoint_step": steps[-1] if steps else None}
+        report.write_json(run_dir / "manifest.json", manifest)
+        kept = (f"the last good checkpoint, step {steps[-1]}, is the latest in "
+                f"{run_dir / CHECKPOINTS}" if steps else "no checkpoint was written before it")
+        raise UserError(f"train: {e} (try a lower train.learning_rate, or max_grad_norm); "
+                        f"{kept}") from None
     except Interrupted as e:
         if manifest["status"] == "finished":  # the signal came as the run was ending
             raise Interrupted(e.signum, f"interrupted by {e.name} after the run finished; "

@@ -191,3 +191,25 @@ def test_compare_refuses_what_is_not_a_finished_run(tmp_path):
         done = _runner("compare", str(target), cwd=tmp_path)
         assert done.returncode == 2 and words in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_diverging_run_stops_with_a_message(workdir, monkeypatch):
+    """A NaN loss ends the run: exit 2, the step named, the manifest says so."""
+    import jax.numpy as jnp
+
+    from jaxlora import tasks
+
+    original = tasks.STEP_LOSSES["classification"]
+
+    def nan_from_step_1(model, batch, rng):
+        loss, count = original(model, batch, rng)
+        return jnp.where(batch["labels"].sum() >= 0, jnp.nan, loss), count
+
+    monkeypatch.setitem(tasks.STEP_LOSSES, "classification", nan_from_step_1)
+    done = runner_here("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "train: the loss became nan at step 1" in done.stderr
+    assert "no checkpoint was written before it" in done.stderr
+    [run] = list((workdir / "runs" / "tiny").iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "diverged" and manifest["diverged"]["step"] == 1

@@ -82,3 +82,33 @@ def test_max_steps_caps_the_run(tiny_bert_dir):
     cfg = TrainConfig(epochs=3, max_steps=5, batch_size=16, log_every=100)
     result = fit(graphdef, trainable, frozen, _toy_split(), cfg, classification_step_loss)
     assert result.steps == 5 and result.history[-1]["step"] == 5
+
+
+def test_a_nan_loss_stops_training_and_saves_nothing_after_it(tiny_bert_dir, tmp_path):
+    """A batch holding token 999 makes the loss NaN; training stops naming that
+    step, and the checkpoints end before it (the last good one stays latest)."""
+    import jax.numpy as jnp
+
+    from jaxlora.checkpoint import Checkpointer
+    from jaxlora.train import Diverged
+
+    graphdef, trainable, frozen = _adapted(tiny_bert_dir)
+    split = _toy_split(n=40)
+    split.input_ids[:, 1] = 100 + np.arange(40)  # a token naming each row
+    cfg = TrainConfig(epochs=2, batch_size=8, log_every=3, seed=0)
+    order = [b["input_ids"] for e in range(2)
+             for b in split.batches(8, shuffle=True, seed=0, epoch=e)]
+    poisoned = 4  # the 4th step's batch (its rows come back in epoch 2, after the stop)
+    marker = order[poisoned - 1][0, 1]
+    split.input_ids[split.input_ids[:, 1] == marker, 1] = 999  # that batch's first row only
+
+    def loss(model, batch, rng):
+        value, count = classification_step_loss(model, batch, rng)
+        return jnp.where(jnp.any(batch["input_ids"] == 999), jnp.nan, value), count
+
+    with Checkpointer(tmp_path / "c") as ckpt:
+        with pytest.raises(Diverged) as stopped:
+            fit(graphdef, trainable, frozen, split, cfg, loss, on_checkpoint=ckpt.save,
+                checkpoint_every=1)
+        assert ckpt.steps() == [2, 3]  # keep 2: the last good one is the latest
+    assert stopped.value.step == poisoned and "loss became nan at step 4" in str(stopped.value)
