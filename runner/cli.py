@@ -111,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("--format", required=True, metavar="peft|merged")
     export.add_argument("--out", type=Path, help="the folder to write (must not exist)")
+    recipes = commands.add_parser(
+        "recipes", help="list the recipes in a folder (default: recipes/) with descriptions",
+        description="List the recipe files of a folder (default: ./recipes, else the "
+                    "project's own) with task, method, base model and description; a file "
+                    "that does not validate is listed with its first problem.")
+    recipes.add_argument("folder", type=Path, nargs="?", metavar="FOLDER")
     compare = commands.add_parser(
         "compare", help="finished runs side by side (rich table, then Markdown)",
         description="Read finished run folders (manifest.json, eval.json) and print "
@@ -154,6 +160,9 @@ def _dispatch(args, console: Console, stop) -> int:
         runs = [compare.read_run(path) for path in args.runs]
         console.print(compare.table(runs))
         print(compare.markdown(runs))  # plain: rich would wrap it at the terminal width
+        return 0
+    if args.command == "recipes":
+        console.print(_recipes_table(args.folder))
         return 0
     if args.command == "validate":
         recipe = load_recipe(args.recipe)
@@ -244,6 +253,35 @@ def _dispatch(args, console: Console, stop) -> int:
         else:
             console.print(predictions_table(rows, list(opened.recipe.data.labels)))
     return 0
+
+
+def _recipes_table(folder: Path | None):
+    from rich.table import Table
+
+    from jaxlora.errors import UserError
+    from runner.recipe import load_recipe
+
+    if folder is None:
+        here = Path("recipes")
+        folder = here if here.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder of recipes")
+    files = sorted(folder.glob("*.toml"))
+    if not files:
+        raise UserError(f"{folder}: no .toml recipes in it")
+    table = Table(title=f"recipes in {folder}")
+    table.add_column("recipe", no_wrap=True)  # a file name is never cut
+    for column in ("task", "method", "model", "description"):
+        table.add_column(column, overflow="fold")
+    for path in files:
+        try:
+            r = load_recipe(path)
+        except UserError as e:
+            table.add_row(path.name, "-", "-", "-", f"[red]invalid:[/] {escape(str(e).splitlines()[0])}")
+            continue
+        table.add_row(path.name, r.model.task, r.adapter.method, r.model.source,
+                      escape(r.description))
+    return table
 
 
 def _texts(args: list[str]) -> list[str]:

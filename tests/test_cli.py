@@ -213,3 +213,17 @@ def test_a_diverging_run_stops_with_a_message(workdir, monkeypatch):
     [run] = list((workdir / "runs" / "tiny").iterdir())
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "diverged" and manifest["diverged"]["step"] == 1
+
+
+def test_recipes_lists_the_library(tmp_path):
+    done = runner_here("recipes", str(Path(__file__).resolve().parents[1] / "recipes"),
+                       cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name in ("bert-sentiment.toml", "gpt2-alpaca-lora.toml", "tiny-llama-offline.toml"):
+        assert name in done.stdout
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "broken.toml").write_text("[model]\n")
+    done = runner_here("recipes", "mine", cwd=tmp_path)
+    assert done.returncode == 0 and "invalid" in done.stdout
+    done = runner_here("recipes", "nowhere", cwd=tmp_path)
+    assert done.returncode == 2 and "no such folder" in done.stderr
