@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Check a recipe and print it resolved, with every default filled in. "
                     "Exit 2 with one message per problem when it is invalid.")
     validate.add_argument("recipe", type=Path, help="path to a recipe .toml file")
+    validate.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                          help="override a field, e.g. --set train.learning_rate=3e-4")
     run = commands.add_parser(
         "run", help="fine-tune and evaluate before/after, or resume a stopped run",
         description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="start a new run folder even if an unfinished run could resume")
     how.add_argument("--resume", action="store_true",
                      help="resume the newest unfinished run of the recipe; exit 2 if none")
+    run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override a recipe field (repeatable), e.g. --set adapter.rank=16; "
+                          "validated like the file")
     evaluate = commands.add_parser(
         "eval", help="re-evaluate a finished run (its held-out set, or --data)",
         description="Rebuild a run's model (base checkpoint + its latest checkpoint) and "
@@ -165,8 +170,18 @@ def _dispatch(args, console: Console, stop) -> int:
         console.print(_recipes_table(args.folder))
         return 0
     if args.command == "validate":
-        recipe = load_recipe(args.recipe)
+        from rich.table import Table
+
+        from runner.recipe import load_with_provenance, provenance_rows
+
+        recipe, provenance = load_with_provenance(args.recipe, args.set)
         console.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark"))
+        table = Table(title="where each value comes from")
+        for column in ("field", "value", "from"):
+            table.add_column(column, overflow="fold")
+        for row in provenance_rows(recipe, provenance):
+            table.add_row(*map(escape, row))
+        console.print(table)
         console.print(f"[green]{args.recipe}: valid[/]")
         return 0
     if args.command == "run":
@@ -180,10 +195,13 @@ def _dispatch(args, console: Console, stop) -> int:
             if args.fresh:
                 raise UserError(f"{target}: --fresh starts a new run from a recipe file; give "
                                 "the recipe instead of a run folder")
+            if args.set:
+                raise UserError(f"{target}: --set changes a recipe; a run folder resumes "
+                                "with its own")
             recipe = load_recipe(target / "recipe.toml")
             run_dir, recipe_path = target, target / "recipe.toml"
         else:
-            recipe, run_dir, recipe_path = load_recipe(target), None, target
+            recipe, run_dir, recipe_path = load_recipe(target, args.set), None, target
         _quiet_libraries()
         from runner.pipeline import run
 

@@ -101,9 +101,31 @@ def _needs_labels(document: dict) -> bool:
     return task == "classification" and isinstance(data, dict) and "labels" not in data
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; any problem is a `UserError`."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read and validate a recipe file (with its `extends` chain and `--set`
+    overrides); any problem is a `UserError`."""
+    return load_with_provenance(path, overrides)[0]
+
+
+def load_with_provenance(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+                         ) -> tuple[Recipe, dict[str, str]]:
+    """The recipe and, for every field given anywhere, where its value came
+    from: a file of the `extends` chain, or `--set` (fields absent from the
+    map have their default)."""
     path = Path(path)
+    document, provenance = _read_chain(path, ())
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set(document, key, value)
+        provenance[key] = "--set"
+    document.setdefault("name", path.stem)
+    try:
+        return Recipe.model_validate(document), provenance
+    except ValidationError as e:
+        raise UserError(format_errors(path, e)) from None
+
+
+def _read_toml(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -111,14 +133,88 @@ def load_recipe(path: str | Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the recipe: {e}") from None
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
-    document.setdefault("name", path.stem)
+
+
+def _read_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+    """A recipe file merged over its `extends` parents (deep merge of tables;
+    a child's value, array included, replaces the parent's)."""
+    document = _read_toml(path)
+    parent = document.pop("extends", None)
+    merged: dict = {}
+    provenance: dict[str, str] = {}
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise UserError(f"{path}: extends: expected the path of a parent recipe, "
+                            f"got {parent!r}")
+        folder = path.resolve().parent
+        target = (folder / parent).resolve()  # links followed
+        if folder not in target.parents:
+            raise UserError(f"{path}: extends: {parent!r} is outside the recipe's folder "
+                            f"{folder} (.. and links may not leave it)")
+        if target in seen or target == path.resolve():
+            chain = " -> ".join(str(p) for p in (*seen, path.resolve(), target))
+            raise UserError(f"{path}: extends: a cycle: {chain}")
+        merged, provenance = _read_chain(target, (*seen, path.resolve()))
+    for key, value in _leaves(document):
+        provenance[key] = str(path)
+    return _merge(merged, document), provenance
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = (_merge(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
+def _leaves(document: dict, prefix: str = ""):
+    for key, value in document.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    """`train.learning_rate=3e-4` -> ("train.learning_rate", 0.0003): the value
+    is read as TOML (numbers, booleans, "strings", [arrays]); anything that is
+    not valid TOML is taken as a plain string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {item!r}: expected FIELD=VALUE, e.g. "
+                        "train.learning_rate=3e-4")
     try:
-        return Recipe.model_validate(document)
-    except ValidationError as e:
-        raise UserError(format_errors(path, e)) from None
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def _set(document: dict, key: str, value) -> None:
+    *tables, last = key.split(".")
+    node = document
+    for part in tables:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: {part!r} is a value, not a table")
+        node = child
+    node[last] = value
+
+
+def provenance_rows(recipe: Recipe, provenance: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(field, value, where from) for every field of the resolved recipe."""
+    rows = []
+    for key, value in _leaves(canonical(recipe)):
+        source = provenance.get(key)
+        if source is None and key == "name":
+            source = "the file name"
+        rows.append((key, json.dumps(value), source or "default"))
+    return rows
 
 
 def format_errors(path: Path, error: ValidationError) -> str:

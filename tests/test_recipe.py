@@ -97,3 +97,70 @@ def test_hash_changes_with_any_field(tmp_path):
     a.write_text('name = "x"\n' + BASE)
     b.write_text('name = "x"\n' + BASE + "[train]\nlearning_rate = 1e-3\n")
     assert recipe_hash(load_recipe(a)) != recipe_hash(load_recipe(b))
+
+
+def _chain(tmp_path):
+    (tmp_path / "base.toml").write_text(BASE + "[adapter]\nrank = 8\ntargets = [\"query\", \"value\"]\n"
+                                        "[train]\nlearning_rate = 1e-3\n")
+    (tmp_path / "mid.toml").write_text('extends = "base.toml"\n[adapter]\nrank = 16\n')
+    (tmp_path / "child.toml").write_text('extends = "mid.toml"\n[train]\nepochs = 2\n')
+    return tmp_path / "child.toml"
+
+
+def test_extends_chains_with_a_deep_merge_and_records_provenance(tmp_path):
+    from runner.recipe import load_with_provenance, provenance_rows
+
+    recipe, provenance = load_with_provenance(_chain(tmp_path))
+    assert recipe.name == "child" and recipe.adapter.rank == 16
+    assert recipe.adapter.targets == ["query", "value"] and recipe.train.learning_rate == 1e-3
+    assert recipe.train.epochs == 2 and recipe.data.labels == ["neg", "pos"]
+    where = {field: source for field, _, source in provenance_rows(recipe, provenance)}
+    assert where["adapter.rank"].endswith("mid.toml")
+    assert where["adapter.targets"].endswith("base.toml")
+    assert where["train.epochs"].endswith("child.toml")
+    assert where["train.batch_size"] == "default" and where["name"] == "the file name"
+
+
+def test_set_overrides_are_validated_like_the_file(tmp_path):
+    from runner.recipe import load_with_provenance
+
+    child = _chain(tmp_path)
+    recipe, provenance = load_with_provenance(
+        child, ["train.learning_rate=3e-4", 'adapter.targets=["query"]', "description=hello"])
+    assert recipe.train.learning_rate == 3e-4 and recipe.adapter.targets == ["query"]
+    assert recipe.description == "hello" and provenance["train.learning_rate"] == "--set"
+    for bad, expected in [("adapter.rank=-1", "adapter.rank"), ("train.learnin_rate=1", "did you mean"),
+                          ("nonsense", "expected FIELD=VALUE"),
+                          ("model.source.x=1", "is a value, not a table")]:
+        with pytest.raises(UserError, match=expected):
+            load_recipe(child, [bad])
+
+
+def test_extends_refuses_cycles_and_escapes(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(UserError, match="a cycle"):
+        load_recipe(tmp_path / "a.toml")
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "up.toml").write_text('extends = "../base.toml"\n')
+    with pytest.raises(UserError, match="outside the recipe's folder"):
+        load_recipe(tmp_path / "sub" / "up.toml")
+    (tmp_path / "sub" / "link.toml").symlink_to(tmp_path / "base.toml")
+    (tmp_path / "sub" / "via-link.toml").write_text('extends = "link.toml"\n')
+    with pytest.raises(UserError, match="outside the recipe's folder"):
+        load_recipe(tmp_path / "sub" / "via-link.toml")
+    (tmp_path / "odd.toml").write_text("extends = 3\n")
+    with pytest.raises(UserError, match="extends: expected the path"):
+        load_recipe(tmp_path / "odd.toml")
+
+
+def test_validate_shows_where_values_come_from(tmp_path):
+    from test_cli import runner_here
+
+    child = _chain(tmp_path)
+    done = runner_here("validate", str(child), "--set", "train.seed=3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "--set" in done.stdout and "default" in done.stdout and "mid.toml" in done.stdout
+    done = runner_here("validate", str(child), "--set", "train.seed=minus one", cwd=tmp_path)
+    assert done.returncode == 2 and "train.seed" in done.stderr
