@@ -16,11 +16,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 from rich.console import Console
 from rich.table import Table
 
-from jaxlora.data import tokenize_batch, prepare, prepare_eval
+from jaxlora.data import Split, prepare, prepare_eval, tokenize_batch
 from jaxlora.evaluate import build_eval_step, evaluate
 from jaxlora.errors import UserError
 from runner import report
@@ -92,32 +91,21 @@ def predict(opened: OpenedRun, texts: list[str], *, batch_size: int | None = Non
     max_length = recipe.data.max_length
     encoded = tokenize_batch({"text": texts}, tokenizer=opened.tokenizer, column="text",
                               max_length=max_length, pad_id=opened.tokenizer.pad_token_id or 0)
-    ids = np.asarray(encoded["input_ids"], np.int32)
-    mask = np.asarray(encoded["attention_mask"], np.int32)
-    graphdef = opened.graphdef
-
-    @jax.jit
-    def probabilities(trainable, frozen, input_ids, attention_mask):
-        model = nnx.merge(graphdef, trainable, frozen)
-        return jax.nn.softmax(model(input_ids, attention_mask).astype("float32"), axis=-1)
-
+    # No buckets: batches keep the texts' order, padded to one shape (one compilation).
+    split = Split(input_ids=np.asarray(encoded["input_ids"], np.int32),
+                  attention_mask=np.asarray(encoded["attention_mask"], np.int32),
+                  labels=np.zeros(len(texts), np.int32))
+    eval_step = build_eval_step(opened.graphdef)
     size = batch_size or min(recipe.eval.batch_size, max(len(texts), 1))
-    out = []
-    for begin in range(0, len(texts), size):
-        rows_ids, rows_mask = ids[begin:begin + size], mask[begin:begin + size]
-        missing = size - len(rows_ids)  # one shape for every batch: one compilation
-        if missing:
-            rows_ids = np.concatenate([rows_ids, np.zeros((missing, max_length), np.int32)])
-            pad = np.zeros((missing, max_length), np.int32)
-            pad[:, 0] = 1
-            rows_mask = np.concatenate([rows_mask, pad])
-        probs = np.asarray(probabilities(opened.trainable, opened.frozen, rows_ids, rows_mask))
-        for i in range(size - missing):
-            p = probs[i]
-            out.append({"text": texts[begin + i], "label": labels[int(p.argmax())],
-                        "probabilities": {name: float(p[j]) for j, name in enumerate(labels)},
-                        "truncated": bool(encoded["truncated"][begin + i])})
-    return out
+    logits = np.concatenate([
+        np.asarray(eval_step(opened.trainable, opened.frozen, batch)[0])[batch["weights"] > 0]
+        for batch in split.batches(size, shuffle=False)])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return [{"text": text, "label": labels[int(p.argmax())],
+             "probabilities": {name: float(p[j]) for j, name in enumerate(labels)},
+             "truncated": bool(cut)}
+            for text, p, cut in zip(texts, probs, encoded["truncated"])]
 
 
 def predictions_table(rows: list[dict], labels: list[str]) -> Table:

@@ -162,7 +162,8 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
                   f"trainable parameters: {manifest['model']['trainable_params']:,}")
     try:
         return _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen,
-                                   data, state, resumed, tokenizer)
+                                   data, state, resumed, tokenizer,
+                                   getattr(loaded.model, "position_limit", None))
     except Diverged as e:
         steps = checkpoint_steps(run_dir)
         manifest["status"] = "diverged"
@@ -185,7 +186,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
 
 
 def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen, data, state,
-                        resumed, tokenizer) -> Path:
+                        resumed, tokenizer, position_limit) -> Path:
     task = recipe.model.task
     eval_step = build_eval_step(graphdef, task)
     evals_path = run_dir / "eval.json"
@@ -197,11 +198,11 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
         before = evals.get("before")
         if recipe.eval.before and before is None:
             before = _evaluate(recipe, eval_step, graphdef, without_adapters(state.trainable),
-                               frozen, data.eval, progress, "eval before", tokenizer)
+                               frozen, data.eval, progress, "eval before", tokenizer, position_limit)
             report.write_json(evals_path, {"before": before})
         with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, stop.deferred():
             result = fit(graphdef, state.trainable, frozen, data.train, recipe.train,
-                         STEP_LOSSES[task], resume=resumed,
+                         STEP_LOSSES[task], resume=resumed or state,
                          on_log=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()),
                          on_checkpoint=lambda s: ckpt.save(s, extra),
                          checkpoint_every=recipe.train.checkpoint_every,
@@ -209,7 +210,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
         if stop.requested():  # during training, or just as it ended
             raise Interrupted(stop.signum)
         after = _evaluate(recipe, eval_step, graphdef, result.trainable, frozen, data.eval,
-                          progress, "eval after", tokenizer)
+                          progress, "eval after", tokenizer, position_limit)
 
     earlier = manifest["train"]
     manifest["train"] = {"steps": result.steps, "total_steps": earlier["total_steps"],
@@ -236,7 +237,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
 
 
 def _evaluate(recipe, eval_step, graphdef, trainable, frozen, split, progress, description,
-              tokenizer) -> dict:
+              tokenizer, position_limit) -> dict:
     """The task's metrics of one model on the eval split; for prompt/response
     data also the exact match of greedy completions."""
     task = recipe.model.task
@@ -244,13 +245,12 @@ def _evaluate(recipe, eval_step, graphdef, trainable, frozen, split, progress, d
                        label_names=list(recipe.data.labels or []), progress=progress,
                        description=description, task=task)
     if task == "causal-lm" and recipe.data.pairs and recipe.eval.exact_match_examples:
-        model = nnx.merge(graphdef, trainable, frozen)  # a view: for its position limit
         metrics.update(exact_match(graphdef, trainable, frozen, split,
                                    examples=recipe.eval.exact_match_examples,
                                    eos_id=tokenizer.eos_token_id,
                                    pad_id=tokenizer.pad_token_id or 0,
                                    batch_size=recipe.eval.batch_size,
-                                   position_limit=getattr(model, "position_limit", None)))
+                                   position_limit=position_limit))
     return metrics
 
 
