@@ -36,7 +36,6 @@ from jaxlora.evaluate import build_eval_step, evaluate, exact_match
 from jaxlora.lora import adapt, count_params, without_adapters
 from jaxlora.models import load_model
 from jaxlora.models.layers import resolve_attention
-from jaxlora.models.weights import fingerprint
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import STEP_LOSSES
 from jaxlora.train import Diverged, fit, init_state, plan
@@ -82,10 +81,10 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> dict:
     return manifest
 
 
-def check_fingerprint(model_dir: Path, manifest: dict, run_dir: Path) -> None:
-    """Refuse a base model whose files differ from the ones the run trained on."""
+def check_fingerprint(model_dir: Path, found: str, manifest: dict, run_dir: Path) -> None:
+    """Refuse a base model whose files (fingerprint `found`, computed when it
+    was loaded) differ from the ones the run trained on."""
     expected = manifest.get("model", {}).get("fingerprint")
-    found = fingerprint(model_dir)
     if expected and found != expected:
         raise UserError(f"{model_dir}: the base model's files differ from the ones run "
                         f"{run_dir} was trained on (fingerprint {found[:16]} here, "
@@ -112,9 +111,9 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     old = check_resumable(run_dir, recipe) if run_dir is not None else None
     base = base_dir(old, run_dir) if old else recipe_path.resolve().parent
     model_dir = sources.resolve(recipe.model.source, "model", base)
-    if old:
-        check_fingerprint(model_dir, old, run_dir)
     loaded = load_pretrained(recipe, model_dir)
+    if old:
+        check_fingerprint(model_dir, loaded.fingerprint, old, run_dir)
     tokenizer = load_tokenizer(model_dir)
     data = prepare(recipe.data, tokenizer, task=recipe.model.task,
                    base_dir=base)

@@ -192,8 +192,8 @@ def open_run(run_dir: Path) -> OpenedRun:
     recipe = load_recipe(run_dir / "recipe.toml")
     require_same_recipe(run_dir, manifest, recipe, "its recipe.toml was edited; restore it")
     model_dir = sources.resolve(recipe.model.source, "model", base_dir(manifest, run_dir))
-    check_fingerprint(model_dir, manifest, run_dir)
     loaded = load_pretrained(recipe, model_dir)
+    check_fingerprint(model_dir, loaded.fingerprint, manifest, run_dir)
     key = jax.random.key(recipe.train.seed)
     graphdef, trainable, frozen, _ = adapt(loaded.model, recipe.adapter, loaded.lora_targets,
                                            jax.random.fold_in(key, 2))
