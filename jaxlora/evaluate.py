@@ -24,6 +24,9 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     before: bool = True  # also evaluate the base model before fine-tuning
+    # also evaluate every this many training steps (0: before and after only); each
+    # adds a point to the eval-loss curve (metrics.jsonl, loss.png, TensorBoard)
+    every_steps: int = Field(0, ge=0, le=10_000_000)
     batch_size: int = Field(64, gt=0, le=65536)  # examples per eval step
     # causal-lm prompt/response data: greedy-complete this many eval prompts and
     # count exact matches with the reference responses (0: skip)
@@ -49,7 +52,8 @@ def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification"):
 
 
 def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_names: list[str],
-             progress=None, description: str = "eval", task: str = "classification") -> dict:
+             progress=None, description: str = "eval", task: str = "classification",
+             keep_bar: bool = True) -> dict:
     """Classification: accuracy, macro-F1, per-class scores and mean loss.
     Causal-lm: token-weighted loss and perplexity over the target tokens."""
     bar = (progress.add_task(description, total=split.num_batches(batch_size))
@@ -78,6 +82,8 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
         pending = dispatched
     if pending is not None:
         collect(pending)
+    if bar is not None and not keep_bar:
+        progress.remove_task(bar)
     if task == "causal-lm":
         tokens = float(np.concatenate(labels).sum())
         loss = float(np.concatenate(losses).sum()) / max(tokens, 1.0)

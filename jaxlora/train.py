@@ -167,6 +167,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
         loss_fn: LossFn, *, resume: TrainState | None = None,
         on_log: Callable[[dict], None] | None = None,
         on_checkpoint: Callable[[TrainState], None] | None = None, checkpoint_every: int = 0,
+        on_evaluate: Callable[[int, Any], None] | None = None, evaluate_every: int = 0,
         should_stop: Callable[[], bool] | None = None, progress=None) -> TrainResult:
     """Train `trainable` on `train_split` for `cfg.epochs` (or `cfg.max_steps`).
 
@@ -234,6 +235,13 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                                     description=f"train  loss {record['loss']:.4f}  "
                                                 f"{record['examples_per_s']:.0f} ex/s")
                 pending, mark, tokens = [], now, 0
+            if on_evaluate is not None and evaluate_every and step % evaluate_every == 0 \
+                    and step < steps:
+                began = time.perf_counter()
+                on_evaluate(step, trainable)
+                # Evaluation time is neither training time nor part of a step's time.
+                spent = time.perf_counter() - began
+                mark, session_start = mark + spent, session_start + spent
             stop = should_stop is not None and should_stop() and step < steps
             due = step == steps or (checkpoint_every and step % checkpoint_every == 0)
             if on_checkpoint is not None and (due or stop):

@@ -116,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("--format", required=True, metavar="peft|merged")
     export.add_argument("--out", type=Path, help="the folder to write (must not exist)")
+    show = commands.add_parser(
+        "report", help="draw a finished run's charts and report.md again, and show it",
+        description="Draw loss.png and before_after.png from RUN_DIR/metrics.jsonl and "
+                    "eval.json, write report.md again, and render it in the terminal.")
+    show.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     recipes = commands.add_parser(
         "recipes", help="list the recipes in a folder (default: recipes/) with descriptions",
         description="List the recipe files of a folder (default: ./recipes, else the "
@@ -168,6 +173,11 @@ def _dispatch(args, console: Console, stop) -> int:
         return 0
     if args.command == "recipes":
         console.print(_recipes_table(args.folder))
+        return 0
+    if args.command == "report":
+        from runner.report import redraw
+
+        redraw(args.run_dir, console)
         return 0
     if args.command == "validate":
         from rich.table import Table

@@ -44,6 +44,7 @@ from runner.recipe import Recipe, canonical, recipe_hash, to_toml
 from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, lock_run, newest_run,
                          read_json, require_checkpoint, require_same_data, require_same_recipe)
 from runner.signals import Interrupted, StopSignals
+from runner.tensorboard import EventLog
 
 Mode = Literal["auto", "fresh", "resume"]
 
@@ -192,24 +193,54 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
     evals = read_json(evals_path) if evals_path.is_file() else {}
     extra = {"recipe_hash": manifest["recipe_hash"],
              "fingerprint": manifest["model"]["fingerprint"]}
-    with _progress(console) as progress, \
-            Checkpointer(run_dir / CHECKPOINTS, keep=recipe.train.keep_checkpoints) as ckpt:
+    events = (EventLog(run_dir, resumed_from=resumed.step if resumed else None)
+              if recipe.output.tensorboard else None)
+    with contextlib.ExitStack() as open_files:
+        if events is not None:
+            open_files.callback(events.close)
+        progress = open_files.enter_context(_progress(console))
+        ckpt = open_files.enter_context(
+            Checkpointer(run_dir / CHECKPOINTS, keep=recipe.train.keep_checkpoints))
+        log = open_files.enter_context((run_dir / "metrics.jsonl").open("a", encoding="utf-8"))
+
+        def write(record: dict) -> None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+        def on_log(record: dict) -> None:
+            write(record)
+            if events is not None:
+                events.train(record)
+
+        def on_evaluate(step: int, trainable) -> None:
+            metrics = evaluate(eval_step, trainable, frozen, data.eval,
+                               batch_size=recipe.eval.batch_size,
+                               label_names=list(recipe.data.labels or []), progress=progress,
+                               description=f"eval at step {step}", task=task, keep_bar=False)
+            write({"step": step, "eval": report.scalars(metrics)})
+            if events is not None:
+                events.eval(step, metrics)
+
         before = evals.get("before")
         if recipe.eval.before and before is None:
             before = _evaluate(recipe, eval_step, graphdef, without_adapters(state.trainable),
                                frozen, data.eval, progress, "eval before", tokenizer, position_limit)
             report.write_json(evals_path, {"before": before})
-        with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, stop.deferred():
+            if events is not None:
+                events.eval(0, before)
+        with stop.deferred():
             result = fit(graphdef, state.trainable, frozen, data.train, recipe.train,
-                         STEP_LOSSES[task], resume=resumed or state,
-                         on_log=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()),
+                         STEP_LOSSES[task], resume=resumed or state, on_log=on_log,
                          on_checkpoint=lambda s: ckpt.save(s, extra),
                          checkpoint_every=recipe.train.checkpoint_every,
+                         on_evaluate=on_evaluate, evaluate_every=recipe.eval.every_steps,
                          should_stop=stop.requested, progress=progress)
         if stop.requested():  # during training, or just as it ended
             raise Interrupted(stop.signum)
         after = _evaluate(recipe, eval_step, graphdef, result.trainable, frozen, data.eval,
                           progress, "eval after", tokenizer, position_limit)
+        if events is not None:
+            events.eval(result.steps, after)
 
     earlier = manifest["train"]
     manifest["train"] = {"steps": result.steps, "total_steps": earlier["total_steps"],
@@ -226,12 +257,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
     manifest["status"] = "finished"
     report.write_json(run_dir / "eval.json", {"before": before, "after": after})
     report.write_json(run_dir / "manifest.json", manifest)
-    report.write_atomic(run_dir / "report.md",
-                        report.markdown_report(manifest, before, after, manifest["data"]))
-    console.print(report.comparison_table(before, after,
-                                          f"{recipe.name}: {after['examples']} eval examples"))
-    console.print(f"train {result.train_seconds:.0f} s ({result.steps} steps); "
-                  f"report: {run_dir / 'report.md'}")
+    report.write_report(run_dir, manifest, before, after, console)
     return run_dir
 
 

@@ -42,6 +42,8 @@ class OutputConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     dir: str = "runs"  # run folders go to DIR/<recipe name>/<timestamp>/ (relative to the cwd)
+    # also log train and eval scalars as TensorBoard events in RUN_DIR/tensorboard/
+    tensorboard: bool = False
 
 
 class Recipe(BaseModel):

@@ -5,9 +5,13 @@ before/after comparison, as a rich table in the terminal and as Markdown.
       recipe.toml      the resolved recipe (defaults filled in): rerun it as is
       manifest.json    recipe hash, versions, devices, base-model fingerprint,
                        parameter counts, timings; status running -> finished
-      metrics.jsonl    one JSON line per `train.log_every` steps
+      metrics.jsonl    one JSON line per `train.log_every` steps ({"step", "loss", ...})
+                       and per `eval.every_steps` evaluation ({"step", "eval": {...}})
       eval.json        metrics before and after fine-tuning
-      report.md        the comparison table, label counts and timings
+      report.md        the comparison table, the charts, label counts and timings
+      loss.png         train and eval loss over the steps (runner.charts)
+      before_after.png the headline metrics before and after, as bars
+      tensorboard/     TensorBoard events, when output.tensorboard = true
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from rich.table import Table
 
 from jaxlora.errors import UserError
+from runner import charts
 
 PACKAGES = ["jaxlora", "jax", "jaxlib", "flax", "optax", "transformers", "tokenizers",
             "datasets", "safetensors", "pydantic", "numpy"]
@@ -125,8 +130,81 @@ def comparison_table(before: dict | None, after: dict, title: str) -> Table:
     return table
 
 
-def markdown_report(manifest: dict, before: dict | None, after: dict, stats: dict) -> str:
-    """report.md: the comparison, the data, the model and the timings."""
+def scalars(metrics: dict) -> dict:
+    """The plain numbers of a metrics dict (no per-class tables), for metrics.jsonl."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl (up to a line cut by a kill)."""
+    path = run_dir / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def write_report(run_dir: Path, manifest: dict, before: dict | None, after: dict,
+                 console) -> None:
+    """Draw the charts, write report.md, and show the comparison, the loss
+    sparklines and where the report is in the terminal."""
+    name = manifest["recipe"]["name"]
+    train, evals = charts.curves(read_metrics(run_dir), before, after,
+                                 manifest["train"]["steps"])
+    try:
+        images = charts.write_pngs(run_dir, train, evals, before, after, name)
+    except Exception as e:  # noqa: BLE001 - a chart must never cost a finished run its report
+        images = []
+        console.print(f"[yellow]warning:[/] the charts were not drawn: {e}")
+    write_atomic(run_dir / "report.md",
+                 markdown_report(manifest, before, after, manifest["data"], images))
+    console.print(comparison_table(before, after, f"{name}: {after['examples']} eval examples"))
+    for line in charts.terminal_lines(train, evals):
+        console.print(line)
+    done = manifest["train"]
+    console.print(f"train {done['train_seconds']:.0f} s ({done['steps']} steps); "
+                  f"report: {run_dir / 'report.md'}")
+
+
+def redraw(run_dir: Path, console) -> None:
+    """`runner report RUN_DIR`: the charts and report.md of a finished run drawn
+    again from its files, and report.md rendered in the terminal."""
+    from rich.markdown import Markdown
+
+    from runner.runs import read_json
+
+    run_dir = Path(run_dir)
+    for name in ("manifest.json", "eval.json"):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir}: no {name}; `runner report` needs a run folder "
+                            "(runs/<name>/<timestamp>/) whose run finished")
+    manifest = read_json(run_dir / "manifest.json")
+    evals = read_json(run_dir / "eval.json")
+    if manifest.get("status") != "finished" or not evals.get("after"):
+        raise UserError(f"{run_dir}: the run has not finished (status "
+                        f"{manifest.get('status')!r}); its report is written when it does")
+    write_report(run_dir, manifest, evals.get("before"), evals["after"], _Quiet())
+    console.print(Markdown((run_dir / "report.md").read_text(encoding="utf-8")))
+    train, curve = charts.curves(read_metrics(run_dir), evals.get("before"), evals["after"],
+                                 manifest["train"]["steps"])
+    for line in charts.terminal_lines(train, curve):
+        console.print(line)
+    console.print(f"charts: {run_dir / charts.LOSS_PNG}, {run_dir / charts.BARS_PNG}")
+
+
+class _Quiet:
+    def print(self, *args, **kwargs) -> None:
+        pass
+
+
+def markdown_report(manifest: dict, before: dict | None, after: dict, stats: dict,
+                    images: list[str] = ()) -> str:
+    """report.md: the comparison, the charts, the data, the model and the timings."""
     out = [f"# {manifest['recipe']['name']}", ""]
     if manifest["recipe"].get("description"):
         out += [manifest["recipe"]["description"], ""]
@@ -134,6 +212,9 @@ def markdown_report(manifest: dict, before: dict | None, after: dict, stats: dic
     out += [f"## Before and after fine-tuning ({n} held-out examples)", "",
             "| metric | before | after | change |", "|---|---:|---:|---:|"]
     out += [f"| {' | '.join(row)} |" for row in comparison_rows(before, after)]
+    captions = {charts.LOSS_PNG: "train and eval loss", charts.BARS_PNG: "before and after"}
+    if images:
+        out += ["", "## Charts", ""] + [f"![{captions[name]}]({name})" for name in images]
     out += ["", "## Data", "", f"Source: `{stats['source']}`", ""]
     if stats["label_names"]:
         out += ["| label | train | eval |", "|---|---:|---:|"]

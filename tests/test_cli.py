@@ -79,8 +79,31 @@ def workdir(tmp_path, tiny_bert_dir):
     return tmp_path
 
 
+def read_events(folder: Path) -> dict[tuple[str, int], float]:
+    """{(tag, step): value} of the TensorBoard scalars in `folder`, the way
+    TensorBoard reads them: the event files in order, a purge mark (a session
+    START at step s) dropping the earlier files' events at steps >= s."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[tuple[str, int], float] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                scalars = {k: v for k, v in scalars.items() if k[1] < event.step}
+            for value in event.summary.value:
+                scalars[(value.tag, event.step)] = value.simple_value
+    return scalars
+
+
 def test_run_end_to_end(workdir):
-    done = _runner("run", "tiny.toml", cwd=workdir)
+    done = _runner("run", "tiny.toml", "--set", "eval.every_steps=6",
+                   "--set", "output.tensorboard=true", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = list((workdir / "runs" / "tiny").iterdir())
     assert len(runs) == 1
@@ -96,11 +119,40 @@ def test_run_end_to_end(workdir):
     assert evals["before"]["examples"] == evals["after"]["examples"] == 20
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     # 64 labelled rows - 20 eval = 44 train: 6 batches of 8 per epoch, 3 epochs
-    assert [x["step"] for x in lines] == list(range(2, 19, 2))
+    train = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train] == list(range(2, 19, 2))
+    # evaluated every 6 steps during training; the last step is "after"
+    periodic = [x for x in lines if "eval" in x]
+    assert [x["step"] for x in periodic] == [6, 12]
+    assert all(x["eval"]["examples"] == 20 and 0 <= x["eval"]["accuracy"] <= 1
+               for x in periodic)
     assert manifest["data"]["train_size"] == 44
     report = (run / "report.md").read_text()
     assert "| accuracy |" in report and "neutral" in report
+    assert "![train and eval loss](loss.png)" in report
+    assert "![before and after](before_after.png)" in report
+    from PIL import Image
+
+    for name in ("loss.png", "before_after.png"):
+        with Image.open(run / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
     assert "before" in done.stdout and "after" in done.stdout
+    assert "train loss" in done.stdout and "eval loss" in done.stdout  # the sparklines
+    # TensorBoard: every train record and every evaluation, with the same values
+    events = read_events(run / "tensorboard")
+    for x in train:
+        assert events[("train/loss", x["step"])] == pytest.approx(x["loss"], rel=1e-6)
+        assert ("train/learning_rate", x["step"]) in events
+    curve = [(0, evals["before"]), *[(x["step"], x["eval"]) for x in periodic],
+             (18, evals["after"])]
+    for step, metrics in curve:
+        assert events[("eval/loss", step)] == pytest.approx(metrics["loss"], rel=1e-6)
+        assert events[("eval/accuracy", step)] == pytest.approx(metrics["accuracy"])
+    # `runner report` draws the same charts again and renders report.md
+    (run / "loss.png").unlink()
+    shown = runner_here("report", str(run), cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    assert (run / "loss.png").is_file() and "Before and after" in shown.stdout
     # The resolved recipe in the run folder runs as is: validate it.
     again = _runner("validate", str(run / "recipe.toml"), cwd=workdir)
     assert again.returncode == 0, again.stderr

@@ -20,7 +20,7 @@ from jaxlora.checkpoint import Checkpointer
 from runner.runs import checkpoint_steps
 from jaxlora.train import TrainConfig, fit, init_state
 from jaxlora.tasks import classification_step_loss
-from test_cli import TINY_RECIPE, _tweets_csv
+from test_cli import TINY_RECIPE, _tweets_csv, read_events
 from test_cli import runner_here as _runner
 from test_train import _adapted, _toy_split
 
@@ -89,6 +89,9 @@ LONG = (TINY_RECIPE.replace("epochs = 3", "epochs = 80\ncheckpoint_every = 50\nw
         .replace('targets = ["query", "value"]', 'targets = ["query", "value"]\ndropout = 0.1')
         .replace("learning_rate = 1e-2", "learning_rate = 1e-3"))
 STEPS = 80 * 6  # 44 training rows, batches of 8
+# with an evaluation every 40 steps and TensorBoard events: a resumed run writes
+# neither twice nor leaves one out
+REPORTED = LONG.replace("[eval]", "[eval]\nevery_steps = 40") + "[output]\ntensorboard = true\n"
 
 
 def _workdir(path: Path, model_dir: Path, recipe: str) -> Path:
@@ -153,14 +156,14 @@ def _stop_with(workdir: Path, signum: int, after_lines: int) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_bert_dir):
     """The same recipe run straight through, in its own folder."""
-    workdir = _workdir(tmp_path_factory.mktemp("straight"), tiny_bert_dir, LONG)
+    workdir = _workdir(tmp_path_factory.mktemp("straight"), tiny_bert_dir, REPORTED)
     done = _runner("run", "tiny.toml", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     return _run_dir(workdir)
 
 
 def test_sigterm_then_resume_is_exact(tmp_path, tiny_bert_dir, reference):
-    workdir = _workdir(tmp_path, tiny_bert_dir, LONG)
+    workdir = _workdir(tmp_path, tiny_bert_dir, REPORTED)
     stopped = _stop_with(workdir, signal.SIGTERM, after_lines=2)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert "Traceback" not in stopped.stderr
@@ -181,8 +184,16 @@ def test_sigterm_then_resume_is_exact(tmp_path, tiny_bert_dir, reference):
     assert _meta(run, STEPS)["sha256"] == _meta(reference, STEPS)["sha256"]
     _assert_bitwise_equal(_final_state(run), _final_state(reference))
     assert _loss_lines(run) == _loss_lines(reference)
+    assert [x["step"] for x in _loss_lines(run) if "eval" in x] == list(range(40, STEPS, 40))
     evals = [json.loads((r / "eval.json").read_text()) for r in (run, reference)]
     assert evals[0] == evals[1]
+    # TensorBoard, read with the resumed session's purge mark, holds exactly the
+    # uninterrupted run's losses and evaluations (timings aside)
+    events = [{k: v for k, v in read_events(r / "tensorboard").items()
+               if k[0] in ("train/loss", "train/learning_rate") or k[0].startswith("eval/")}
+              for r in (run, reference)]
+    assert len(list((run / "tensorboard").iterdir())) == 2  # one event file per session
+    assert events[0] == events[1] and ("eval/loss", 40) in events[0]
 
 
 def test_sigkill_while_writing_checkpoints_leaves_the_last_one_usable(tmp_path, tiny_bert_dir):
