@@ -11,7 +11,9 @@ Frozen base weights are never saved: they are the base checkpoint's, and the
 caller checks its fingerprint before resuming. Orbax writes each step into a
 temporary folder and renames it into place when complete, so a process killed
 mid-write leaves the previous checkpoint as it was; the leftover temporary
-folder is ignored. A checkpoint that is there but unreadable, or whose arrays
+folder is ignored. A save that fails (a full disk, a quota) raises
+`CheckpointWriteError` and leaves the earlier checkpoints as they were, the
+newest of them still the latest. A checkpoint that is there but unreadable, or whose arrays
 do not hash to what was written, is refused naming its folder, never used.
 """
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +104,14 @@ class Checkpointer:
         meta = {"step": state.step, "pending": state.pending, "tokens": state.tokens,
                 "seconds": state.seconds, "leaves": _layout(arrays), **(extra or {})}
         meta["sha256"] = _digest(arrays, meta)
-        self._manager.save(state.step, args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)}), force=True)
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(state.step, args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)}),
+                force=True)
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - tensorstore reports OS errors as ValueError
+            raise CheckpointWriteError(self.directory / str(state.step), state.step,
+                                       _write_failure(e), self.latest_step()) from None
         return self.directory / str(state.step)
 
     def read_meta(self, step: int) -> dict:
@@ -167,6 +176,27 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class CheckpointWriteError(Exception):
+    """Checkpoint `step` could not be written to `where` (`reason`, e.g. "No
+    space left on device"); `kept` is the newest complete checkpoint, untouched."""
+
+    def __init__(self, where: Path, step: int, reason: str, kept: int | None):
+        super().__init__(f"cannot write the checkpoint of step {step} to {where}: {reason}")
+        self.where, self.step, self.reason, self.kept = where, step, reason, kept
+
+
+def _write_failure(error: Exception) -> str:
+    """The operating system's reason for a failed write, where the error names
+    one ("No space left on device"), else the error's first line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if code:
+        return os.strerror(int(code.group(1)))
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def _corrupt(where: Path, error: Exception) -> UserError:

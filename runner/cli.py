@@ -325,11 +325,28 @@ def _texts(args: list[str]) -> list[str]:
 
 
 def _quiet_libraries() -> None:
-    """Keep library chatter (TF-style logs, transformers warnings) off the terminal."""
+    """Keep library chatter (TF-style logs, transformers warnings, orbax's logged
+    tracebacks) off the terminal: what goes wrong reaches the user as one
+    message naming the file or field."""
+    import logging
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import transformers
 
     transformers.logging.set_verbosity_error()
+    # orbax logs a failed write (with its traceback) through absl before raising
+    # it; the pipeline reports it as one message
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    # After a failed checkpoint write, tensorstore's remaining write callbacks
+    # find orbax's event loop closed and report that as unraisable.
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from jaxlora import sources
-from jaxlora.checkpoint import Checkpointer
+from jaxlora.checkpoint import Checkpointer, CheckpointWriteError
 from jaxlora.data import prepare
 from jaxlora.errors import UserError
 from jaxlora.evaluate import build_eval_step, evaluate, exact_match
@@ -174,6 +174,21 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
                 f"{run_dir / CHECKPOINTS}" if steps else "no checkpoint was written before it")
         raise UserError(f"train: {e} (try a lower train.learning_rate, or max_grad_norm); "
                         f"{kept}") from None
+    except CheckpointWriteError as e:
+        kept = (f"the previous checkpoint, step {e.kept}, is intact and the latest"
+                if e.kept is not None else "no earlier checkpoint exists")
+        _note_failure(run_dir, manifest, {"step": e.step, "reason": e.reason, "at": _now(),
+                                          "checkpoint_step": e.kept})
+        raise UserError(f"checkpoint: {e}; {kept}. Free space in {run_dir.parent}, then "
+                        f"`runner run {run_dir}` goes on from it") from None
+    except OSError as e:  # a full disk or a quota while writing the run folder's files
+        steps = checkpoint_steps(run_dir)
+        _note_failure(run_dir, manifest, {"reason": e.strerror, "at": _now(),
+                                          "checkpoint_step": steps[-1] if steps else None})
+        kept = (f"the checkpoint of step {steps[-1]} is intact" if steps
+                else "no checkpoint was written yet")
+        raise UserError(f"{e.filename or run_dir}: cannot write: {e.strerror}; {kept}. Free "
+                        f"space, then `runner run {run_dir}` goes on") from None
     except Interrupted as e:
         if manifest["status"] == "finished":  # the signal came as the run was ending
             raise Interrupted(e.signum, f"interrupted by {e.name} after the run finished; "
@@ -277,6 +292,17 @@ def _evaluate(recipe, eval_step, graphdef, trainable, frozen, split, progress, d
                                    batch_size=recipe.eval.batch_size,
                                    position_limit=position_limit))
     return metrics
+
+
+def _note_failure(run_dir: Path, manifest: dict, failure: dict) -> None:
+    """Mark the run failed in its manifest, if the disk still takes that much
+    (a failed run with a checkpoint is resumed like an interrupted one)."""
+    manifest["status"] = "failed"
+    manifest["failed"] = failure
+    try:
+        report.write_json(run_dir / "manifest.json", manifest)
+    except OSError:
+        pass  # the manifest still says "running": resumable all the same
 
 
 def _interrupted_message(e: Interrupted, run_dir: Path, recipe_path: Path) -> str:

@@ -41,8 +41,12 @@ def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a killed process never leaves a
     half-written file in place of a good one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: the old file stays as it was
+        raise
 
 
 def write_json(path: Path, data) -> None:

@@ -310,3 +310,65 @@ def test_a_run_in_progress_is_not_resumed_by_a_second_process(tmp_path, tiny_ber
         process.wait()
     # killed: the lock went with the process, so the run can be resumed now
     assert "in use" not in _runner("run", "tiny.toml", "--resume", cwd=workdir).stderr
+
+
+FILL_THE_DISK = """
+import resource, signal, sys
+from jaxlora.checkpoint import Checkpointer
+from runner.cli import main
+
+original = Checkpointer.save
+
+def save_then_fill_the_disk(self, state, extra=None):
+    where = original(self, state, extra)
+    print("saved", state.step, file=sys.stderr)
+    # A full-model checkpoint is several MB: later ones no longer fit.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return where
+
+Checkpointer.save = save_then_fill_the_disk
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a kill
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_write_failure_while_checkpointing_keeps_the_previous_checkpoint(
+        tmp_path, tiny_bert_dir):
+    """The disk fills up after the first checkpoint: a real failed write, made
+    by a file-size limit on the `runner` process (writes past it fail with
+    EFBIG, as they fail with ENOSPC on a full disk), through orbax's own write
+    path. The real command: one message, no traceback, exit 2."""
+    recipe = (TINY_RECIPE.replace('method = "lora"\nrank = 4\ntargets = ["query", "value"]',
+                                  'method = "full"')
+              .replace("epochs = 3", "epochs = 1\ncheckpoint_every = 2"))
+    workdir = _workdir(tmp_path, tiny_bert_dir, recipe)
+    (workdir / "fill.py").write_text(FILL_THE_DISK)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(workdir / "hf-datasets-cache"))
+    done = subprocess.run([sys.executable, "fill.py", "run", "tiny.toml"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert "saved 2" in done.stderr and "saved 4" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    message = " ".join(done.stderr.split())
+    assert "cannot write the checkpoint of step 4" in message and "File too large" in message
+    assert "the previous checkpoint, step 2, is intact and the latest" in message
+    run = _run_dir(workdir)
+    assert checkpoint_steps(run) == [2]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["failed"]["checkpoint_step"] == 2
+    assert manifest["failed"]["reason"] == "File too large"
+
+    resumed = _runner("run", "tiny.toml", cwd=workdir)  # space again: it goes on from step 2
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "from its checkpoint at step 2" in resumed.stdout  # read back, checksum checked
+    assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_a_failed_write_is_reported_by_its_operating_system_reason():
+    from jaxlora.checkpoint import _write_failure
+
+    tensorstore = ValueError("OUT_OF_RANGE: Error writing \"x\" in OCDBT database: Failed to "
+                             "write 42 bytes to file 16: No space left [os_error_code='28']")
+    assert _write_failure(tensorstore) == "No space left on device"
+    assert _write_failure(OSError(122, "Disk quota exceeded")) == "Disk quota exceeded"
+    assert _write_failure(RuntimeError("something else\nmore")) == "something else"
