@@ -41,8 +41,9 @@ from jaxlora.tasks import STEP_LOSSES
 from jaxlora.train import Diverged, fit, init_state, plan
 from runner import report
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
-from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, lock_run, newest_run,
-                         read_json, require_checkpoint, require_same_data, require_same_recipe)
+from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, is_run_dir, lock_run,
+                         newest_run, read_json, require_checkpoint, require_same_data,
+                         require_same_recipe)
 from runner.signals import Interrupted, StopSignals
 from runner.tensorboard import EventLog
 
@@ -82,6 +83,16 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> dict:
     return manifest
 
 
+def recipe_base(recipe_path: Path) -> Path:
+    """The folder a recipe's relative sources are read from: its own, except for
+    the resolved recipe.toml of a run folder, whose sources stay where that run
+    found them (so `runner run RUN_DIR/recipe.toml --fresh` runs it again)."""
+    folder = recipe_path.resolve().parent
+    if is_run_dir(folder):
+        return base_dir(read_json(folder / "manifest.json"), folder)
+    return folder
+
+
 def check_fingerprint(model_dir: Path, found: str, manifest: dict, run_dir: Path) -> None:
     """Refuse a base model whose files (fingerprint `found`, computed when it
     was loaded) differ from the ones the run trained on."""
@@ -110,7 +121,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     if run_dir is not None:
         held.enter_context(lock_run(run_dir))
     old = check_resumable(run_dir, recipe) if run_dir is not None else None
-    base = base_dir(old, run_dir) if old else recipe_path.resolve().parent
+    base = base_dir(old, run_dir) if old else recipe_base(recipe_path)
     model_dir = sources.resolve(recipe.model.source, "model", base)
     loaded = load_pretrained(recipe, model_dir)
     if old:
