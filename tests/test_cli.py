@@ -279,3 +279,45 @@ def test_recipes_lists_the_library(tmp_path):
     assert done.returncode == 0 and "invalid" in done.stdout
     done = runner_here("recipes", "nowhere", cwd=tmp_path)
     assert done.returncode == 2 and "no such folder" in done.stderr
+
+
+BROKEN_DATA = {
+    # case: (file bytes, extra [data] lines, what the message must say)
+    "missing file": (None, "", r"tweets\.csv: no such file"),
+    "not utf-8": ("sentiment,text\npositive,caf\xe9 ol\xe9\n".encode("latin-1"), "",
+                  r"tweets\.csv: cannot decode the file as utf-8"),
+    "empty file": (b"", "", r"tweets\.csv: the file is empty"),
+    "missing column": (b"sentiment,body\npositive,hi\n", "", r"no column 'text' \(text_column\)"),
+    "empty text": (b"sentiment,text\npositive,fine\nnegative,\npositive,ok\n", "",
+                   r"column 'text' is empty in 1 row.*data row 2"),
+    "no label in labels": (b"sentiment,text\nhappy,a\nsad,b\n", "",
+                           r"no row .* label in \['negative', 'positive'\].*'happy' \(1\)"),
+    "one class": (b"sentiment,text\n" + b"positive,good day\n" * 40, "",
+                  r"the training set has only one class, 'positive'"),
+    "eval larger than data": (b"sentiment,text\n" + b"positive,a\nnegative,b\n" * 5, "",
+                              r"eval_size 20 leaves no training rows.*10 rows"),
+    "eval split missing": (b"sentiment,text\npositive,a\nnegative,b\n",
+                           "eval_split = \"test\"\n", r"no split 'test'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_DATA))
+def test_broken_data_is_one_message_and_no_run_folder(workdir, case):
+    """Through the whole command: exit 2, one message naming the file and the
+    column or row, no traceback, and no run folder made for a run that cannot start."""
+    import re
+
+    content, extra, expected = BROKEN_DATA[case]
+    recipe = (workdir / "tiny.toml").read_text().replace('encoding = "latin-1"\n', "")
+    if extra:
+        recipe = recipe.replace("eval_size = 20\n", extra)
+    (workdir / "tiny.toml").write_text(recipe)
+    (workdir / "tweets.csv").unlink()
+    if content is not None:
+        (workdir / "tweets.csv").write_bytes(content)
+    done = runner_here("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = " ".join(done.stderr.split())
+    assert re.search(expected, message), message
+    assert "tweets.csv" in message and "Traceback" not in done.stderr
+    assert not (workdir / "runs").exists()
