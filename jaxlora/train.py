@@ -42,7 +42,11 @@ class TrainConfig(BaseModel):
 
     epochs: int = Field(1, ge=1, le=1000)  # passes over the training split
     max_steps: int | None = Field(None, gt=0)  # stop after this many steps (None: epochs decide)
-    batch_size: int = Field(32, gt=0, le=65536)  # examples per optimizer step
+    batch_size: int = Field(32, gt=0, le=65536)  # examples per forward/backward pass
+    # micro-batches of batch_size per optimizer step: the step sees batch_size *
+    # grad_accum examples, and its loss is normalised by the target tokens (or
+    # examples) of all of them, exactly as one batch of that size
+    grad_accum: int = Field(1, ge=1, le=4096)
     learning_rate: float = Field(5e-4, gt=0, le=1.0)  # peak AdamW learning rate
     schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)  # share of steps spent warming up from 0
@@ -55,6 +59,11 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0)  # steps between metric records
     checkpoint_every: int = Field(100, ge=0)  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = Field(2, ge=1, le=1000)  # the newest N checkpoints are kept
+
+
+def step_batch(cfg: TrainConfig) -> int:
+    """Examples per optimizer step: `grad_accum` micro-batches of `batch_size`."""
+    return cfg.batch_size * cfg.grad_accum
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -89,14 +98,49 @@ def make_optimizer(cfg: TrainConfig, steps: int) -> optax.GradientTransformation
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
 
 
-def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn):
-    """The jit'd step over (trainable, frozen, opt_state, batch, rng); see the module doc."""
+def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
+                     grad_accum: int = 1):
+    """The jit'd step over (trainable, frozen, opt_state, batch, rng); see the module doc.
+
+    With `grad_accum` > 1 the batch is cut into that many equal micro-batches
+    (a `lax.scan`, one forward/backward pass each, so activations are held for
+    one micro-batch at a time). Each contributes the gradient of its *summed*
+    loss (mean x count); the sum over micro-batches is divided once by the
+    total count. That is the gradient of the whole batch's loss, normalised by
+    all its target tokens, not a mean of per-micro-batch means (which would
+    weigh a token of a short micro-batch more). Micro-batch i draws dropout
+    from fold_in(rng, i).
+    """
+
+    def gradients(trainable, frozen, batch, rng):
+        if grad_accum == 1:
+            def objective(params):
+                return loss_fn(nnx.merge(graphdef, params, frozen), batch, rng)
+
+            return jax.value_and_grad(objective, has_aux=True)(trainable)
+
+        def summed(params, micro, key):
+            loss, count = loss_fn(nnx.merge(graphdef, params, frozen), micro, key)
+            return loss * count, count
+
+        def one(carry, xs):
+            grads, total, count = carry
+            micro, i = xs
+            key = None if rng is None else jax.random.fold_in(rng, i)
+            (s, c), g = jax.value_and_grad(summed, has_aux=True)(trainable, micro, key)
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + c), None
+
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum,
+                                                 *x.shape[1:]), batch)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, total, count), _ = jax.lax.scan(one, start, (micro, jnp.arange(grad_accum)))
+        scale = 1.0 / jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+        return (total * scale, count), grads
 
     def step(trainable, frozen, opt_state, batch, rng):
-        def objective(params):
-            return loss_fn(nnx.merge(graphdef, params, frozen), batch, rng)
-
-        (loss, count), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        (loss, count), grads = gradients(trainable, frozen, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         # `count` weighs the loss when averaging over steps (examples, or target
@@ -138,7 +182,7 @@ def init_state(trainable, cfg: TrainConfig, train_split) -> TrainState:
 
 def plan(cfg: TrainConfig, train_split) -> tuple[int, int]:
     """(total optimizer steps, batches per epoch) for `train_split`."""
-    per_epoch = train_split.num_batches(cfg.batch_size)
+    per_epoch = train_split.num_batches(step_batch(cfg))
     return total_steps(cfg, per_epoch), per_epoch
 
 
@@ -182,7 +226,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
     """
     steps, per_epoch = plan(cfg, train_split)
     schedule = learning_rate_schedule(cfg, steps)
-    step_fn = build_train_step(graphdef, make_optimizer(cfg, steps), loss_fn)
+    step_fn = build_train_step(graphdef, make_optimizer(cfg, steps), loss_fn, cfg.grad_accum)
     state = resume or init_state(trainable, cfg, train_split)
     if state.step > steps:
         raise ValueError(f"the saved state is at step {state.step}, past the run's {steps}")
@@ -204,7 +248,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
 
     for epoch in range(step // per_epoch, math.ceil(steps / per_epoch)):
         skip = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
-        for batch in train_split.batches(cfg.batch_size, shuffle=True, seed=cfg.seed,
+        for batch in train_split.batches(step_batch(cfg), shuffle=True, seed=cfg.seed,
                                          epoch=epoch, start=skip):
             if step == steps:
                 break

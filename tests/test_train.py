@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from jaxlora.data import Split
 from jaxlora.lora import LoraConfig, adapt
@@ -112,3 +113,72 @@ def test_a_nan_loss_stops_training_and_saves_nothing_after_it(tiny_bert_dir, tmp
                 checkpoint_every=1)
         assert ckpt.steps() == [2, 3]  # keep 2: the last good one is the latest
     assert stopped.value.step == poisoned and "loss became nan at step 4" in str(stopped.value)
+
+
+def _lm_batch(n=8, t=10, seed=0) -> dict:
+    """Causal-LM rows whose target-token counts differ a lot from row to row."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 90, (n, t)).astype(np.int32)
+    lengths = np.array([t, 3, t, 4, 2, t, 5, t])[:n]
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
+    targets = mask.copy()
+    targets[:, :2] = 0  # a two-token prompt
+    weights = np.ones(n, np.float32)
+    weights[-1] = 0.0  # a padding row, as the last batch of a split has
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": targets, "weights": weights}
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_grad_accum_is_the_whole_batch_normalised_by_all_its_tokens(tmp_path, tiny_bert_dir,
+                                                                    task):
+    """grad_accum=4 over micro-batches of B/4 takes the same step as one batch
+    of B: the summed loss over all micro-batches divided by all their target
+    tokens, not the mean of the micro-batches' means."""
+    from jaxlora.tasks import STEP_LOSSES
+
+    if task == "causal-lm":
+        from tiny_models import tiny_decoder_dir
+
+        loaded = load_model(tiny_decoder_dir(tmp_path, "llama-gqa-rope3"), task="causal-lm",
+                            attention="xla", seed=0)
+        graphdef, trainable, frozen = adapt(loaded.model, LoraConfig(rank=4, targets="all-linear"),
+                                            loaded.lora_targets, jax.random.key(1))[:3]
+        batch = _lm_batch()
+    else:
+        graphdef, trainable, frozen = _adapted(tiny_bert_dir)
+        batch = next(iter(_toy_split(n=8).batches(8, shuffle=False)))
+    tx = optax.sgd(1.0)  # the update is minus the gradient: compared directly
+    loss_fn = STEP_LOSSES[task]
+    whole = build_train_step(graphdef, tx, loss_fn)
+    accum = build_train_step(graphdef, tx, loss_fn, grad_accum=4)
+    copy = lambda tree: jax.tree.map(lambda x: np.array(x), tree)  # noqa: E731 - donated
+    one, _, m1 = whole(copy(trainable), frozen, tx.init(trainable), batch, None)
+    four, _, m4 = accum(copy(trainable), frozen, tx.init(trainable), batch, None)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    assert float(m4["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-5)
+    assert float(m4["count"]) == float(m1["count"])
+    if task == "causal-lm":
+        # the mean of the micro-batches' means is another number
+        means = [float(loss_fn(nnx.merge(graphdef, trainable, frozen),
+                               {k: v[i:i + 2] for k, v in batch.items()}, None)[0])
+                 for i in range(0, 8, 2)]
+        assert abs(np.mean(means) - float(m1["loss"])) > 1e-3
+
+
+def test_fit_with_grad_accum_takes_the_same_steps(tiny_bert_dir):
+    graphdef, trainable, frozen = _adapted(tiny_bert_dir)
+    split = _toy_split(n=48)
+    results = []
+    for batch_size, grad_accum in ((16, 1), (4, 4)):
+        cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, learning_rate=1e-2,
+                          log_every=1, epochs=2)
+        copy = jax.tree.map(lambda x: np.array(x), trainable)
+        # no dropout: micro-batch i draws its masks from fold_in(rng, i), another stream
+        results.append(fit(graphdef, copy, frozen, split, cfg,
+                           lambda model, batch, rng: classification_step_loss(model, batch, None)))
+    assert results[0].steps == results[1].steps == 6
+    np.testing.assert_allclose([r["loss"] for r in results[0].history],
+                               [r["loss"] for r in results[1].history], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0].trainable), jax.tree.leaves(results[1].trainable)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
