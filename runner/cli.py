@@ -212,7 +212,7 @@ def _dispatch(args, console: Console, stop) -> int:
             run_dir, recipe_path = target, target / "recipe.toml"
         else:
             recipe, run_dir, recipe_path = load_recipe(target, args.set), None, target
-        _quiet_libraries()
+        _set_up_libraries()
         from runner.pipeline import run
 
         mode = "fresh" if args.fresh else "resume" if args.resume else "auto"
@@ -231,7 +231,7 @@ def _dispatch(args, console: Console, stop) -> int:
             raise UserError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} "
                             f"(got {err['input']!r})") from None
         prompts = _texts(args.prompt)
-        _quiet_libraries()
+        _set_up_libraries()
         from runner.inference import generate_texts
 
         rows = generate_texts(args.target, prompts, cfg, console, raw=args.raw)
@@ -249,7 +249,7 @@ def _dispatch(args, console: Console, stop) -> int:
     texts = None
     if args.command == "predict":
         texts = _texts(args.texts)
-    _quiet_libraries()
+    _set_up_libraries()
     from runner.runs import open_run
 
     opened = open_run(args.run_dir)
@@ -324,8 +324,8 @@ def _texts(args: list[str]) -> list[str]:
     return texts
 
 
-def _quiet_libraries() -> None:
-    """Keep library chatter (TF-style logs, transformers warnings, orbax's logged
+def _set_up_libraries() -> None:
+    """Turn on the persistent compilation cache (`runner.xla_cache`), and keep library chatter (TF-style logs, transformers warnings, orbax's logged
     tracebacks) off the terminal: what goes wrong reaches the user as one
     message naming the file or field."""
     import logging
@@ -334,6 +334,9 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    from runner import xla_cache
+
+    xla_cache.enable()
     # orbax logs a failed write (with its traceback) through absl before raising
     # it; the pipeline reports it as one message
     logging.getLogger("absl").setLevel(logging.CRITICAL)

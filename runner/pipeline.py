@@ -39,7 +39,7 @@ from jaxlora.models.layers import resolve_attention
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import STEP_LOSSES
 from jaxlora.train import Diverged, fit, init_state, plan
-from runner import report
+from runner import report, xla_cache
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
 from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, is_run_dir, lock_run,
                          newest_run, read_json, require_checkpoint, require_same_data,
@@ -118,6 +118,8 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
 
 def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | None,
          stop: StopSignals, held: contextlib.ExitStack) -> Path:
+    cache = jax.config.jax_compilation_cache_dir
+    cached = xla_cache.entries(Path(cache) if cache else None)
     if run_dir is not None:
         held.enter_context(lock_run(run_dir))
     old = check_resumable(run_dir, recipe) if run_dir is not None else None
@@ -174,7 +176,8 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     try:
         return _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen,
                                    data, state, resumed, tokenizer,
-                                   getattr(loaded.model, "position_limit", None))
+                                   getattr(loaded.model, "position_limit", None),
+                                   (cache, cached))
     except Diverged as e:
         steps = checkpoint_steps(run_dir)
         manifest["status"] = "diverged"
@@ -212,7 +215,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
 
 
 def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen, data, state,
-                        resumed, tokenizer, position_limit) -> Path:
+                        resumed, tokenizer, position_limit, cache=(None, 0)) -> Path:
     task = recipe.model.task
     eval_step = build_eval_step(graphdef, task)
     evals_path = run_dir / "eval.json"
@@ -272,7 +275,11 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
     manifest["train"] = {"steps": result.steps, "total_steps": earlier["total_steps"],
                          "compile_seconds": result.compile_seconds,
                          "train_seconds": result.train_seconds,
-                         "median_step_ms": result.median_step_ms, **report.peak_memory()}
+                         "median_step_ms": result.median_step_ms, **report.peak_memory(),
+                         # the persistent compilation cache (runner.xla_cache): no entry
+                         # added means every compiled function came from it
+                         "compilation_cache": {"dir": cache[0], "entries_added": (
+                             xla_cache.entries(Path(cache[0])) - cache[1] if cache[0] else None)}}
     if not result.history and "median_step_ms" in earlier:
         # Resumed after the last step (stopped during "eval after"): this session
         # trained nothing, so the figures of the session that did stand.

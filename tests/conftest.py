@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ import pytest
 # Tests never touch the network: the hub clients read these when first imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# The runner's persistent compilation cache goes to a folder of this session,
+# never the user's (the runs of the suite share it, as a user's runs would).
+os.environ["JAXLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlora-test-cache-")
 
 TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64, max_position_embeddings=128)

@@ -88,3 +88,24 @@ def test_two_runs_started_at_once_on_one_output_folder(workdir):  # noqa: F811
     named = {" ".join(out.split()).split("run folder: ")[1].split()[0] for out, _ in results}
     assert named == {str(run.relative_to(workdir)) for run in (a, b)}
     _same_run(a, b)
+
+
+def test_a_second_run_loads_its_compiled_steps_from_the_cache(workdir, tmp_path):  # noqa: F811
+    """Two processes run the same recipe with a fresh persistent compilation
+    cache: the first fills it, the second adds nothing (every compiled function
+    came from the cache) and compiles its train step faster."""
+    import os
+    import sys
+
+    env = dict(os.environ, JAXLORA_CACHE_DIR=str(tmp_path / "cache"),
+               HF_DATASETS_CACHE=str(workdir / "datasets-cache"))
+    manifests = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "runner.cli", "run", "tiny.toml", "--fresh"],
+                              cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        manifests.append(json.loads((_runs(workdir)[-1] / "manifest.json").read_text())["train"])
+    first, second = (m["compilation_cache"] for m in manifests)
+    assert first["dir"] == second["dir"] == str(tmp_path / "cache" / "xla")
+    assert first["entries_added"] > 0 and second["entries_added"] == 0
+    assert manifests[1]["compile_seconds"] < manifests[0]["compile_seconds"]
