@@ -47,6 +47,9 @@ class TrainConfig(BaseModel):
     # grad_accum examples, and its loss is normalised by the target tokens (or
     # examples) of all of them, exactly as one batch of that size
     grad_accum: int = Field(1, ge=1, le=4096)
+    # what each transformer layer keeps for the backward pass: none (all activations),
+    # full (recompute the layer), dots-saveable (keep matmul outputs, recompute the rest)
+    remat: Literal["none", "full", "dots-saveable"] = "none"
     learning_rate: float = Field(5e-4, gt=0, le=1.0)  # peak AdamW learning rate
     schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)  # share of steps spent warming up from 0

@@ -35,7 +35,7 @@ from jaxlora.errors import UserError
 from jaxlora.evaluate import build_eval_step, evaluate, exact_match
 from jaxlora.lora import adapt, count_params, without_adapters
 from jaxlora.models import load_model
-from jaxlora.models.layers import resolve_attention
+from jaxlora.models.layers import resolve_attention, set_remat
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import STEP_LOSSES
 from jaxlora.train import Diverged, fit, init_state, plan
@@ -126,6 +126,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     base = base_dir(old, run_dir) if old else recipe_base(recipe_path)
     model_dir = sources.resolve(recipe.model.source, "model", base)
     loaded = load_pretrained(recipe, model_dir)
+    set_remat(loaded.model, recipe.train.remat)
     if old:
         check_fingerprint(model_dir, loaded.fingerprint, old, run_dir)
     tokenizer = load_tokenizer(model_dir)

@@ -40,7 +40,7 @@ from flax import nnx
 from jaxlora.errors import UserError
 from jaxlora.models import weights
 from jaxlora.models.layers import (AttentionImpl, Embed, Head, LayerNorm, Linear, attention,
-                                   dropout, resolve_attention, split_key)
+                                   dropout, resolve_attention, split_key, stack_layers)
 
 # transformers' `hidden_act` names -> functions. "gelu" is the exact erf form;
 # the tanh approximation goes by two names.
@@ -215,6 +215,7 @@ class BertModel(nnx.Module):
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.attention_impl = resolve_attention(attention, compute_dtype)
         self.embeddings = BertEmbeddings(config, param_dtype=param_dtype)
+        self.remat = "none"  # train.remat: see layers.REMAT_POLICIES
         self.layers = nnx.List([BertLayer(config, param_dtype=param_dtype,
                                           attention=self.attention_impl)
                                 for _ in range(config.num_layers)])
@@ -234,8 +235,9 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         embeddings_key, pooler_key, *layer_keys = split_key(rng, 2 + len(self.layers))
         x = self.embeddings(input_ids, token_type_ids, self.compute_dtype, embeddings_key)
+        block = stack_layers(self.remat, lambda layer, x, mask, key: layer(x, mask, key))
         for layer, key in zip(self.layers, layer_keys):
-            x = layer(x, attention_mask, key)
+            x = block(layer, x, attention_mask, key)
         return x, jnp.tanh(self.pooler(x[:, 0], rng=pooler_key))
 
     def linear_layers(self) -> dict[str, Linear]:

@@ -29,7 +29,8 @@ from flax import nnx
 from jaxlora.errors import UserError
 from jaxlora.models import weights
 from jaxlora.models.layers import (AttentionImpl, Embed, LayerNorm, Linear, attention,
-                                   cached_attention, dropout, resolve_attention, split_key)
+                                   cached_attention, dropout, resolve_attention, split_key,
+                                   stack_layers)
 
 TASKS = ("causal-lm",)
 ACTIVATIONS = {
@@ -157,6 +158,7 @@ class GPT2Model(nnx.Module):
         impl = resolve_attention(attention, compute_dtype)
         self.wte = Embed(config.vocab_size, config.n_embd, dtype=param_dtype)
         self.wpe = Embed(config.n_positions, config.n_embd, dtype=param_dtype)
+        self.remat = "none"  # train.remat: see layers.REMAT_POLICIES
         self.h = nnx.List([GPT2Block(config, param_dtype=param_dtype, attention=impl)
                            for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, eps=config.eps, dtype=param_dtype)
@@ -172,8 +174,10 @@ class GPT2Model(nnx.Module):
             positions = jnp.arange(input_ids.shape[1])[None, :]
         x = self.wte(input_ids, self.compute_dtype) + self.wpe(positions, self.compute_dtype)
         x = dropout(x, self.config.embd_pdrop, embed_key)
+        call = stack_layers(self.remat, lambda block, x, mask, key, segments: block(
+            x, mask, key, segment_ids=segments))
         for block, key in zip(self.h, layer_keys):
-            x = block(x, attention_mask, key, segment_ids=segment_ids)
+            x = call(block, x, attention_mask, key, segment_ids)
         return self.ln_f(x)
 
     def decode(self, input_ids, positions, key_valid, cache, index):

@@ -269,3 +269,43 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: tuple, ind
     context = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
                                            mask=mask, implementation="xla")
     return context, (keys, values)
+
+
+# train.remat: what a layer keeps for the backward pass.
+#   none           every activation (fastest, most memory)
+#   full           only the layer's input; the layer is recomputed in the backward
+#   dots-saveable  the matmul outputs; the cheap elementwise work is recomputed
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots-saveable": jax.checkpoint_policies.dots_saveable}
+
+
+def stack_layers(policy: str, call):
+    """`call(layer, *args)` for one block of a layer stack, under the remat
+    `policy` (see REMAT_POLICIES); "none" returns `call` itself.
+
+    The layer goes through `jax.checkpoint` as its state (split, then merged
+    again inside), so the recomputation sees the same weights as arguments;
+    a block's forward never writes its state, so nothing needs to flow back.
+    """
+    if policy == "none":
+        return call
+
+    def checkpointed(layer, *args):
+        graphdef, state = nnx.split(layer)
+
+        def pure(state, *args):
+            return call(nnx.merge(graphdef, state), *args)
+
+        return jax.checkpoint(pure, policy=REMAT_POLICIES[policy])(state, *args)
+
+    return checkpointed
+
+
+def set_remat(model: nnx.Module, policy: str) -> None:
+    """Set the remat policy of every layer stack in `model` (modules with a
+    `remat` attribute): a static attribute, so it is part of the graph."""
+    if policy != "none" and policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}")
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module) and hasattr(module, "remat"):
+            module.remat = policy

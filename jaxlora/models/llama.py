@@ -31,7 +31,8 @@ from flax import nnx
 from jaxlora.errors import UserError
 from jaxlora.models import weights
 from jaxlora.models.layers import (AttentionImpl, Embed, Linear, RMSNorm, attention,
-                                   cached_attention, resolve_attention, rotary, split_key)
+                                   cached_attention, resolve_attention, rotary, split_key,
+                                   stack_layers)
 
 TASKS = ("causal-lm",)
 _ATTENTION = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj",
@@ -191,6 +192,7 @@ class LlamaModel(nnx.Module):
         self.compute_dtype = jnp.dtype(compute_dtype)
         impl = resolve_attention(attention, compute_dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=param_dtype)
+        self.remat = "none"  # train.remat: see layers.REMAT_POLICIES
         self.layers = nnx.List([LlamaDecoderLayer(config, config.windows[i],
                                                   param_dtype=param_dtype, attention=impl)
                                 for i in range(config.num_layers)])
@@ -206,8 +208,10 @@ class LlamaModel(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         inv_freq = self.config.inv_freq()
         x = self.embed_tokens(input_ids, self.compute_dtype)
+        call = stack_layers(self.remat, lambda layer, x, mask, positions, inv_freq, key, segments:
+                            layer(x, mask, positions, inv_freq, key, segment_ids=segments))
         for layer, key in zip(self.layers, split_key(rng, len(self.layers))):
-            x = layer(x, attention_mask, positions, inv_freq, key, segment_ids=segment_ids)
+            x = call(layer, x, attention_mask, positions, inv_freq, key, segment_ids)
         return self.norm(x)
 
     def decode(self, input_ids, positions, key_valid, cache, index):
