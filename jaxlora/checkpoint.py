@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxlora.errors import UserError
+from jaxlora.runtime import to_host
 from jaxlora.train import TrainState
 
 STATE, META = "state", "meta"
@@ -43,8 +44,10 @@ def _flatten(state: TrainState) -> tuple[dict[str, np.ndarray], Any]:
     names = [jax.tree_util.keystr(path) for path, _ in leaves]
     if len(set(names)) != len(names):
         raise ValueError("two leaves of the train state have the same path name")
-    # np.array copies: the device buffers are donated to the next step.
-    return {name: np.array(leaf) for name, (_, leaf) in zip(names, leaves)}, treedef
+    # Host copies (the device buffers are donated to the next step), gathered from
+    # every process where an array is spread over several: all hold the same.
+    host = to_host([leaf for _, leaf in leaves])
+    return dict(zip(names, host)), treedef
 
 
 def _layout(arrays: dict[str, np.ndarray]) -> dict[str, str]:

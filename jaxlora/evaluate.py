@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxlora.runtime import to_host
 from jaxlora.tasks import causal_lm_token_losses, classification_metrics
 
 
@@ -33,12 +34,12 @@ class EvalConfig(BaseModel):
     exact_match_examples: int = Field(32, ge=0, le=100000)
 
 
-def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification"):
+def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification", placement=None):
     """jit'd (trainable, frozen, batch) -> per-example outputs, no dropout:
     classification (logits, loss); causal-lm (summed target-token loss, target
-    tokens)."""
+    tokens). With a `placement` (jaxlora.runtime) the outputs come back
+    replicated, so every process can read them; give it to `evaluate` too."""
 
-    @jax.jit
     def step(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
         logits = model(batch["input_ids"], batch["attention_mask"]).astype("float32")
@@ -48,12 +49,14 @@ def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification"):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         return logits, loss
 
-    return step
+    if placement is None:
+        return jax.jit(step)
+    return jax.jit(step, out_shardings=placement.replicated())
 
 
 def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_names: list[str],
              progress=None, description: str = "eval", task: str = "classification",
-             keep_bar: bool = True) -> dict:
+             keep_bar: bool = True, placement=None) -> dict:
     """Classification: accuracy, macro-F1, per-class scores and mean loss.
     Causal-lm: token-weighted loss and perplexity over the target tokens."""
     bar = (progress.add_task(description, total=split.num_batches(batch_size))
@@ -62,7 +65,7 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
 
     def collect(pending):
         # Read back one batch while the next is already queued on the device.
-        (first, second), batch = jax.device_get(pending[0]), pending[1]
+        (first, second), batch = to_host(pending[0]), pending[1]
         real = batch["weights"] > 0
         if task == "causal-lm":  # (summed loss, tokens) per example
             losses.append(first[real])
@@ -76,7 +79,8 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
 
     pending = None
     for batch in split.batches(batch_size, shuffle=False):
-        dispatched = (eval_step(trainable, frozen, batch), batch)
+        device_batch = batch if placement is None else placement.put_batch(batch)
+        dispatched = (eval_step(trainable, frozen, device_batch), batch)
         if pending is not None:
             collect(pending)
         pending = dispatched

@@ -29,6 +29,8 @@ import optax
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxlora.runtime import to_host
+
 # Steps dispatched ahead of the one the device is computing (see `fit`).
 RUN_AHEAD = 2
 
@@ -102,7 +104,7 @@ def make_optimizer(cfg: TrainConfig, steps: int) -> optax.GradientTransformation
 
 
 def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
-                     grad_accum: int = 1):
+                     grad_accum: int = 1, out_shardings=None):
     """The jit'd step over (trainable, frozen, opt_state, batch, rng); see the module doc.
 
     With `grad_accum` > 1 the batch is cut into that many equal micro-batches
@@ -112,7 +114,13 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
     total count. That is the gradient of the whole batch's loss, normalised by
     all its target tokens, not a mean of per-micro-batch means (which would
     weigh a token of a short micro-batch more). Micro-batch i draws dropout
-    from fold_in(rng, i).
+    from fold_in(rng, i). Micro-batch i holds rows i, i + grad_accum, ... of
+    the batch, so that each device's block of rows (the batch is sharded by
+    rows on a mesh) feeds every micro-batch equally.
+
+    `out_shardings` (trainable, opt_state, metrics) pins where the updated
+    state lives on a mesh (`jaxlora.runtime`); the step's code is the same.
+    `rng` may be a key or its raw data (what can be placed on a mesh).
     """
 
     def gradients(trainable, frozen, batch, rng):
@@ -133,8 +141,8 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
             (s, c), g = jax.value_and_grad(summed, has_aux=True)(trainable, micro, key)
             return (jax.tree.map(jnp.add, grads, g), total + s, count + c), None
 
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum,
-                                                 *x.shape[1:]), batch)
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum,
+                                                 *x.shape[1:]).swapaxes(0, 1), batch)
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, total, count), _ = jax.lax.scan(one, start, (micro, jnp.arange(grad_accum)))
@@ -143,6 +151,8 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
         return (total * scale, count), grads
 
     def step(trainable, frozen, opt_state, batch, rng):
+        if rng is not None and not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng = jax.random.wrap_key_data(rng)
         (loss, count), grads = gradients(trainable, frozen, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
@@ -153,7 +163,7 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
                    "update_norm": optax.tree.norm(updates)}
         return trainable, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 2))
+    return jax.jit(step, donate_argnums=(0, 2), out_shardings=out_shardings)
 
 
 @dataclass
@@ -215,7 +225,8 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
         on_log: Callable[[dict], None] | None = None,
         on_checkpoint: Callable[[TrainState], None] | None = None, checkpoint_every: int = 0,
         on_evaluate: Callable[[int, Any], None] | None = None, evaluate_every: int = 0,
-        should_stop: Callable[[], bool] | None = None, progress=None) -> TrainResult:
+        should_stop: Callable[[], bool] | None = None, progress=None,
+        placement=None) -> TrainResult:
     """Train `trainable` on `train_split` for `cfg.epochs` (or `cfg.max_steps`).
 
     `train_split` provides `num_batches(batch_size)` and `batches(batch_size,
@@ -225,25 +236,42 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
     `on_checkpoint` receives the state every `checkpoint_every` steps (0: never
     on a schedule), at the end, and when `should_stop()` turns true after a
     step, which ends the session early (`stopped`). `progress` is an optional
-    rich Progress to advance.
+    rich Progress to advance. `placement` (a `jaxlora.runtime.Placement`) puts
+    the state, the frozen weights and every batch on its device mesh.
     """
     steps, per_epoch = plan(cfg, train_split)
     schedule = learning_rate_schedule(cfg, steps)
-    step_fn = build_train_step(graphdef, make_optimizer(cfg, steps), loss_fn, cfg.grad_accum)
     state = resume or init_state(trainable, cfg, train_split)
+    trainable, opt_state = state.trainable, state.opt_state
+    put_batch, out_shardings = (lambda batch: batch), None
+    if placement is not None:
+        shard = placement.shard_trainable
+        trainable, opt_state = placement.put(trainable, shard), placement.put(opt_state, shard)
+        frozen = placement.put(frozen, True)
+        put_batch = placement.put_batch
+        out_shardings = (placement.shardings(trainable, shard),
+                         placement.shardings(opt_state, shard), placement.replicated())
+    step_fn = build_train_step(graphdef, make_optimizer(cfg, steps), loss_fn, cfg.grad_accum,
+                               out_shardings)
+
+    def step_key(key, step):  # step s draws its dropout from fold_in(key, s)
+        return jax.random.key_data(jax.random.fold_in(key, step))
+
+    if placement is not None:  # computed on the mesh, replicated, without waiting
+        step_key = jax.jit(step_key, out_shardings=placement.replicated())
     if state.step > steps:
         raise ValueError(f"the saved state is at step {state.step}, past the run's {steps}")
     dropout_key = jax.random.wrap_key_data(jnp.asarray(state.dropout_key))
     task = (progress.add_task("train", total=steps, completed=state.step)
             if progress is not None else None)
-    trainable, opt_state, step = state.trainable, state.opt_state, state.step
+    step = state.step
     pending, tokens = list(state.pending), state.tokens
     result = TrainResult(state=state, steps=step)
     session_start = start = mark = time.perf_counter()
     first = True
 
     def snapshot() -> TrainState:
-        host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        host = [{k: float(v) for k, v in m.items()} for m in to_host(pending)]
         _check_finite(host, step)
         return TrainState(trainable=trainable, opt_state=opt_state, dropout_key=state.dropout_key,
                           step=step, pending=host, tokens=tokens,
@@ -255,8 +283,9 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                                          epoch=epoch, start=skip):
             if step == steps:
                 break
-            rng = jax.random.fold_in(dropout_key, step)
-            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch, rng)
+            rng = step_key(dropout_key, step)
+            trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state,
+                                                    put_batch(batch), rng)
             pending.append(metrics)
             tokens += batch["input_ids"].size
             step += 1
@@ -269,7 +298,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                 result.compile_seconds = time.perf_counter() - start
                 first = False
             if step % cfg.log_every == 0 or step == steps:
-                pending = jax.device_get(pending)
+                pending = to_host(pending)
                 _check_finite(pending, step)
                 now = time.perf_counter()
                 record = _record(pending, step, epoch, float(schedule(step - 1)), now - mark,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from jaxlora import sources
+from jaxlora import runtime, sources
 from jaxlora.checkpoint import Checkpointer, CheckpointWriteError
 from jaxlora.data import prepare
 from jaxlora.errors import UserError
@@ -111,6 +112,9 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
     signals keep their default behaviour.
     """
     stop = stop or StopSignals()  # not installed: never requested
+    runtime.initialize(recipe.runtime)  # several processes: join them before any device use
+    if not report.primary():  # process 0 speaks for all of them
+        console = Console(quiet=True)
     with contextlib.ExitStack() as held:  # the run folder's lock, released however we leave
         return _run(recipe, recipe_path, console, run_dir or resume_target(recipe, mode),
                     stop, held)
@@ -120,7 +124,12 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
          stop: StopSignals, held: contextlib.ExitStack) -> Path:
     cache = jax.config.jax_compilation_cache_dir
     cached = xla_cache.entries(Path(cache) if cache else None)
-    if run_dir is not None:
+    placement = runtime.make_placement(recipe.runtime,
+                                       full_fine_tuning=recipe.adapter.method == "full")
+    placement.check_batch("train.batch_size", recipe.train.batch_size)
+    placement.check_batch("eval.batch_size", recipe.eval.batch_size)
+    primary = report.primary()
+    if run_dir is not None and primary:
         held.enter_context(lock_run(run_dir))
     old = check_resumable(run_dir, recipe) if run_dir is not None else None
     base = base_dir(old, run_dir) if old else recipe_base(recipe_path)
@@ -153,12 +162,17 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
                       f"{resumed.step} of {steps}")
     else:
         # Bad input has been caught by now: only then is a run folder made.
-        run_dir = report.new_run_dir(Path(recipe.output.dir), recipe.name)
-        held.enter_context(lock_run(run_dir))
+        run_dir = runtime.agree_path(
+            report.new_run_dir(Path(recipe.output.dir), recipe.name) if primary else None)
+        if primary:
+            held.enter_context(lock_run(run_dir))
         report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
         manifest = {"status": "running", "recipe_hash": recipe_hash(recipe),
                     "recipe_file": str(recipe_path.resolve()), "base_dir": str(base),
-                    "recipe": canonical(recipe), "environment": report.environment()}
+                    "recipe": canonical(recipe), "environment": report.environment(),
+                    "runtime": {"processes": jax.process_count(),
+                                "mesh": dict(placement.mesh.shape),
+                                "devices": placement.devices}}
         manifest["model"] = {"source": str(model_dir), "fingerprint": loaded.fingerprint,
                              "trainable_params": count_params(trainable),
                              "total_params": base_params + count_params(
@@ -178,7 +192,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         return _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen,
                                    data, state, resumed, tokenizer,
                                    getattr(loaded.model, "position_limit", None),
-                                   (cache, cached))
+                                   (cache, cached), placement)
     except Diverged as e:
         steps = checkpoint_steps(run_dir)
         manifest["status"] = "diverged"
@@ -216,22 +230,25 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
 
 
 def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen, data, state,
-                        resumed, tokenizer, position_limit, cache=(None, 0)) -> Path:
+                        resumed, tokenizer, position_limit, cache, placement) -> Path:
     task = recipe.model.task
-    eval_step = build_eval_step(graphdef, task)
+    eval_step = build_eval_step(graphdef, task, placement)
+    frozen = placement.put(frozen, True)  # FSDP-sharded over the mesh when fsdp > 1
+    primary = report.primary()
     evals_path = run_dir / "eval.json"
     evals = read_json(evals_path) if evals_path.is_file() else {}
     extra = {"recipe_hash": manifest["recipe_hash"],
              "fingerprint": manifest["model"]["fingerprint"]}
     events = (EventLog(run_dir, resumed_from=resumed.step if resumed else None)
-              if recipe.output.tensorboard else None)
+              if recipe.output.tensorboard and primary else None)
     with contextlib.ExitStack() as open_files:
         if events is not None:
             open_files.callback(events.close)
         progress = open_files.enter_context(_progress(console))
         ckpt = open_files.enter_context(
             Checkpointer(run_dir / CHECKPOINTS, keep=recipe.train.keep_checkpoints))
-        log = open_files.enter_context((run_dir / "metrics.jsonl").open("a", encoding="utf-8"))
+        log = open_files.enter_context(
+            (run_dir / "metrics.jsonl" if primary else Path(os.devnull)).open("a", encoding="utf-8"))
 
         def write(record: dict) -> None:
             log.write(json.dumps(record) + "\n")
@@ -246,15 +263,19 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
             metrics = evaluate(eval_step, trainable, frozen, data.eval,
                                batch_size=recipe.eval.batch_size,
                                label_names=list(recipe.data.labels or []), progress=progress,
-                               description=f"eval at step {step}", task=task, keep_bar=False)
+                               description=f"eval at step {step}", task=task, keep_bar=False,
+                               placement=placement)
             write({"step": step, "eval": report.scalars(metrics)})
             if events is not None:
                 events.eval(step, metrics)
 
         before = evals.get("before")
         if recipe.eval.before and before is None:
-            before = _evaluate(recipe, eval_step, graphdef, without_adapters(state.trainable),
-                               frozen, data.eval, progress, "eval before", tokenizer, position_limit)
+            before = _evaluate(recipe, eval_step, graphdef,
+                               placement.put(without_adapters(state.trainable),
+                                             placement.shard_trainable),
+                               frozen, data.eval, progress, "eval before", tokenizer, position_limit,
+                               placement)
             report.write_json(evals_path, {"before": before})
             if events is not None:
                 events.eval(0, before)
@@ -264,11 +285,11 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                          on_checkpoint=lambda s: ckpt.save(s, extra),
                          checkpoint_every=recipe.train.checkpoint_every,
                          on_evaluate=on_evaluate, evaluate_every=recipe.eval.every_steps,
-                         should_stop=stop.requested, progress=progress)
+                         should_stop=stop.requested, progress=progress, placement=placement)
         if stop.requested():  # during training, or just as it ended
             raise Interrupted(stop.signum)
         after = _evaluate(recipe, eval_step, graphdef, result.trainable, frozen, data.eval,
-                          progress, "eval after", tokenizer, position_limit)
+                          progress, "eval after", tokenizer, position_limit, placement)
         if events is not None:
             events.eval(result.steps, after)
 
@@ -288,22 +309,30 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
             manifest["train"][key] = earlier[key]
     if earlier.get("peak_memory_mb", 0) > manifest["train"]["peak_memory_mb"]:
         manifest["train"]["peak_memory_mb"] = earlier["peak_memory_mb"]
+    # what one device held, measured on the placed arrays (runner plan estimates it)
+    manifest.setdefault("runtime", {})["per_device_bytes"] = {
+        "frozen": runtime.device_bytes(frozen),
+        "trainable": runtime.device_bytes(result.trainable),
+        "optimizer": runtime.device_bytes(result.opt_state)}
     manifest["status"] = "finished"
     report.write_json(run_dir / "eval.json", {"before": before, "after": after})
     report.write_json(run_dir / "manifest.json", manifest)
-    report.write_report(run_dir, manifest, before, after, console)
+    if primary:
+        report.write_report(run_dir, manifest, before, after, console)
     return run_dir
 
 
 def _evaluate(recipe, eval_step, graphdef, trainable, frozen, split, progress, description,
-              tokenizer, position_limit) -> dict:
+              tokenizer, position_limit, placement) -> dict:
     """The task's metrics of one model on the eval split; for prompt/response
     data also the exact match of greedy completions."""
     task = recipe.model.task
     metrics = evaluate(eval_step, trainable, frozen, split, batch_size=recipe.eval.batch_size,
                        label_names=list(recipe.data.labels or []), progress=progress,
-                       description=description, task=task)
-    if task == "causal-lm" and recipe.data.pairs and recipe.eval.exact_match_examples:
+                       description=description, task=task, placement=placement)
+    # (greedy decoding runs in one process: several skip the exact match)
+    if task == "causal-lm" and recipe.data.pairs and recipe.eval.exact_match_examples \
+            and not placement.multi_process:
         metrics.update(exact_match(graphdef, trainable, frozen, split,
                                    examples=recipe.eval.exact_match_examples,
                                    eos_id=tokenizer.eos_token_id,

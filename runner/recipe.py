@@ -10,6 +10,7 @@ hashing, error messages):
     [train]    jaxlora.train.TrainConfig      epochs, batch, optimizer, schedule
     [eval]     jaxlora.evaluate.EvalConfig    before/after evaluation
     [output]   OutputConfig                   where run folders go
+    [runtime]  jaxlora.runtime.RuntimeConfig  device mesh (data, fsdp), multi-host
 
 Every model is frozen with `extra="forbid"`; a bad recipe yields one message
 per problem naming the file and the dotted field (`adapter.rank: ...`), and an
@@ -33,6 +34,7 @@ from jaxlora.errors import UserError
 from jaxlora.evaluate import EvalConfig
 from jaxlora.lora import AdapterConfig, LoraConfig
 from jaxlora.models.config import ModelConfig
+from jaxlora.runtime import RuntimeConfig
 from jaxlora.train import TrainConfig
 
 
@@ -59,6 +61,7 @@ class Recipe(BaseModel):
     train: TrainConfig = TrainConfig()  # step 4: fine-tuning
     eval: EvalConfig = EvalConfig()  # step 5: evaluation
     output: OutputConfig = OutputConfig()  # the run folder
+    runtime: RuntimeConfig = RuntimeConfig()  # the devices: mesh axes, multi-host
 
     @model_validator(mode="wrap")
     @classmethod

@@ -37,9 +37,20 @@ LM_HEADLINE = [("loss", "eval loss"), ("perplexity", "perplexity"),
                ("exact_match", "exact match")]
 
 
+def primary() -> bool:
+    """Whether this process writes the run folder's files: the only one, or
+    process 0 of several (multi-host); the others compute, and write nothing
+    but their part of the checkpoints (through orbax)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a killed process never leaves a
-    half-written file in place of a good one."""
+    half-written file in place of a good one. Only the primary process writes."""
+    if not primary():
+        return
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,233 @@
+"""Where the arrays live: one device mesh over every device of every host, with
+a data axis and an FSDP axis, and the rules that place each array on it.
+
+    mesh (data, fsdp)      jax.make_mesh over the first data * fsdp devices
+    batches                rows sharded over both axes (every device computes a
+                           different slice of the batch)
+    frozen weights         sharded FSDP-style over `fsdp`: each array along its
+                           largest dimension that `fsdp` divides (4-bit codes
+                           and scales alike), else replicated
+    trainable weights and  replicated for adapters (LoRA factors and head are
+    optimizer state        small) unless `shard_adapters`; sharded like the
+                           frozen weights for full fine-tuning
+
+XLA's SPMD partitioner inserts the all-gathers and reduce-scatters the sharded
+step needs: the step's code is the same on one device and on a pod. With
+several processes (a TPU VM pod: one per host) `jax.distributed.initialize()`
+joins them first (`distributed`), the mesh spans every host's devices, and
+each host hands its own devices their rows of every batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from jaxlora.errors import UserError
+
+# Environment variables that say "this process is one of several".
+MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "TPU_WORKER_HOSTNAMES",
+                     "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+class RuntimeConfig(BaseModel):
+    """The recipe's [runtime] table: the devices a run uses and how arrays are laid out."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # devices along the data axis; -1: all the devices the fsdp axis leaves
+    data: int = Field(-1, ge=-1, le=65536)
+    # devices along the FSDP axis: frozen weights (and, for full fine-tuning, the
+    # trainable weights and optimizer state) are sharded over it
+    fsdp: int = Field(1, ge=1, le=65536)
+    # also shard the LoRA factors, the head and their optimizer state (default: replicated)
+    shard_adapters: bool = False
+    # join the other processes with jax.distributed.initialize(): auto = when the
+    # environment names several processes (TPU VM pod, SLURM, JAX_NUM_PROCESSES)
+    distributed: Literal["auto", "on", "off"] = "auto"
+
+
+def multi_process_environment() -> bool:
+    """Whether the environment says this process is one of several."""
+    if os.environ.get("JAX_NUM_PROCESSES", "1") not in ("", "1"):
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1:
+        return True
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "1") not in ("", "1"):
+            return True
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")
+                or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+_initialized = False
+
+
+def initialize(cfg: RuntimeConfig) -> bool:
+    """`jax.distributed.initialize()` when `cfg.distributed` asks for it (or, on
+    auto, when the environment names several processes); returns whether this
+    process is one of several. Must run before anything touches a device."""
+    global _initialized
+    wanted = cfg.distributed == "on" or (cfg.distributed == "auto"
+                                         and multi_process_environment())
+    if wanted and not _initialized:
+        try:
+            jax.distributed.initialize()  # reads the coordinator, count and id from the env
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"runtime.distributed: jax.distributed.initialize() failed: "
+                            f"{str(e).splitlines()[0]} (on a TPU VM pod it needs no settings; "
+                            "elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                            "JAX_PROCESS_ID)") from None
+        _initialized = True
+    return jax.process_count() > 1
+
+
+def mesh_shape(cfg: RuntimeConfig, devices: int) -> tuple[int, int]:
+    """(data, fsdp) for `devices` devices; a UserError naming the field when
+    they do not fit."""
+    if cfg.fsdp > devices:
+        raise UserError(f"runtime.fsdp: {cfg.fsdp} devices asked for, {devices} present")
+    if cfg.data == -1:
+        if devices % cfg.fsdp:
+            raise UserError(f"runtime.fsdp: {cfg.fsdp} does not divide the {devices} devices "
+                            "present; set runtime.data too")
+        return devices // cfg.fsdp, cfg.fsdp
+    if cfg.data * cfg.fsdp > devices:
+        raise UserError(f"runtime: data {cfg.data} x fsdp {cfg.fsdp} = "
+                        f"{cfg.data * cfg.fsdp} devices asked for, {devices} present")
+    return cfg.data, cfg.fsdp
+
+
+@dataclass
+class Placement:
+    """The mesh and the shardings of one run (see the module docstring)."""
+
+    mesh: jax.sharding.Mesh
+    shard_trainable: bool  # full fine-tuning, or shard_adapters
+
+    @property
+    def devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def fsdp(self) -> int:
+        return self.mesh.shape["fsdp"]
+
+    @property
+    def multi_process(self) -> bool:
+        return jax.process_count() > 1
+
+    def replicated(self) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def array_sharding(self, shape: tuple[int, ...], shard: bool) -> jax.sharding.NamedSharding:
+        """FSDP: the largest dimension `fsdp` divides goes over the fsdp axis."""
+        spec = [None] * len(shape)
+        if shard and self.fsdp > 1:
+            fits = [i for i, n in enumerate(shape) if n % self.fsdp == 0 and n >= self.fsdp]
+            if fits:
+                spec[max(fits, key=lambda i: shape[i])] = "fsdp"
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+
+    def shardings(self, tree: Any, shard: bool) -> Any:
+        return jax.tree.map(lambda x: self.array_sharding(np.shape(x), shard), tree)
+
+    def batch_sharding(self, ndim: int) -> jax.sharding.NamedSharding:
+        spec = [("data", "fsdp")] + [None] * (ndim - 1)
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+
+    def put(self, tree: Any, shard: bool) -> Any:
+        """Place `tree` (the same values on every process) on the mesh."""
+        return jax.tree.map(lambda x: _global(x, self.array_sharding(np.shape(x), shard)), tree)
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A global batch (the same rows on every process, drawn from the same
+        seed) as arrays sharded over the mesh by rows: each process transfers
+        only the rows of its own devices."""
+        return {k: _global(v, self.batch_sharding(np.ndim(v))) for k, v in batch.items()}
+
+    def check_batch(self, field: str, size: int) -> None:
+        if size % self.devices:
+            raise UserError(f"{field}: {size} rows do not split evenly over the "
+                            f"{self.devices} devices of the mesh (data {self.mesh.shape['data']}"
+                            f" x fsdp {self.fsdp}); use a multiple of {self.devices}")
+
+
+def _global(value, sharding: jax.sharding.NamedSharding) -> jax.Array:
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def make_placement(cfg: RuntimeConfig, *, full_fine_tuning: bool) -> Placement:
+    """The mesh over the first data x fsdp devices of every process."""
+    devices = jax.devices()
+    data, fsdp = mesh_shape(cfg, len(devices))
+    mesh = jax.sharding.Mesh(np.array(devices[:data * fsdp]).reshape(data, fsdp),
+                             ("data", "fsdp"))
+    return Placement(mesh=mesh, shard_trainable=full_fine_tuning or cfg.shard_adapters)
+
+
+def to_host(tree: Any) -> Any:
+    """Every array of `tree` as a host numpy array, gathered from every process
+    where it is spread over several (the same on each process)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.array(x)
+
+    return jax.tree.map(one, tree)
+
+
+def per_device_bytes(tree: Any, placement: Placement, shard: bool) -> int:
+    """Bytes one device holds of `tree` under `placement` (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape, itemsize = np.shape(leaf), np.dtype(leaf.dtype).itemsize
+        sharding = placement.array_sharding(shape, shard)
+        shard_shape = sharding.shard_shape(shape)
+        total += math.prod(shard_shape) * itemsize
+    return total
+
+
+def agree_path(path) -> Any:
+    """Process 0's `path` on every process (the run folder it created, named
+    by its clock); the path itself with a single process."""
+    from pathlib import Path
+
+    if jax.process_count() == 1:
+        return path
+    from jax.experimental import multihost_utils
+
+    raw = np.zeros(4096, np.uint8)
+    if path is not None:
+        encoded = str(path).encode()
+        raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    agreed = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+    return Path(bytes(agreed[agreed > 0]).decode())
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes the first device holds of the placed arrays of `tree`."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            first = leaf.sharding.device_set and min(leaf.sharding.device_set, key=lambda d: d.id)
+            total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == first)
+        else:
+            total += np.asarray(leaf).nbytes
+    return total

@@ -1,0 +1,74 @@
+"""One recipe on one device and on a (data=4, fsdp=2) mesh of 8 devices (XLA's
+host-platform device count: 8 CPU devices in one process) gives the same loss
+curve within float32 tolerance, for LoRA, QLoRA (4-bit frozen weights sharded
+FSDP-style) and full fine-tuning (weights and optimizer state sharded)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_cli import TINY_RECIPE, _tweets_csv
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+import jax
+assert jax.device_count() == 8, jax.devices()
+from runner.cli import main
+
+for name, mesh in (("one", ["runtime.data=1"]), ("mesh", ["runtime.data=4", "runtime.fsdp=2"])):
+    sets = [a for s in mesh + sys.argv[2:] for a in ("--set", s)]
+    code = main(["run", sys.argv[1], "--fresh", *sets])
+    assert code == 0, code
+"""
+
+METHODS = {
+    "lora": "",
+    "qlora": 'method = "qlora"\nrank = 4\ntargets = ["query", "value"]\n[adapter.quant]\nblock_size = 32\n',
+    "full": 'method = "full"\n',
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_mesh_of_eight_devices_trains_like_one(method, tmp_path, tiny_bert_dir):
+    import shutil
+
+    shutil.copytree(tiny_bert_dir, tmp_path / "model")
+    _tweets_csv(tmp_path / "tweets.csv")
+    recipe = TINY_RECIPE.replace("epochs = 3", "epochs = 2")
+    if METHODS[method]:
+        recipe = recipe.replace('method = "lora"\nrank = 4\ntargets = ["query", "value"]\n',
+                                METHODS[method])
+    (tmp_path / "tiny.toml").write_text(recipe)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
+    done = subprocess.run([sys.executable, "-c", SCRIPT, "tiny.toml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, mesh = sorted((tmp_path / "runs" / "tiny").iterdir())
+    manifests = [json.loads((r / "manifest.json").read_text()) for r in (one, mesh)]
+    assert manifests[0]["runtime"]["mesh"] == {"data": 1, "fsdp": 1}
+    assert manifests[1]["runtime"]["mesh"] == {"data": 4, "fsdp": 2}
+    # FSDP really shards: a device of the mesh holds about half the frozen weights
+    # (what no dimension of 2 divides stays whole), and for full fine-tuning half
+    # the trainable weights and optimizer state too
+    held = [m["runtime"]["per_device_bytes"] for m in manifests]
+    assert held[1]["frozen"] < 0.6 * held[0]["frozen"]
+    if method == "full":
+        assert held[1]["trainable"] < 0.6 * held[0]["trainable"]
+        assert held[1]["optimizer"] < 0.6 * held[0]["optimizer"]
+    else:  # adapters and head replicated
+        assert held[1]["trainable"] == held[0]["trainable"]
+    curves = [[json.loads(line)["loss"] for line in (r / "metrics.jsonl").read_text().splitlines()]
+              for r in (one, mesh)]
+    assert len(curves[0]) == 6
+    assert curves[1] == pytest.approx(curves[0], rel=2e-4, abs=1e-5)
+    evals = [json.loads((r / "eval.json").read_text()) for r in (one, mesh)]
+    for when in ("before", "after"):
+        assert evals[1][when]["loss"] == pytest.approx(evals[0][when]["loss"], rel=2e-4)
+        assert evals[1][when]["examples"] == evals[0][when]["examples"] == 20
