@@ -116,6 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("--format", required=True, metavar="peft|merged")
     export.add_argument("--out", type=Path, help="the folder to write (must not exist)")
+    planned = commands.add_parser(
+        "plan", help="per-device memory of a recipe on the devices seen, before running it",
+        description="Load the base model and adapters as the run would, lay them out on "
+                    "the recipe's [runtime] mesh over the devices this process sees, and "
+                    "print per device the frozen weights, trainable weights, optimizer "
+                    "state and activations; warn when they will not fit.")
+    planned.add_argument("recipe", type=Path, help="path to a recipe .toml file")
+    planned.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                         help="override a recipe field, e.g. --set runtime.fsdp=8")
+    planned.add_argument("--json", action="store_true",
+                         help="also print the figures (bytes per device) as one JSON line")
     show = commands.add_parser(
         "report", help="draw a finished run's charts and report.md again, and show it",
         description="Draw loss.png and before_after.png from RUN_DIR/metrics.jsonl and "
@@ -173,6 +184,15 @@ def _dispatch(args, console: Console, stop) -> int:
         return 0
     if args.command == "recipes":
         console.print(_recipes_table(args.folder))
+        return 0
+    if args.command == "plan":
+        recipe = load_recipe(args.recipe, args.set)
+        _set_up_libraries()
+        from runner.plan import plan
+
+        figures = plan(recipe, args.recipe, console)
+        if args.json:
+            print(json.dumps(figures))
         return 0
     if args.command == "report":
         from runner.report import redraw

@@ -7,11 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_cli import TINY_RECIPE, _tweets_csv
+from test_cli import TINY_RECIPE, _tweets_csv, runner_here, workdir  # noqa: F401
 
 SCRIPT = """
 import json, sys
@@ -24,6 +23,8 @@ for name, mesh in (("one", ["runtime.data=1"]), ("mesh", ["runtime.data=4", "run
     sets = [a for s in mesh + sys.argv[2:] for a in ("--set", s)]
     code = main(["run", sys.argv[1], "--fresh", *sets])
     assert code == 0, code
+# the plan of the mesh run, before running it (its last line: the figures as JSON)
+assert main(["plan", sys.argv[1], "--json", *sets]) == 0
 """
 
 METHODS = {
@@ -58,12 +59,20 @@ def test_a_mesh_of_eight_devices_trains_like_one(method, tmp_path, tiny_bert_dir
     # (what no dimension of 2 divides stays whole), and for full fine-tuning half
     # the trainable weights and optimizer state too
     held = [m["runtime"]["per_device_bytes"] for m in manifests]
-    assert held[1]["frozen"] < 0.6 * held[0]["frozen"]
+    if method == "full":  # nothing is frozen
+        assert held[0]["frozen"] == held[1]["frozen"] == 0
+    else:
+        assert held[1]["frozen"] < 0.6 * held[0]["frozen"]
     if method == "full":
         assert held[1]["trainable"] < 0.6 * held[0]["trainable"]
         assert held[1]["optimizer"] < 0.6 * held[0]["optimizer"]
     else:  # adapters and head replicated
         assert held[1]["trainable"] == held[0]["trainable"]
+    # `runner plan` foresaw exactly what the mesh run held
+    planned = json.loads(done.stdout.strip().splitlines()[-1])
+    for what in ("frozen", "trainable", "optimizer"):
+        assert planned[what] == held[1][what], what
+    assert planned["activations"] > 0 and "data 4 x fsdp 2 over 8" in done.stdout
     curves = [[json.loads(line)["loss"] for line in (r / "metrics.jsonl").read_text().splitlines()]
               for r in (one, mesh)]
     assert len(curves[0]) == 6
@@ -72,3 +81,23 @@ def test_a_mesh_of_eight_devices_trains_like_one(method, tmp_path, tiny_bert_dir
     for when in ("before", "after"):
         assert evals[1][when]["loss"] == pytest.approx(evals[0][when]["loss"], rel=2e-4)
         assert evals[1][when]["examples"] == evals[0][when]["examples"] == 20
+
+
+def test_plan_warns_when_a_device_cannot_hold_the_run(workdir, monkeypatch):  # noqa: F811
+    import runner.plan
+
+    monkeypatch.setattr(runner.plan, "device_memory", lambda: 16 * 2**30)
+    roomy = runner_here("plan", "tiny.toml", "--json", cwd=workdir)
+    assert roomy.returncode == 0, roomy.stderr
+    figures = json.loads(roomy.stdout.strip().splitlines()[-1])
+    assert figures["total"] == sum(figures[k] for k in ("frozen", "trainable", "optimizer",
+                                                          "activations"))
+    assert "fits:" in roomy.stdout and "warning" not in roomy.stdout
+    monkeypatch.setattr(runner.plan, "device_memory", lambda: figures["total"] // 2)
+    tight = runner_here("plan", "tiny.toml", cwd=workdir)
+    assert tight.returncode == 0 and "will not fit" in " ".join(tight.stdout.split())
+    # remat keeps less: the estimate falls
+    remat = runner_here("plan", "tiny.toml", "--json", "--set", "train.remat=full", cwd=workdir)
+    assert json.loads(remat.stdout.strip().splitlines()[-1])["activations"] \
+        < figures["activations"]
+    assert not (workdir / "runs").exists()  # a plan runs nothing

@@ -1,0 +1,172 @@
+"""`runner plan RECIPE`: what a run will hold on each device, before it runs.
+
+It loads the base model and attaches the adapters as the run would, lays them
+out on the recipe's mesh over the devices this process sees, and prints per
+device: the frozen weights, the trainable weights, the optimizer state, and
+the activations of one micro-batch. The weights and optimizer state are exact
+(the shapes and shardings the run uses); the activations are XLA's own figure
+where the backend reports it (the train step is compiled for the plan on
+GPU/TPU), else an analytic estimate. It warns when the total passes the
+device memory it can read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from jaxlora import runtime, sources
+from jaxlora.lora import adapt
+from jaxlora.models.layers import set_remat
+from jaxlora.train import make_optimizer, step_batch
+
+# What a layer keeps for the backward pass, in activation elements per token,
+# by remat policy (H hidden, I MLP inner, A heads x sequence length): the
+# attention scores and probabilities (A each), the normed inputs, q/k/v, the
+# attention output and its projection (about 10 H), the MLP's inner
+# activations before and after the nonlinearity (2 I).
+ACTIVATIONS = {
+    "none": lambda h, i, a: 10 * h + 2 * i + 2 * a,
+    "dots-saveable": lambda h, i, a: 6 * h + i + a,  # matmul outputs only
+    "full": lambda h, i, a: h,  # the layer's input; one layer is recomputed at a time
+}
+
+
+def _config_value(config: dict, *names, default=None):
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    return default
+
+
+def activation_estimate(recipe, model_dir: Path, devices: int) -> int:
+    """Bytes of activations one device keeps for one micro-batch (analytic)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
+    layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _config_value(config, "num_attention_heads", "n_head")
+    inner = _config_value(config, "intermediate_size", "n_inner", default=4 * hidden) \
+        or 4 * hidden
+    vocab = _config_value(config, "vocab_size", default=0)
+    rows = max(recipe.train.batch_size // devices, 1)
+    length = recipe.data.max_length
+    _, compute = recipe.model.dtypes()
+    per_token = ACTIVATIONS[recipe.train.remat](hidden, inner, heads * length)
+    total = rows * length * per_token * layers * np.dtype(compute).itemsize
+    if recipe.train.remat == "full":  # plus the one layer being recomputed
+        total += rows * length * ACTIVATIONS["none"](hidden, inner, heads * length) \
+            * np.dtype(compute).itemsize
+    if recipe.model.task == "causal-lm":  # float32 logits and their gradient
+        total += 2 * rows * length * vocab * 4
+    return int(total)
+
+
+def device_memory() -> int | None:
+    """The first device's memory in bytes, where the backend reports it."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def compiled_temporaries(recipe, graphdef, trainable, frozen, opt_state, placement) -> int | None:
+    """XLA's temporary buffers of the compiled train step (activations and
+    workspace), per device; None where the backend does not report them (CPU)."""
+    from jaxlora.tasks import STEP_LOSSES
+    from jaxlora.train import build_train_step
+
+    if jax.default_backend() == "cpu":
+        return None
+    shard = placement.shard_trainable
+    tx = make_optimizer(recipe.train, 1)
+    step = build_train_step(graphdef, tx, STEP_LOSSES[recipe.model.task], recipe.train.grad_accum,
+                            (placement.shardings(trainable, shard),
+                             placement.shardings(opt_state, shard), placement.replicated()))
+    rows, length = step_batch(recipe.train), recipe.data.max_length
+    batch = {"input_ids": (rows, length), "attention_mask": (rows, length), "labels": (rows,),
+             "weights": (rows,)}
+    if recipe.model.task == "causal-lm":
+        batch["loss_mask"] = (rows, length)
+        if recipe.data.packing:
+            batch["segment_ids"] = batch["positions"] = (rows, length)
+
+    def abstract(tree, shard):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            np.shape(x), x.dtype, sharding=placement.array_sharding(np.shape(x), shard)), tree)
+
+    args = (abstract(trainable, shard), abstract(frozen, True), abstract(opt_state, shard),
+            {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "weights" else np.int32,
+                                     sharding=placement.batch_sharding(len(shape)))
+             for k, shape in batch.items()},
+            jax.ShapeDtypeStruct((2,), np.uint32, sharding=placement.replicated()))
+    try:
+        analysis = step.lower(*args).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - the plan falls back to the estimate
+        return None
+    return getattr(analysis, "temp_size_in_bytes", None) or None
+
+
+def plan(recipe, recipe_path: Path, console: Console) -> dict:
+    """Print the plan; returns its figures (bytes per device)."""
+    from runner.pipeline import load_pretrained
+
+    placement = runtime.make_placement(recipe.runtime,
+                                       full_fine_tuning=recipe.adapter.method == "full")
+    model_dir = sources.resolve(recipe.model.source, "model", recipe_path.resolve().parent)
+    loaded = load_pretrained(recipe, model_dir)
+    set_remat(loaded.model, recipe.train.remat)
+    graphdef, trainable, frozen, adapted = adapt(
+        loaded.model, recipe.adapter, loaded.lora_targets,
+        jax.random.fold_in(jax.random.key(recipe.train.seed), 2))
+    opt_state = jax.eval_shape(make_optimizer(recipe.train, 1).init, trainable)
+    shard = placement.shard_trainable
+    figures = {
+        "frozen": runtime.per_device_bytes(frozen, placement, True),
+        "trainable": runtime.per_device_bytes(trainable, placement, shard),
+        "optimizer": runtime.per_device_bytes(opt_state, placement, shard),
+    }
+    compiled = compiled_temporaries(recipe, graphdef, trainable, frozen, opt_state, placement)
+    figures["activations"] = compiled if compiled is not None else activation_estimate(
+        recipe, model_dir, placement.devices)
+    figures["total"] = sum(figures.values())
+    limit = device_memory()
+
+    mesh = placement.mesh.shape
+    console.print(f"[bold]{recipe.name}[/]: {recipe.adapter.method}, "
+                  f"{len(adapted)} adapted layers; mesh data {mesh['data']} x fsdp "
+                  f"{mesh['fsdp']} over {placement.devices} of the {jax.device_count()} "
+                  f"{jax.default_backend()} devices seen ({jax.process_count()} process(es))")
+    console.print(f"batch: {step_batch(recipe.train)} rows per step "
+                  f"({recipe.train.batch_size} x grad_accum {recipe.train.grad_accum}), "
+                  f"{max(recipe.train.batch_size // placement.devices, 1)} rows per device per "
+                  f"micro-batch, {recipe.data.max_length} tokens; remat {recipe.train.remat}")
+    table = Table(title="per device")
+    table.add_column("what")
+    table.add_column("MiB", justify="right")
+    table.add_column("layout")
+    layout = "sharded over fsdp" if mesh["fsdp"] > 1 else "whole"
+    trainable_layout = layout if shard else "replicated"
+    rows = [("frozen weights", figures["frozen"], layout),
+            ("trainable weights", figures["trainable"], trainable_layout),
+            ("optimizer state (AdamW)", figures["optimizer"], trainable_layout),
+            ("activations, one micro-batch", figures["activations"],
+             "compiled (XLA temporaries)" if compiled is not None else "estimate"),
+            ("total", figures["total"], "")]
+    for what, value, how in rows:
+        table.add_row(what, f"{value / 2**20:,.1f}", how)
+    console.print(table)
+    if limit is None:
+        console.print(f"device memory: not reported by the {jax.default_backend()} backend "
+                      "(on CPU the host's RAM is the limit)")
+    elif figures["total"] > 0.9 * limit:
+        console.print(f"[bold yellow]warning:[/] about {figures['total'] / 2**30:.1f} GiB per "
+                      f"device, more than 90% of the {limit / 2**30:.1f} GiB each device has: it "
+                      "will not fit. Try runtime.fsdp (shard the frozen weights), train.remat = "
+                      "\"full\", a smaller train.batch_size with train.grad_accum, or qlora")
+    else:
+        console.print(f"fits: {figures['total'] / 2**30:.2f} GiB of the {limit / 2**30:.1f} "
+                      "GiB each device has")
+    return {**figures, "device_memory": limit}
