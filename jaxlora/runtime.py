@@ -78,8 +78,13 @@ def initialize(cfg: RuntimeConfig) -> bool:
     wanted = cfg.distributed == "on" or (cfg.distributed == "auto"
                                          and multi_process_environment())
     if wanted and not _initialized:
+        # A TPU VM pod, SLURM or Open MPI tell JAX everything; elsewhere
+        # JAX_COORDINATOR_ADDRESS (read by JAX) with these two:
+        given = {key: int(os.environ[name]) for key, name in (
+            ("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+            if os.environ.get(name, "").strip()}
         try:
-            jax.distributed.initialize()  # reads the coordinator, count and id from the env
+            jax.distributed.initialize(**given)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"runtime.distributed: jax.distributed.initialize() failed: "
                             f"{str(e).splitlines()[0]} (on a TPU VM pod it needs no settings; "

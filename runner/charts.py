@@ -113,9 +113,10 @@ def write_pngs(run_dir: Path, train, evals, before: dict | None, after: dict,
         ax.set_xticks(list(xs), [label for label, _, _ in group], rotation=20, ha="right")
         ax.set_ylabel(name)
         if name == "score":
-            ax.set_ylim(0, 1.08)
+            ax.set_ylim(0, 1.25)  # room for the legend above the bars
+            ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="upper left")
+    axes[0].legend(loc="upper left", ncol=2)
     fig.suptitle(f"{title}: before and after fine-tuning")
     fig.tight_layout()
     _save(fig, run_dir / BARS_PNG)

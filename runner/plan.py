@@ -68,7 +68,7 @@ def activation_estimate(recipe, model_dir: Path, devices: int) -> int:
 
 def device_memory() -> int | None:
     """The first device's memory in bytes, where the backend reports it."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
 
 

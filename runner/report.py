@@ -102,7 +102,7 @@ def peak_memory() -> dict:
     reports them, else the process's peak resident set (CPU)."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return {"peak_memory_mb": stats["peak_bytes_in_use"] / 2**20,
                 "peak_memory_kind": f"{jax.default_backend()} peak bytes in use"}
