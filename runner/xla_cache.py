@@ -4,6 +4,7 @@ shapes, same jax and device) loads its compiled steps instead of compiling.
     JAXLORA_CACHE_DIR           default ~/.cache/jaxlora; executables go to xla/
     JAXLORA_COMPILATION_CACHE   "off" disables it
     JAX_COMPILATION_CACHE_DIR   when set, JAX's own setting is left as it is
+    JAXLORA_CACHE_MIN_SECONDS   compilations quicker than this are not stored (0.5)
 
 Entries are keyed by JAX on the computation, the compile options, the jax
 version and the device, so a stale entry is never used.
@@ -32,7 +33,8 @@ def enable() -> Path | None:
     except OSError:
         return None  # a read-only home: run without the cache
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAXLORA_CACHE_MIN_SECONDS", MIN_COMPILE_SECONDS)))
     return folder
 
 

@@ -1,6 +1,6 @@
 """train.remat: recomputing a layer in the backward pass changes what is kept
 in memory, never the numbers. Gradients of LoRA adapters (with dropout) under
-each policy equal the ones without remat, for an encoder and two decoders, and
+each policy equal the ones without remat, for an encoder and a decoder, and
 the compiled step really holds a checkpoint per layer."""
 
 import jax
@@ -28,11 +28,10 @@ def _gradients(model_dir, task, policy, batch):
         return STEP_LOSSES[task](nnx.merge(graphdef, params, frozen), batch,
                                  jax.random.key(7))[0]
 
-    grad_fn = jax.jit(jax.grad(loss))
-    return grad_fn(trainable), str(jax.make_jaxpr(jax.grad(loss))(trainable))
+    return jax.jit(jax.grad(loss))(trainable), str(jax.make_jaxpr(jax.grad(loss))(trainable))
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama-gqa-rope3"])
+@pytest.mark.parametrize("name", ["bert", "llama-gqa-rope3"])
 def test_remat_policies_give_the_same_gradients(name, tmp_path, tiny_bert_dir):
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 200, (4, 12)).astype(np.int32)
