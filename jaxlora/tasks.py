@@ -30,13 +30,18 @@ def classification_step_loss(model, batch: dict,
     return classification_loss(logits, batch)
 
 
-def causal_lm_token_losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+def causal_lm_token_losses(logits: jax.Array, batch: dict,
+                           shifted: bool = False) -> tuple[jax.Array, jax.Array]:
     """Next-token cross-entropy at every position and where it counts: position
     t predicts token t + 1, which must be real, a target (`loss_mask`) and in a
-    real example. Both (batch, seq - 1)."""
+    real example. Both (batch, seq - 1). `shifted`: `logits` already covers
+    positions 0 .. seq - 2 only (the train step computes no logits for the last
+    position, which predicts nothing: a (batch, vocab) slice less to compute,
+    copy and differentiate)."""
     targets = batch["input_ids"][:, 1:]
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32), targets)
+    if not shifted:
+        logits = logits[:, :-1]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     counts = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
     if "segment_ids" in batch:  # packed: the first token of an example is not a target
         segments = batch["segment_ids"]
@@ -44,9 +49,10 @@ def causal_lm_token_losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, j
     return nll, counts * batch["weights"][:, None]
 
 
-def causal_lm_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+def causal_lm_loss(logits: jax.Array, batch: dict,
+                   shifted: bool = False) -> tuple[jax.Array, jax.Array]:
     """Token-weighted mean next-token loss; returns (loss, number of target tokens)."""
-    nll, counts = causal_lm_token_losses(logits, batch)
+    nll, counts = causal_lm_token_losses(logits, batch, shifted)
     total = counts.sum()
     return (nll * counts).sum() / jnp.maximum(total, 1.0), total
 
@@ -56,8 +62,8 @@ def causal_lm_step_loss(model, batch: dict,
     """The train step's objective for a causal LM (packed batches carry
     segment ids and positions)."""
     packed = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
-    return causal_lm_loss(model(batch["input_ids"], batch["attention_mask"], rng=rng, **packed),
-                          batch)
+    hidden = model.hidden(batch["input_ids"], batch["attention_mask"], rng=rng, **packed)
+    return causal_lm_loss(model.logits(hidden[:, :-1]), batch, shifted=True)
 
 
 STEP_LOSSES = {"classification": classification_step_loss, "causal-lm": causal_lm_step_loss}

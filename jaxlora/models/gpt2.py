@@ -201,10 +201,18 @@ class GPT2LMHeadModel(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
                  positions=None):
-        return self._logits(self.transformer(input_ids, attention_mask, rng=rng,
-                                             segment_ids=segment_ids, positions=positions))
+        return self.logits(self.hidden(input_ids, attention_mask, rng=rng,
+                                       segment_ids=segment_ids, positions=positions))
 
-    def _logits(self, x):
+    def hidden(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
+               positions=None):
+        """The last hidden states (batch, seq, hidden), before the head: the train
+        step puts only the positions that predict a token through `logits`."""
+        return self.transformer(input_ids, attention_mask, rng=rng, segment_ids=segment_ids,
+                           positions=positions)
+
+    def logits(self, x):
+        """float32 logits of hidden states `x` (..., hidden)."""
         table = self.transformer.wte.embedding[...].astype(x.dtype)
         return (x @ table.T).astype(jnp.float32)
 
@@ -218,7 +226,7 @@ class GPT2LMHeadModel(nnx.Module):
     def decode(self, input_ids, positions, key_valid, cache, index):
         """Generation: float32 logits (batch, 1, vocab) of the last new token, and the cache."""
         x, cache = self.transformer.decode(input_ids, positions, key_valid, cache, index)
-        return self._logits(x[:, -1:]), cache  # only the last position picks a token
+        return self.logits(x[:, -1:]), cache  # only the last position picks a token
 
     def linear_layers(self) -> dict[str, Linear]:
         return {f"transformer.h.{i}.{hf}": getattr(block, ours)

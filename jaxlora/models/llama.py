@@ -240,10 +240,18 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
                  positions=None):
-        return self._logits(self.model(input_ids, attention_mask, rng=rng,
+        return self.logits(self.hidden(input_ids, attention_mask, rng=rng,
                                        segment_ids=segment_ids, positions=positions))
 
-    def _logits(self, x):
+    def hidden(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
+               positions=None):
+        """The last hidden states (batch, seq, hidden), before the head: the train
+        step puts only the positions that predict a token through `logits`."""
+        return self.model(input_ids, attention_mask, rng=rng, segment_ids=segment_ids,
+                           positions=positions)
+
+    def logits(self, x):
+        """float32 logits of hidden states `x` (..., hidden)."""
         if self.lm_head is None:
             logits = x @ self.model.embed_tokens.embedding[...].astype(x.dtype).T
         else:
@@ -260,7 +268,7 @@ class LlamaForCausalLM(nnx.Module):
     def decode(self, input_ids, positions, key_valid, cache, index):
         """Generation: float32 logits (batch, 1, vocab) of the last new token, and the cache."""
         x, cache = self.model.decode(input_ids, positions, key_valid, cache, index)
-        return self._logits(x[:, -1:]), cache  # only the last position picks a token
+        return self.logits(x[:, -1:]), cache  # only the last position picks a token
 
     def linear_layers(self) -> dict[str, Linear]:
         """The blocks' linear layers by Hugging Face path; lm_head is left out (as
