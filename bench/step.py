@@ -41,6 +41,7 @@ DEFAULT_PEERS = REPO.parent / "shared" / "peers"
 
 CPU_SHAPES = [dict(model="minilm", batch=32, seq=128, method="lora"),
               dict(model="minilm", batch=32, seq=128, method="qlora"),
+              dict(model="bert-base", batch=8, seq=128, method="lora"),
               dict(model="tiny-llama", task="clm", batch=4, seq=256, method="lora")]
 GPU_SHAPES = [dict(model="bert-base", batch=64, seq=128, method="lora"),
               dict(model="bert-base", batch=64, seq=128, method="qlora"),
