@@ -30,8 +30,9 @@ from rich.table import Table
 from jaxlora.errors import UserError
 from runner import charts
 
-PACKAGES = ["jaxlora", "jax", "jaxlib", "flax", "optax", "transformers", "tokenizers",
-            "datasets", "safetensors", "pydantic", "numpy"]
+PACKAGES = ["jaxlora", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers",
+            "tokenizers", "datasets", "safetensors", "pydantic", "numpy", "matplotlib",
+            "tensorboardX"]
 HEADLINE = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("loss", "eval loss")]
 LM_HEADLINE = [("loss", "eval loss"), ("perplexity", "perplexity"),
                ("exact_match", "exact match")]

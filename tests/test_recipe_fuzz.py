@@ -49,7 +49,7 @@ def _apply(document: dict, edit) -> None:
         node[path[-1]] = value
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=520, deadline=None, suppress_health_check=list(HealthCheck))
 @given(edits)
 def test_any_recipe_document_validates_or_is_refused_cleanly(tmp_path_factory, edits):
     document = {k: dict(v) for k, v in VALID.items()}
