@@ -21,6 +21,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # The runner's persistent compilation cache goes to a folder of this session,
 # never the user's (the runs of the suite share it, as a user's runs would).
 os.environ["JAXLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlora-test-cache-")
+# Every compilation is stored: the suite's many runs of the same tiny recipes
+# (in this process and in subprocesses) compile each step once.
+os.environ["JAXLORA_CACHE_MIN_SECONDS"] = "0"
 
 TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64, max_position_embeddings=128)
