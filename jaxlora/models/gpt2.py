@@ -28,9 +28,9 @@ from flax import nnx
 
 from jaxlora.errors import UserError
 from jaxlora.models import weights
-from jaxlora.models.layers import (AttentionImpl, Embed, LayerNorm, Linear, attention,
-                                   cached_attention, dropout, resolve_attention, split_key,
-                                   stack_layers)
+from jaxlora.models.layers import (AttentionImpl, CausalLMHead, Embed, LayerNorm, Linear,
+                                   attention, cached_attention, dropout, resolve_attention,
+                                   split_key, stack_layers)
 
 TASKS = ("causal-lm",)
 ACTIVATIONS = {
@@ -189,8 +189,10 @@ class GPT2Model(nnx.Module):
         return self.ln_f(x), new
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(CausalLMHead, nnx.Module):
     """`(input_ids, attention_mask) -> float32 logits (batch, seq, vocab)`."""
+
+    BACKBONE = "transformer"  # the layer stack `hidden` runs
 
     def __init__(self, config: GPT2Config, *, param_dtype=jnp.float32,
                  compute_dtype=jnp.float32, attention: AttentionImpl = "xla"):
@@ -198,18 +200,6 @@ class GPT2LMHeadModel(nnx.Module):
         self.position_limit = config.n_positions  # learned positions: none beyond
         self.transformer = GPT2Model(config, param_dtype=param_dtype,
                                      compute_dtype=compute_dtype, attention=attention)
-
-    def __call__(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
-                 positions=None):
-        return self.logits(self.hidden(input_ids, attention_mask, rng=rng,
-                                       segment_ids=segment_ids, positions=positions))
-
-    def hidden(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
-               positions=None):
-        """The last hidden states (batch, seq, hidden), before the head: the train
-        step puts only the positions that predict a token through `logits`."""
-        return self.transformer(input_ids, attention_mask, rng=rng, segment_ids=segment_ids,
-                           positions=positions)
 
     def logits(self, x):
         """float32 logits of hidden states `x` (..., hidden)."""

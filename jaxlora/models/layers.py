@@ -309,3 +309,23 @@ def set_remat(model: nnx.Module, policy: str) -> None:
     for _, module in nnx.iter_graph(model):
         if isinstance(module, nnx.Module) and hasattr(module, "remat"):
             module.remat = policy
+
+
+class CausalLMHead:
+    """The call of a decoder LM (GPT-2, Llama family): `hidden` runs the layer
+    stack named by `BACKBONE`, `logits` (the model's own) the vocabulary head.
+    The train step calls them apart, to put only the positions that predict a
+    token through the head."""
+
+    BACKBONE: str
+
+    def __call__(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
+                 positions=None):
+        return self.logits(self.hidden(input_ids, attention_mask, rng=rng,
+                                       segment_ids=segment_ids, positions=positions))
+
+    def hidden(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
+               positions=None):
+        """The last hidden states (batch, seq, hidden), before the head."""
+        return getattr(self, self.BACKBONE)(input_ids, attention_mask, rng=rng,
+                                            segment_ids=segment_ids, positions=positions)

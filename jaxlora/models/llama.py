@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxlora.errors import UserError
 from jaxlora.models import weights
-from jaxlora.models.layers import (AttentionImpl, Embed, Linear, RMSNorm, attention,
+from jaxlora.models.layers import (AttentionImpl, CausalLMHead, Embed, Linear, RMSNorm, attention,
                                    cached_attention, resolve_attention, rotary, split_key,
                                    stack_layers)
 
@@ -225,8 +225,10 @@ class LlamaModel(nnx.Module):
         return self.norm(x), new
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(CausalLMHead, nnx.Module):
     """`(input_ids, attention_mask) -> float32 logits (batch, seq, vocab)`."""
+
+    BACKBONE = "model"  # the layer stack `hidden` runs
 
     def __init__(self, config: LlamaConfig, *, param_dtype=jnp.float32,
                  compute_dtype=jnp.float32, attention: AttentionImpl = "xla"):
@@ -237,18 +239,6 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = (None if config.tie_word_embeddings else
                         Linear(config.hidden_size, config.vocab_size, use_bias=False,
                                dtype=param_dtype))
-
-    def __call__(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
-                 positions=None):
-        return self.logits(self.hidden(input_ids, attention_mask, rng=rng,
-                                       segment_ids=segment_ids, positions=positions))
-
-    def hidden(self, input_ids, attention_mask=None, *, rng=None, segment_ids=None,
-               positions=None):
-        """The last hidden states (batch, seq, hidden), before the head: the train
-        step puts only the positions that predict a token through `logits`."""
-        return self.model(input_ids, attention_mask, rng=rng, segment_ids=segment_ids,
-                           positions=positions)
 
     def logits(self, x):
         """float32 logits of hidden states `x` (..., hidden)."""
