@@ -260,11 +260,9 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                 events.train(record)
 
         def on_evaluate(step: int, trainable) -> None:
-            metrics = evaluate(eval_step, trainable, frozen, data.eval,
-                               batch_size=recipe.eval.batch_size,
-                               label_names=list(recipe.data.labels or []), progress=progress,
-                               description=f"eval at step {step}", task=task, keep_bar=False,
-                               placement=placement)
+            metrics = _evaluate(recipe, eval_step, graphdef, trainable, frozen, data.eval,
+                                progress, f"eval at step {step}", tokenizer, position_limit,
+                                placement, during_training=True)
             write({"step": step, "eval": report.scalars(metrics)})
             if events is not None:
                 events.eval(step, metrics)
@@ -323,16 +321,18 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
 
 
 def _evaluate(recipe, eval_step, graphdef, trainable, frozen, split, progress, description,
-              tokenizer, position_limit, placement) -> dict:
+              tokenizer, position_limit, placement, *, during_training: bool = False) -> dict:
     """The task's metrics of one model on the eval split; for prompt/response
-    data also the exact match of greedy completions."""
+    data also the exact match of greedy completions, except `during_training`
+    (the periodic evaluations: loss curve points, their progress bar removed)."""
     task = recipe.model.task
     metrics = evaluate(eval_step, trainable, frozen, split, batch_size=recipe.eval.batch_size,
                        label_names=list(recipe.data.labels or []), progress=progress,
-                       description=description, task=task, placement=placement)
+                       description=description, task=task, placement=placement,
+                       keep_bar=not during_training)
     # (greedy decoding runs in one process: several skip the exact match)
     if task == "causal-lm" and recipe.data.pairs and recipe.eval.exact_match_examples \
-            and not placement.multi_process:
+            and not placement.multi_process and not during_training:
         metrics.update(exact_match(graphdef, trainable, frozen, split,
                                    examples=recipe.eval.exact_match_examples,
                                    eos_id=tokenizer.eos_token_id,
