@@ -27,20 +27,8 @@ def main() -> None:
     p.add_argument("--hlo", type=Path, help="also write our step's compiled HLO here")
     a = p.parse_args()
     shape = next(s for s in bench.CPU_SHAPES if s["model"] == a.only and s["method"] == "lora")
-    sys.path.insert(0, str(a.peers))
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-
-    import jax_minimal_step as yard
-    from jaxlora.tasks import STEP_LOSSES
-    from jaxlora.train import build_train_step
-
-    yard.DT = jnp.float32
-    task = "clm" if shape.get("task") == "clm" else "cls"
-    b, t = shape["batch"], shape["seq"]
 
     def report(name, lowered):
         compiled = lowered.compile()
@@ -51,29 +39,10 @@ def main() -> None:
               f"{cost.get('transcendentals', 0):.4g}", flush=True)
         return compiled
 
-    frozen, lora = yard.init(shape["model"], 8, task, False, jax.random.PRNGKey(0))
-    tx = optax.adamw(1e-4)
-    ids = jax.random.randint(jax.random.PRNGKey(0), (b, t), 1, yard.SHAPES[shape["model"]]["vocab"])
-    labels = jnp.zeros((b,), jnp.int32)
-    statics = dict(shape=shape["model"], task=task, rank=8, alpha=16.0, impl=None)
-
-    def yard_step(lora, opt, frozen, ids, labels):
-        loss, grads = jax.value_and_grad(yard.loss_fn)(lora, frozen, ids, labels, **statics)
-        updates, opt = tx.update(grads, opt, lora)
-        return optax.apply_updates(lora, updates), opt, loss
-
-    report("yardstick", jax.jit(yard_step).lower(lora, tx.init(lora), frozen, ids, labels))
-
-    graphdef, trainable, frozen, vocab = bench._build(shape, False)
-    rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(1, vocab, (b, t), dtype=np.int32),
-             "attention_mask": np.ones((b, t), np.int32), "labels": np.zeros(b, np.int32),
-             "weights": np.ones(b, np.float32), "loss_mask": np.ones((b, t), np.int32)}
-    tx = optax.adamw(1e-4, weight_decay=0.01)
-    step = build_train_step(graphdef, tx, STEP_LOSSES["causal-lm" if task == "clm"
-                                                      else "classification"])
-    compiled = report("jaxlora", step.lower(trainable, frozen, tx.init(trainable), batch,
-                                            jax.random.key(0)))
+    step, *args = bench.yardstick_step(a.peers, shape, False)
+    report("yardstick", step.lower(*args))
+    step, *args = bench.our_step(shape, False)
+    compiled = report("jaxlora", step.lower(*args, jax.random.key(0)))
     if a.hlo:
         a.hlo.write_text(compiled.as_text())
 

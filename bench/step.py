@@ -156,12 +156,14 @@ def _randomize(model) -> None:
         (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype) for k, x in zip(keys, leaves)]))
 
 
-def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
+def our_step(shape: dict, gpu: bool, loss_fn=None):
+    """jaxlora's jit'd train step for the shape and its arguments:
+    (step, trainable, frozen, opt_state, batch), the states as lists of leaves. `loss_fn` replaces the task's
+    step loss (bench/profile.py's variants)."""
     import jax
     import numpy as np
     import optax
 
-    from jaxlora.lora import count_params
     from jaxlora.tasks import STEP_LOSSES
     from jaxlora.train import build_train_step
 
@@ -174,11 +176,52 @@ def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
         "labels": rng.integers(0, 2, (b,), dtype=np.int32),
         "weights": np.ones((b,), np.float32),
         "loss_mask": np.ones((b, t), np.int32)})  # causal LM: every token a target
-
     tx = optax.adamw(1e-4, weight_decay=0.01)  # torch.optim.AdamW defaults, as the peer
-    opt_state = tx.init(trainable)
     task = "causal-lm" if shape.get("task") == "clm" else "classification"
-    step = build_train_step(graphdef, tx, STEP_LOSSES[task])
+    opt_state = tx.init(trainable)
+    # the step as `fit` runs it: over flat lists of arrays (`jaxlora.train.LeafStep`)
+    step = build_train_step(graphdef, tx, loss_fn or STEP_LOSSES[task]).on_leaves(
+        trainable, frozen, opt_state)
+    return step, *(step.leaves(x) for x in (trainable, frozen, opt_state)), batch
+
+
+def yardstick_step(peers: Path, shape: dict, gpu: bool):
+    """The yardstick's step built in this process from its own functions (for
+    cost analysis and traces; `yardstick()` times it as its own script):
+    (step, lora, opt_state, frozen, ids, labels). cuDNN attention on a GPU."""
+    sys.path.insert(0, str(peers))
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jax_minimal_step as yard
+
+    yard.DT = jnp.bfloat16 if gpu else jnp.float32
+    task = "clm" if shape.get("task") == "clm" else "cls"
+    b, t = shape["batch"], shape["seq"]
+    frozen, lora = yard.init(shape["model"], 8, task, shape["method"] == "qlora",
+                             jax.random.PRNGKey(0))
+    tx = optax.adamw(1e-4)
+    ids = jax.random.randint(jax.random.PRNGKey(0), (b, t), 1, yard.SHAPES[shape["model"]]["vocab"])
+    labels = jnp.zeros((b,), jnp.int32)
+    statics = dict(shape=shape["model"], task=task, rank=8, alpha=16.0,
+                   impl="cudnn" if gpu else None)
+
+    def step(lora, opt, frozen, ids, labels):
+        loss, grads = jax.value_and_grad(yard.loss_fn)(lora, frozen, ids, labels, **statics)
+        updates, opt = tx.update(grads, opt, lora)
+        return optax.apply_updates(lora, updates), opt, loss
+
+    return jax.jit(step, donate_argnums=(0, 1)), lora, tx.init(lora), frozen, ids, labels
+
+
+def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
+    import jax
+
+    from jaxlora.lora import count_params
+
+    step, trainable, frozen, opt_state, batch = our_step(shape, gpu)
+    b, t = shape["batch"], shape["seq"]
     key = jax.random.key(0)
     t0 = time.perf_counter()
     trainable, opt_state, m = step(trainable, frozen, opt_state, batch, jax.random.fold_in(key, 0))
@@ -199,7 +242,7 @@ def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     return {"step_ms_median": round(med * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
             "tokens_per_s": round(b * t / med, 1), "compile_s": round(compile_s, 2),
-            "trainable_params": count_params(trainable), "loss_last": float(m["loss"]),
+            "trainable_params": count_params(step.trainable(trainable)), "loss_last": float(m["loss"]),
             # device peak where the backend reports it, else the process's peak RSS (CPU)
             "peak_mem_mb": round(stats["peak_bytes_in_use"] / 2**20 if stats else
                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),

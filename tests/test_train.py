@@ -2,6 +2,7 @@
 that goes down on a learnable toy task."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -42,6 +43,7 @@ def test_five_steps_compile_once(tiny_bert_dir):
     tx = optax.adamw(1e-3)
     step = build_train_step(graphdef, tx, loss)
     opt_state = tx.init(trainable)
+    start = jax.tree.map(jnp.copy, (trainable, opt_state))
     split = _toy_split(n=40)
     batches = list(split.batches(8, shuffle=True, seed=0, epoch=0))
     assert len(batches) == 5
@@ -50,7 +52,20 @@ def test_five_steps_compile_once(tiny_bert_dir):
                                              jax.random.key(i))
     jax.block_until_ready(metrics)
     assert len(traces) == 1
-    assert step._cache_size() == 1
+    assert step.jitted._cache_size() == 1
+
+    # The same step over lists of leaves (what `fit` runs): same numbers, and
+    # the states it rebuilds have the structure of the ones it was made from.
+    leaf_step = step.on_leaves(*start[:1], frozen, start[1])
+    t, f, o = (leaf_step.leaves(x) for x in (start[0], frozen, start[1]))
+    for i, batch in enumerate(batches):
+        t, o, leaf_metrics = leaf_step(t, f, o, batch, jax.random.key(i))
+    assert len(traces) == 2 and leaf_step.jitted._cache_size() == 1
+    assert float(leaf_metrics["loss"]) == float(metrics["loss"])
+    assert jax.tree.structure(leaf_step.trainable(t)) == jax.tree.structure(trainable)
+    assert jax.tree.structure(leaf_step.opt_state(o)) == jax.tree.structure(opt_state)
+    for ours, theirs in zip(t + o, jax.tree.leaves((trainable, opt_state))):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_schedule_warmup_then_linear_decay():
