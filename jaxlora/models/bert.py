@@ -27,8 +27,7 @@ Every family module exposes the same names: `Config`, `load`, `LORA_TARGETS`,
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,17 +38,9 @@ from flax import nnx
 
 from jaxlora.errors import UserError
 from jaxlora.models import weights
-from jaxlora.models.layers import (AttentionImpl, Embed, Head, LayerNorm, Linear, attention,
-                                   dropout, resolve_attention, split_key, stack_layers)
-
-# transformers' `hidden_act` names -> functions. "gelu" is the exact erf form;
-# the tanh approximation goes by two names.
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-}
+from jaxlora.models.layers import (ACTIVATIONS, AttentionImpl, Embed, Head, LayerNorm, Linear,
+                                   attention, dropout, resolve_attention, split_key,
+                                   stack_layers)
 
 # Hugging Face module inside `encoder.layer.{i}` -> `Linear` attribute of `BertLayer`.
 _BLOCK_LINEARS = {

@@ -16,29 +16,21 @@ projection, as in the checkpoint, so a LoRA on `c_attn` is PEFT's.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.errors import UserError
 from jaxlora.models import weights
-from jaxlora.models.layers import (AttentionImpl, CausalLMHead, Embed, LayerNorm, Linear,
-                                   attention, cached_attention, dropout, resolve_attention,
-                                   split_key, stack_layers)
+from jaxlora.models.layers import (ACTIVATIONS, AttentionImpl, CausalLMHead, Embed, LayerNorm,
+                                   Linear, attention, cached_attention, dropout,
+                                   resolve_attention, split_key, stack_layers)
 
 TASKS = ("causal-lm",)
-ACTIVATIONS = {
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "relu": jax.nn.relu,
-}
 
 # Hugging Face module inside `h.{i}` -> `Linear` attribute of `GPT2Block`.
 _BLOCK_LINEARS = {"attn.c_attn": "c_attn", "attn.c_proj": "attn_proj", "mlp.c_fc": "c_fc",
