@@ -134,7 +134,9 @@ def profile(shape: dict, gpu: bool, peers: Path, steps: int, trace_steps: int,
             f"{shape['batch']}x{shape['seq']}"
     print(f"== {label}", flush=True)
     task = "clm" if shape.get("task") == "clm" else "cls"
-    key = jax.random.key(0)
+    # per-step dropout keys made before any timing, as `fit` makes them ahead of the step
+    keys = jax.block_until_ready([jax.random.fold_in(jax.random.key(0), i)
+                                  for i in range(max(steps + 2, 100) + trace_steps)])
     results = {}
     for name, loss_fn in variants(task).items():
         for dropout in ((True, False) if name == "as is" else (True,)):
@@ -142,8 +144,7 @@ def profile(shape: dict, gpu: bool, peers: Path, steps: int, trace_steps: int,
 
             def call(state, i, step=step, frozen=frozen, batch=batch, dropout=dropout):
                 trainable, opt_state, _ = state
-                return step(trainable, frozen, opt_state, batch,
-                            jax.random.fold_in(key, i) if dropout else None)
+                return step(trainable, frozen, opt_state, batch, keys[i] if dropout else None)
 
             state = (trainable, opt_state, None)
             ms, state = timed(call, state, steps)
