@@ -101,10 +101,12 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
 
 def exact_match(graphdef: nnx.GraphDef, trainable, frozen, split, *, examples: int,
                 eos_id: int | None, pad_id: int = 0, batch_size: int = 32,
-                position_limit: int | None = None) -> dict:
+                position_limit: int | None = None, placement=None) -> dict:
     """Share of the first `examples` eval prompts whose greedy completion equals
     the reference response token for token (through EOS; a reference cut by
-    max_length is compared over its length). Prompts go `batch_size` at a time."""
+    max_length is compared over its length). Prompts go `batch_size` at a time;
+    with a `placement` (weights on a mesh, maybe over several processes) every
+    process decodes the same prompts together (see `generate`)."""
     from jaxlora.generate import GenerateConfig, generate
 
     prompts, references = [], []
@@ -121,7 +123,7 @@ def exact_match(graphdef: nnx.GraphDef, trainable, frozen, split, *, examples: i
     for begin in range(0, len(prompts), batch_size):
         completions += generate(graphdef, trainable, frozen, prompts[begin:begin + batch_size],
                                 cfg, eos_id=eos_id, pad_id=pad_id,
-                                position_limit=position_limit)
+                                position_limit=position_limit, placement=placement)
     hits = sum(c[:len(r)] == r and (len(c) == len(r) or r[-1] != eos_id)
                for c, r in zip(completions, references))
     return {"exact_match": hits / len(prompts), "exact_match_examples": len(prompts)}

@@ -26,6 +26,7 @@ from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from jaxlora.errors import UserError
+from jaxlora.runtime import to_host
 
 
 class GenerateConfig(BaseModel):
@@ -62,6 +63,7 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
 
     @jax.jit
     def run(trainable, frozen, ids, valid, positions, key, eos_ids, pad_id):
+        key = jax.random.wrap_key_data(key)  # raw key data: what can be placed on a mesh
         model = nnx.merge(graphdef, trainable, frozen)
         cache = model.init_cache(batch, length)
         logits, cache = model.decode(ids, positions, valid, cache, 0)
@@ -110,10 +112,13 @@ def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
 
 def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]],
              cfg: GenerateConfig, *, eos_id: int | Sequence[int] | None, pad_id: int = 0,
-             position_limit: int | None = None) -> list[list[int]]:
+             position_limit: int | None = None, placement=None) -> list[list[int]]:
     """The new token ids of each prompt, up to and including the first stop id
     (`eos_id`: one id or several), or `cfg.max_new_tokens` of them.
-    `position_limit`: a model with learned positions (GPT-2) has none past it."""
+    `position_limit`: a model with learned positions (GPT-2) has none past it.
+    `placement` (`jaxlora.runtime.Placement`): the weights are on its mesh, maybe
+    over several processes, each calling this with the same prompts; the
+    prompts go there replicated and every process gets every completion."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
@@ -130,9 +135,11 @@ def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]]
     positions = np.maximum(np.cumsum(valid[:, :prompt_len], axis=1) - 1, 0).astype(np.int32)
     run = _compiled(graphdef, batch, prompt_len, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     stops = ([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id))
-    stop_array = jnp.asarray(stops or [-1], jnp.int32)
-    out = np.asarray(run(trainable, frozen, ids, valid, positions, jax.random.key(cfg.seed),
-                         stop_array, jnp.int32(pad_id)))
+    inputs = (ids, valid, positions, np.asarray(jax.random.key_data(jax.random.key(cfg.seed))),
+              np.asarray(stops or [-1], np.int32), np.int32(pad_id))
+    if placement is not None:
+        inputs = placement.put(inputs, False)
+    out = to_host(run(trainable, frozen, *inputs))
     result = []
     for row in out.tolist():
         end = next((i for i, token in enumerate(row) if token in stops), None)

@@ -330,15 +330,14 @@ def _evaluate(recipe, eval_step, graphdef, trainable, frozen, split, progress, d
                        label_names=list(recipe.data.labels or []), progress=progress,
                        description=description, task=task, placement=placement,
                        keep_bar=not during_training)
-    # (greedy decoding runs in one process: several skip the exact match)
     if task == "causal-lm" and recipe.data.pairs and recipe.eval.exact_match_examples \
-            and not placement.multi_process and not during_training:
+            and not during_training:
         metrics.update(exact_match(graphdef, trainable, frozen, split,
                                    examples=recipe.eval.exact_match_examples,
                                    eos_id=tokenizer.eos_token_id,
                                    pad_id=tokenizer.pad_token_id or 0,
                                    batch_size=recipe.eval.batch_size,
-                                   position_limit=position_limit))
+                                   position_limit=position_limit, placement=placement))
     return metrics
 
 
