@@ -34,8 +34,8 @@ def test_two_processes_train_together_like_one(tmp_path):
     write_qa(workdir / "data.jsonl")
     recipe = RECIPE.format(data=PAIRS, adapter='method = "lora"\nrank = 8\n'
                                               'targets = "all-linear"')
-    # 100 training examples, 8 a step over 4 devices: 13 steps an epoch, two epochs
-    recipe = recipe.replace("epochs = 4", "epochs = 2").replace(
+    # 100 training examples, 8 a step over 4 devices: 13 steps, a record every 5 and at the end
+    recipe = recipe.replace("epochs = 4", "epochs = 1").replace(
         "batch_size = 10", "batch_size = 8").replace("learning_rate = 5e-3", "learning_rate = 2e-2")
     (workdir / "lm.toml").write_text(recipe)
     port = _free_port()
@@ -64,14 +64,14 @@ def test_two_processes_train_together_like_one(tmp_path):
     manifest = json.loads((together / "manifest.json").read_text())
     assert manifest["runtime"]["processes"] == 2
     assert manifest["runtime"]["mesh"] == {"data": 2, "fsdp": 2}
-    assert (together / "checkpoints" / "26").is_dir()
+    assert (together / "checkpoints" / "13").is_dir()
 
     alone = runner_here("run", "lm.toml", "--fresh", cwd=workdir)
     assert alone.returncode == 0, alone.stderr[-2000:]
     single = [r for r in (workdir / "runs" / "lm").iterdir() if r != together][0]
     curves = [[json.loads(line)["loss"] for line in (r / "metrics.jsonl").read_text().splitlines()]
               for r in (together, single)]
-    assert len(curves[0]) == 6 and curves[0] == pytest.approx(curves[1], rel=2e-4, abs=1e-5)
+    assert len(curves[0]) == 3 and curves[0] == pytest.approx(curves[1], rel=2e-4, abs=1e-5)
     evals = [json.loads((r / "eval.json").read_text()) for r in (together, single)]
     for when in ("before", "after"):
         assert evals[0][when]["loss"] == pytest.approx(evals[1][when]["loss"], rel=2e-4)
