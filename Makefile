@@ -29,7 +29,7 @@ run: setup
 	$(VENV)/bin/runner run $(RECIPE)
 
 test: setup-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 bench: setup-test
 	$(PY) bench/step.py

@@ -19,11 +19,25 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 # The runner's persistent compilation cache goes to a folder of this session,
-# never the user's (the runs of the suite share it, as a user's runs would).
-os.environ["JAXLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlora-test-cache-")
+# never the user's (the runs of the suite share it, as a user's runs would, and
+# so do pytest-xdist's workers, which inherit the folder from the controller).
+if "JAXLORA_TEST_CACHE_DIR" not in os.environ:
+    os.environ["JAXLORA_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlora-test-cache-")
+os.environ["JAXLORA_CACHE_DIR"] = os.environ["JAXLORA_TEST_CACHE_DIR"]
 # Every compilation is stored: the suite's many runs of the same tiny recipes
 # (in this process and in subprocesses) compile each step once.
 os.environ["JAXLORA_CACHE_MIN_SECONDS"] = "0"
+
+# `make test` runs the suite on two workers (pytest-xdist): the longest tests go
+# first, so that no worker is left with one of them while the other is idle.
+LONGEST_FIRST = ("test_mesh.py", "test_distributed.py", "test_resume.py",
+                 "test_reproducible.py", "test_export.py", "test_hub_recipes.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise
+
 
 TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64, max_position_embeddings=128)
