@@ -158,8 +158,8 @@ def _randomize(model) -> None:
 
 def our_step(shape: dict, gpu: bool, loss_fn=None):
     """jaxlora's jit'd train step for the shape and its arguments:
-    (step, trainable, frozen, opt_state, batch), the states as lists of leaves. `loss_fn` replaces the task's
-    step loss (bench/profile.py's variants)."""
+    (step, trainable, frozen, opt_state, batch), the states as lists of leaves.
+    `loss_fn` replaces the task's step loss (bench/profile.py's variants)."""
     import jax
     import numpy as np
     import optax
@@ -242,7 +242,8 @@ def time_ours(shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     return {"step_ms_median": round(med * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
             "tokens_per_s": round(b * t / med, 1), "compile_s": round(compile_s, 2),
-            "trainable_params": count_params(step.trainable(trainable)), "loss_last": float(m["loss"]),
+            "trainable_params": count_params(step.trainable(trainable)),
+            "loss_last": float(m["loss"]),
             # device peak where the backend reports it, else the process's peak RSS (CPU)
             "peak_mem_mb": round(stats["peak_bytes_in_use"] / 2**20 if stats else
                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),
