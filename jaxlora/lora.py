@@ -166,12 +166,13 @@ def without_adapters(trainable):
     return nnx.from_flat_state(flat)
 
 
-def adapt(model: nnx.Module, cfg, table: dict[str, str], key: jax.Array):
-    """Step 1, the method: quantize the linear weights (QLoRA), attach adapters
-    (LoRA, QLoRA), and split the model once into (graphdef, trainable, frozen)
-    by variable type; also returns the adapted layer paths."""
+def adapt(model: nnx.Module, cfg, table: dict[str, str], key: jax.Array, sharding=None):
+    """Step 1, the method: quantize the linear weights (QLoRA; their codes and
+    scales computed straight into `sharding`, see `quant.Sharding`), attach
+    adapters (LoRA, QLoRA), and split the model once into (graphdef, trainable,
+    frozen) by variable type; also returns the adapted layer paths."""
     if cfg.method == "qlora":
-        quantize_linears(model.linear_layers(), cfg.quant)
+        quantize_linears(model.linear_layers(), cfg.quant, sharding)
     paths = [] if cfg.method == "full" else apply_lora(model.linear_layers(), cfg, table, key)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.method), ...)
     return graphdef, trainable, frozen, paths

@@ -29,7 +29,9 @@ straight into the compute dtype.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -152,13 +154,36 @@ def dequantize(state: dict[str, jax.Array], size: int, cfg: QuantConfig,
     return values.reshape(-1)[:size].astype(dtype)
 
 
-class QuantizedKernel(nnx.Module):
-    """A Linear's (in, out) kernel held as 4-bit codes; dequantizes on use."""
+# Where each stored array of a quantized kernel goes: its shape -> a sharding
+# (a mesh's FSDP rule, `runtime.Placement.array_sharding`); None: as XLA leaves it.
+Sharding = Callable[[tuple[int, ...]], jax.sharding.Sharding]
 
-    def __init__(self, kernel: jax.Array, cfg: QuantConfig):
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_kernel(kernel: jax.Array, cfg: QuantConfig,
+                     shardings: tuple | None) -> dict[str, jax.Array]:
+    stored = quantize(kernel.T.reshape(-1), cfg)
+    if shardings is None:
+        return stored
+    # Constrained inside the function, XLA partitions the quantization over the
+    # mesh and no device ever holds more than its share of the outputs.
+    return {k: jax.lax.with_sharding_constraint(v, dict(shardings)[k]) for k, v in stored.items()}
+
+
+class QuantizedKernel(nnx.Module):
+    """A Linear's (in, out) kernel held as 4-bit codes; dequantizes on use.
+
+    With `sharding`, the codes and scales are computed straight into it (the
+    kernel may already be sharded: see `jaxlora.models.weights.Place`)."""
+
+    def __init__(self, kernel: jax.Array, cfg: QuantConfig, sharding: Sharding | None = None):
         self.shape = tuple(kernel.shape)
         self.cfg = cfg
-        stored = jax.jit(quantize, static_argnums=1)(kernel.T.reshape(-1), cfg)
+        shardings = None
+        if sharding is not None:
+            shapes = jax.eval_shape(lambda k: quantize(k.T.reshape(-1), cfg), kernel)
+            shardings = tuple(sorted((k, sharding(v.shape)) for k, v in shapes.items()))
+        stored = _quantize_kernel(kernel, cfg, shardings)
         self.state = nnx.Dict({k: QuantState(v) for k, v in stored.items()})
 
     def dequantize_out_in(self, dtype) -> jax.Array:
@@ -168,10 +193,10 @@ class QuantizedKernel(nnx.Module):
         return dequantize(stored, n_in * n_out, self.cfg, dtype).reshape(n_out, n_in)
 
 
-def quantize_linears(linears: dict, cfg: QuantConfig) -> None:
+def quantize_linears(linears: dict, cfg: QuantConfig, sharding: Sharding | None = None) -> None:
     """Replace every listed Linear's kernel by its quantized form, in place."""
     for layer in linears.values():
-        layer.kernel = QuantizedKernel(layer.kernel[...], cfg)
+        layer.kernel = QuantizedKernel(layer.kernel[...], cfg, sharding)
 
 
 def footprint(frozen) -> dict:

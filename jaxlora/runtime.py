@@ -144,6 +144,20 @@ class Placement:
     def shardings(self, tree: Any, shard: bool) -> Any:
         return jax.tree.map(lambda x: self.array_sharding(np.shape(x), shard), tree)
 
+    def place_weight(self, host: np.ndarray, dtype) -> jax.Array:
+        """A base weight from a host array (a view of a memory-mapped checkpoint
+        tensor) straight into its FSDP sharding, cast to `dtype`: each device's
+        slice is read and cast on its own, and each process reads only its own
+        devices' slices, so no host and no device holds more than its share
+        (a replicated weight is whole on each device)."""
+        shape, dtype = np.shape(host), np.dtype(dtype)
+        return jax.make_array_from_callback(shape, self.array_sharding(shape, True),
+                                            lambda index: np.array(host[index], dtype=dtype))
+
+    def frozen_sharding(self, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+        """Where a frozen array of `shape` (a weight, 4-bit codes or scales) goes."""
+        return self.array_sharding(shape, True)
+
     def batch_sharding(self, ndim: int) -> jax.sharding.NamedSharding:
         spec = [("data", "fsdp")] + [None] * (ndim - 1)
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
@@ -216,14 +230,22 @@ def agree_path(path) -> Any:
 
     if jax.process_count() == 1:
         return path
+    return Path(agree_text(None if path is None else str(path)))
+
+
+def agree_text(text: str | None, limit: int = 4096) -> str:
+    """Process 0's `text` (up to `limit` bytes of UTF-8) on every process; the
+    others may pass None. The text itself with a single process."""
+    if jax.process_count() == 1:
+        return text
     from jax.experimental import multihost_utils
 
-    raw = np.zeros(4096, np.uint8)
-    if path is not None:
-        encoded = str(path).encode()
+    raw = np.zeros(limit, np.uint8)
+    if text is not None:
+        encoded = text.encode()[:limit]
         raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
     agreed = np.asarray(multihost_utils.broadcast_one_to_all(raw))
-    return Path(bytes(agreed[agreed > 0]).decode())
+    return bytes(agreed[agreed > 0]).decode()
 
 
 def device_bytes(tree: Any) -> int:

@@ -134,10 +134,14 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     old = check_resumable(run_dir, recipe) if run_dir is not None else None
     base = base_dir(old, run_dir) if old else recipe_base(recipe_path)
     model_dir = sources.resolve(recipe.model.source, "model", base)
-    loaded = load_pretrained(recipe, model_dir)
+    # Each base weight goes straight into its sharding: a process reads only
+    # its own devices' slices of the checkpoint.
+    loaded = load_pretrained(recipe, model_dir, place=placement.place_weight)
     set_remat(loaded.model, recipe.train.remat)
+    # Hashing reads every byte of the checkpoint: process 0 does it for all.
+    model_fingerprint = runtime.agree_text(loaded.fingerprint if primary else None)
     if old:
-        check_fingerprint(model_dir, loaded.fingerprint, old, run_dir)
+        check_fingerprint(model_dir, model_fingerprint, old, run_dir)
     tokenizer = load_tokenizer(model_dir)
     data = prepare(recipe.data, tokenizer, task=recipe.model.task,
                    base_dir=base)
@@ -148,7 +152,8 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing
     key = jax.random.key(recipe.train.seed)
     graphdef, trainable, frozen, adapted = adapt(
-        loaded.model, recipe.adapter, loaded.lora_targets, jax.random.fold_in(key, 2))
+        loaded.model, recipe.adapter, loaded.lora_targets, jax.random.fold_in(key, 2),
+        sharding=placement.frozen_sharding)
     state = init_state(trainable, recipe.train, data.train)
     steps, _ = plan(recipe.train, data.train)
     resumed = None
@@ -173,7 +178,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
                     "runtime": {"processes": jax.process_count(),
                                 "mesh": dict(placement.mesh.shape),
                                 "devices": placement.devices}}
-        manifest["model"] = {"source": str(model_dir), "fingerprint": loaded.fingerprint,
+        manifest["model"] = {"source": str(model_dir), "fingerprint": model_fingerprint,
                              "trainable_params": count_params(trainable),
                              "total_params": base_params + count_params(
                                  nnx.state(loaded.model, nnx.LoRAParam)),
@@ -395,15 +400,16 @@ def load_tokenizer(model_dir: Path):
                         f"{str(e).splitlines()[0]}") from None
 
 
-def load_pretrained(recipe: Recipe, model_dir: Path):
-    """The base model with a fresh head; refuses a max_length beyond its positions."""
+def load_pretrained(recipe: Recipe, model_dir: Path, place=None):
+    """The base model with a fresh head; refuses a max_length beyond its positions.
+    `place` puts each base weight on its devices (`jaxlora.models.weights.Place`)."""
     param_dtype, compute_dtype = recipe.model.dtypes()
     labels = recipe.data.labels
     loaded = load_model(model_dir, task=recipe.model.task,
                         num_labels=len(labels) if labels else None,
                         param_dtype=param_dtype, compute_dtype=compute_dtype,
                         attention=resolve_attention(recipe.model.attention, compute_dtype),
-                        seed=recipe.train.seed)
+                        seed=recipe.train.seed, place=place)
     limit = loaded.config.max_position_embeddings
     if recipe.data.max_length > limit:
         raise UserError(f"data.max_length: {recipe.data.max_length} is more than the "

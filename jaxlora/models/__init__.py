@@ -4,7 +4,8 @@ Every family is one module exposing the same names (one interface per kind of
 component, so adding GPT-2 or Llama is adding a file and a line here):
 
     Config         frozen dataclass of the architecture, with `Config.from_hf(hf_config)`
-    load           (model_dir, *, task, num_labels, param_dtype, compute_dtype, attention, seed)
+    load           (model_dir, *, task, num_labels, param_dtype, compute_dtype, attention, seed,
+                   place)
                    -> weights.LoadedModel
     LORA_TARGETS   user-facing LoRA target name -> Hugging Face module path in a block
     WEIGHT_RULES   the checkpoint -> model table (`weights.Rule`s)
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from jaxlora.errors import UserError
 from jaxlora.models import bert, gpt2, llama
 from jaxlora.models.layers import AttentionImpl
-from jaxlora.models.weights import LoadedModel, config_path
+from jaxlora.models.weights import LoadedModel, Place, config_path
 
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[Task, ...] = ("classification", "causal-lm")
@@ -57,12 +58,13 @@ def family(model_dir: Path) -> ModuleType:
 
 def load_model(model_dir: Path, *, task: Task, num_labels: int | None = None,
                param_dtype=jnp.float32, compute_dtype=jnp.float32,
-               attention: AttentionImpl = "auto", seed: int = 0) -> LoadedModel:
-    """The task model for the folder, base weights loaded and checked, a head
-    (classification) seeded by `seed`."""
+               attention: AttentionImpl = "auto", seed: int = 0,
+               place: Place | None = None) -> LoadedModel:
+    """The task model for the folder, base weights loaded and checked (and put
+    where `place` says: see `weights.Place`), a head (classification) seeded by `seed`."""
     fam = family(model_dir)
     if task not in fam.TASKS:
         raise UserError(f"task {task!r} is not supported by {fam.__name__.rsplit('.', 1)[-1]} "
                         f"models; supported: {', '.join(fam.TASKS)}")
     return fam.load(Path(model_dir), task=task, num_labels=num_labels, param_dtype=param_dtype,
-                    compute_dtype=compute_dtype, attention=attention, seed=seed)
+                    compute_dtype=compute_dtype, attention=attention, seed=seed, place=place)

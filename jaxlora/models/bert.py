@@ -266,7 +266,7 @@ class BertForSequenceClassification(nnx.Module):
 def load(model_dir: Path, *, task: str = "classification", num_labels: int,
          param_dtype=jnp.float32,
          compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
-         seed: int = 0) -> weights.LoadedModel:
+         seed: int = 0, place: weights.Place | None = None) -> weights.LoadedModel:
     """A `BertForSequenceClassification` with the folder's weights and a head seeded by `seed`."""
     return weights.load_checkpoint(
         model_dir, config_from_hf=BertConfig.from_hf,
@@ -274,4 +274,4 @@ def load(model_dir: Path, *, task: str = "classification", num_labels: int,
             config, num_labels, key=jax.random.key(seed), param_dtype=param_dtype,
             compute_dtype=compute_dtype, attention=attention),
         rules=WEIGHT_RULES, ignore=IGNORED, strip_prefixes=PREFIXES, dtype=param_dtype,
-        lora_targets=LORA_TARGETS)
+        lora_targets=LORA_TARGETS, place=place)

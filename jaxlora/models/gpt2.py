@@ -218,7 +218,7 @@ class GPT2LMHeadModel(CausalLMHead, nnx.Module):
 
 def load(model_dir: Path, *, task: str = "causal-lm", num_labels: int | None = None,
          param_dtype=jnp.float32, compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
-         seed: int = 0) -> weights.LoadedModel:
+         seed: int = 0, place: weights.Place | None = None) -> weights.LoadedModel:
     """A `GPT2LMHeadModel` with the folder's weights."""
     return weights.load_checkpoint(
         model_dir, config_from_hf=GPT2Config.from_hf,
@@ -226,4 +226,4 @@ def load(model_dir: Path, *, task: str = "causal-lm", num_labels: int | None = N
                                                   compute_dtype=compute_dtype,
                                                   attention=attention),
         rules=WEIGHT_RULES, ignore=IGNORED, strip_prefixes=PREFIXES, dtype=param_dtype,
-        lora_targets=LORA_TARGETS)
+        lora_targets=LORA_TARGETS, place=place)

@@ -270,7 +270,7 @@ class LlamaForCausalLM(CausalLMHead, nnx.Module):
 
 def load(model_dir: Path, *, task: str = "causal-lm", num_labels: int | None = None,
          param_dtype=jnp.float32, compute_dtype=jnp.float32, attention: AttentionImpl = "auto",
-         seed: int = 0) -> weights.LoadedModel:
+         seed: int = 0, place: weights.Place | None = None) -> weights.LoadedModel:
     """A `LlamaForCausalLM` (Llama, Mistral or Qwen2 by config) with the folder's
     weights; a tied model's checkpoint may carry an `lm_head.weight` copy, ignored."""
     return weights.load_checkpoint(
@@ -279,5 +279,5 @@ def load(model_dir: Path, *, task: str = "causal-lm", num_labels: int | None = N
                                                    compute_dtype=compute_dtype,
                                                    attention=attention),
         rules=WEIGHT_RULES, strip_prefixes=PREFIXES, dtype=param_dtype, lora_targets=LORA_TARGETS,
-        ignore=lambda config: IGNORED + ([r"lm_head\.weight"] if config.tie_word_embeddings
+        place=place, ignore=lambda config: IGNORED + ([r"lm_head\.weight"] if config.tie_word_embeddings
                                          else []))

@@ -118,6 +118,18 @@ def embedding(hf_module: str, path: str) -> list[Rule]:
     return [Rule(f"{hf_module}.weight", f"{path}.embedding")]
 
 
+# Where a base weight goes: (host array in the model's layout, dtype) -> the
+# weight's array. The default copies it whole to the default device; a mesh's
+# `runtime.Placement.place_weight` puts each device's slice straight on it.
+Place = Callable[[np.ndarray, Any], jax.Array]
+
+
+def to_default_device(host: np.ndarray, dtype) -> jax.Array:
+    # `jnp.array` copies; on CPU `jnp.asarray` of an aligned read-only memmap
+    # aliases the file, so rewriting the checkpoint would change the model.
+    return jnp.array(host, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A task model with its base weights loaded, and what is known about them."""
@@ -125,20 +137,25 @@ class LoadedModel:
     model: nnx.Module  # the task model: base weights from the checkpoint, head fresh
     config: Any  # the family's own config (e.g. `BertConfig`)
     hf_config: Any  # the transformers config object, for export and tokenizers
-    fingerprint: str  # sha256 of the weight files and config.json
+    model_dir: Path  # the folder it was loaded from
     ignored_keys: list[str]  # checkpoint keys deliberately not loaded (e.g. a pretraining head)
     lora_targets: dict[str, str]  # the family's LORA_TARGETS: target name -> path in a block
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the weight files and config.json (reads every byte, once, when asked)."""
+        return fingerprint(self.model_dir)
 
 
 def load_checkpoint(model_dir: Path, *, config_from_hf: Callable[[Any], Any],
                     make_model: Callable[[Any], nnx.Module], rules: Sequence[Rule],
                     ignore: Sequence[str] | Callable[[Any], Sequence[str]],
                     strip_prefixes: Sequence[str], dtype,
-                    lora_targets: dict[str, str]) -> LoadedModel:
+                    lora_targets: dict[str, str], place: Place | None = None) -> LoadedModel:
     """What every family's `load` does: read config.json into the family's
     config (`config_from_hf`), build `make_model(config)` with the folder's
-    safetensors (see `build`), and describe the result. `ignore` may depend
-    on the config (a callable)."""
+    safetensors (see `build`; `place` puts each base weight on its devices),
+    and describe the result. `ignore` may depend on the config (a callable)."""
     hf_config = read_hf_config(model_dir)
     try:
         config = config_from_hf(hf_config)
@@ -147,9 +164,9 @@ def load_checkpoint(model_dir: Path, *, config_from_hf: Callable[[Any], Any],
     patterns = ignore(config) if callable(ignore) else ignore
     model, ignored = build(lambda: make_model(config), read_safetensors(model_dir), rules,
                            ignore=patterns, strip_prefixes=strip_prefixes, dtype=dtype,
-                           source=str(model_dir))
+                           source=str(model_dir), place=place)
     return LoadedModel(model=model, config=config, hf_config=hf_config, lora_targets=lora_targets,
-                       fingerprint=fingerprint(model_dir), ignored_keys=ignored)
+                       model_dir=Path(model_dir), ignored_keys=ignored)
 
 
 def config_path(model_dir: Path) -> Path:
@@ -250,14 +267,14 @@ def fingerprint(model_dir: Path) -> str:
 
 def build(ctor: Callable[[], M], tensors: dict[str, np.ndarray], rules: Sequence[Rule], *,
           ignore: Sequence[str], strip_prefixes: Sequence[str], dtype,
-          source: str = "checkpoint") -> tuple[M, list[str]]:
+          source: str = "checkpoint", place: Place | None = None) -> tuple[M, list[str]]:
     """Construct `ctor()` with its `BaseWeight`s from `tensors` and the rest freshly initialised.
 
     Returns the model and the checkpoint keys ignored (see `fill`).
     """
     model = nnx.eval_shape(ctor)
     ignored = fill(model, tensors, rules, ignore=ignore, strip_prefixes=strip_prefixes,
-                   dtype=dtype, source=source)
+                   dtype=dtype, source=source, place=place)
     # Under jit, XLA computes only what is returned, so the constructor's base
     # weights are never materialised: only the other variables (the head) are.
     fresh = jax.jit(lambda: nnx.state(ctor(), nnx.Not(BaseWeight)))()
@@ -267,8 +284,9 @@ def build(ctor: Callable[[], M], tensors: dict[str, np.ndarray], rules: Sequence
 
 def fill(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Sequence[Rule], *,
          ignore: Sequence[str], strip_prefixes: Sequence[str], dtype,
-         source: str = "checkpoint") -> list[str]:
-    """Set every `BaseWeight` of `model` (abstract or real) from `tensors`, cast to `dtype`.
+         source: str = "checkpoint", place: Place | None = None) -> list[str]:
+    """Set every `BaseWeight` of `model` (abstract or real) from `tensors`, cast to
+    `dtype` and put where `place` says (default: whole, on the default device).
 
     A key loses the first of `strip_prefixes` it starts with, then must match an
     `ignore` regex (full match) or a rule. Raises one `UserError`, naming `source`,
@@ -304,10 +322,10 @@ def fill(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Sequence[Rule
         ("shape mismatches", mismatched)] if names]
     if problems:
         raise UserError(f"{source}: cannot load the weights; " + "; ".join(problems))
+    place = place or to_default_device
     for path, (key, rule) in planned.items():
-        # `jnp.array` copies; on CPU `jnp.asarray` of an aligned read-only memmap
-        # aliases the file, so rewriting the checkpoint would change the model.
-        targets[path].set_value(jnp.array(rule.to_model(tensors[key]), dtype=dtype))
+        # A view of the memory-mapped tensor: only the bytes `place` reads leave the disk.
+        targets[path].set_value(place(rule.to_model(tensors[key]), dtype))
     return ignored
 
 
