@@ -15,6 +15,7 @@ import math
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -59,6 +60,15 @@ for path, array in ours.items():
     split += "fsdp" in expected.spec
     np.testing.assert_array_equal(np.asarray(array), np.asarray(reference[path]), err_msg=path)
 assert split >= 10, split
+
+# Cast on the way (float32 checkpoint -> bfloat16 weights): the same rounding.
+for path, array in base_weights(load_model(folder, task="causal-lm", attention="xla",
+                                           param_dtype=jnp.bfloat16,
+                                           place=placement.place_weight).model).items():
+    want = reference[path].astype(jnp.bfloat16)
+    assert array.dtype == jnp.bfloat16 and array.sharding.is_equivalent_to(
+        placement.frozen_sharding(array.shape), array.ndim), path
+    np.testing.assert_array_equal(np.asarray(array), np.asarray(want), err_msg=path)
 
 # Each read is one device's slice: a quarter of a weight that has a dimension
 # FSDP divides, the whole of one that has none (replicated).
