@@ -148,11 +148,18 @@ class Placement:
         """A base weight from a host array (a view of a memory-mapped checkpoint
         tensor) straight into its FSDP sharding, cast to `dtype`: each device's
         slice is read and cast on its own, and each process reads only its own
-        devices' slices, so no host and no device holds more than its share
-        (a replicated weight is whole on each device)."""
+        devices' slices, each distinct slice once, so no host and no device
+        holds more than its share (a replicated weight is whole on each device)."""
         shape, dtype = np.shape(host), np.dtype(dtype)
-        return jax.make_array_from_callback(shape, self.array_sharding(shape, True),
-                                            lambda index: np.array(host[index], dtype=dtype))
+        slices: dict[tuple, np.ndarray] = {}  # devices along `data` hold the same slice
+
+        def read(index: tuple) -> np.ndarray:
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if key not in slices:
+                slices[key] = np.array(host[index], dtype=dtype)
+            return slices[key]
+
+        return jax.make_array_from_callback(shape, self.array_sharding(shape, True), read)
 
     def frozen_sharding(self, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
         """Where a frozen array of `shape` (a weight, 4-bit codes or scales) goes."""

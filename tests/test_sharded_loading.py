@@ -44,6 +44,7 @@ placement = runtime.make_placement(runtime.RuntimeConfig(data=2, fsdp=FSDP),
                                    full_fine_tuning=False)
 folder = sys.argv[1]
 placed = load_model(folder, task="causal-lm", attention="xla", place=placement.place_weight)
+placed_reads = list(reads)
 plain = load_model(folder, task="causal-lm", attention="xla")
 
 
@@ -71,11 +72,14 @@ for path, array in base_weights(load_model(folder, task="causal-lm", attention="
     np.testing.assert_array_equal(np.asarray(array), np.asarray(want), err_msg=path)
 
 # Each read is one device's slice: a quarter of a weight that has a dimension
-# FSDP divides, the whole of one that has none (replicated).
+# FSDP divides, the whole of one that has none (replicated). The two devices
+# along `data` that hold the same slice share one read.
 assert reads
 for full, read in reads:
     divisible = any(n % FSDP == 0 for n in full)
     assert math.prod(read) == math.prod(full) // (FSDP if divisible else 1), (full, read)
+assert len(placed_reads) == sum(FSDP if any(n % FSDP == 0 for n in a.shape) else 1
+                                for a in ours.values()), len(placed_reads)
 print("largest read", max(math.prod(read) for _, read in reads), "of",
       max(math.prod(full) for full, _ in reads))
 
