@@ -147,9 +147,11 @@ class Placement:
     def place_weight(self, host: np.ndarray, dtype) -> jax.Array:
         """A base weight from a host array (a view of a memory-mapped checkpoint
         tensor) straight into its FSDP sharding, cast to `dtype`: each device's
-        slice is read and cast on its own, and each process reads only its own
-        devices' slices, each distinct slice once, so no host and no device
-        holds more than its share (a replicated weight is whole on each device)."""
+        slice is copied out and cast on its own, and each process copies only
+        its own devices' slices, each distinct slice once, so no host and no
+        device holds more than its share (a replicated weight is whole on each
+        device). A slice across the checkpoint's rows (a transposed kernel split
+        along its input) still touches every row of the file, in pieces."""
         shape, dtype = np.shape(host), np.dtype(dtype)
         slices: dict[tuple, np.ndarray] = {}  # devices along `data` hold the same slice
 
@@ -240,7 +242,7 @@ def agree_path(path) -> Any:
     return Path(agree_text(None if path is None else str(path)))
 
 
-def agree_text(text: str | None, limit: int = 4096) -> str:
+def agree_text(text: str | None, limit: int = 4096) -> str | None:
     """Process 0's `text` (up to `limit` bytes of UTF-8) on every process; the
     others may pass None. The text itself with a single process."""
     if jax.process_count() == 1:
@@ -249,7 +251,10 @@ def agree_text(text: str | None, limit: int = 4096) -> str:
 
     raw = np.zeros(limit, np.uint8)
     if text is not None:
-        encoded = text.encode()[:limit]
+        encoded = text.encode()
+        if len(encoded) > limit:
+            raise UserError(f"{text[:80]}...: longer than the {limit} bytes the processes "
+                            "can agree on")
         raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
     agreed = np.asarray(multihost_utils.broadcast_one_to_all(raw))
     return bytes(agreed[agreed > 0]).decode()

@@ -95,8 +95,8 @@ def recipe_base(recipe_path: Path) -> Path:
 
 
 def check_fingerprint(model_dir: Path, found: str, manifest: dict, run_dir: Path) -> None:
-    """Refuse a base model whose files (fingerprint `found`, computed when it
-    was loaded) differ from the ones the run trained on."""
+    """Refuse a base model whose files (fingerprint `found`, computed by
+    process 0 and shared with the others) differ from the ones the run trained on."""
     expected = manifest.get("model", {}).get("fingerprint")
     if expected and found != expected:
         raise UserError(f"{model_dir}: the base model's files differ from the ones run "

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from jaxlora.models import weights
 from test_causal_lm import PAIRS, RECIPE
 from test_cli import runner_here
 from tiny_models import tiny_decoder_dir, write_qa
@@ -64,6 +65,8 @@ def test_two_processes_train_together_like_one(tmp_path):
     manifest = json.loads((together / "manifest.json").read_text())
     assert manifest["runtime"]["processes"] == 2
     assert manifest["runtime"]["mesh"] == {"data": 2, "fsdp": 2}
+    # hashed by process 0 alone, and shared: the files' own fingerprint
+    assert manifest["model"]["fingerprint"] == weights.fingerprint(workdir / "model")
     assert (together / "checkpoints" / "13").is_dir()
 
     alone = runner_here("run", "lm.toml", "--fresh", cwd=workdir)

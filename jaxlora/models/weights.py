@@ -324,7 +324,7 @@ def fill(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Sequence[Rule
         raise UserError(f"{source}: cannot load the weights; " + "; ".join(problems))
     place = place or to_default_device
     for path, (key, rule) in planned.items():
-        # A view of the memory-mapped tensor: only the bytes `place` reads leave the disk.
+        # A view of the memory-mapped tensor: `place` copies out only what it needs.
         targets[path].set_value(place(rule.to_model(tensors[key]), dtype))
     return ignored
 
