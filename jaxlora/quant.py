@@ -155,19 +155,20 @@ def dequantize(state: dict[str, jax.Array], size: int, cfg: QuantConfig,
 
 
 # Where each stored array of a quantized kernel goes: its shape -> a sharding
-# (a mesh's FSDP rule, `runtime.Placement.array_sharding`); None: as XLA leaves it.
+# (a mesh's FSDP rule, `runtime.Placement.frozen_sharding`); None: as XLA leaves
+# it. Hashable: it is a static argument of the compiled quantizer.
 Sharding = Callable[[tuple[int, ...]], jax.sharding.Sharding]
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_kernel(kernel: jax.Array, cfg: QuantConfig,
-                     shardings: tuple | None) -> dict[str, jax.Array]:
+                     sharding: Sharding | None) -> dict[str, jax.Array]:
     stored = quantize(kernel.T.reshape(-1), cfg)
-    if shardings is None:
+    if sharding is None:
         return stored
     # Constrained inside the function, XLA partitions the quantization over the
     # mesh and no device ever holds more than its share of the outputs.
-    return {k: jax.lax.with_sharding_constraint(v, dict(shardings)[k]) for k, v in stored.items()}
+    return {k: jax.lax.with_sharding_constraint(v, sharding(v.shape)) for k, v in stored.items()}
 
 
 class QuantizedKernel(nnx.Module):
@@ -179,11 +180,7 @@ class QuantizedKernel(nnx.Module):
     def __init__(self, kernel: jax.Array, cfg: QuantConfig, sharding: Sharding | None = None):
         self.shape = tuple(kernel.shape)
         self.cfg = cfg
-        shardings = None
-        if sharding is not None:
-            shapes = jax.eval_shape(lambda k: quantize(k.T.reshape(-1), cfg), kernel)
-            shardings = tuple(sorted((k, sharding(v.shape)) for k, v in shapes.items()))
-        stored = _quantize_kernel(kernel, cfg, shardings)
+        stored = _quantize_kernel(kernel, cfg, sharding)
         self.state = nnx.Dict({k: QuantState(v) for k, v in stored.items()})
 
     def dequantize_out_in(self, dtype) -> jax.Array:

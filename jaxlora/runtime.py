@@ -110,9 +110,10 @@ def mesh_shape(cfg: RuntimeConfig, devices: int) -> tuple[int, int]:
     return cfg.data, cfg.fsdp
 
 
-@dataclass
+@dataclass(frozen=True)
 class Placement:
-    """The mesh and the shardings of one run (see the module docstring)."""
+    """The mesh and the shardings of one run (see the module docstring).
+    Hashable, so its rules can be static arguments of a jit'd function."""
 
     mesh: jax.sharding.Mesh
     shard_trainable: bool  # full fine-tuning, or shard_adapters
@@ -161,7 +162,7 @@ class Placement:
                 slices[key] = np.array(host[index], dtype=dtype)
             return slices[key]
 
-        return jax.make_array_from_callback(shape, self.array_sharding(shape, True), read)
+        return jax.make_array_from_callback(shape, self.frozen_sharding(shape), read)
 
     def frozen_sharding(self, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
         """Where a frozen array of `shape` (a weight, 4-bit codes or scales) goes."""

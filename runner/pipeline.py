@@ -36,6 +36,7 @@ from jaxlora.errors import UserError
 from jaxlora.evaluate import build_eval_step, evaluate, exact_match
 from jaxlora.lora import adapt, count_params, without_adapters
 from jaxlora.models import load_model
+from jaxlora.models.weights import Place
 from jaxlora.models.layers import resolve_attention, set_remat
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import STEP_LOSSES
@@ -134,8 +135,8 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     old = check_resumable(run_dir, recipe) if run_dir is not None else None
     base = base_dir(old, run_dir) if old else recipe_base(recipe_path)
     model_dir = sources.resolve(recipe.model.source, "model", base)
-    # Each base weight goes straight into its sharding: a process reads only
-    # its own devices' slices of the checkpoint.
+    # Each base weight goes straight into its sharding: a process copies only
+    # its own devices' slices out of the checkpoint.
     loaded = load_pretrained(recipe, model_dir, place=placement.place_weight)
     set_remat(loaded.model, recipe.train.remat)
     # Hashing reads every byte of the checkpoint: process 0 does it for all.
@@ -400,7 +401,7 @@ def load_tokenizer(model_dir: Path):
                         f"{str(e).splitlines()[0]}") from None
 
 
-def load_pretrained(recipe: Recipe, model_dir: Path, place=None):
+def load_pretrained(recipe: Recipe, model_dir: Path, place: Place | None = None):
     """The base model with a fresh head; refuses a max_length beyond its positions.
     `place` puts each base weight on its devices (`jaxlora.models.weights.Place`)."""
     param_dtype, compute_dtype = recipe.model.dtypes()

@@ -24,7 +24,7 @@ from jaxlora import runtime
 from jaxlora.lora import QLoraConfig, adapt
 from jaxlora.models import load_model, weights
 from jaxlora.models.layers import BaseWeight
-from jaxlora.quant import QuantConfig, QuantState, _quantize_kernel, quantize
+from jaxlora.quant import QuantConfig, QuantState, _quantize_kernel
 
 assert jax.device_count() == 8, jax.devices()
 FSDP = 4
@@ -108,11 +108,8 @@ assert codes == 14, codes  # 7 linear layers x 2 blocks, each split 4 ways
 
 # ... computed on the mesh in parts: the compiled quantizer gathers at most the
 # per-block scales (one per 32 values, for double quantization), never values or codes.
-shapes = jax.eval_shape(lambda k: quantize(k.T.reshape(-1), cfg.quant),
-                        jax.ShapeDtypeStruct((32, 64), jnp.float32))
-shardings = tuple(sorted((k, placement.frozen_sharding(v.shape)) for k, v in shapes.items()))
 weight = placement.place_weight(np.ones((32, 64), np.float32), jnp.float32)
-hlo = _quantize_kernel.lower(weight, cfg.quant, shardings).compile().as_text()
+hlo = _quantize_kernel.lower(weight, cfg.quant, placement.frozen_sharding).compile().as_text()
 gathered = [math.prod(int(n) for n in dims.split(",") if n)
             for dims in re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather\(", hlo)]
 assert max(gathered, default=0) <= 32 * 64 // 32, gathered
