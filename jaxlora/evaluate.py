@@ -9,13 +9,12 @@ and its padding rows carry weight 0, so every example counts exactly once.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import optax
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxlora.runtime import to_host
+from jaxlora.runtime import jit, to_host
 from jaxlora.tasks import causal_lm_token_losses, classification_metrics
 
 
@@ -50,8 +49,8 @@ def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification", placem
         return logits, loss
 
     if placement is None:
-        return jax.jit(step)
-    return jax.jit(step, out_shardings=placement.replicated())
+        return jit(step)
+    return jit(step, out_shardings=placement.replicated())
 
 
 def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_names: list[str],

@@ -26,7 +26,7 @@ from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from jaxlora.errors import UserError
-from jaxlora.runtime import to_host
+from jaxlora.runtime import jit, to_host
 
 
 class GenerateConfig(BaseModel):
@@ -61,7 +61,7 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
               temperature: float, top_p: float):
     length = prompt_len + max_new
 
-    @jax.jit
+    @jit
     def run(trainable, frozen, ids, valid, positions, key, eos_ids, pad_id):
         key = jax.random.wrap_key_data(key)  # raw key data: what can be placed on a mesh
         model = nnx.merge(graphdef, trainable, frozen)

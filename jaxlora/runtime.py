@@ -20,6 +20,7 @@ each host hands its own devices their rows of every batch.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -51,6 +52,39 @@ class RuntimeConfig(BaseModel):
     # join the other processes with jax.distributed.initialize(): auto = when the
     # environment names several processes (TPU VM pod, SLURM, JAX_NUM_PROCESSES)
     distributed: Literal["auto", "on", "off"] = "auto"
+
+
+# XLA:CPU hands matrix products to YNNPACK by default, in fusions that also take
+# in the elementwise work and reductions around them (a GELU or LayerNorm
+# backward between two products). On the bench's CPU those fusions ran several
+# times slower than XLA's own loop fusions, and YNNPACK's batched products
+# (attention) slower than XLA's: without them the MiniLM step took 0.83x the
+# time, bert-base and tiny-llama the same (bench/NOTES.md, v7). Tests compare
+# the numbers with transformers and PEFT either way.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+    """XLA options for jaxlora's compiled steps: `CPU_COMPILER_OPTIONS` on the CPU
+    backend, nothing elsewhere. Left out where the user's XLA_FLAGS set that
+    option already, or where this XLA does not know it (checked once, on a
+    trivial function)."""
+    if jax.default_backend() != "cpu":
+        return None
+    if any(name in os.environ.get("XLA_FLAGS", "") for name in CPU_COMPILER_OPTIONS):
+        return None
+    try:
+        jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(
+            compiler_options=CPU_COMPILER_OPTIONS)
+    except Exception:  # an option this XLA does not know: its own defaults
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+def jit(fn, **kwargs):
+    """`jax.jit` with `compiler_options()`: how jaxlora compiles its steps."""
+    return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
 
 
 def multi_process_environment() -> bool:

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxlora.runtime import to_host
+from jaxlora.runtime import jit, to_host
 
 # Steps dispatched ahead of the one the device is computing (see `fit`).
 RUN_AHEAD = 2
@@ -181,7 +181,7 @@ class TrainStep:
     def __init__(self, step: Callable, out_shardings=None):
         self.step = step
         self.out_shardings = out_shardings
-        self.jitted = jax.jit(step, donate_argnums=(0, 2), out_shardings=out_shardings)
+        self.jitted = jit(step, donate_argnums=(0, 2), out_shardings=out_shardings)
 
     def __call__(self, trainable, frozen, opt_state, batch, rng):
         return self.jitted(trainable, frozen, opt_state, batch, rng)
@@ -215,7 +215,7 @@ class LeafStep:
         if shardings is not None:
             shardings = (jax.tree.leaves(shardings[0]), jax.tree.leaves(shardings[1]),
                          shardings[2])
-        self.jitted = jax.jit(step, donate_argnums=(0, 2), out_shardings=shardings)
+        self.jitted = jit(step, donate_argnums=(0, 2), out_shardings=shardings)
 
     def __call__(self, trainable: list, frozen: list, opt_state: list, batch, rng):
         return self.jitted(trainable, frozen, opt_state, batch, rng)

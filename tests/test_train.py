@@ -197,3 +197,40 @@ def test_fit_with_grad_accum_takes_the_same_steps(tiny_bert_dir):
                                [r["loss"] for r in results[1].history], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(results[0].trainable), jax.tree.leaves(results[1].trainable)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_steps_compile_with_jaxloras_xla_options(tiny_bert_dir, monkeypatch):
+    """On the CPU the train and eval steps compile without YNNPACK fusions
+    (`runtime.CPU_COMPILER_OPTIONS`, bench/NOTES.md v7), to the same numbers as
+    XLA's defaults; a user's own XLA_FLAGS setting of the option wins."""
+    from jaxlora import runtime
+    from jaxlora.evaluate import build_eval_step
+
+    assert jax.default_backend() == "cpu"
+    runtime.compiler_options.cache_clear()
+    assert runtime.compiler_options() == runtime.CPU_COMPILER_OPTIONS
+    graphdef, trainable, frozen = _adapted(tiny_bert_dir)
+    tx = optax.adamw(1e-3)
+    step = build_train_step(graphdef, tx, classification_step_loss)
+    batch = next(_toy_split(n=8).batches(8, shuffle=False, seed=0, epoch=0))
+    args = (trainable, frozen, tx.init(trainable), batch, jax.random.key(0))
+    ours = step.lower(*args).compile()
+    defaults = jax.jit(step.step).lower(*args).compile()
+    assert "__ynn_fusion" in defaults.as_text()  # what the option turns off
+    assert "__ynn_fusion" not in ours.as_text()
+    assert "__ynn_fusion" not in build_eval_step(graphdef).lower(
+        trainable, frozen, batch).compile().as_text()
+    copy = lambda: jax.tree.map(jnp.copy, args)  # noqa: E731 (the step donates)
+    t1, _, m1 = ours(*copy())
+    t2, _, m2 = defaults(*copy())
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    runtime.compiler_options.cache_clear()
+    try:
+        assert runtime.compiler_options() is None
+    finally:
+        monkeypatch.undo()
+        runtime.compiler_options.cache_clear()
