@@ -76,7 +76,9 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
 
 
 def _fresh_path(folder: Path, stamp: str) -> Path:
-    for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
+    """`stamp.json`, else `stamp_002.json`, ...: names sort in the order they were
+    written, also within one second ("-2" would sort before ".json")."""
+    for suffix in [""] + [f"_{i:03d}" for i in range(2, 1000)]:
         path = folder / f"{stamp}{suffix}.json"
         if not path.exists():
             return path

@@ -152,6 +152,18 @@ def test_eval_reproduces_the_run_and_takes_other_data(runs, tmp_path):
     assert done.returncode == 2 and "missing.csv" in done.stderr
 
 
+def test_evaluations_within_one_second_sort_in_the_order_written(tmp_path):
+    from runner.inference import _fresh_path
+
+    written = []
+    for _ in range(12):
+        path = _fresh_path(tmp_path, "20261126-202230")
+        path.write_text("{}")
+        written.append(path)
+    assert written[0].name == "20261126-202230.json"
+    assert sorted(tmp_path.iterdir()) == written
+
+
 def test_predict_prints_labels_and_probabilities(runs):
     root, run = runs["root"], runs["lora"]
     done = _runner("predict", str(run), *TEXTS[:3], "--json", cwd=root)
