@@ -57,7 +57,7 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
     folder = opened.run_dir / "evals"
     try:
         folder.mkdir(exist_ok=True)
-        path = _fresh_path(folder, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+        path = _fresh_path(folder)
         report.write_json(path, result)
     except OSError as e:
         raise UserError(f"{folder}: cannot write the evaluation: {e.strerror}") from None
@@ -75,11 +75,10 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
     return result
 
 
-def _fresh_path(folder: Path, stamp: str) -> Path:
-    """`stamp.json`, else `stamp_002.json`, ...: names sort in the order they were
-    written, also within one second ("-2" would sort before ".json")."""
-    for suffix in [""] + [f"_{i:03d}" for i in range(2, 1000)]:
-        path = folder / f"{stamp}{suffix}.json"
+def _fresh_path(folder: Path) -> Path:
+    """A new evaluation file's path; `runs.stamp_order` lists them in the order written."""
+    for name in report.stamped_names(".json"):
+        path = folder / name
         if not path.exists():
             return path
     raise RuntimeError(f"no free file name in {folder}")

@@ -65,16 +65,25 @@ def write_json(path: Path, data) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def stamped_names(ext: str = ""):
+    """`<UTC timestamp><ext>`, then `<timestamp>-2<ext>` ... `-999`: the names to
+    try, in turn, for something new (a run folder, an evaluation file).
+    `runs.stamp_order` sorts them in the order they were made."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    yield f"{stamp}{ext}"
+    for i in range(2, 1000):
+        yield f"{stamp}-{i}{ext}"
+
+
 def new_run_dir(root: Path, name: str) -> Path:
     """A fresh folder `root/name/<UTC timestamp>`; never reuses an existing one."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = root / name
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"output.dir: cannot create {base}: {e.strerror}") from None
-    for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
-        path = base / f"{stamp}{suffix}"
+    for stamped in stamped_names():
+        path = base / stamped
         try:
             path.mkdir()
             return path

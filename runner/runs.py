@@ -79,13 +79,15 @@ def newest_run(root: Path, name: str) -> Path | None:
     base = root / name
     if not base.is_dir():
         return None
-    runs = sorted((p for p in base.iterdir() if is_run_dir(p)), key=_stamp_order)
+    runs = sorted((p for p in base.iterdir() if is_run_dir(p)), key=stamp_order)
     return runs[-1] if runs else None
 
 
-def _stamp_order(path: Path) -> tuple[str, int]:
-    """`20261126-050000-10` after `20261126-050000-2` (see `report.new_run_dir`)."""
-    stamp, _, suffix = path.name.partition("-")
+def stamp_order(path: Path) -> tuple[str, int]:
+    """Sort key of names from `report.stamped_names`, in the order they were made:
+    `20261126-050000-2` after `20261126-050000`, `-10` after `-2`; an extension
+    (`.json`) does not count."""
+    stamp, _, suffix = path.name.split(".")[0].partition("-")
     time, _, count = suffix.partition("-")
     return (f"{stamp}-{time}", int(count) if count.isdigit() else 0)
 
