@@ -1,14 +1,17 @@
 """Every attention path gives the same outputs: `jax.nn.dot_product_attention`
-through XLA, the explicit formulation used with attention dropout, the KV-cache
-path of generation, and cuDNN's fused kernel where a GPU runs it; with padding,
-causal masks, grouped-query heads and a sliding window."""
+through XLA, the explicit formulation (attention dropout anywhere, every call on
+the CPU) in one product or in query blocks, the KV-cache path of generation, and
+cuDNN's fused kernel where a GPU runs it; with padding, causal masks,
+grouped-query heads, a sliding window and packed rows."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora.models.layers import _attention_with_dropout, attention, cached_attention
+from jaxlora.models import layers
+from jaxlora.models.layers import (_explicit_attention, _flat_index, _key_mask, attention,
+                                   cached_attention, dropout)
 
 CASES = [dict(causal=False, window=None), dict(causal=True, window=None),
          dict(causal=True, window=3)]
@@ -27,9 +30,9 @@ def _inputs(dtype=jnp.float32):
 def test_xla_explicit_and_cached_paths_agree(case):
     q, k, v, mask = _inputs()
     real = mask.astype(bool)
-    reference = np.asarray(attention(q, k, v, mask=mask, implementation="xla", **case))
-    explicit = np.asarray(_attention_with_dropout(q, k, v, mask, case["causal"], case["window"],
-                                                  0.0, jax.random.key(1)))
+    reference = np.asarray(_jax_attention(q, k, v, mask, **case))
+    explicit = np.asarray(_explicit_attention(q, k, v, mask, case["causal"], case["window"],
+                                              0.0, jax.random.key(1)))
     np.testing.assert_allclose(explicit[real], reference[real], atol=1e-5)
     if case["causal"]:  # generation: the whole sequence written into an empty cache at 0
         cache = (jnp.zeros_like(k), jnp.zeros_like(v))
@@ -53,3 +56,92 @@ def test_cudnn_agrees_with_xla(case):
     xla = np.asarray(attention(q, k, v, mask=mask, implementation="xla", **case), np.float32)
     fused = np.asarray(attention(q, k, v, mask=mask, implementation="cudnn", **case), np.float32)
     np.testing.assert_allclose(fused[real], xla[real], atol=2e-2)
+
+
+def _jax_attention(q, k, v, mask, causal, window):
+    """JAX's own XLA formulation, the reference for ours."""
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=_key_mask(mask), is_causal=causal, implementation="xla",
+        local_window_size=None if window is None else (window - 1, 0))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("block", [3, 4])
+def test_query_blocks_give_the_single_products_outputs_and_gradients(case, block):
+    """Attention in blocks of queries, each against only the keys it can see
+    (neither block size divides the 10 positions)."""
+    q, k, v, mask = _inputs()
+    real = mask.astype(bool)
+    cotangent = jax.random.normal(jax.random.key(5), q.shape)
+
+    def run(block):
+        def f(q, k, v):
+            return _explicit_attention(q, k, v, mask, case["causal"], case["window"], 0.0, None,
+                                       block)
+
+        @jax.jit
+        def forward_and_backward(q, k, v):
+            out, vjp = jax.vjp(f, q, k, v)
+            return out, vjp(cotangent * real[:, :, None, None])  # padded queries carry no loss
+        return forward_and_backward(q, k, v)
+
+    reference = _jax_attention(q, k, v, mask, **case)
+    (single, single_grads), (blocked, blocked_grads) = run(None), run(block)
+    np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(reference)[real], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(single)[real], atol=1e-5)
+    for a, b in zip(single_grads, blocked_grads):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [None, 4])
+def test_attention_dropout_draws_the_whole_arrays_mask_in_any_block(block):
+    """Dropout on the probabilities: the blocked formulation drops exactly the
+    elements that dropout over the whole (batch, heads, queries, keys) array
+    drops, so a step gives the same result whatever the block size."""
+    q, k, v, mask = _inputs()
+    real = mask.astype(bool)
+    key, rate = jax.random.key(7), 0.4
+    # the reference written out with the whole array's dropout, kv heads repeated
+    groups = q.shape[2] // k.shape[2]
+    kr, vr = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("bqnh,bknh->bnqk", q, kr) * q.shape[-1] ** -0.5
+    allowed = _key_mask(mask) & jnp.tril(jnp.ones((10, 10), bool))[None, None]
+    probs = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    dropped = jax.jit(lambda p: dropout(p, rate, key))(probs)
+    assert 0.2 < float((dropped == 0).mean()) < 0.8  # the reference does drop
+    reference = jnp.einsum("bnqk,bknh->bqnh", dropped, vr)
+    out = jax.jit(lambda q, k, v: _explicit_attention(q, k, v, mask, True, None, rate, key,
+                                                      block))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(reference)[real], atol=1e-5)
+
+
+def test_packed_rows_in_blocks():
+    """Segment ids (packed rows) with causal blocks: each example sees only itself."""
+    q, k, v, _ = _inputs()
+    segments = jnp.asarray(np.repeat([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3]], 2, axis=0))
+    same = segments[:, None, :, None] == segments[:, None, None, :]
+    reference = jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True,
+                                             implementation="xla")
+    out = _explicit_attention(q, k, v, same, True, None, 0.0, None, 3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-5)
+
+
+def _products(fn, *args) -> int:
+    return sum(eqn.primitive.name == "dot_general" for eqn in jax.make_jaxpr(fn)(*args).eqns)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the query blocks are the CPU's")
+def test_cpu_attention_runs_causal_queries_in_blocks(monkeypatch):
+    q, k, v, mask = _inputs()
+    monkeypatch.setattr(layers, "CPU_QUERY_BLOCK", 4)
+    causal = _products(lambda q, k, v: attention(q, k, v, mask=mask, causal=True), q, k, v)
+    both_ways = _products(lambda q, k, v: attention(q, k, v, mask=mask), q, k, v)
+    assert (causal, both_ways) == (2 * 3, 2)  # 10 queries: blocks of 4, 4 and 2
+
+
+def test_flat_index_is_the_whole_arrays_row_major_index():
+    shape = (2, 3, 1, 7, 5)
+    whole = np.arange(np.prod(shape)).reshape(shape)
+    index = _flat_index(shape, (2, 6), (1, 4))
+    np.testing.assert_array_equal(np.broadcast_to(np.asarray(index), (2, 3, 1, 4, 3)),
+                                  whole[..., 2:6, 1:4])
