@@ -235,7 +235,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     example; it runs through XLA (the fused kernel takes no such mask).
 
     On the CPU the XLA path is always the explicit formulation, and causal
-    attention runs in blocks of `CPU_QUERY_BLOCK` queries, each against only
+    attention runs in blocks of queries (`cpu_query_block`), each against only
     the keys it can see (see `_explicit_attention`).
     """
     local = None if window is None else (window - 1, 0)
@@ -251,20 +251,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
             key_value_seq_lengths=lengths, local_window_size=local, implementation="cudnn")
     on_cpu = jax.default_backend() == "cpu"
     if dropping or on_cpu:
-        block = CPU_QUERY_BLOCK if on_cpu and causal else None
+        block = cpu_query_block(q.shape[1]) if on_cpu and causal else None
         return _explicit_attention(q, k, v, mask, causal, window,
                                    dropout_rate if dropping else 0.0, rng, block)
     return jax.nn.dot_product_attention(q, k, v, mask=_key_mask(mask), is_causal=causal,
                                         local_window_size=local, implementation="xla")
 
 
-# Causal attention on the CPU runs in blocks of this many queries. XLA computes
-# the whole (queries x keys) score matrix of one product, half of which a causal
-# mask throws away; block by block each query block meets only the keys up to
-# its last query. Measured on the 2-core CPU (float32, 8 heads of 64, forward and
-# backward): 4 x 256 tokens 67 -> 38 ms, 2 x 512 163 -> 87 ms, 1 x 1024 387 -> 158
-# ms; blocks of 64 or 128 were best, 32 worse (bench/NOTES.md, v8).
-CPU_QUERY_BLOCK = 128
+def cpu_query_block(queries: int) -> int:
+    """How many queries one block of causal attention takes on the CPU: the
+    queries in `CPU_QUERY_BLOCKS` blocks, at least `CPU_MIN_QUERY_BLOCK` each.
+
+    XLA computes the whole (queries x keys) score matrix of one product, half of
+    which a causal mask throws away; block by block each query block meets only
+    the keys up to its last query. Measured on the 2-core CPU (float32, 8 heads
+    of 64, forward and backward, `bench/attention.py`): 4 x 256 tokens 63 -> 31 ms
+    (blocks of 64), 2 x 512 163 -> 86 ms (64), 1 x 1024 387 -> 158 ms (128). Blocks
+    of 32 lost to the extra products, and more than 8 blocks did no better.
+    """
+    return max(CPU_MIN_QUERY_BLOCK, -(-queries // CPU_QUERY_BLOCKS))
+
+
+CPU_QUERY_BLOCKS = 8
+CPU_MIN_QUERY_BLOCK = 64
 
 
 def _key_mask(mask: jax.Array | None) -> jax.Array | None:

@@ -133,10 +133,15 @@ def _products(fn, *args) -> int:
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the query blocks are the CPU's")
 def test_cpu_attention_runs_causal_queries_in_blocks(monkeypatch):
     q, k, v, mask = _inputs()
-    monkeypatch.setattr(layers, "CPU_QUERY_BLOCK", 4)
+    monkeypatch.setattr(layers, "CPU_MIN_QUERY_BLOCK", 4)
     causal = _products(lambda q, k, v: attention(q, k, v, mask=mask, causal=True), q, k, v)
     both_ways = _products(lambda q, k, v: attention(q, k, v, mask=mask), q, k, v)
     assert (causal, both_ways) == (2 * 3, 2)  # 10 queries: blocks of 4, 4 and 2
+
+
+def test_cpu_query_blocks_are_at_most_eight_of_at_least_64_queries():
+    assert [layers.cpu_query_block(t) for t in (10, 256, 512, 513, 1024, 4096)] == [
+        64, 64, 64, 65, 128, 512]
 
 
 def test_flat_index_is_the_whole_arrays_row_major_index():
