@@ -264,16 +264,19 @@ def cpu_query_block(queries: int) -> int:
 
     XLA computes the whole (queries x keys) score matrix of one product, half of
     which a causal mask throws away; block by block each query block meets only
-    the keys up to its last query. Measured on the 2-core CPU (float32, 8 heads
-    of 64, forward and backward, `bench/attention.py`): 4 x 256 tokens 63 -> 31 ms
-    (blocks of 64), 2 x 512 163 -> 86 ms (64), 1 x 1024 387 -> 158 ms (128). Blocks
-    of 32 lost to the extra products, and more than 8 blocks did no better.
+    the keys up to its last query. Measured on the 2-core CPU (float32, tiny-llama's
+    8 heads of 64): a whole train step's CPU time -7% at 4 x 256 tokens and -11% at
+    2 x 512 with blocks of 128 (and of 256); blocks of 64 saved nothing there,
+    their many small products and the backward's padding of each block's key
+    gradients eating the gain, though one layer's attention alone ran fastest
+    with them. Alone, 1024 tokens ran best in blocks of 128, 2048 in blocks of 256
+    (bench/NOTES.md v8, `bench/attention.py`).
     """
     return max(CPU_MIN_QUERY_BLOCK, -(-queries // CPU_QUERY_BLOCKS))
 
 
 CPU_QUERY_BLOCKS = 8
-CPU_MIN_QUERY_BLOCK = 64
+CPU_MIN_QUERY_BLOCK = 128
 
 
 def _key_mask(mask: jax.Array | None) -> jax.Array | None:

@@ -139,9 +139,9 @@ def test_cpu_attention_runs_causal_queries_in_blocks(monkeypatch):
     assert (causal, both_ways) == (2 * 3, 2)  # 10 queries: blocks of 4, 4 and 2
 
 
-def test_cpu_query_blocks_are_at_most_eight_of_at_least_64_queries():
-    assert [layers.cpu_query_block(t) for t in (10, 256, 512, 513, 1024, 4096)] == [
-        64, 64, 64, 65, 128, 512]
+def test_cpu_query_blocks_are_at_most_eight_of_at_least_128_queries():
+    assert [layers.cpu_query_block(t) for t in (10, 256, 1024, 1025, 4096)] == [
+        128, 128, 128, 129, 512]
 
 
 def test_flat_index_is_the_whole_arrays_row_major_index():
