@@ -58,14 +58,8 @@ def main() -> None:
         return jit(forward_and_backward)
 
     def with_block(block):
-        def attend(q, k, v):
-            saved = layers.cpu_query_block
-            layers.cpu_query_block = lambda queries: block
-            try:
-                return layers.attention(q, k, v, mask=mask, causal=causal)
-            finally:
-                layers.cpu_query_block = saved
-        return attend
+        return lambda q, k, v: layers._explicit_attention(q, k, v, mask, causal, None, 0.0, None,
+                                                          block)
 
     variants = {f"jaxlora (block {layers.cpu_query_block(args.seq)})": timed(
         lambda q, k, v: layers.attention(q, k, v, mask=mask, causal=causal))}

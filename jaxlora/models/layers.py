@@ -258,6 +258,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
                                         local_window_size=local, implementation="xla")
 
 
+CPU_QUERY_BLOCKS = 8
+CPU_MIN_QUERY_BLOCK = 128
+
+
 def cpu_query_block(queries: int) -> int:
     """How many queries one block of causal attention takes on the CPU: the
     queries in `CPU_QUERY_BLOCKS` blocks, at least `CPU_MIN_QUERY_BLOCK` each.
@@ -273,10 +277,6 @@ def cpu_query_block(queries: int) -> int:
     (bench/NOTES.md v8, `bench/attention.py`).
     """
     return max(CPU_MIN_QUERY_BLOCK, -(-queries // CPU_QUERY_BLOCKS))
-
-
-CPU_QUERY_BLOCKS = 8
-CPU_MIN_QUERY_BLOCK = 128
 
 
 def _key_mask(mask: jax.Array | None) -> jax.Array | None:
@@ -296,7 +296,7 @@ def _explicit_attention(q, k, v, mask, causal, window, rate, rng, block=None):
     first query's window start. Rows are whole in each block, so every
     probability is what the single product gives (dropout too: each block
     draws its elements' mask by their index in the whole (b, heads, q, k)
-    array). A query row with no visible key at all (a padded query) averages
+    array, see `dropout`'s `index`). A query row with no visible key at all (a padded query) averages
     the values of its block's key range instead of all keys; such rows are
     padding and carry no loss.
     """
@@ -312,6 +312,10 @@ def _explicit_attention(q, k, v, mask, causal, window, rate, rng, block=None):
     kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     mask = None if mask is None else (
         mask.astype(bool)[:, None, None, None, :] if mask.ndim == 2 else mask[:, :, None])
+    # dropout hashes each element's index in the whole array, so every block draws
+    # the whole array's mask (XLA computes the sliced iota in place, never whole)
+    index = (jax.lax.iota(jnp.uint32, b * heads * t * s_len).reshape(b, kv_heads, groups, t, s_len)
+             if rate > 0.0 else None)
     outputs = []
     for start in range(0, t, block) if block else [0]:
         stop = min(start + block, t) if block else t
@@ -336,31 +340,13 @@ def _explicit_attention(q, k, v, mask, causal, window, rate, rng, block=None):
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         if rate > 0.0:
-            probs = dropout(probs, rate, rng, _flat_index(
-                (b, kv_heads, groups, t, s_len), (start, stop), (first, last)))
+            probs = dropout(probs, rate, rng, index[..., start:stop, first:last])
         context = jnp.einsum("bkqs,bksd->bkqd",
                              probs.astype(v.dtype).reshape(b, kv_heads, groups * rows, cols),
                              vt[:, :, first:last])
         outputs.append(context.reshape(b, kv_heads, groups, rows, d))
     out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
-
-
-def _flat_index(shape, rows, cols):
-    """uint32 row-major index, within an array of `shape`, of the elements of its
-    block [..., rows[0]:rows[1], cols[0]:cols[1]] (as a broadcastable array)."""
-    *lead, t, s = shape
-    # uint32 arithmetic wraps: indices are taken mod 2**32, as the uint32 hash takes them
-    rows_part = jnp.arange(*rows, dtype=jnp.uint32)[:, None] * jnp.uint32(s % 2**32)
-    index = rows_part + jnp.arange(*cols, dtype=jnp.uint32)[None, :]
-    stride, offset = t * s, jnp.zeros((), jnp.uint32)
-    for axis in reversed(range(len(lead))):
-        shape_at = [1] * (len(lead) + 2)
-        shape_at[axis] = lead[axis]
-        offset = offset + (jnp.arange(lead[axis], dtype=jnp.uint32)
-                           * jnp.uint32(stride % 2**32)).reshape(shape_at)
-        stride *= lead[axis]
-    return offset + index
 
 
 class RMSNorm(nnx.Module):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jaxlora.models import layers
-from jaxlora.models.layers import (_explicit_attention, _flat_index, _key_mask, attention,
-                                   cached_attention, dropout)
+from jaxlora.models.layers import (_explicit_attention, _key_mask, attention, cached_attention,
+                                   dropout)
 
 CASES = [dict(causal=False, window=None), dict(causal=True, window=None),
          dict(causal=True, window=3)]
@@ -143,10 +143,3 @@ def test_cpu_query_blocks_are_at_most_eight_of_at_least_128_queries():
     assert [layers.cpu_query_block(t) for t in (10, 256, 1024, 1025, 4096)] == [
         128, 128, 128, 129, 512]
 
-
-def test_flat_index_is_the_whole_arrays_row_major_index():
-    shape = (2, 3, 1, 7, 5)
-    whole = np.arange(np.prod(shape)).reshape(shape)
-    index = _flat_index(shape, (2, 6), (1, 4))
-    np.testing.assert_array_equal(np.broadcast_to(np.asarray(index), (2, 3, 1, 4, 3)),
-                                  whole[..., 2:6, 1:4])
