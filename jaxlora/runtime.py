@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import jax
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jaxlora.errors import UserError
 
@@ -52,6 +52,14 @@ class RuntimeConfig(BaseModel):
     # join the other processes with jax.distributed.initialize(): auto = when the
     # environment names several processes (TPU VM pod, SLURM, JAX_NUM_PROCESSES)
     distributed: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("data")
+    @classmethod
+    def _some_devices(cls, data: int) -> int:
+        if data == 0:
+            raise ValueError("a mesh needs at least 1 device along data; -1 takes every "
+                             "device the fsdp axis leaves")
+        return data
 
 
 # XLA:CPU hands matrix products to YNNPACK by default, in fusions that also take
@@ -114,9 +122,15 @@ def initialize(cfg: RuntimeConfig) -> bool:
     if wanted and not _initialized:
         # A TPU VM pod, SLURM or Open MPI tell JAX everything; elsewhere
         # JAX_COORDINATOR_ADDRESS (read by JAX) with these two:
-        given = {key: int(os.environ[name]) for key, name in (
-            ("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
-            if os.environ.get(name, "").strip()}
+        given = {}
+        for key, name in (("num_processes", "JAX_NUM_PROCESSES"),
+                          ("process_id", "JAX_PROCESS_ID")):
+            value = os.environ.get(name, "").strip()
+            if value:
+                if not value.isdigit():
+                    raise UserError(f"runtime.distributed: {name}={value!r} is not a "
+                                    "whole number")
+                given[key] = int(value)
         try:
             jax.distributed.initialize(**given)
         except (RuntimeError, ValueError) as e:
@@ -128,9 +142,10 @@ def initialize(cfg: RuntimeConfig) -> bool:
     return jax.process_count() > 1
 
 
-def mesh_shape(cfg: RuntimeConfig, devices: int) -> tuple[int, int]:
-    """(data, fsdp) for `devices` devices; a UserError naming the field when
-    they do not fit."""
+def mesh_shape(cfg: RuntimeConfig, devices: int, processes: int = 1) -> tuple[int, int]:
+    """(data, fsdp) for `devices` devices of `processes` processes; a UserError
+    naming the field when they do not fit. With several processes the mesh must
+    take every device: a host left out of it would have no rows to feed."""
     if cfg.fsdp > devices:
         raise UserError(f"runtime.fsdp: {cfg.fsdp} devices asked for, {devices} present")
     if cfg.data == -1:
@@ -141,6 +156,10 @@ def mesh_shape(cfg: RuntimeConfig, devices: int) -> tuple[int, int]:
     if cfg.data * cfg.fsdp > devices:
         raise UserError(f"runtime: data {cfg.data} x fsdp {cfg.fsdp} = "
                         f"{cfg.data * cfg.fsdp} devices asked for, {devices} present")
+    if processes > 1 and cfg.data * cfg.fsdp != devices:
+        raise UserError(f"runtime: data {cfg.data} x fsdp {cfg.fsdp} = {cfg.data * cfg.fsdp} "
+                        f"of the {devices} devices of {processes} processes; a mesh over "
+                        "several processes takes every device (leave runtime.data at -1)")
     return cfg.data, cfg.fsdp
 
 
@@ -235,7 +254,7 @@ def _global(value, sharding: jax.sharding.NamedSharding) -> jax.Array:
 def make_placement(cfg: RuntimeConfig, *, full_fine_tuning: bool) -> Placement:
     """The mesh over the first data x fsdp devices of every process."""
     devices = jax.devices()
-    data, fsdp = mesh_shape(cfg, len(devices))
+    data, fsdp = mesh_shape(cfg, len(devices), jax.process_count())
     mesh = jax.sharding.Mesh(np.array(devices[:data * fsdp]).reshape(data, fsdp),
                              ("data", "fsdp"))
     return Placement(mesh=mesh, shard_trainable=full_fine_tuning or cfg.shard_adapters)

@@ -191,7 +191,9 @@ def _dispatch(args, console: Console, stop) -> int:
         from runner.plan import plan
 
         figures = plan(recipe, args.recipe, console)
-        if args.json:
+        import jax
+
+        if args.json and jax.process_index() == 0:
             print(json.dumps(figures))
         return 0
     if args.command == "report":
@@ -225,10 +227,11 @@ def _dispatch(args, console: Console, stop) -> int:
             if args.fresh:
                 raise UserError(f"{target}: --fresh starts a new run from a recipe file; give "
                                 "the recipe instead of a run folder")
-            if args.set:
-                raise UserError(f"{target}: --set changes a recipe; a run folder resumes "
-                                "with its own")
-            recipe = load_recipe(target / "recipe.toml")
+            for assignment in args.set:  # a run goes on with its own recipe
+                if not assignment.startswith("runtime."):
+                    raise UserError(f"--set {assignment}: a run folder resumes with its own "
+                                    "recipe; only runtime.* (the device layout) may change")
+            recipe = load_recipe(target / "recipe.toml", args.set)
             run_dir, recipe_path = target, target / "recipe.toml"
         else:
             recipe, run_dir, recipe_path = load_recipe(target, args.set), None, target

@@ -80,9 +80,17 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> dict:
                         "--fresh` starts a new run)")
     require_checkpoint(run_dir, "nothing to resume from: the run stopped before its first "
                                 "one; start a new run with --fresh")
-    require_same_recipe(run_dir, manifest, recipe, "resuming needs the same recipe: undo the "
-                                                   "change, or pass --fresh to start a new run")
-    return manifest
+    layout = require_same_recipe(
+        run_dir, manifest, recipe, "resuming needs the same recipe (only [runtime], the device "
+                                   "layout, may change): undo the change, or pass --fresh to "
+                                   "start a new run")
+    return {**manifest, "layout_changes": layout}
+
+
+def runtime_record(placement: runtime.Placement) -> dict:
+    """The manifest's record of the devices this session runs on."""
+    return {"processes": jax.process_count(), "mesh": dict(placement.mesh.shape),
+            "devices": placement.devices}
 
 
 def recipe_base(recipe_path: Path) -> Path:
@@ -161,8 +169,16 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     if old:
         with Checkpointer(run_dir / CHECKPOINTS) as checkpointer:
             resumed, _ = checkpointer.restore(state)
+        layout = old.pop("layout_changes")
         manifest = old
-        manifest.setdefault("resumed", []).append({"from_step": resumed.step, "at": _now()})
+        resumed_entry = {"from_step": resumed.step, "at": _now()}
+        if layout:  # the run goes on under another device layout: its recipe says so now
+            resumed_entry["layout_changes"] = layout
+            manifest["recipe"], manifest["recipe_hash"] = canonical(recipe), recipe_hash(recipe)
+            report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
+            console.print(f"device layout changed: {'; '.join(layout)}")
+        manifest.setdefault("resumed", []).append(resumed_entry)
+        manifest["runtime"] = runtime_record(placement)
         _keep_metrics_until(run_dir / "metrics.jsonl", resumed.step)
         console.print(f"resuming [bold]{run_dir}[/] from its checkpoint at step "
                       f"{resumed.step} of {steps}")
@@ -176,9 +192,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         manifest = {"status": "running", "recipe_hash": recipe_hash(recipe),
                     "recipe_file": str(recipe_path.resolve()), "base_dir": str(base),
                     "recipe": canonical(recipe), "environment": report.environment(),
-                    "runtime": {"processes": jax.process_count(),
-                                "mesh": dict(placement.mesh.shape),
-                                "devices": placement.devices}}
+                    "runtime": runtime_record(placement)}
         manifest["model"] = {"source": str(model_dir), "fingerprint": model_fingerprint,
                              "trainable_params": count_params(trainable),
                              "total_params": base_params + count_params(

@@ -113,6 +113,10 @@ def plan(recipe, recipe_path: Path, console: Console) -> dict:
     """Print the plan; returns its figures (bytes per device)."""
     from runner.pipeline import load_pretrained
 
+    # As `runner run` does: on a pod every host plans, and the mesh spans them all.
+    runtime.initialize(recipe.runtime)
+    if jax.process_index() != 0:  # process 0 speaks for all of them
+        console = Console(quiet=True)
     placement = runtime.make_placement(recipe.runtime,
                                        full_fine_tuning=recipe.adapter.method == "full")
     model_dir = sources.resolve(recipe.model.source, "model", recipe_path.resolve().parent)

@@ -105,14 +105,25 @@ def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-def require_same_recipe(run_dir: Path, manifest: dict, recipe, advice: str) -> None:
-    """Refuse a recipe whose hash differs from the run's, naming each changed field."""
+# The recipe's device layout: a run may go on under another one (a mesh of
+# another shape, more hosts), since no number of the run depends on it.
+LAYOUT = "runtime"
+
+
+def require_same_recipe(run_dir: Path, manifest: dict, recipe, advice: str) -> list[str]:
+    """Refuse a recipe that differs from the run's, naming each changed field,
+    except in its [runtime] table (the device layout): returns those changes."""
     from runner.recipe import canonical, recipe_hash
 
-    if manifest.get("recipe_hash") != recipe_hash(recipe):
-        changes = recipe_changes(manifest.get("recipe", {}), canonical(recipe))
+    if manifest.get("recipe_hash") == recipe_hash(recipe):
+        return []
+    changes = recipe_changes(manifest.get("recipe", {}), canonical(recipe))
+    layout = [c for c in changes if c.startswith(f"{LAYOUT}.")]
+    others = [c for c in changes if c not in layout]
+    if others or not layout:
         raise UserError(f"{run_dir}: the recipe differs from the one this run was made with "
-                        f"({'; '.join(changes) or 'its hash differs'}); {advice}")
+                        f"({'; '.join(others) or 'its hash differs'}); {advice}")
+    return layout
 
 
 def require_checkpoint(run_dir: Path, advice: str) -> list[int]:

@@ -33,9 +33,24 @@ def enable() -> Path | None:
     except OSError:
         return None  # a read-only home: run without the cache
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ.get("JAXLORA_CACHE_MIN_SECONDS", MIN_COMPILE_SECONDS)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds())
     return folder
+
+
+def min_seconds() -> float:
+    """JAXLORA_CACHE_MIN_SECONDS, or a UserError naming it."""
+    from jaxlora.errors import UserError
+
+    value = os.environ.get("JAXLORA_CACHE_MIN_SECONDS", "").strip()
+    if not value:
+        return MIN_COMPILE_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise UserError(f"JAXLORA_CACHE_MIN_SECONDS={value!r}: give a number of seconds, 0 or more")
+    return seconds
 
 
 def entries(folder: Path | None) -> int:

@@ -7,8 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
+
+from jaxlora import runtime
+from jaxlora.errors import UserError
 
 from test_cli import TINY_RECIPE, _tweets_csv, runner_here, workdir  # noqa: F401
 
@@ -24,6 +28,21 @@ for recipe in sys.argv[1:]:
         assert main(["run", recipe, "--fresh", *sets]) == 0
     # the plan of the mesh run, before running it (its last line: the figures as JSON)
     assert main(["plan", recipe, "--json", *sets]) == 0
+
+# The one-device LoRA run, as if stopped after its checkpoint of step 10, goes on
+# on the mesh: a run may change its device layout when it resumes.
+import json, shutil
+from pathlib import Path
+
+one = sorted(Path("runs", "lora").iterdir())[0]
+stopped = Path("stopped") / one.name
+shutil.copytree(one, stopped)
+last = max((p for p in (stopped / "checkpoints").iterdir() if p.name.isdigit()),
+           key=lambda p: int(p.name))
+shutil.rmtree(last)
+manifest = json.loads((stopped / "manifest.json").read_text())
+(stopped / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+assert main(["run", str(stopped), "--set", "runtime.data=4", "--set", "runtime.fsdp=2"]) == 0
 """
 
 METHODS = {
@@ -42,7 +61,7 @@ def test_a_mesh_of_eight_devices_trains_like_one(tmp_path, tiny_bert_dir):
     shutil.copytree(tiny_bert_dir, tmp_path / "model")
     _tweets_csv(tmp_path / "tweets.csv")
     for method, adapter in METHODS.items():
-        recipe = TINY_RECIPE.replace("epochs = 3", "epochs = 2").replace(
+        recipe = TINY_RECIPE.replace("epochs = 3", "epochs = 2\ncheckpoint_every = 5").replace(
             'description = "tiny end-to-end"', f'name = "{method}"')
         if adapter:
             recipe = recipe.replace('method = "lora"\nrank = 4\ntargets = ["query", "value"]\n',
@@ -58,6 +77,28 @@ def test_a_mesh_of_eight_devices_trains_like_one(tmp_path, tiny_bert_dir):
     for method, planned in zip(METHODS, plans):
         _check(method, sorted((tmp_path / "runs" / method).iterdir()), json.loads(planned))
     assert "data 4 x fsdp 2 over 8" in done.stdout
+    _check_resumed_on_the_mesh(sorted((tmp_path / "runs" / "lora").iterdir())[0],
+                               next((tmp_path / "stopped").iterdir()))
+
+
+def _check_resumed_on_the_mesh(one, resumed) -> None:
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert manifest["runtime"]["mesh"] == {"data": 4, "fsdp": 2}
+    [entry] = manifest["resumed"]
+    assert entry["from_step"] == 10
+    assert entry["layout_changes"] == ["runtime.data: 1 -> 4", "runtime.fsdp: 1 -> 2"]
+    assert manifest["recipe"]["runtime"]["fsdp"] == 2 and "fsdp = 2" in (
+        resumed / "recipe.toml").read_text()
+    assert manifest["recipe_hash"] != json.loads((one / "manifest.json").read_text())[
+        "recipe_hash"]
+    curves = [[json.loads(line)["loss"] for line in (r / "metrics.jsonl").read_text().splitlines()]
+              for r in (one, resumed)]
+    assert len(curves[1]) == 6
+    assert curves[1][:5] == curves[0][:5]  # kept from the one-device session
+    assert curves[1] == pytest.approx(curves[0], rel=2e-4, abs=1e-5)
+    evals = [json.loads((r / "eval.json").read_text())["after"] for r in (one, resumed)]
+    assert evals[1]["loss"] == pytest.approx(evals[0]["loss"], rel=2e-4)
 
 
 def _check(method: str, runs: list, planned: dict) -> None:
@@ -108,3 +149,83 @@ def test_plan_warns_when_a_device_cannot_hold_the_run(workdir, monkeypatch):  # 
     assert json.loads(remat.stdout.strip().splitlines()[-1])["activations"] \
         < figures["activations"]
     assert not (workdir / "runs").exists()  # a plan runs nothing
+
+
+# Bad [runtime] settings: one message naming the field, exit code 2, nothing run.
+
+@pytest.mark.parametrize("sets, expected", [
+    (["runtime.data=0"], "runtime.data"),
+    (["runtime.fsdp=3"], "runtime.fsdp: 3 devices asked for, 1 present"),
+    (["runtime.data=2"], "runtime: data 2 x fsdp 1 = 2 devices asked for, 1 present"),
+    (["runtime.distributed=on"], "runtime.distributed: jax.distributed.initialize() failed"),
+])
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_bad_runtime_settings_exit_2_naming_the_field(workdir, monkeypatch, command,  # noqa: F811
+                                                      sets, expected):
+    for name in runtime.MULTI_PROCESS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    done = runner_here(command, "tiny.toml", *[a for s in sets for a in ("--set", s)],
+                       cwd=workdir)
+    assert done.returncode == 2, done.stderr
+    assert expected in " ".join(done.stderr.split()), done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (workdir / "runs").exists()
+
+
+def test_mesh_shape_refusals_name_the_field():
+    cfg = runtime.RuntimeConfig
+    assert runtime.mesh_shape(cfg(), 8) == (8, 1)
+    assert runtime.mesh_shape(cfg(fsdp=2), 8) == (4, 2)
+    assert runtime.mesh_shape(cfg(data=2, fsdp=2), 8) == (2, 2)  # one process may use fewer
+    with pytest.raises(UserError, match=r"runtime.fsdp: 3 does not divide the 8 devices"):
+        runtime.mesh_shape(cfg(fsdp=3), 8)
+    with pytest.raises(UserError, match=r"runtime: data 4 x fsdp 2 = 8 devices asked for, 4"):
+        runtime.mesh_shape(cfg(data=4, fsdp=2), 4)
+    # several processes: a mesh leaving devices out would leave a host without rows
+    assert runtime.mesh_shape(cfg(fsdp=2), 8, processes=2) == (4, 2)
+    with pytest.raises(UserError, match=r"4 of the 8 devices of 2 processes"):
+        runtime.mesh_shape(cfg(data=2, fsdp=2), 8, processes=2)
+
+
+def test_a_batch_the_mesh_does_not_divide_is_refused_by_name():
+    mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2})
+    placement = types.SimpleNamespace(devices=8, fsdp=2, mesh=mesh)
+    runtime.Placement.check_batch(placement, "train.batch_size", 16)
+    with pytest.raises(UserError, match=r"eval.batch_size: 12 rows do not split evenly over "
+                                        r"the 8 devices .* use a multiple of 8"):
+        runtime.Placement.check_batch(placement, "eval.batch_size", 12)
+
+
+@pytest.mark.parametrize("name, value", [("JAX_NUM_PROCESSES", "two"),
+                                         ("JAX_PROCESS_ID", "-1")])
+def test_process_numbers_that_are_not_whole_numbers_are_refused(monkeypatch, name, value):
+    for other in runtime.MULTI_PROCESS_ENV:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=rf"runtime.distributed: {name}='{value}' is not a whole"):
+        runtime.initialize(runtime.RuntimeConfig(distributed="on"))
+
+
+@pytest.mark.parametrize("value, seconds", [("", 0.5), ("2", 2.0), ("0", 0.0), ("soon", None),
+                                            ("-1", None), ("nan", None)])
+def test_cache_min_seconds_is_a_number_or_a_clear_refusal(monkeypatch, value, seconds):
+    from runner import xla_cache
+
+    monkeypatch.setenv("JAXLORA_CACHE_MIN_SECONDS", value)
+    if seconds is None:
+        with pytest.raises(UserError, match="JAXLORA_CACHE_MIN_SECONDS"):
+            xla_cache.min_seconds()
+    else:
+        assert xla_cache.min_seconds() == seconds
+
+
+def test_a_run_folder_goes_on_with_its_own_recipe_but_another_layout(tmp_path):
+    run = tmp_path / "runs" / "tiny" / "20261127-000000"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text("{}")
+    done = runner_here("run", str(run), "--set", "runtime.fsdp=2", "--set", "train.epochs=9",
+                       cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--set train.epochs=9: a run folder resumes with its own recipe; only runtime.*" \
+        in " ".join(done.stderr.split())
+    assert (run / "manifest.json").read_text() == "{}"
