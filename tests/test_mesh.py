@@ -1,7 +1,10 @@
 """One recipe on one device and on a (data=4, fsdp=2) mesh of 8 devices (XLA's
 host-platform device count: 8 CPU devices in one process) gives the same loss
 curve within float32 tolerance, for LoRA, QLoRA (4-bit frozen weights sharded
-FSDP-style) and full fine-tuning (weights and optimizer state sharded)."""
+FSDP-style) and full fine-tuning (weights and optimizer state sharded); a LoRA
+run stopped on one device goes on on the mesh with its adapters sharded too
+(`shard_adapters`) and ends where the uninterrupted run ended. Then the
+refusals of [runtime] settings that do not fit."""
 
 import json
 import os
@@ -30,7 +33,8 @@ for recipe in sys.argv[1:]:
     assert main(["plan", recipe, "--json", *sets]) == 0
 
 # The one-device LoRA run, as if stopped after its checkpoint of step 10, goes on
-# on the mesh: a run may change its device layout when it resumes.
+# on the mesh, its adapters sharded too: a run may change its device layout
+# when it resumes.
 import json, shutil
 from pathlib import Path
 
@@ -42,7 +46,8 @@ last = max((p for p in (stopped / "checkpoints").iterdir() if p.name.isdigit()),
 shutil.rmtree(last)
 manifest = json.loads((stopped / "manifest.json").read_text())
 (stopped / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
-assert main(["run", str(stopped), "--set", "runtime.data=4", "--set", "runtime.fsdp=2"]) == 0
+assert main(["run", str(stopped), "--set", "runtime.data=4", "--set", "runtime.fsdp=2",
+             "--set", "runtime.shard_adapters=true"]) == 0
 """
 
 METHODS = {
@@ -87,7 +92,13 @@ def _check_resumed_on_the_mesh(one, resumed) -> None:
     assert manifest["runtime"]["mesh"] == {"data": 4, "fsdp": 2}
     [entry] = manifest["resumed"]
     assert entry["from_step"] == 10
-    assert entry["layout_changes"] == ["runtime.data: 1 -> 4", "runtime.fsdp: 1 -> 2"]
+    assert entry["layout_changes"] == ["runtime.data: 1 -> 4", "runtime.fsdp: 1 -> 2",
+                                       "runtime.shard_adapters: False -> True"]
+    # shard_adapters: the LoRA factors, the head and their AdamW state go over fsdp too
+    held = [json.loads((r / "manifest.json").read_text())["runtime"]["per_device_bytes"]
+            for r in (one, resumed)]
+    assert held[1]["trainable"] < 0.6 * held[0]["trainable"]
+    assert held[1]["optimizer"] < 0.6 * held[0]["optimizer"]
     assert manifest["recipe"]["runtime"]["fsdp"] == 2 and "fsdp = 2" in (
         resumed / "recipe.toml").read_text()
     assert manifest["recipe_hash"] != json.loads((one / "manifest.json").read_text())[
