@@ -164,3 +164,17 @@ def test_validate_shows_where_values_come_from(tmp_path):
     assert "--set" in done.stdout and "default" in done.stdout and "mid.toml" in done.stdout
     done = runner_here("validate", str(child), "--set", "train.seed=minus one", cwd=tmp_path)
     assert done.returncode == 2 and "train.seed" in done.stderr
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "float32"), ("gpu", "bfloat16"),
+                                               ("tpu", "bfloat16")])
+def test_auto_dtypes_are_bfloat16_on_accelerators(monkeypatch, backend, expected):
+    import jax
+
+    from jaxlora.models.config import ModelConfig
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert ModelConfig(source="m").dtypes() == (expected, expected)
+    # an explicit choice stands on any backend; frozen weights may differ from activations
+    assert ModelConfig(source="m", compute_dtype="float32").dtypes() == ("float32", "float32")
+    assert ModelConfig(source="m", param_dtype="float32").dtypes() == ("float32", expected)
