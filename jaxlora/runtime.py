@@ -1,7 +1,8 @@
 """Where the arrays live: one device mesh over every device of every host, with
 a data axis and an FSDP axis, and the rules that place each array on it.
 
-    mesh (data, fsdp)      jax.make_mesh over the first data * fsdp devices
+    mesh (data, fsdp)      the first data * fsdp devices, laid out as
+                           jax.make_mesh does (`device_grid`)
     batches                rows sharded over both axes (every device computes a
                            different slice of the batch)
     frozen weights         sharded FSDP-style over `fsdp`: each array along its
@@ -253,11 +254,25 @@ def _global(value, sharding: jax.sharding.NamedSharding) -> jax.Array:
 
 def make_placement(cfg: RuntimeConfig, *, full_fine_tuning: bool) -> Placement:
     """The mesh over the first data x fsdp devices of every process."""
-    devices = jax.devices()
-    data, fsdp = mesh_shape(cfg, len(devices), jax.process_count())
-    mesh = jax.sharding.Mesh(np.array(devices[:data * fsdp]).reshape(data, fsdp),
-                             ("data", "fsdp"))
+    data, fsdp = mesh_shape(cfg, len(jax.devices()), jax.process_count())
+    mesh = jax.sharding.Mesh(device_grid(data, fsdp), ("data", "fsdp"))
     return Placement(mesh=mesh, shard_trainable=full_fine_tuning or cfg.shard_adapters)
+
+
+def device_grid(data: int, fsdp: int, devices: list | None = None) -> np.ndarray:
+    """The first data x fsdp `devices` (default: all) as a (data, fsdp) array, laid out by JAX's
+    `create_device_mesh` (what `jax.make_mesh` uses): on a TPU slice it follows
+    the chips' interconnect, the fsdp axis (the all-gathers of every step) on
+    the closest chips; on CPU and GPU it is the devices in order. Where it
+    cannot lay out a part of a slice, the devices in order."""
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)[:data * fsdp]
+    try:
+        return mesh_utils.create_device_mesh((data, fsdp), devices,
+                                             allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError, KeyError):
+        return np.array(devices).reshape(data, fsdp)
 
 
 def to_host(tree: Any) -> Any:

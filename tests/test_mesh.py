@@ -12,6 +12,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from jaxlora import runtime
@@ -240,3 +241,29 @@ def test_a_run_folder_goes_on_with_its_own_recipe_but_another_layout(tmp_path):
     assert "--set train.epochs=9: a run folder resumes with its own recipe; only runtime.*" \
         in " ".join(done.stderr.split())
     assert (run / "manifest.json").read_text() == "{}"
+
+
+def test_the_mesh_takes_jaxs_topology_aware_layout(monkeypatch):
+    from jax.experimental import mesh_utils
+
+    devices = [f"chip{i}" for i in range(10)]
+    calls = []
+
+    def laid_out(shape, chosen, **kwargs):  # what a TPU slice's layout might hand back
+        calls.append((shape, list(chosen)))
+        return np.array(chosen[::-1], dtype=object).reshape(shape)
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", laid_out)
+    grid = runtime.device_grid(4, 2, devices)
+    assert calls == [((4, 2), devices[:8])]  # the first data x fsdp devices
+    assert grid.tolist() == np.array(devices[7::-1], dtype=object).reshape(4, 2).tolist()
+
+    def refuses(shape, chosen, **kwargs):  # a part of a slice it cannot lay out
+        raise ValueError("cannot")
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", refuses)
+    assert runtime.device_grid(2, 2, devices).tolist() == [["chip0", "chip1"],
+                                                           ["chip2", "chip3"]]
+    monkeypatch.undo()
+    # CPU devices: in order, as before
+    assert runtime.device_grid(1, 1).tolist() == [[runtime.jax.devices()[0]]]
