@@ -25,7 +25,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import numpy as np
@@ -301,14 +301,47 @@ def per_device_bytes(tree: Any, placement: Placement, shard: bool) -> int:
     return total
 
 
-def agree_path(path) -> Any:
-    """Process 0's `path` on every process (the run folder it created, named
-    by its clock); the path itself with a single process."""
+def agree_path(make: Callable[[], Any]) -> Any:
+    """The path process 0 gets from `make()` (the run folder it creates, named
+    by its clock), on every process; `make()` itself with a single process.
+    Where `make` raises a UserError on process 0, every process raises it,
+    instead of the others waiting for a path that never comes. Every process
+    must then see the folder: a UserError on all of them where one does not
+    (hosts each writing to a disk of their own)."""
     from pathlib import Path
 
     if jax.process_count() == 1:
-        return path
-    return Path(agree_text(None if path is None else str(path)))
+        return make()
+    made = error = None
+    if jax.process_index() == 0:
+        try:
+            made = make()
+        except UserError as e:
+            error = str(e)
+    agreed = agree_text(None if jax.process_index() else
+                        ("error:" + error) if error is not None else ("path:" + str(made)))
+    if agreed.startswith("error:"):
+        raise UserError(agreed[len("error:"):])
+    path = Path(agreed[len("path:"):])
+    blind = [i for i, seen in enumerate(every_process(path.is_dir())) if not seen]
+    if blind:
+        if made is not None:
+            made.rmdir()  # still empty: nothing is written before the processes agree
+        raise UserError(f"output.dir: process(es) {', '.join(map(str, blind))} cannot see "
+                        f"{path}, the run folder process 0 made; every host must see "
+                        "output.dir at the same path (a shared filesystem: NFS, a Filestore "
+                        "or gcsfuse mount)")
+    return path
+
+
+def every_process(flag: bool) -> list[bool]:
+    """`flag` of each process, in process order, on every process."""
+    if jax.process_count() == 1:
+        return [bool(flag)]
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([flag], np.int32))
+    return [bool(f) for f in np.asarray(flags).reshape(-1)]
 
 
 def agree_text(text: str | None, limit: int = 4096) -> str | None:

@@ -185,7 +185,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     else:
         # Bad input has been caught by now: only then is a run folder made.
         run_dir = runtime.agree_path(
-            report.new_run_dir(Path(recipe.output.dir), recipe.name) if primary else None)
+            lambda: report.new_run_dir(Path(recipe.output.dir), recipe.name))
         if primary:
             held.enter_context(lock_run(run_dir))
         report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))

@@ -5,7 +5,8 @@ process on one device, greedy exact match included (both processes decode
 the same prompts on the mesh); one run folder, named by process 0 and written
 by it alone; checkpoints through orbax's multi-process path. The recipe is a
 prompt/response causal LM (LoRA on every linear layer of a tiny Llama with
-grouped-query attention), its frozen weights sharded FSDP-style."""
+grouped-query attention), its frozen weights sharded FSDP-style. And hosts
+that do not share the output folder stop with one message, not a hang."""
 
 import json
 import os
@@ -27,21 +28,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_two_processes_train_together_like_one(tmp_path):
-    workdir = tmp_path
-    tiny_decoder_dir(workdir / "model", "llama-gqa-rope3")
-    write_qa(workdir / "data.jsonl")
-    recipe = RECIPE.format(data=PAIRS, adapter='method = "lora"\nrank = 8\n'
-                                              'targets = "all-linear"')
-    # 100 training examples, 8 a step over 4 devices: 13 steps, a record every 5 and at the end
-    recipe = recipe.replace("epochs = 4", "epochs = 1").replace(
-        "batch_size = 10", "batch_size = 8").replace("learning_rate = 5e-3", "learning_rate = 2e-2")
-    (workdir / "lm.toml").write_text(recipe)
+def _two_processes(workdirs: list) -> tuple[list, list]:
+    """`runner run lm.toml` as processes 0 and 1 of two, each in its folder, each
+    with 2 CPU devices; returns the processes and their (stdout, stderr)."""
     port = _free_port()
     processes = []
-    for rank in range(2):
+    for rank, workdir in enumerate(workdirs):
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank),
                    XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -56,6 +48,26 @@ def test_two_processes_train_together_like_one(tmp_path):
     finally:
         for process in processes:
             process.kill()
+    return processes, outputs
+
+
+def _lm_workdir(workdir):
+    tiny_decoder_dir(workdir / "model", "llama-gqa-rope3")
+    write_qa(workdir / "data.jsonl")
+    recipe = RECIPE.format(data=PAIRS, adapter='method = "lora"\nrank = 8\n'
+                                              'targets = "all-linear"')
+    # 100 training examples, 8 a step over 4 devices: 13 steps, a record every 5 and at the end
+    recipe = recipe.replace("epochs = 4", "epochs = 1").replace(
+        "batch_size = 10", "batch_size = 8").replace("learning_rate = 5e-3", "learning_rate = 2e-2")
+    (workdir / "lm.toml").write_text(recipe)
+    return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_train_together_like_one(tmp_path):
+    workdir = _lm_workdir(tmp_path)
+    processes, outputs = _two_processes([workdir, workdir])
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
     # process 0 speaks for both (gloo prints its own connection lines)
@@ -81,3 +93,19 @@ def test_two_processes_train_together_like_one(tmp_path):
         assert evals[0][when]["exact_match_examples"] == 20
         assert evals[0][when]["exact_match"] == evals[1][when]["exact_match"]
     assert evals[0]["after"]["exact_match"] > 0  # learnt: greedy completions equal references
+
+
+@pytest.mark.distributed
+def test_hosts_that_do_not_share_the_output_folder_stop_with_one_message(tmp_path):
+    """Each process in a folder of its own, output.dir relative: as hosts that
+    each write to their own disk. Both stop before training, naming the field
+    and the process that cannot see the run folder; none waits forever."""
+    folders = [_lm_workdir(tmp_path / "host0"), _lm_workdir(tmp_path / "host1")]
+    processes, outputs = _two_processes(folders)
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 2, err[-3000:]
+        assert "output.dir: process(es) 1 cannot see runs/lm/" in " ".join(err.split())
+        assert "Traceback" not in err + out
+    # process 0 took back the run folder it had made: nothing but empty parents
+    assert list((tmp_path / "host0" / "runs" / "lm").iterdir()) == []
+    assert not (tmp_path / "host1" / "runs").exists()
