@@ -13,6 +13,7 @@ device memory it can read.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -67,9 +68,21 @@ def activation_estimate(recipe, model_dir: Path, devices: int) -> int:
 
 
 def device_memory() -> int | None:
-    """The first device's memory in bytes, where the backend reports it."""
+    """The first device's memory in bytes, where the backend reports it; on the
+    CPU, the host's RAM shared by this process's CPU devices."""
+    if jax.default_backend() == "cpu":
+        ram = host_memory()
+        return ram // len(jax.local_devices()) if ram else None
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
+
+
+def host_memory() -> int | None:
+    """This machine's physical memory in bytes, where the OS says."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def compiled_temporaries(recipe, graphdef, trainable, frozen, opt_state, placement) -> int | None:
@@ -162,15 +175,17 @@ def plan(recipe, recipe_path: Path, console: Console) -> dict:
     for what, value, how in rows:
         table.add_row(what, f"{value / 2**20:,.1f}", how)
     console.print(table)
+    cpu = jax.default_backend() == "cpu"
+    has = (f"the {(limit or 0) / 2**30:.1f} GiB of host RAM each of the "
+           f"{len(jax.local_devices())} CPU device(s) may use" if cpu else
+           f"the {(limit or 0) / 2**30:.1f} GiB each device has")
     if limit is None:
-        console.print(f"device memory: not reported by the {jax.default_backend()} backend "
-                      "(on CPU the host's RAM is the limit)")
+        console.print(f"device memory: not reported by the {jax.default_backend()} backend")
     elif figures["total"] > 0.9 * limit:
         console.print(f"[bold yellow]warning:[/] about {figures['total'] / 2**30:.1f} GiB per "
-                      f"device, more than 90% of the {limit / 2**30:.1f} GiB each device has: it "
+                      f"device, more than 90% of {has}: it "
                       "will not fit. Try runtime.fsdp (shard the frozen weights), train.remat = "
                       "\"full\", a smaller train.batch_size with train.grad_accum, or qlora")
     else:
-        console.print(f"fits: {figures['total'] / 2**30:.2f} GiB of the {limit / 2**30:.1f} "
-                      "GiB each device has")
+        console.print(f"fits: {figures['total'] / 2**30:.2f} GiB of {has}")
     return {**figures, "device_memory": limit}

@@ -163,6 +163,21 @@ def test_plan_warns_when_a_device_cannot_hold_the_run(workdir, monkeypatch):  # 
     assert not (workdir / "runs").exists()  # a plan runs nothing
 
 
+def test_plan_on_the_cpu_weighs_the_run_against_the_hosts_ram(workdir, monkeypatch):  # noqa: F811
+    import jax
+
+    import runner.plan
+
+    ram = runner.plan.host_memory()
+    assert ram and ram > 2**30
+    assert runner.plan.device_memory() == ram // len(jax.local_devices())
+    roomy = runner_here("plan", "tiny.toml", cwd=workdir)
+    assert roomy.returncode == 0 and "host RAM" in roomy.stdout and "fits:" in roomy.stdout
+    monkeypatch.setattr(runner.plan, "host_memory", lambda: 2**20)  # 1 MiB of RAM
+    tight = runner_here("plan", "tiny.toml", cwd=workdir)
+    assert tight.returncode == 0 and "will not fit" in " ".join(tight.stdout.split())
+
+
 # Bad [runtime] settings: one message naming the field, exit code 2, nothing run.
 
 @pytest.mark.parametrize("sets, expected", [
