@@ -7,6 +7,14 @@
                                   seconds so far, a sha256 of the arrays, and what
                                   the caller adds (recipe hash, base-model fingerprint)
 
+Several processes (a pod): an array sharded over several hosts (full fine-tuning,
+or `shard_adapters`, with `fsdp` > 1) goes to orbax as the global array it is,
+and each host writes its own shards, so no host ever holds the whole of it; its
+share of the sha256 is a checksum of its bits that XLA computes where the
+shards live (`_checksum`; the same on any layout, and on the host). Restored
+with a `sharding`, such an array comes back straight into its shards. Every
+other array goes through the host, whole.
+
 Frozen base weights are never saved: they are the base checkpoint's, and the
 caller checks its fingerprint before resuming. Orbax writes each step into a
 temporary folder and renames it into place when complete, so a process killed
@@ -21,10 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -36,35 +45,104 @@ from jaxlora.train import TrainState
 STATE, META = "state", "meta"
 
 
-def _flatten(state: TrainState) -> tuple[dict[str, np.ndarray], Any]:
-    """{pytree path: host array} for the arrays of `state`, and the treedef to rebuild it."""
+def _leaves(state: TrainState) -> tuple[dict[str, Any], Any]:
+    """{pytree path: array} for the arrays of `state`, and the treedef to rebuild it."""
     tree = {"trainable": state.trainable, "opt_state": state.opt_state,
             "dropout_key": state.dropout_key}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     names = [jax.tree_util.keystr(path) for path, _ in leaves]
     if len(set(names)) != len(names):
         raise ValueError("two leaves of the train state have the same path name")
-    # Host copies (the device buffers are donated to the next step), gathered from
-    # every process where an array is spread over several: all hold the same.
-    host = to_host([leaf for _, leaf in leaves])
-    return dict(zip(names, host)), treedef
+    return dict(zip(names, (leaf for _, leaf in leaves))), treedef
 
 
-def _layout(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+def _spread(x) -> bool:
+    """Whether `x` is sharded over several processes: no process holds it whole."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
+
+
+def _flatten(state: TrainState) -> tuple[dict[str, Any], Any]:
+    """`_leaves`, as what is saved: host copies (the device buffers are donated to
+    the next step), except the arrays spread over several processes, which stay
+    as they are (each process writes its own shards)."""
+    arrays, treedef = _leaves(state)
+    host = to_host({k: v for k, v in arrays.items() if not _spread(v)})
+    return {k: host.get(k, v) for k, v in arrays.items()}, treedef
+
+
+def _layout(arrays: dict[str, Any]) -> dict[str, str]:
     """{leaf name: "float32[384, 8]"}: what a checkpoint must hold to fit a run."""
-    return {name: f"{a.dtype}{list(a.shape)}" for name, a in sorted(arrays.items())}
+    return {name: f"{np.dtype(a.dtype)}{list(a.shape)}" for name, a in sorted(arrays.items())}
 
 
-def _digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
+# _checksum: an odd multiplier per position, so equal bits at other places differ
+_MIX = np.uint32(0x9E3779B1)
+
+
+def _bits(x, xp):
+    """The bits of `x` as uint32 (`xp`: numpy or jax.numpy)."""
+    width = np.dtype(x.dtype).itemsize
+    if width > 4:
+        raise ValueError(f"no checksum for {x.dtype}")
+    as_uint = {1: xp.uint8, 2: xp.uint16, 4: xp.uint32}[width]
+    bits = (x.view(as_uint) if xp is np else jax.lax.bitcast_convert_type(x, as_uint))
+    return bits.astype(xp.uint32)
+
+
+def _position(shape, xp):
+    """Each element's row-major position as uint32; on devices built per
+    dimension (no reshape, so a sharded array stays as it is laid out)."""
+    if xp is np:
+        return np.arange(math.prod(shape), dtype=np.uint32).reshape(shape)
+    index = xp.zeros(shape, xp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(xp.uint32, shape, axis) * xp.uint32(stride)
+        stride *= shape[axis]
+    return index
+
+
+def _sums(x, xp):
+    bits, position = _bits(x, xp), _position(x.shape, xp)
+    first = xp.sum(bits * (position * xp.uint32(2) + xp.uint32(1)), dtype=xp.uint32)
+    second = xp.sum((bits ^ (position * _MIX)) * xp.uint32(0x85EBCA77), dtype=xp.uint32)
+    return first, second
+
+
+@jax.jit
+def _device_sums(x):
+    return _sums(x, jax.numpy)
+
+
+def _checksum(x) -> str:
+    """Two 32-bit sums of the bits of `x`, each weighted by position: computed by
+    XLA where a (sharded) jax.Array lives and by numpy on the host, to the same
+    value on any layout (integer sums modulo 2**32 do not depend on order)."""
+    if isinstance(x, jax.Array):
+        sums = to_host(_device_sums(x))
+    else:
+        with np.errstate(over="ignore"):
+            sums = _sums(np.ascontiguousarray(x), np)
+    return "%08x%08x" % tuple(int(v) for v in sums)
+
+
+def _digest(arrays: dict[str, Any], meta: dict) -> str:
     """sha256 over the arrays and the meta that positions them (step, pending
-    metrics, tokens), so neither can change unnoticed."""
+    metrics, tokens), so neither can change unnoticed. The arrays the meta
+    lists as `checksummed` (saved spread over processes) enter by `_checksum`,
+    the others by their bytes."""
     digest = hashlib.sha256()
     digest.update(json.dumps([meta.get("step"), meta.get("pending"), meta.get("tokens")],
                              sort_keys=True).encode())
+    checksummed = set(meta.get("checksummed", ()))
     for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        digest.update(a.tobytes())
+        a = arrays[name]
+        digest.update(f"{name}\0{np.dtype(a.dtype).str}\0{tuple(a.shape)}\0".encode())
+        if name in checksummed:
+            digest.update(_checksum(a).encode())
+        else:
+            digest.update(np.ascontiguousarray(
+                a if isinstance(a, np.ndarray) else to_host(a)).tobytes())
     return digest.hexdigest()
 
 
@@ -106,6 +184,9 @@ class Checkpointer:
         arrays, _ = _flatten(state)
         meta = {"step": state.step, "pending": state.pending, "tokens": state.tokens,
                 "seconds": state.seconds, "leaves": _layout(arrays), **(extra or {})}
+        spread = sorted(k for k, v in arrays.items() if _spread(v))
+        if spread:
+            meta["checksummed"] = spread
         meta["sha256"] = _digest(arrays, meta)
         try:
             self._manager.save(state.step, args=ocp.args.Composite(
@@ -128,15 +209,21 @@ class Checkpointer:
         except Exception as e:  # orbax raises many kinds; all mean "unusable"
             raise _corrupt(where, e) from None
 
-    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+    def restore(self, template: TrainState, step: int | None = None, *,
+                sharding: Callable[[TrainState], TrainState] | None = None
+                ) -> tuple[TrainState, dict]:
         """The state saved at `step` (default: the latest) shaped like `template`,
-        and its meta. Arrays come back as host numpy arrays."""
+        and its meta. Arrays come back as host numpy arrays, except where
+        `sharding(template)` (a TrainState of `jax.sharding.Sharding`s) spreads
+        one over several processes: that one comes back straight into its
+        shards, each process reading only its own."""
         ocp = self._ocp
         step = self.latest_step() if step is None else step
         if step is None:
             raise UserError(f"{self.directory}: no checkpoint")
         where = self.directory / str(step)
-        target, treedef = _flatten(template)
+        target, treedef = _leaves(template)
+        places = _leaves(sharding(template))[0] if sharding is not None else {}
         saved = self.read_meta(step).get("leaves")
         expected = _layout(target)
         if saved != expected:
@@ -148,8 +235,8 @@ class Checkpointer:
                             f"({what})")
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardRestore(
-                    {k: np.zeros(v.shape, v.dtype) for k, v in target.items()}),
+                STATE: ocp.args.StandardRestore({k: _restore_as(v, places.get(k))
+                                                 for k, v in target.items()}),
                 META: ocp.args.JsonRestore()}))
             arrays, meta = dict(restored[STATE]), dict(restored[META])
         except Exception as e:  # noqa: BLE001 - see read_meta
@@ -179,6 +266,15 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _restore_as(like, sharding):
+    """What orbax restores a leaf into: its shards where `sharding` spreads it
+    over several processes, else a host array."""
+    if (sharding is not None and jax.process_count() > 1 and not sharding.is_fully_replicated
+            and not sharding.is_fully_addressable):
+        return jax.ShapeDtypeStruct(np.shape(like), like.dtype, sharding=sharding)
+    return np.zeros(np.shape(like), like.dtype)
 
 
 class CheckpointWriteError(Exception):

@@ -16,6 +16,7 @@ from the checkpoint's step with the same batches and dropout keys.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import asdict
@@ -167,8 +168,13 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     steps, _ = plan(recipe.train, data.train)
     resumed = None
     if old:
+        shard = placement.shard_trainable
         with Checkpointer(run_dir / CHECKPOINTS) as checkpointer:
-            resumed, _ = checkpointer.restore(state)
+            # an array spread over the processes comes back straight into its shards
+            resumed, _ = checkpointer.restore(state, sharding=lambda s: dataclasses.replace(
+                s, trainable=placement.shardings(s.trainable, shard),
+                opt_state=placement.shardings(s.opt_state, shard),
+                dropout_key=placement.replicated()))
         layout = old.pop("layout_changes")
         manifest = old
         resumed_entry = {"from_step": resumed.step, "at": _now()}

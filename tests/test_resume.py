@@ -372,3 +372,21 @@ def test_a_failed_write_is_reported_by_its_operating_system_reason():
     assert _write_failure(tensorstore) == "No space left on device"
     assert _write_failure(OSError(122, "Disk quota exceeded")) == "Disk quota exceeded"
     assert _write_failure(RuntimeError("something else\nmore")) == "something else"
+
+
+@pytest.mark.parametrize("dtype, shape", [("float32", (3, 5)), ("bfloat16", (4, 2, 3)),
+                                          ("int32", ()), ("uint32", (2,)), ("float16", (7,))])
+def test_the_checksum_of_spread_arrays_is_the_same_on_the_host_and_on_devices(dtype, shape):
+    import jax.numpy as jnp
+
+    from jaxlora.checkpoint import _checksum
+
+    rng = np.random.default_rng(0)
+    host = (rng.normal(size=shape) * 100).astype(jnp.dtype(dtype))
+    assert _checksum(host) == _checksum(jnp.asarray(host))
+    if host.size > 1:  # a changed value, or two swapped ones, change it
+        changed = host.copy()
+        changed.flat[1] = changed.flat[1] + np.array(1, changed.dtype)
+        swapped = host.copy()
+        swapped.flat[0], swapped.flat[1] = host.flat[1], host.flat[0]
+        assert len({_checksum(host), _checksum(changed), _checksum(swapped)}) == 3
