@@ -75,7 +75,7 @@ def _layout(arrays: dict[str, Any]) -> dict[str, str]:
     return {name: f"{np.dtype(a.dtype)}{list(a.shape)}" for name, a in sorted(arrays.items())}
 
 
-# _checksum: an odd multiplier per position, so equal bits at other places differ
+# _checksum: each position salts its element's hash differently
 _MIX = np.uint32(0x9E3779B1)
 
 
@@ -102,11 +102,22 @@ def _position(shape, xp):
     return index
 
 
+def _mix(h, xp):
+    """murmur3's 32-bit finalizer: every input bit moves about half the output
+    bits, so no change of an element's bits cancels out in a sum."""
+    h = h ^ (h >> xp.uint32(16))
+    h = h * xp.uint32(0x85EBCA6B)
+    h = h ^ (h >> xp.uint32(13))
+    h = h * xp.uint32(0xC2B2AE35)
+    return h ^ (h >> xp.uint32(16))
+
+
 def _sums(x, xp):
+    """Two sums over the elements of mix(bits, position, seed), modulo 2**32."""
     bits, position = _bits(x, xp), _position(x.shape, xp)
-    first = xp.sum(bits * (position * xp.uint32(2) + xp.uint32(1)), dtype=xp.uint32)
-    second = xp.sum((bits ^ (position * _MIX)) * xp.uint32(0x85EBCA77), dtype=xp.uint32)
-    return first, second
+    salted = position * _MIX
+    return tuple(xp.sum(_mix(_mix(bits ^ xp.uint32(seed), xp) ^ salted, xp), dtype=xp.uint32)
+                 for seed in (0x2545F491, 0x68E31DA4))
 
 
 @jax.jit
@@ -115,9 +126,10 @@ def _device_sums(x):
 
 
 def _checksum(x) -> str:
-    """Two 32-bit sums of the bits of `x`, each weighted by position: computed by
-    XLA where a (sharded) jax.Array lives and by numpy on the host, to the same
-    value on any layout (integer sums modulo 2**32 do not depend on order)."""
+    """Two 32-bit sums over the elements of `x`, each element's bits and position
+    hashed together first (`_sums`): computed by XLA where a (sharded)
+    jax.Array lives and by numpy on the host, to the same value on any layout
+    (integer sums modulo 2**32 do not depend on order)."""
     if isinstance(x, jax.Array):
         sums = to_host(_device_sums(x))
     else:
@@ -137,12 +149,13 @@ def _digest(arrays: dict[str, Any], meta: dict) -> str:
     checksummed = set(meta.get("checksummed", ()))
     for name in sorted(arrays):
         a = arrays[name]
-        digest.update(f"{name}\0{np.dtype(a.dtype).str}\0{tuple(a.shape)}\0".encode())
         if name in checksummed:
+            digest.update(f"{name}\0{np.dtype(a.dtype).str}\0{tuple(a.shape)}\0".encode())
             digest.update(_checksum(a).encode())
-        else:
-            digest.update(np.ascontiguousarray(
-                a if isinstance(a, np.ndarray) else to_host(a)).tobytes())
+        else:  # as checkpoints always were: a scalar enters as shape (1,)
+            h = np.ascontiguousarray(a if isinstance(a, np.ndarray) else to_host(a))
+            digest.update(f"{name}\0{h.dtype.str}\0{h.shape}\0".encode())
+            digest.update(h.tobytes())
     return digest.hexdigest()
 
 

@@ -128,10 +128,13 @@ def initialize(cfg: RuntimeConfig) -> bool:
                           ("process_id", "JAX_PROCESS_ID")):
             value = os.environ.get(name, "").strip()
             if value:
-                if not value.isdigit():
+                try:
+                    given[key] = int(value)
+                except ValueError:
+                    given[key] = -1
+                if given[key] < 0:
                     raise UserError(f"runtime.distributed: {name}={value!r} is not a "
                                     "whole number")
-                given[key] = int(value)
         try:
             jax.distributed.initialize(**given)
         except (RuntimeError, ValueError) as e:
@@ -263,8 +266,8 @@ def device_grid(data: int, fsdp: int, devices: list | None = None) -> np.ndarray
     """The first data x fsdp `devices` (default: all) as a (data, fsdp) array, laid out by JAX's
     `create_device_mesh` (what `jax.make_mesh` uses): on a TPU slice it follows
     the chips' interconnect, the fsdp axis (the all-gathers of every step) on
-    the closest chips; on CPU and GPU it is the devices in order. Where it
-    cannot lay out a part of a slice, the devices in order."""
+    the closest chips; on the CPU the devices in order, on GPUs in device id
+    order. Where it cannot lay out a part of a slice, the devices in order."""
     from jax.experimental import mesh_utils
 
     devices = list(jax.devices() if devices is None else devices)[:data * fsdp]
@@ -301,36 +304,46 @@ def per_device_bytes(tree: Any, placement: Placement, shard: bool) -> int:
     return total
 
 
-def agree_path(make: Callable[[], Any]) -> Any:
-    """The path process 0 gets from `make()` (the run folder it creates, named
-    by its clock), on every process; `make()` itself with a single process.
-    Where `make` raises a UserError on process 0, every process raises it,
-    instead of the others waiting for a path that never comes. Every process
-    must then see the folder: a UserError on all of them where one does not
-    (hosts each writing to a disk of their own)."""
+def agree_path(make: Callable[[], Any], *, new: bool = False) -> Any:
+    """The run folder (or None) that `make()` gives process 0, on every process;
+    `make()` itself with a single process. `new`: `make` creates the folder.
+
+    Whatever `make` raises on process 0 reaches every process (a UserError
+    with its message), instead of leaving the others waiting for a path that
+    never comes. Every process must then see the folder: where one does not
+    (hosts each writing to a disk of their own), every process raises a
+    UserError naming the processes, and a folder just made is removed again
+    (nothing is in it yet)."""
     from pathlib import Path
 
     if jax.process_count() == 1:
         return make()
-    made = error = None
+    made, failure, said = None, None, None
     if jax.process_index() == 0:
         try:
             made = make()
-        except UserError as e:
-            error = str(e)
-    agreed = agree_text(None if jax.process_index() else
-                        ("error:" + error) if error is not None else ("path:" + str(made)))
-    if agreed.startswith("error:"):
-        raise UserError(agreed[len("error:"):])
-    path = Path(agreed[len("path:"):])
+            said = "none:" if made is None else f"path:{made}"
+        except Exception as e:  # noqa: BLE001 - the others must hear of any failure
+            failure = e
+            said = "error:" + (str(e) if isinstance(e, UserError) else
+                               f"process 0: {type(e).__name__}: {e}")[:1000]
+    agreed = agree_text(said)
+    if failure is not None:
+        raise failure
+    kind, _, text = agreed.partition(":")
+    if kind == "error":
+        raise UserError(text)
+    if kind == "none":
+        return None
+    path = Path(text)
     blind = [i for i, seen in enumerate(every_process(path.is_dir())) if not seen]
     if blind:
-        if made is not None:
-            made.rmdir()  # still empty: nothing is written before the processes agree
+        if new and made is not None:
+            made.rmdir()
         raise UserError(f"output.dir: process(es) {', '.join(map(str, blind))} cannot see "
-                        f"{path}, the run folder process 0 made; every host must see "
-                        "output.dir at the same path (a shared filesystem: NFS, a Filestore "
-                        "or gcsfuse mount)")
+                        f"{path}, the run folder process 0 {'made' if new else 'goes on with'}; "
+                        "every host must see output.dir at the same path (a shared filesystem: "
+                        "NFS, a Filestore or gcsfuse mount)")
     return path
 
 

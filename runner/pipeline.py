@@ -126,8 +126,9 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
     if not report.primary():  # process 0 speaks for all of them
         console = Console(quiet=True)
     with contextlib.ExitStack() as held:  # the run folder's lock, released however we leave
-        return _run(recipe, recipe_path, console, run_dir or resume_target(recipe, mode),
-                    stop, held)
+        # process 0 picks the run folder to go on with (or none), for every process
+        target = runtime.agree_path(lambda: run_dir or resume_target(recipe, mode))
+        return _run(recipe, recipe_path, console, target, stop, held)
 
 
 def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | None,
@@ -181,7 +182,6 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         if layout:  # the run goes on under another device layout: its recipe says so now
             resumed_entry["layout_changes"] = layout
             manifest["recipe"], manifest["recipe_hash"] = canonical(recipe), recipe_hash(recipe)
-            report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
             console.print(f"device layout changed: {'; '.join(layout)}")
         manifest.setdefault("resumed", []).append(resumed_entry)
         manifest["runtime"] = runtime_record(placement)
@@ -191,7 +191,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     else:
         # Bad input has been caught by now: only then is a run folder made.
         run_dir = runtime.agree_path(
-            lambda: report.new_run_dir(Path(recipe.output.dir), recipe.name))
+            lambda: report.new_run_dir(Path(recipe.output.dir), recipe.name), new=True)
         if primary:
             held.enter_context(lock_run(run_dir))
         report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
@@ -212,6 +212,8 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     manifest["status"] = "running"
     manifest["train"] = {**manifest.get("train", {}), "total_steps": steps}
     report.write_json(run_dir / "manifest.json", manifest)
+    if resumed:  # after the manifest: recipe.toml is the recipe the run goes on with
+        report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
     console.print(f"data: {stats['train_size']} train / {stats['eval_size']} eval examples; "
                   f"trainable parameters: {manifest['model']['trainable_params']:,}")
     try:

@@ -89,7 +89,10 @@ def new_run_dir(root: Path, name: str) -> Path:
             return path
         except FileExistsError:
             continue
-    raise RuntimeError(f"cannot create a run folder under {base}")
+        except OSError as e:
+            raise UserError(f"output.dir: cannot create {path}: {e.strerror}") from None
+    raise UserError(f"output.dir: cannot create a run folder under {base}: every name of "
+                    "this second is taken")
 
 
 def environment() -> dict:

@@ -106,7 +106,8 @@ def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 # The recipe's device layout: a run may go on under another one (a mesh of
-# another shape, more hosts), since no number of the run depends on it.
+# another shape, more hosts): it computes the same numbers on any layout, up
+# to float32 rounding.
 LAYOUT = "runtime"
 
 

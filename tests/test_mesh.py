@@ -49,6 +49,8 @@ manifest = json.loads((stopped / "manifest.json").read_text())
 (stopped / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
 assert main(["run", str(stopped), "--set", "runtime.data=4", "--set", "runtime.fsdp=2",
              "--set", "runtime.shard_adapters=true"]) == 0
+# the run folder reads back consistently: its recipe.toml has the manifest's hash
+assert main(["eval", str(stopped)]) == 0
 """
 
 METHODS = {
@@ -111,6 +113,9 @@ def _check_resumed_on_the_mesh(one, resumed) -> None:
     assert curves[1] == pytest.approx(curves[0], rel=2e-4, abs=1e-5)
     evals = [json.loads((r / "eval.json").read_text())["after"] for r in (one, resumed)]
     assert evals[1]["loss"] == pytest.approx(evals[0]["loss"], rel=2e-4)
+    [again] = (resumed / "evals").iterdir()  # `runner eval` of the resumed run folder
+    assert json.loads(again.read_text())["metrics"]["loss"] == pytest.approx(evals[1]["loss"],
+                                                             rel=2e-4)
 
 
 def _check(method: str, runs: list, planned: dict) -> None:
@@ -246,7 +251,8 @@ def test_cache_min_seconds_is_a_number_or_a_clear_refusal(monkeypatch, value, se
         assert xla_cache.min_seconds() == seconds
 
 
-def test_a_run_folder_goes_on_with_its_own_recipe_but_another_layout(tmp_path):
+def test_a_run_folder_takes_no_set_outside_runtime(tmp_path):
+    """(The mesh test resumes a run folder with runtime.* sets.)"""
     run = tmp_path / "runs" / "tiny" / "20261127-000000"
     run.mkdir(parents=True)
     (run / "manifest.json").write_text("{}")
@@ -264,13 +270,14 @@ def test_the_mesh_takes_jaxs_topology_aware_layout(monkeypatch):
     devices = [f"chip{i}" for i in range(10)]
     calls = []
 
-    def laid_out(shape, chosen, **kwargs):  # what a TPU slice's layout might hand back
-        calls.append((shape, list(chosen)))
+    def laid_out(shape, chosen, *, allow_split_physical_axes=False):  # as a TPU slice's
+        calls.append((shape, list(chosen), allow_split_physical_axes))
         return np.array(chosen[::-1], dtype=object).reshape(shape)
 
     monkeypatch.setattr(mesh_utils, "create_device_mesh", laid_out)
     grid = runtime.device_grid(4, 2, devices)
-    assert calls == [((4, 2), devices[:8])]  # the first data x fsdp devices
+    # the first data x fsdp devices; a slice's axes may be split to fit any shape
+    assert calls == [((4, 2), devices[:8], True)]
     assert grid.tolist() == np.array(devices[7::-1], dtype=object).reshape(4, 2).tolist()
 
     def refuses(shape, chosen, **kwargs):  # a part of a slice it cannot lay out
@@ -282,3 +289,37 @@ def test_the_mesh_takes_jaxs_topology_aware_layout(monkeypatch):
     monkeypatch.undo()
     # CPU devices: in order, as before
     assert runtime.device_grid(1, 1).tolist() == [[runtime.jax.devices()[0]]]
+
+
+def test_process_0s_choice_of_run_folder_or_its_failure_reaches_every_process(tmp_path,
+                                                                              monkeypatch):
+    """`agree_path` as processes 0 and 1 of two, the broadcast and the gather
+    stood in for: whatever process 0 meets reaches process 1 as one message."""
+    said = []
+    monkeypatch.setattr(runtime.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(runtime, "agree_text", lambda text: said.append(text) or text)
+    seen = [True, True]
+    monkeypatch.setattr(runtime, "every_process", lambda flag: seen)
+
+    def process(index, make, **kwargs):
+        monkeypatch.setattr(runtime.jax, "process_index", lambda: index)
+        return runtime.agree_path(make, **kwargs)
+
+    def refused():
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(PermissionError):  # process 0 raises what it met...
+        process(0, refused)
+    assert said[-1] == "error:process 0: PermissionError: [Errno 13] Permission denied"
+    monkeypatch.setattr(runtime, "agree_text", lambda text: said[-1])
+    with pytest.raises(UserError, match="process 0: PermissionError"):  # ...1 hears of it
+        process(1, lambda: pytest.fail("only process 0 makes the folder"))
+    monkeypatch.setattr(runtime, "agree_text", lambda text: text or "none:")
+    assert process(0, lambda: None) is None  # no run to go on with
+    made = tmp_path / "runs" / "20261127-000000"
+    made.mkdir(parents=True)
+    assert process(0, lambda: made, new=True) == made
+    seen = [True, False]  # process 1 cannot see it: a new folder is taken back
+    with pytest.raises(UserError, match=r"output.dir: process\(es\) 1 cannot see .* made"):
+        process(0, lambda: made, new=True)
+    assert not made.exists()

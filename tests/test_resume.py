@@ -384,9 +384,27 @@ def test_the_checksum_of_spread_arrays_is_the_same_on_the_host_and_on_devices(dt
     rng = np.random.default_rng(0)
     host = (rng.normal(size=shape) * 100).astype(jnp.dtype(dtype))
     assert _checksum(host) == _checksum(jnp.asarray(host))
-    if host.size > 1:  # a changed value, or two swapped ones, change it
+    if host.size > 1:  # a changed value, two swapped ones, two negated ones change it
         changed = host.copy()
         changed.flat[1] = changed.flat[1] + np.array(1, changed.dtype)
         swapped = host.copy()
         swapped.flat[0], swapped.flat[1] = host.flat[1], host.flat[0]
-        assert len({_checksum(host), _checksum(changed), _checksum(swapped)}) == 3
+        negated = host.copy()
+        negated.flat[:2] = -host.flat[:2]
+        assert len({_checksum(x) for x in (host, changed, swapped, negated)}) == 4
+
+
+def test_the_digest_of_a_state_is_what_checkpoints_have_always_recorded():
+    """Pinned: a checkpoint written by an earlier version (a scalar leaf
+    included, such as AdamW's step count) must still verify."""
+    import jax.numpy as jnp
+
+    from jaxlora.checkpoint import _digest
+
+    arrays = {"['a']": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "['count']": np.array(3, np.int32), "['h']": np.ones((2,), jnp.bfloat16)}
+    meta = {"step": 4, "pending": [{"loss": 0.5}], "tokens": 10}
+    assert _digest(arrays, meta) == \
+        "48a295d7e44625c2269242db196ad15b684484512fa3add0abbba14c0c4eda7d"
+    # the same arrays on a device (what a save sees before its host copy)
+    assert _digest({k: jnp.asarray(v) for k, v in arrays.items()}, meta) == _digest(arrays, meta)
