@@ -11,7 +11,7 @@ Several processes (a pod): an array sharded over several hosts (full fine-tuning
 or `shard_adapters`, with `fsdp` > 1) goes to orbax as the global array it is,
 and each host writes its own shards, so no host ever holds the whole of it; its
 share of the sha256 is a checksum of its bits that XLA computes where the
-shards live (`_checksum`; the same on any layout, and on the host). Restored
+shards live (`_checksums`; the same on any layout, and on the host). Restored
 with a `sharding`, such an array comes back straight into its shards. Every
 other array goes through the host, whole.
 
@@ -121,37 +121,46 @@ def _sums(x, xp):
 
 
 @jax.jit
-def _device_sums(x):
-    return _sums(x, jax.numpy)
+def _device_sums(arrays: list) -> list:
+    # one compiled function for all of a state's spread arrays, not one each
+    return [_sums(x, jax.numpy) for x in arrays]
+
+
+def _checksums(arrays: list) -> list[str]:
+    """Two 32-bit sums over the elements of each array, each element's bits and
+    position hashed together first (`_sums`): computed by XLA where a
+    (sharded) jax.Array lives and by numpy on the host, to the same value on
+    any layout (integer sums modulo 2**32 do not depend on order)."""
+    on_devices = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)]
+    sums = (dict(zip(on_devices, to_host(_device_sums([arrays[i] for i in on_devices]))))
+            if on_devices else {})
+    with np.errstate(over="ignore"):
+        for i, x in enumerate(arrays):
+            if i not in sums:
+                sums[i] = _sums(np.ascontiguousarray(x), np)
+    return ["%08x%08x" % tuple(int(v) for v in sums[i]) for i in range(len(arrays))]
 
 
 def _checksum(x) -> str:
-    """Two 32-bit sums over the elements of `x`, each element's bits and position
-    hashed together first (`_sums`): computed by XLA where a (sharded)
-    jax.Array lives and by numpy on the host, to the same value on any layout
-    (integer sums modulo 2**32 do not depend on order)."""
-    if isinstance(x, jax.Array):
-        sums = to_host(_device_sums(x))
-    else:
-        with np.errstate(over="ignore"):
-            sums = _sums(np.ascontiguousarray(x), np)
-    return "%08x%08x" % tuple(int(v) for v in sums)
+    """`_checksums` of one array."""
+    return _checksums([x])[0]
 
 
 def _digest(arrays: dict[str, Any], meta: dict) -> str:
     """sha256 over the arrays and the meta that positions them (step, pending
     metrics, tokens), so neither can change unnoticed. The arrays the meta
-    lists as `checksummed` (saved spread over processes) enter by `_checksum`,
+    lists as `checksummed` (saved spread over processes) enter by `_checksums`,
     the others by their bytes."""
     digest = hashlib.sha256()
     digest.update(json.dumps([meta.get("step"), meta.get("pending"), meta.get("tokens")],
                              sort_keys=True).encode())
-    checksummed = set(meta.get("checksummed", ()))
+    names = sorted(k for k in meta.get("checksummed", ()) if k in arrays)
+    checksums = dict(zip(names, _checksums([arrays[k] for k in names])))
     for name in sorted(arrays):
         a = arrays[name]
-        if name in checksummed:
+        if name in checksums:
             digest.update(f"{name}\0{np.dtype(a.dtype).str}\0{tuple(a.shape)}\0".encode())
-            digest.update(_checksum(a).encode())
+            digest.update(checksums[name].encode())
         else:  # as checkpoints always were: a scalar enters as shape (1,)
             h = np.ascontiguousarray(a if isinstance(a, np.ndarray) else to_host(a))
             digest.update(f"{name}\0{h.dtype.str}\0{h.shape}\0".encode())
