@@ -4,6 +4,9 @@
 For each chosen shape of `step.py`:
   * times jaxlora's step as is and in variants that each drop one thing the
     yardstick does not do (dropout, the padding mask), and the yardstick's step;
+    "one key buffer" passes the same dropout key every step instead of a new
+    one, which on a GPU tells what patching the step's CUDA graph for a new
+    argument buffer each step costs (bench/NOTES.md v5);
   * traces a few steps of jaxlora's and of the yardstick's with the JAX profiler
     and sums the device's kernel time per step by kind (matrix products,
     attention, other fusions, copies) and by kernel, so the gap between the two
@@ -139,19 +142,21 @@ def profile(shape: dict, gpu: bool, peers: Path, steps: int, trace_steps: int,
                                   for i in range(max(steps + 2, 100) + trace_steps)])
     results = {}
     for name, loss_fn in variants(task).items():
-        for dropout in ((True, False) if name == "as is" else (True,)):
+        for dropout in (("new key", "one key", None) if name == "as is" else ("new key",)):
             step, trainable, frozen, opt_state, batch = bench.our_step(shape, gpu, loss_fn)
 
             def call(state, i, step=step, frozen=frozen, batch=batch, dropout=dropout):
                 trainable, opt_state, _ = state
-                return step(trainable, frozen, opt_state, batch, keys[i] if dropout else None)
+                key = {"new key": keys[i], "one key": keys[0], None: None}[dropout]
+                return step(trainable, frozen, opt_state, batch, key)
 
             state = (trainable, opt_state, None)
             ms, state = timed(call, state, steps)
-            variant = name if dropout else "no dropout"
+            variant = {"new key": name, "one key": "one key buffer",
+                       None: "no dropout"}[dropout]
             results[variant] = ms
             print(f"  jaxlora {variant:<18}{ms:9.2f} ms", flush=True)
-            if name == "as is" and dropout and trace_steps:
+            if name == "as is" and dropout == "new key" and trace_steps:
                 trace = os.path.join(trace_root, "jaxlora")
                 traced(call, state, trace_steps, trace)
                 ours_trace = (trace, ms)
