@@ -178,7 +178,13 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
                 dropout_key=placement.replicated()))
         layout = old.pop("layout_changes")
         manifest = old
-        resumed_entry = {"from_step": resumed.step, "at": _now()}
+        # each session's devices: the top-level records are the first session's
+        # environment and the current layout
+        resumed_entry = {"from_step": resumed.step, "at": _now(),
+                         "runtime": runtime_record(placement)}
+        environment = report.environment()
+        if environment != manifest.get("environment"):
+            resumed_entry["environment"] = environment
         if layout:  # the run goes on under another device layout: its recipe says so now
             resumed_entry["layout_changes"] = layout
             manifest["recipe"], manifest["recipe_hash"] = canonical(recipe), recipe_hash(recipe)

@@ -95,6 +95,8 @@ def _check_resumed_on_the_mesh(one, resumed) -> None:
     assert manifest["runtime"]["mesh"] == {"data": 4, "fsdp": 2}
     [entry] = manifest["resumed"]
     assert entry["from_step"] == 10
+    assert entry["runtime"] == {"processes": 1, "mesh": {"data": 4, "fsdp": 2}, "devices": 8}
+    assert "environment" not in entry  # the same machine as the first session
     assert entry["layout_changes"] == ["runtime.data: 1 -> 4", "runtime.fsdp: 1 -> 2",
                                        "runtime.shard_adapters: False -> True"]
     # shard_adapters: the LoRA factors, the head and their AdamW state go over fsdp too
