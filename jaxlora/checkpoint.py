@@ -33,7 +33,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,9 +56,14 @@ def _leaves(state: TrainState) -> tuple[dict[str, Any], Any]:
     return dict(zip(names, (leaf for _, leaf in leaves))), treedef
 
 
-def _spread(x) -> bool:
-    """Whether `x` is sharded over several processes: no process holds it whole."""
-    return isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
+def _spread(sharding) -> bool:
+    """Whether an array laid out by `sharding` is spread over several processes:
+    no process holds it whole."""
+    return not sharding.is_fully_addressable and not sharding.is_fully_replicated
+
+
+def _is_spread(x) -> bool:
+    return isinstance(x, jax.Array) and _spread(x.sharding)
 
 
 def _flatten(state: TrainState) -> tuple[dict[str, Any], Any]:
@@ -66,7 +71,7 @@ def _flatten(state: TrainState) -> tuple[dict[str, Any], Any]:
     the next step), except the arrays spread over several processes, which stay
     as they are (each process writes its own shards)."""
     arrays, treedef = _leaves(state)
-    host = to_host({k: v for k, v in arrays.items() if not _spread(v)})
+    host = to_host({k: v for k, v in arrays.items() if not _is_spread(v)})
     return {k: host.get(k, v) for k, v in arrays.items()}, treedef
 
 
@@ -75,7 +80,7 @@ def _layout(arrays: dict[str, Any]) -> dict[str, str]:
     return {name: f"{np.dtype(a.dtype)}{list(a.shape)}" for name, a in sorted(arrays.items())}
 
 
-# _checksum: each position salts its element's hash differently
+# _checksums: each position salts its element's hash differently
 _MIX = np.uint32(0x9E3779B1)
 
 
@@ -131,19 +136,12 @@ def _checksums(arrays: list) -> list[str]:
     position hashed together first (`_sums`): computed by XLA where a
     (sharded) jax.Array lives and by numpy on the host, to the same value on
     any layout (integer sums modulo 2**32 do not depend on order)."""
-    on_devices = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)]
-    sums = (dict(zip(on_devices, to_host(_device_sums([arrays[i] for i in on_devices]))))
-            if on_devices else {})
+    on_devices = [x for x in arrays if isinstance(x, jax.Array)]
+    device_sums = iter(to_host(_device_sums(on_devices)) if on_devices else ())
     with np.errstate(over="ignore"):
-        for i, x in enumerate(arrays):
-            if i not in sums:
-                sums[i] = _sums(np.ascontiguousarray(x), np)
-    return ["%08x%08x" % tuple(int(v) for v in sums[i]) for i in range(len(arrays))]
-
-
-def _checksum(x) -> str:
-    """`_checksums` of one array."""
-    return _checksums([x])[0]
+        sums = [next(device_sums) if isinstance(x, jax.Array)
+                else _sums(np.ascontiguousarray(x), np) for x in arrays]
+    return ["%08x%08x" % tuple(int(v) for v in pair) for pair in sums]
 
 
 def _digest(arrays: dict[str, Any], meta: dict) -> str:
@@ -206,7 +204,7 @@ class Checkpointer:
         arrays, _ = _flatten(state)
         meta = {"step": state.step, "pending": state.pending, "tokens": state.tokens,
                 "seconds": state.seconds, "leaves": _layout(arrays), **(extra or {})}
-        spread = sorted(k for k, v in arrays.items() if _spread(v))
+        spread = sorted(k for k, v in arrays.items() if _is_spread(v))
         if spread:
             meta["checksummed"] = spread
         meta["sha256"] = _digest(arrays, meta)
@@ -232,20 +230,19 @@ class Checkpointer:
             raise _corrupt(where, e) from None
 
     def restore(self, template: TrainState, step: int | None = None, *,
-                sharding: Callable[[TrainState], TrainState] | None = None
-                ) -> tuple[TrainState, dict]:
+                shardings: TrainState | None = None) -> tuple[TrainState, dict]:
         """The state saved at `step` (default: the latest) shaped like `template`,
         and its meta. Arrays come back as host numpy arrays, except where
-        `sharding(template)` (a TrainState of `jax.sharding.Sharding`s) spreads
-        one over several processes: that one comes back straight into its
-        shards, each process reading only its own."""
+        `shardings` (`template` with a `jax.sharding.Sharding` for each array)
+        spreads one over several processes: that one comes back straight into
+        its shards, each process reading only its own."""
         ocp = self._ocp
         step = self.latest_step() if step is None else step
         if step is None:
             raise UserError(f"{self.directory}: no checkpoint")
         where = self.directory / str(step)
         target, treedef = _leaves(template)
-        places = _leaves(sharding(template))[0] if sharding is not None else {}
+        places = _leaves(shardings)[0] if shardings is not None else {}
         saved = self.read_meta(step).get("leaves")
         expected = _layout(target)
         if saved != expected:
@@ -293,8 +290,7 @@ class Checkpointer:
 def _restore_as(like, sharding):
     """What orbax restores a leaf into: its shards where `sharding` spreads it
     over several processes, else a host array."""
-    if (sharding is not None and jax.process_count() > 1 and not sharding.is_fully_replicated
-            and not sharding.is_fully_addressable):
+    if sharding is not None and _spread(sharding):
         return jax.ShapeDtypeStruct(np.shape(like), like.dtype, sharding=sharding)
     return np.zeros(np.shape(like), like.dtype)
 

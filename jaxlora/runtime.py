@@ -128,13 +128,10 @@ def initialize(cfg: RuntimeConfig) -> bool:
                           ("process_id", "JAX_PROCESS_ID")):
             value = os.environ.get(name, "").strip()
             if value:
-                try:
-                    given[key] = int(value)
-                except ValueError:
-                    given[key] = -1
-                if given[key] < 0:
+                if not value.isdecimal():  # what int() reads, signs aside
                     raise UserError(f"runtime.distributed: {name}={value!r} is not a "
                                     "whole number")
+                given[key] = int(value)
         try:
             jax.distributed.initialize(**given)
         except (RuntimeError, ValueError) as e:

@@ -191,9 +191,9 @@ def _dispatch(args, console: Console, stop) -> int:
         from runner.plan import plan
 
         figures = plan(recipe, args.recipe, console)
-        import jax
+        from runner.report import primary
 
-        if args.json and jax.process_index() == 0:
+        if args.json and primary():
             print(json.dumps(figures))
         return 0
     if args.command == "report":
@@ -227,8 +227,10 @@ def _dispatch(args, console: Console, stop) -> int:
             if args.fresh:
                 raise UserError(f"{target}: --fresh starts a new run from a recipe file; give "
                                 "the recipe instead of a run folder")
+            from runner.runs import LAYOUT
+
             for assignment in args.set:  # a run goes on with its own recipe
-                if not assignment.startswith("runtime."):
+                if not assignment.startswith(f"{LAYOUT}."):
                     raise UserError(f"--set {assignment}: a run folder resumes with its own "
                                     "recipe; only runtime.* (the device layout) may change")
             recipe = load_recipe(target / "recipe.toml", args.set)

@@ -73,8 +73,9 @@ def resume_target(recipe: Recipe, mode: Mode) -> Path | None:
     return None
 
 
-def check_resumable(run_dir: Path, recipe: Recipe) -> dict:
-    """The manifest of `run_dir` if `recipe` may go on there; a UserError otherwise."""
+def check_resumable(run_dir: Path, recipe: Recipe) -> tuple[dict, list[str]]:
+    """The manifest of `run_dir` and the recipe's changes of device layout, if
+    `recipe` may go on there; a UserError otherwise."""
     manifest = read_json(run_dir / "manifest.json")
     if manifest.get("status") == "finished":
         raise UserError(f"{run_dir}: the run finished; nothing to resume (`runner run RECIPE "
@@ -85,7 +86,7 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> dict:
         run_dir, manifest, recipe, "resuming needs the same recipe (only [runtime], the device "
                                    "layout, may change): undo the change, or pass --fresh to "
                                    "start a new run")
-    return {**manifest, "layout_changes": layout}
+    return manifest, layout
 
 
 def runtime_record(placement: runtime.Placement) -> dict:
@@ -142,7 +143,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     primary = report.primary()
     if run_dir is not None and primary:
         held.enter_context(lock_run(run_dir))
-    old = check_resumable(run_dir, recipe) if run_dir is not None else None
+    old, layout = check_resumable(run_dir, recipe) if run_dir is not None else (None, [])
     base = base_dir(old, run_dir) if old else recipe_base(recipe_path)
     model_dir = sources.resolve(recipe.model.source, "model", base)
     # Each base weight goes straight into its sharding: a process copies only
@@ -172,16 +173,16 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         shard = placement.shard_trainable
         with Checkpointer(run_dir / CHECKPOINTS) as checkpointer:
             # an array spread over the processes comes back straight into its shards
-            resumed, _ = checkpointer.restore(state, sharding=lambda s: dataclasses.replace(
-                s, trainable=placement.shardings(s.trainable, shard),
-                opt_state=placement.shardings(s.opt_state, shard),
+            resumed, _ = checkpointer.restore(state, shardings=dataclasses.replace(
+                state, trainable=placement.shardings(state.trainable, shard),
+                opt_state=placement.shardings(state.opt_state, shard),
                 dropout_key=placement.replicated()))
-        layout = old.pop("layout_changes")
         manifest = old
         # each session's devices: the top-level records are the first session's
         # environment and the current layout
+        manifest["runtime"] = runtime_record(placement)
         resumed_entry = {"from_step": resumed.step, "at": _now(),
-                         "runtime": runtime_record(placement)}
+                         "runtime": dict(manifest["runtime"])}  # a copy: the run adds to its own
         environment = report.environment()
         if environment != manifest.get("environment"):
             resumed_entry["environment"] = environment
@@ -190,7 +191,6 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
             manifest["recipe"], manifest["recipe_hash"] = canonical(recipe), recipe_hash(recipe)
             console.print(f"device layout changed: {'; '.join(layout)}")
         manifest.setdefault("resumed", []).append(resumed_entry)
-        manifest["runtime"] = runtime_record(placement)
         _keep_metrics_until(run_dir / "metrics.jsonl", resumed.step)
         console.print(f"resuming [bold]{run_dir}[/] from its checkpoint at step "
                       f"{resumed.step} of {steps}")

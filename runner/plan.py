@@ -25,6 +25,7 @@ from jaxlora import runtime, sources
 from jaxlora.lora import adapt
 from jaxlora.models.layers import set_remat
 from jaxlora.train import make_optimizer, step_batch
+from runner import report
 
 # What a layer keeps for the backward pass, in activation elements per token,
 # by remat policy (H hidden, I MLP inner, A heads x sequence length): the
@@ -128,7 +129,7 @@ def plan(recipe, recipe_path: Path, console: Console) -> dict:
 
     # As `runner run` does: on a pod every host plans, and the mesh spans them all.
     runtime.initialize(recipe.runtime)
-    if jax.process_index() != 0:  # process 0 speaks for all of them
+    if not report.primary():  # process 0 speaks for all of them
         console = Console(quiet=True)
     placement = runtime.make_placement(recipe.runtime,
                                        full_fine_tuning=recipe.adapter.method == "full")
@@ -175,13 +176,13 @@ def plan(recipe, recipe_path: Path, console: Console) -> dict:
     for what, value, how in rows:
         table.add_row(what, f"{value / 2**20:,.1f}", how)
     console.print(table)
-    cpu = jax.default_backend() == "cpu"
-    has = (f"the {(limit or 0) / 2**30:.1f} GiB of host RAM each of the "
-           f"{len(jax.local_devices())} CPU device(s) may use" if cpu else
-           f"the {(limit or 0) / 2**30:.1f} GiB each device has")
     if limit is None:
         console.print(f"device memory: not reported by the {jax.default_backend()} backend")
-    elif figures["total"] > 0.9 * limit:
+        return {**figures, "device_memory": limit}
+    has = (f"the {limit / 2**30:.1f} GiB of host RAM each of the {len(jax.local_devices())} "
+           "CPU device(s) may use" if jax.default_backend() == "cpu" else
+           f"the {limit / 2**30:.1f} GiB each device has")
+    if figures["total"] > 0.9 * limit:
         console.print(f"[bold yellow]warning:[/] about {figures['total'] / 2**30:.1f} GiB per "
                       f"device, more than 90% of {has}: it "
                       "will not fit. Try runtime.fsdp (shard the frozen weights), train.remat = "

@@ -141,11 +141,6 @@ def place(tree):
             for k, v in tree.items()}
 
 
-def shardings(state):
-    return replace(state, trainable={k: spread for k in state.trainable},
-                   opt_state={"count": whole}, dropout_key=whole)
-
-
 state = TrainState(trainable=place({"w": host["w"], "b": host["b"]}),
                    opt_state=place({"count": host["count"]}),
                    dropout_key=np.array([1, 2], np.uint32), step=3)
@@ -154,7 +149,9 @@ with Checkpointer(Path(sys.argv[1])) as checkpointer:
     checkpointer.save(state)
     meta = checkpointer.read_meta(3)
     assert meta["checksummed"] == ["['trainable']['b']", "['trainable']['w']"], meta
-    back, _ = checkpointer.restore(state, sharding=shardings)
+    back, _ = checkpointer.restore(state, shardings=replace(
+        state, trainable={k: spread for k in state.trainable}, opt_state={"count": whole},
+        dropout_key=whole))
 for name in ("w", "b"):
     assert back.trainable[name].sharding == spread  # straight into its shards
     assert to_host(back.trainable[name]).tobytes() == host[name].tobytes()

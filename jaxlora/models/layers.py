@@ -296,9 +296,9 @@ def _explicit_attention(q, k, v, mask, causal, window, rate, rng, block=None):
     first query's window start. Rows are whole in each block, so every
     probability is what the single product gives (dropout too: each block
     draws its elements' mask by their index in the whole (b, heads, q, k)
-    array, see `dropout`'s `index`). A query row with no visible key at all (a padded query) averages
-    the values of its block's key range instead of all keys; such rows are
-    padding and carry no loss.
+    array, see `dropout`'s `index`). A query row with no visible key at all (a
+    padded query) averages the values of its block's key range instead of all
+    keys; such rows are padding and carry no loss.
     """
     b, t, heads, d = q.shape
     s_len, kv_heads = k.shape[1], k.shape[2]
