@@ -10,9 +10,14 @@ numpy batches for sequence classification.
 
 Every example is padded on the right to `max_length` tokens, so the jitted
 step sees one shape and compiles once; `Split.batches` pads the last partial
-batch with rows of weight 0, so every example counts exactly once. Batch order
-is a pure function of (seed, epoch, start), so a resumed run sees exactly the
-batches it would have seen.
+batch with rows of weight 0, so every example counts exactly once. Row r of
+every batch of B rows draws from examples r, r + B, r + 2B, ... (see
+`Split`), so a process that feeds some rows of each batch (a host of a pod)
+tokenizes and holds only their examples (`Hosting`); the hosts agree on the
+rest (statistics, each batch's length bucket, packed row counts) through a
+small all-gather. Batch order is a pure function of (seed, epoch, start),
+the same on any devices and processes, so a resumed run sees exactly the
+batches it would have seen, on any layout.
 
 Rules for bad input, each a `UserError` naming the file and the column or row:
 unreadable, undecodable, empty or malformed files; missing columns or splits;
@@ -31,9 +36,10 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import functools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,9 +62,6 @@ MAX_LISTED_VALUES = 20
 # Independent random streams under one seed, so that changing one cap does not
 # reshuffle the eval carve or the other cap.
 _SPLIT_STREAM, _TRAIN_CAP_STREAM, _EVAL_CAP_STREAM = 0, 1, 2
-# With length buckets, training batches are drawn from length-sorted chunks of
-# this many batches: large enough to group lengths, small enough to stay random.
-LENGTH_GROUP = 50
 
 
 class DataConfig(pydantic.BaseModel):
@@ -159,12 +162,100 @@ class DataConfig(pydantic.BaseModel):
         return self
 
 
+@dataclass(frozen=True)
+class Hosting:
+    """How the batches of one split are laid out, and which of their rows this
+    process feeds (see `Split`). `held` None: every row (one process). `gather`
+    stacks a small integer array from every process, in process order, on every
+    process (None: this process alone)."""
+
+    rows: int
+    held: tuple[int, ...] | None = None
+    gather: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def held_rows(self) -> range | tuple[int, ...]:
+        return range(self.rows) if self.held is None else self.held
+
+    def combine(self, values: np.ndarray, how: Callable = np.sum) -> np.ndarray:
+        """`values` of every process reduced over the processes by `how`."""
+        values = np.asarray(values)
+        return values if self.gather is None else how(np.asarray(self.gather(values)), axis=0)
+
+    def agree(self, work: Callable[[], Any], limit: int = 2048) -> Any:
+        """`work()` on every process, where it may fail on some (each reads its
+        own share): whatever one raises stops all of them, the others with a
+        UserError carrying the message of the first process that failed,
+        instead of leaving them in a collective the failed one never joins."""
+        if self.gather is None:
+            return work()
+        failure, said = None, b""
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - the others must hear of any failure
+            failure = e
+            said = (str(e) if isinstance(e, UserError) else
+                    f"another process failed: {type(e).__name__}: {e}").encode()[:limit]
+            said = said or b"another process failed"
+        raw = np.zeros(limit, np.uint8)
+        raw[:len(said)] = np.frombuffer(said, np.uint8)
+        texts = [bytes(row[row > 0]).decode(errors="replace") for row in self.gather(raw)]
+        if failure is not None:
+            raise failure
+        first = next((text for text in texts if text), None)
+        if first is not None:
+            raise UserError(first)
+        return result
+
+
+def slot_order(size: int, sizes: np.ndarray | None) -> np.ndarray:
+    """The examples (0..size-1) in the order they are dealt to the rows of the
+    batches: stored order, or by `sizes` (a length every process knows,
+    shortest first, ties in stored order) so that every row gets the same mix
+    of lengths."""
+    return np.arange(size) if sizes is None else np.argsort(sizes, kind="stable")
+
+
+def slot_examples(order: np.ndarray, rows: int, slot: int) -> np.ndarray:
+    """The examples of `slot`, the `slot`-th row of every batch of `rows`:
+    every `rows`-th example of `order` (`slot_order`) from `slot` on."""
+    return order[slot::rows]
+
+
+def held_examples(order: np.ndarray, hosting: Hosting) -> np.ndarray:
+    """The examples a process reads and tokenizes: those of its rows, sorted."""
+    return np.sort(np.concatenate([slot_examples(order, hosting.rows, r)
+                                   for r in hosting.held_rows] or [np.zeros(0, np.int64)]))
+
+
+@dataclass
+class _Layout:
+    """One batch size's layout: the units a batch row is filled from (the
+    examples, or rows packed out of them), per held slot, and every slot's count."""
+
+    arrays: dict[str, np.ndarray]  # the units' token arrays
+    slots: dict[int, np.ndarray]  # held slot -> its units (indices into `arrays`), in order
+    counts: np.ndarray  # (rows,) units of every slot, held or not
+    lengths: np.ndarray  # real tokens of each unit
+
+
+TOKEN_ARRAYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")
+
+
 @dataclass(frozen=True, eq=False)
 class Split:
     """Tokenized examples, right-padded to a common length T.
 
     input_ids, attention_mask: (N, T) int32; labels: (N,) int32 class ids;
     buckets: shorter lengths a batch is cut to when all its examples fit.
+
+    Batches are laid out by row: the examples are dealt to the rows of the
+    batches like cards, row r of a batch of B rows taking every B-th example
+    from the r-th on (of the stored order; with buckets of the order by
+    `sizes`, so that every row gets the same mix of lengths). A process that
+    feeds some rows of each batch (a host of a pod) so reads and holds only
+    their examples: `index` then numbers the examples held here within the
+    whole split of `size`, and `hosting` says which rows they fill.
     """
 
     input_ids: np.ndarray
@@ -174,6 +265,14 @@ class Split:
     loss_mask: np.ndarray | None = None  # causal-lm: (N, T), 1 where a token is a target
     segment_ids: np.ndarray | None = None  # packed rows: (N, T), example number within a row
     positions: np.ndarray | None = None  # packed rows: (N, T), position within its example
+    packing: bool = False  # pack each row's examples (causal-lm training)
+    index: np.ndarray | None = None  # the held examples' numbers in the split (None: all)
+    size: int | None = None  # examples in the whole split (None: those held)
+    hosting: Hosting | None = None  # the batch size the held examples are for, and the rows
+    # With buckets: a length of every example of the whole split, the same on
+    # every process (the text's characters); None: the tokens, all held here.
+    sizes: np.ndarray | None = None
+    _layouts: dict = field(default_factory=dict, init=False, repr=False)  # batch size -> _Layout
 
     def __post_init__(self) -> None:
         if (self.input_ids.ndim != 2 or self.attention_mask.shape != self.input_ids.shape
@@ -184,11 +283,27 @@ class Split:
                              f"labels {self.labels.shape}")
 
     def __len__(self) -> int:
+        """Examples in the whole split (on every process alike)."""
+        return len(self.labels) if self.size is None else self.size
+
+    @property
+    def held(self) -> int:
+        """Examples this process holds."""
         return len(self.labels)
 
+    def order(self) -> np.ndarray:
+        """The examples in the order they are dealt to the rows (`slot_order`)."""
+        if not self.buckets:
+            return slot_order(len(self), None)
+        if self.sizes is None and self.index is not None:
+            raise ValueError("a split held in part needs the sizes of all its examples")
+        return slot_order(len(self), self.attention_mask.sum(axis=1)
+                          if self.sizes is None else self.sizes)
+
     def num_batches(self, batch_size: int) -> int:
-        """Batches per pass, the last one possibly partial."""
-        return -(-len(self) // batch_size)
+        """Batches per pass, the last ones possibly partial."""
+        counts = self._layout(batch_size).counts
+        return int(counts.max()) if len(counts) else 0
 
     def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 start: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -196,67 +311,119 @@ class Split:
 
         Keys: input_ids, attention_mask (batch_size, L) int32; labels
         (batch_size,) int32; weights (batch_size,) float32, 1 for an example and
-        0 for the padding rows that fill the last batch. L is the smallest
-        bucket that holds every example of the batch, else T. The order is
-        drawn from (seed, epoch) when `shuffle`, else the stored order (sorted
-        by length when there are buckets); `start` skips that many batches, to
-        resume mid-epoch.
+        0 for the padding rows that fill a row that has run out. L is the
+        smallest bucket that holds every example of the batch, else T.
+
+        Each row of the batches takes its own units (examples, or rows packed
+        from them), without `shuffle` in the order they were dealt (with
+        buckets, sorted by length), with `shuffle` in an order drawn from
+        (seed, epoch, row). With buckets, training rows take their units
+        bucket by bucket (randomly within a bucket), every row alike, and the
+        batches are shuffled by (seed, epoch): a batch holds examples of one
+        bucket, drawn at random from all of that bucket. Rows this process does
+        not feed stay zero. `start` skips that many batches, to resume
+        mid-epoch. The order depends on neither the devices nor the processes:
+        every layout trains on the same batches.
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= start <= self.num_batches(batch_size):
-            raise ValueError(f"start {start} is outside 0..{self.num_batches(batch_size)}")
-        for rows in self._batch_rows(batch_size, shuffle, seed, epoch)[start:]:
-            width = self._width(rows)
-            batch = {"input_ids": self.input_ids[rows, :width],
-                     "attention_mask": self.attention_mask[rows, :width],
-                     "labels": self.labels[rows],
-                     "weights": np.ones(len(rows), np.float32)}
-            for name in ("loss_mask", "segment_ids", "positions"):
-                if getattr(self, name) is not None:
-                    batch[name] = getattr(self, name)[rows, :width]
-            missing = batch_size - len(rows)
-            if missing:
-                pad_mask = np.zeros((missing, width), np.int32)
-                # One visible token, so no attention row is fully masked (NaN softmax).
-                pad_mask[:, 0] = 1
-                padding = {"input_ids": np.zeros((missing, width), np.int32),
-                           "attention_mask": pad_mask,
-                           "labels": np.zeros(missing, np.int32),
-                           "weights": np.zeros(missing, np.float32),
-                           "loss_mask": np.zeros((missing, width), np.int32),
-                           "segment_ids": np.zeros((missing, width), np.int32),
-                           "positions": np.zeros((missing, width), np.int32)}
-                batch = {k: np.concatenate([v, padding[k]]) for k, v in batch.items()}
+        layout = self._layout(batch_size)
+        steps = self.num_batches(batch_size)
+        if not 0 <= start <= steps:
+            raise ValueError(f"start {start} is outside 0..{steps}")
+        edges = np.array(list(self.buckets) + [self.input_ids.shape[1]])
+        units = np.full((steps, batch_size), -1)  # unit of each held row of each batch
+        for r, slot in layout.slots.items():
+            if shuffle:
+                slot = slot[np.random.default_rng([seed, epoch, 1 + r]).permutation(len(slot))]
+            if self.buckets:  # by bucket when training, by length when evaluating
+                key = np.searchsorted(edges, layout.lengths[slot]) if shuffle else \
+                    layout.lengths[slot]
+                slot = slot[np.argsort(key, kind="stable")]
+            units[:len(slot), r] = slot
+        order = np.arange(steps)
+        if shuffle and self.buckets:
+            order = np.random.default_rng([seed, epoch]).permutation(steps)
+        units = units[order]
+        real = order[:, None] < layout.counts[None, :]  # every row's, held or not
+        widths = self._widths(units, layout, edges)
+        for k in range(start, steps):
+            width, take = widths[k], units[k] >= 0
+            batch = {name: np.zeros((batch_size, width), np.int32)
+                     for name in TOKEN_ARRAYS if name in layout.arrays}
+            for name, values in batch.items():
+                values[take] = layout.arrays[name][units[k][take], :width]
+            # One visible token in a padding row, so no attention row is fully masked.
+            batch["attention_mask"][~real[k], 0] = 1
+            batch["labels"] = np.zeros(batch_size, np.int32)
+            batch["labels"][take] = layout.arrays["labels"][units[k][take]]
+            batch["weights"] = real[k].astype(np.float32)
             yield batch
 
-    def _batch_rows(self, batch_size: int, shuffle: bool, seed: int,
-                    epoch: int) -> list[np.ndarray]:
-        """The row indices of each batch, in order; only the last may be short."""
-        n = len(self)
+    def _widths(self, units: np.ndarray, layout: _Layout, edges: np.ndarray) -> np.ndarray:
+        """Each batch's width: the smallest bucket holding its longest example
+        (over the rows of every process), else T."""
         if not self.buckets:
-            order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-            return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-        lengths = self.attention_mask.sum(axis=1)
-        if not shuffle:  # eval: sorted by length, so most batches fit a short bucket
-            order = np.argsort(lengths, kind="stable")
-            return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-        # Training: random chunks of LENGTH_GROUP batches, sorted by length inside
-        # each chunk, cut into batches, batches shuffled (as transformers'
-        # group_by_length): batches stay random but hold similar lengths.
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(n)
-        chunk = batch_size * LENGTH_GROUP
-        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
-                                for c in np.split(order, range(chunk, n, chunk))])
-        full, rest = divmod(n, batch_size)
-        batches = [order[i * batch_size:(i + 1) * batch_size] for i in rng.permutation(full)]
-        return batches + ([order[full * batch_size:]] if rest else [])
+            return np.full(len(units), edges[-1])
+        lengths = np.append(layout.lengths, 0)  # unit -1: no example
+        longest = lengths[units].max(axis=1, initial=0)
+        longest = self._hosting(units.shape[1]).combine(longest, np.max)
+        return edges[np.searchsorted(edges, longest)]
 
-    def _width(self, rows: np.ndarray) -> int:
-        """The smallest bucket holding the longest example in `rows`, else T."""
-        longest = int(self.attention_mask[rows].sum(axis=1).max())
-        return next((b for b in self.buckets if b >= longest), self.input_ids.shape[1])
+    def _hosting(self, batch_size: int) -> Hosting:
+        if self.hosting is None:
+            return Hosting(batch_size)
+        if self.hosting.rows != batch_size:
+            raise ValueError(f"this process holds the examples of batches of "
+                             f"{self.hosting.rows} rows, not {batch_size}")
+        return self.hosting
+
+    def _layout(self, batch_size: int) -> _Layout:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if batch_size in self._layouts:
+            return self._layouts[batch_size]
+        hosting = self._hosting(batch_size)
+        index = np.arange(self.held) if self.index is None else self.index
+        arrays = {name: getattr(self, name) for name in TOKEN_ARRAYS + ("labels",)
+                  if getattr(self, name) is not None}
+        order = self.order()
+        slots = {}
+        for r in hosting.held_rows:
+            members = slot_examples(order, batch_size, r)
+            local = np.searchsorted(index, members)
+            if (local >= len(index)).any() or not np.array_equal(index[local], members):
+                raise ValueError(f"row {r} of a batch needs examples this process lacks")
+            slots[r] = local
+        counts = np.array([len(slot_examples(order, batch_size, r)) for r in range(batch_size)])
+        if self.packing:
+            arrays, slots = _pack_slots(arrays, slots)
+            mine = np.full(batch_size, -1)
+            for r, slot in slots.items():
+                mine[r] = len(slot)
+            counts = hosting.combine(mine, np.max)
+        lengths = arrays["attention_mask"].sum(axis=1)
+        self._layouts[batch_size] = _Layout(arrays, slots, counts, lengths)
+        return self._layouts[batch_size]
+
+    def head(self, n: int) -> Split:
+        """The first `n` examples of a split this process holds whole."""
+        if self.index is not None:
+            raise ValueError("this process holds only part of the split")
+        return Split(**{name: getattr(self, name)[:n] for name in TOKEN_ARRAYS + ("labels",)
+                        if getattr(self, name) is not None}, buckets=self.buckets)
+
+
+def _pack_slots(arrays: dict[str, np.ndarray], slots: dict[int, np.ndarray]
+                ) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
+    """Each row's examples packed, in their order, into packed rows of its own:
+    the packed rows' arrays, and each row's packed rows (indices into them)."""
+    names = ("input_ids", "attention_mask", "loss_mask")
+    parts = [_pack_arrays({name: arrays[name][slot] for name in names})
+             for slot in slots.values()] or [_pack_arrays({n: arrays[n][:0] for n in names})]
+    starts = np.cumsum([0] + [len(part["labels"]) for part in parts])
+    packed = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return packed, {r: np.arange(starts[i], starts[i + 1]) for i, r in enumerate(slots)}
 
 
 @dataclass(frozen=True)
@@ -282,16 +449,48 @@ class PreparedData:
     train: Split
     eval: Split
     stats: DataStats
+    prompts: Split | None = None  # causal-lm: the first eval examples, for greedy decoding
 
 
 def prepare(cfg: DataConfig, tokenizer: Any, *, task: str = "classification",
-            base_dir: Path | None = None, cache_dir: Path | None = None) -> PreparedData:
+            base_dir: Path | None = None, cache_dir: Path | None = None,
+            train_hosting: Hosting | None = None, eval_hosting: Hosting | None = None,
+            prompts: int = 0) -> PreparedData:
     """Load, filter, split, cap and tokenize `cfg.source` (see the module docstring).
 
     `tokenizer` is a transformers fast tokenizer; `base_dir` anchors relative
     local sources (the recipe's folder); `cache_dir` is the `datasets` cache
     (default: HF_DATASETS_CACHE as read when `datasets` was imported).
+
+    `train_hosting` and `eval_hosting` give the batch sizes and the rows of each
+    batch this process feeds: it tokenizes and holds only their examples (every
+    one without them), and the statistics are summed over the processes. The
+    first `prompts` eval examples are held whole for greedy decoding. Bad
+    input in any process's share stops every process with its message.
     """
+    def read() -> PreparedData:
+        return _read(cfg, tokenizer, task, base_dir, cache_dir, train_hosting, eval_hosting,
+                     prompts)
+
+    data = read() if train_hosting is None else train_hosting.agree(read)
+    # Every process has read its share: now what depends on all of them.
+    stats = data.stats
+    counts = {"truncated": dict(stats.truncated), "target_tokens": dict(stats.target_tokens)}
+    keys = [(kind, split) for kind, values in counts.items() for split in values]
+    for (kind, split), total in zip(keys, _summed(train_hosting, *(counts[k][s] for k, s in keys))):
+        counts[kind][split] = total
+    packed = None
+    if data.train.packing and train_hosting is not None:  # every row's packed rows
+        packed = int(data.train._layout(train_hosting.rows).counts.sum())
+    return dataclasses.replace(data, stats=dataclasses.replace(stats, **counts,
+                                                               packed_rows=packed))
+
+
+def _read(cfg: DataConfig, tokenizer: Any, task: str, base_dir: Path | None,
+          cache_dir: Path | None, train_hosting: Hosting | None, eval_hosting: Hosting | None,
+          prompts: int) -> PreparedData:
+    """`prepare` up to what needs the other processes: the statistics count
+    this process's share only."""
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer; the model folder "
                         "needs a tokenizer.json")
@@ -301,7 +500,8 @@ def prepare(cfg: DataConfig, tokenizer: Any, *, task: str = "classification",
         splits = _load(path, fmt, cfg.encoding, cache_dir)
         train_ds = _get_split(splits, cfg.train_split, path)
         if task == "causal-lm":
-            return _prepare_lm(cfg, tokenizer, splits, train_ds, path, fmt)
+            return _prepare_lm(cfg, tokenizer, splits, train_ds, path, fmt, train_hosting,
+                               eval_hosting, prompts)
         train_ids, dropped = _read_split(train_ds, cfg, path, cfg.train_split)
         if cfg.eval_split is not None:
             eval_ds = _get_split(splits, cfg.eval_split, path)
@@ -314,13 +514,15 @@ def prepare(cfg: DataConfig, tokenizer: Any, *, task: str = "classification",
         train_rows = _cap(train_rows, cfg.max_train_examples, [cfg.seed, _TRAIN_CAP_STREAM])
         eval_rows = _cap(eval_rows, cfg.max_eval_examples, [cfg.seed, _EVAL_CAP_STREAM])
         _check_two_classes(train_ids[train_rows], cfg.labels, path)
-        train, train_cut = _tokenize(train_ds, train_rows, train_ids, tokenizer, cfg, path)
-        eval_, eval_cut = _tokenize(eval_ds, eval_rows, eval_ids, tokenizer, cfg, path)
+        train, train_cut = _tokenize(train_ds, train_rows, train_ids, tokenizer, cfg, path,
+                                     train_hosting)
+        eval_, eval_cut = _tokenize(eval_ds, eval_rows, eval_ids, tokenizer, cfg, path,
+                                    eval_hosting)
     stats = DataStats(
         source=str(path), format=fmt, label_names=list(cfg.labels),
         train_size=len(train), eval_size=len(eval_),
-        label_counts={"train": _counts(train.labels, cfg.labels),
-                      "eval": _counts(eval_.labels, cfg.labels)},
+        label_counts={"train": _counts(train_ids[train_rows], cfg.labels),
+                      "eval": _counts(eval_ids[eval_rows], cfg.labels)},
         dropped=dict(sorted(dropped.items())),
         truncated={"train": train_cut, "eval": eval_cut})
     return PreparedData(train=train, eval=eval_, stats=stats)
@@ -507,16 +709,44 @@ def _check_two_classes(ids: np.ndarray, labels: list[str], path: Path) -> None:
                         "at least two (check labels, label_column and max_train_examples)")
 
 
+def _summed(hosting: Hosting | None, *counts: int) -> list[int]:
+    """Counts of every process, added up."""
+    if hosting is None:
+        return list(counts)
+    return [int(n) for n in hosting.combine(np.array(counts, np.int64))]
+
+
+def _held(ds: Any, rows: np.ndarray, hosting: Hosting | None, cfg: DataConfig,
+          columns: list[str]) -> tuple[np.ndarray, dict]:
+    """The `rows` (a split's, in order) this process tokenizes, and the Split
+    fields that say which they are. With buckets the rows are dealt by the
+    characters of their texts (`columns`), which every process counts alike."""
+    fields = {}
+    if cfg.length_buckets:
+        import pyarrow.compute as pc
+
+        sizes = np.zeros(len(rows), np.int64)
+        for column in columns:
+            chars = pc.fill_null(pc.utf8_length(ds.data.column(column)), 0)
+            sizes += chars.to_numpy()[rows]
+        fields["sizes"] = sizes
+    if hosting is None or hosting.held is None:
+        return rows, fields
+    index = held_examples(slot_order(len(rows), fields.get("sizes")), hosting)
+    return rows[index], {**fields, "index": index, "size": len(rows), "hosting": hosting}
+
+
 def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: DataConfig,
-              path: Path) -> tuple[Split, int]:
-    """Tokenize `rows` of `ds` with a cached `Dataset.map`; returns the Split and
-    how many examples were truncated."""
+              path: Path, hosting: Hosting | None = None) -> tuple[Split, int]:
+    """Tokenize this process's share (`_held`) of `rows` of `ds` with a cached
+    `Dataset.map`; returns the Split and how many examples were truncated."""
     import datasets
 
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32"), length=cfg.max_length),
         "attention_mask": datasets.Sequence(datasets.Value("int32"), length=cfg.max_length),
         "truncated": datasets.Value("bool")})
+    rows, held = _held(ds, rows, hosting, cfg, [cfg.text_column])
     subset = ds.select(rows)
     # A module-level function with bound arguments hashes stably, so datasets
     # reuses the cached result on the next run with the same inputs.
@@ -530,7 +760,7 @@ def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: D
         raise UserError(f"{path}: the text in data row {int(rows[empty[0]]) + 1} of column "
                         f"{cfg.text_column!r} gives no tokens")
     split = Split(input_ids=arrays["input_ids"].astype(np.int32), attention_mask=mask,
-                  labels=ids[rows], buckets=tuple(cfg.length_buckets))
+                  labels=ids[rows], buckets=tuple(cfg.length_buckets), **held)
     return split, int(arrays["truncated"].sum())
 
 
@@ -554,9 +784,11 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, column: str, max_l
 
 
 def _prepare_lm(cfg: DataConfig, tokenizer: Any, splits: Any, train_ds: Any, path: Path,
-                fmt: Format) -> PreparedData:
+                fmt: Format, train_hosting: Hosting | None, eval_hosting: Hosting | None,
+                prompts: int) -> PreparedData:
     """The causal-lm branch of `prepare`: texts (or prompt/response pairs) ->
-    token ids with a loss mask (1 where a token is a target)."""
+    token ids with a loss mask (1 where a token is a target); training
+    examples packed into rows per slot with `packing`."""
     if cfg.pairs and tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos token, which ends every response")
     columns = ([("prompt_column", cfg.prompt_column), ("response_column", cfg.response_column)]
@@ -579,30 +811,35 @@ def _prepare_lm(cfg: DataConfig, tokenizer: Any, splits: Any, train_ds: Any, pat
         train_rows, eval_rows = _carve(train_rows, cfg, path)
     train_rows = _cap(train_rows, cfg.max_train_examples, [cfg.seed, _TRAIN_CAP_STREAM])
     eval_rows = _cap(eval_rows, cfg.max_eval_examples, [cfg.seed, _EVAL_CAP_STREAM])
+    eval_name = cfg.eval_split or cfg.train_split
     train, train_cut = _tokenize_lm(train_ds, train_rows, tokenizer, cfg, path,
-                                    cfg.train_split)
-    eval_, eval_cut = _tokenize_lm(eval_ds, eval_rows, tokenizer, cfg, path,
-                                   cfg.eval_split or cfg.train_split)
+                                    cfg.train_split, train_hosting, packing=cfg.packing)
+    eval_, eval_cut = _tokenize_lm(eval_ds, eval_rows, tokenizer, cfg, path, eval_name,
+                                   eval_hosting)
     # the first token of an example is never predicted
     targets = {"train": int(train.loss_mask[:, 1:].sum()),
                "eval": int(eval_.loss_mask[:, 1:].sum())}
-    examples = len(train)
-    if cfg.packing:
-        train = pack(train)
-    stats = DataStats(source=str(path), format=fmt, label_names=[], train_size=examples,
+    head = None
+    if prompts:  # the prompts greedy decoding compares, held by every process
+        head = (eval_.head(prompts) if eval_.index is None else
+                _tokenize_lm(eval_ds, eval_rows[:prompts], tokenizer, cfg, path, eval_name)[0])
+    stats = DataStats(source=str(path), format=fmt, label_names=[], train_size=len(train),
                       eval_size=len(eval_), label_counts={}, dropped={},
-                      truncated={"train": train_cut, "eval": eval_cut}, target_tokens=targets,
-                      packed_rows=len(train) if cfg.packing else None)
-    return PreparedData(train=train, eval=eval_, stats=stats)
+                      truncated={"train": train_cut, "eval": eval_cut},
+                      target_tokens=targets)
+    return PreparedData(train=train, eval=eval_, stats=stats, prompts=head)
 
 
 def _tokenize_lm(ds: Any, rows: np.ndarray, tokenizer: Any, cfg: DataConfig,
-                 path: Path, split_name: str) -> tuple[Split, int]:
+                 path: Path, split_name: str, hosting: Hosting | None = None, *,
+                 packing: bool = False) -> tuple[Split, int]:
     import datasets
 
     width = datasets.Sequence(datasets.Value("int32"), length=cfg.max_length)
     features = datasets.Features({"input_ids": width, "attention_mask": width,
                                   "loss_mask": width, "truncated": datasets.Value("bool")})
+    columns = [cfg.prompt_column, cfg.response_column] if cfg.pairs else [cfg.text_column]
+    rows, held = _held(ds, rows, hosting, cfg, columns)
     subset = ds.select(rows)
     fn = functools.partial(tokenize_lm_batch, tokenizer=tokenizer, text_column=cfg.text_column,
                            prompt_column=cfg.prompt_column, response_column=cfg.response_column,
@@ -619,7 +856,7 @@ def _tokenize_lm(ds: Any, rows: np.ndarray, tokenizer: Any, cfg: DataConfig,
     split = Split(input_ids=arrays["input_ids"].astype(np.int32),
                   attention_mask=arrays["attention_mask"].astype(np.int32),
                   labels=np.zeros(len(rows), np.int32), buckets=tuple(cfg.length_buckets),
-                  loss_mask=loss_mask)
+                  loss_mask=loss_mask, packing=packing, **held)
     return split, int(arrays["truncated"].sum())
 
 
@@ -628,10 +865,17 @@ def pack(split: Split) -> Split:
     each row holds whole examples one after another; `segment_ids` numbers them
     (1, 2, ...; 0 is padding) so that attention stays within an example and no
     target crosses into the next, and `positions` restart at 0 for each."""
-    width = split.input_ids.shape[1]
-    lengths = split.attention_mask.sum(axis=1)
-    rows: list[list[int]] = [[]]
-    used = 0
+    return Split(buckets=split.buckets, **_pack_arrays(
+        {name: getattr(split, name) for name in ("input_ids", "attention_mask", "loss_mask")}))
+
+
+def _pack_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`pack` on arrays: input_ids, attention_mask, loss_mask in; the packed
+    rows' token arrays, segment_ids, positions and (zero) labels out."""
+    width = arrays["input_ids"].shape[1]
+    lengths = arrays["attention_mask"].sum(axis=1)
+    rows: list[list[int]] = []
+    used = width
     for i, n in enumerate(lengths):
         if used + n > width:
             rows.append([])
@@ -639,19 +883,19 @@ def pack(split: Split) -> Split:
         rows[-1].append(i)
         used += int(n)
     shape = (len(rows), width)
-    out = {name: np.zeros(shape, np.int32) for name in
-           ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")}
+    out = {name: np.zeros(shape, np.int32) for name in TOKEN_ARRAYS}
     for r, members in enumerate(rows):
         at = 0
         for segment, i in enumerate(members, start=1):
             n = int(lengths[i])
-            out["input_ids"][r, at:at + n] = split.input_ids[i, :n]
+            out["input_ids"][r, at:at + n] = arrays["input_ids"][i, :n]
             out["attention_mask"][r, at:at + n] = 1
-            out["loss_mask"][r, at:at + n] = split.loss_mask[i, :n]
+            out["loss_mask"][r, at:at + n] = arrays["loss_mask"][i, :n]
             out["segment_ids"][r, at:at + n] = segment
             out["positions"][r, at:at + n] = np.arange(n)
             at += n
-    return Split(labels=np.zeros(len(rows), np.int32), buckets=split.buckets, **out)
+    out["labels"] = np.zeros(len(rows), np.int32)
+    return out
 
 
 def tokenize_lm_batch(batch: dict[str, list], *, tokenizer: Any, text_column: str,

@@ -35,18 +35,19 @@ class EvalConfig(BaseModel):
 
 def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification", placement=None):
     """jit'd (trainable, frozen, batch) -> per-example outputs, no dropout:
-    classification (logits, loss); causal-lm (summed target-token loss, target
-    tokens). With a `placement` (jaxlora.runtime) the outputs come back
-    replicated, so every process can read them; give it to `evaluate` too."""
+    classification (logits, loss, labels, weights); causal-lm (summed
+    target-token loss, target tokens, labels, weights). With a `placement`
+    (jaxlora.runtime) the outputs come back replicated, so every process reads
+    every row's, those another process fed included; give it to `evaluate` too."""
 
     def step(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
         logits = model(batch["input_ids"], batch["attention_mask"]).astype("float32")
         if task == "causal-lm":
             nll, counts = causal_lm_token_losses(logits, batch)
-            return (nll * counts).sum(-1), counts.sum(-1)
+            return (nll * counts).sum(-1), counts.sum(-1), batch["labels"], batch["weights"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        return logits, loss
+        return logits, loss, batch["labels"], batch["weights"]
 
     if placement is None:
         return jit(step)
@@ -64,14 +65,15 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
 
     def collect(pending):
         # Read back one batch while the next is already queued on the device.
-        (first, second), batch = to_host(pending[0]), pending[1]
-        real = batch["weights"] > 0
+        # Labels and weights come from the device: a process holds only its rows.
+        first, second, classes, weights = to_host(pending)
+        real = weights > 0
         if task == "causal-lm":  # (summed loss, tokens) per example
             losses.append(first[real])
             labels.append(second[real])
         else:  # (logits, loss)
             predictions.append(np.argmax(first, -1)[real])
-            labels.append(batch["labels"][real])
+            labels.append(classes[real])
             losses.append(second[real])
         if bar is not None:
             progress.advance(bar)
@@ -79,7 +81,7 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
     pending = None
     for batch in split.batches(batch_size, shuffle=False):
         device_batch = batch if placement is None else placement.put_batch(batch)
-        dispatched = (eval_step(trainable, frozen, device_batch), batch)
+        dispatched = eval_step(trainable, frozen, device_batch)
         if pending is not None:
             collect(pending)
         pending = dispatched

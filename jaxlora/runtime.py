@@ -226,6 +226,18 @@ class Placement:
         spec = [("data", "fsdp")] + [None] * (ndim - 1)
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
 
+    def hosting(self, rows: int):
+        """A `jaxlora.data.Hosting`: the rows of a batch of `rows` that this
+        process's devices take (every row with one process), so that it reads
+        and tokenizes only their examples."""
+        from jaxlora.data import Hosting
+
+        if not self.multi_process:
+            return Hosting(rows)
+        where = self.batch_sharding(1).addressable_devices_indices_map((rows,))
+        held = sorted({r for (index,) in where.values() for r in range(*index.indices(rows))})
+        return Hosting(rows, tuple(held), gather)
+
     def put(self, tree: Any, shard: bool) -> Any:
         """Place `tree` (the same values on every process) on the mesh."""
         return jax.tree.map(lambda x: _global(x, self.array_sharding(np.shape(x), shard)), tree)
@@ -342,6 +354,16 @@ def agree_path(make: Callable[[], Any], *, new: bool = False) -> Any:
                         "every host must see output.dir at the same path (a shared filesystem: "
                         "NFS, a Filestore or gcsfuse mount)")
     return path
+
+
+def gather(values: np.ndarray) -> np.ndarray:
+    """`values` (a small array of the same shape everywhere) of every process,
+    stacked in process order, on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(values)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
 
 
 def every_process(flag: bool) -> list[bool]:

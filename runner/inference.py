@@ -19,12 +19,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from jaxlora.data import Split, prepare, prepare_eval, tokenize_batch
+from jaxlora.data import Hosting, Split, prepare, prepare_eval, tokenize_batch
 from jaxlora.evaluate import build_eval_step, evaluate
 from jaxlora.errors import UserError
 from runner import report
 from runner.pipeline import data_stats
 from jaxlora.lora import without_adapters
+from jaxlora.train import step_batch
 from runner.runs import OpenedRun, base_dir, require_same_data
 
 
@@ -34,8 +35,9 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
     recipe = opened.recipe
     where = base_dir(opened.manifest, opened.run_dir)
     if data is None:
+        # the train batch size: the packed rows (a statistic compared) are packed per batch row
         prepared = prepare(recipe.data, opened.tokenizer, task=recipe.model.task,
-                           base_dir=where)
+                           base_dir=where, train_hosting=Hosting(step_batch(recipe.train)))
         require_same_data(opened.run_dir, opened.manifest, data_stats(prepared.stats),
                           "the held-out set would not be the run's; pass --data to evaluate "
                           "on other data")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import jax
+import numpy as np
 from flax import nnx
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -41,7 +42,7 @@ from jaxlora.models.weights import Place
 from jaxlora.models.layers import resolve_attention, set_remat
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.tasks import STEP_LOSSES
-from jaxlora.train import Diverged, fit, init_state, plan
+from jaxlora.train import Diverged, fit, init_state, plan, step_batch
 from runner import report, xla_cache
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
 from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, is_run_dir, lock_run,
@@ -89,10 +90,16 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> tuple[dict, list[str]]:
     return manifest, layout
 
 
-def runtime_record(placement: runtime.Placement) -> dict:
-    """The manifest's record of the devices this session runs on."""
-    return {"processes": jax.process_count(), "mesh": dict(placement.mesh.shape),
-            "devices": placement.devices}
+def runtime_record(placement: runtime.Placement, held: np.ndarray | None = None) -> dict:
+    """The manifest's record of the devices this session runs on; with several
+    processes also how many train and eval examples each one read (`held`:
+    every process's (train, eval) counts)."""
+    record = {"processes": jax.process_count(), "mesh": dict(placement.mesh.shape),
+              "devices": placement.devices}
+    if held is not None and jax.process_count() > 1:
+        record["examples_per_process"] = {"train": [int(n) for n in held[:, 0]],
+                                          "eval": [int(n) for n in held[:, 1]]}
+    return record
 
 
 def recipe_base(recipe_path: Path) -> Path:
@@ -155,8 +162,13 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     if old:
         check_fingerprint(model_dir, model_fingerprint, old, run_dir)
     tokenizer = load_tokenizer(model_dir)
-    data = prepare(recipe.data, tokenizer, task=recipe.model.task,
-                   base_dir=base)
+    # Each process reads and tokenizes only the examples of its own batch rows;
+    # bad data in one process's share stops them all.
+    prompts = recipe.eval.exact_match_examples if recipe.data.pairs else 0
+    data = prepare(recipe.data, tokenizer, task=recipe.model.task, base_dir=base,
+                   train_hosting=placement.hosting(step_batch(recipe.train)),
+                   eval_hosting=placement.hosting(recipe.eval.batch_size), prompts=prompts)
+    shares = runtime.gather(np.array([data.train.held, data.eval.held]))
     stats = data_stats(data.stats)
     if old:
         require_same_data(run_dir, old, stats, "resuming needs the same data: restore it, or "
@@ -180,7 +192,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         manifest = old
         # each session's devices: the top-level records are the first session's
         # environment and the current layout
-        manifest["runtime"] = runtime_record(placement)
+        manifest["runtime"] = runtime_record(placement, shares)
         resumed_entry = {"from_step": resumed.step, "at": _now(),
                          "runtime": dict(manifest["runtime"])}  # a copy: the run adds to its own
         environment = report.environment()
@@ -204,7 +216,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         manifest = {"status": "running", "recipe_hash": recipe_hash(recipe),
                     "recipe_file": str(recipe_path.resolve()), "base_dir": str(base),
                     "recipe": canonical(recipe), "environment": report.environment(),
-                    "runtime": runtime_record(placement)}
+                    "runtime": runtime_record(placement, shares)}
         manifest["model"] = {"source": str(model_dir), "fingerprint": model_fingerprint,
                              "trainable_params": count_params(trainable),
                              "total_params": base_params + count_params(
@@ -294,7 +306,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                 events.train(record)
 
         def on_evaluate(step: int, trainable) -> None:
-            metrics = _evaluate(recipe, eval_step, graphdef, trainable, frozen, data.eval,
+            metrics = _evaluate(recipe, eval_step, graphdef, trainable, frozen, data,
                                 progress, f"eval at step {step}", tokenizer, position_limit,
                                 placement, during_training=True)
             write({"step": step, "eval": report.scalars(metrics)})
@@ -306,7 +318,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
             before = _evaluate(recipe, eval_step, graphdef,
                                placement.put(without_adapters(state.trainable),
                                              placement.shard_trainable),
-                               frozen, data.eval, progress, "eval before", tokenizer, position_limit,
+                               frozen, data, progress, "eval before", tokenizer, position_limit,
                                placement)
             report.write_json(evals_path, {"before": before})
             if events is not None:
@@ -320,7 +332,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                          should_stop=stop.requested, progress=progress, placement=placement)
         if stop.requested():  # during training, or just as it ended
             raise Interrupted(stop.signum)
-        after = _evaluate(recipe, eval_step, graphdef, result.trainable, frozen, data.eval,
+        after = _evaluate(recipe, eval_step, graphdef, result.trainable, frozen, data,
                           progress, "eval after", tokenizer, position_limit, placement)
         if events is not None:
             events.eval(result.steps, after)
@@ -354,19 +366,21 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
     return run_dir
 
 
-def _evaluate(recipe, eval_step, graphdef, trainable, frozen, split, progress, description,
+def _evaluate(recipe, eval_step, graphdef, trainable, frozen, data, progress, description,
               tokenizer, position_limit, placement, *, during_training: bool = False) -> dict:
     """The task's metrics of one model on the eval split; for prompt/response
-    data also the exact match of greedy completions, except `during_training`
-    (the periodic evaluations: loss curve points, their progress bar removed)."""
+    data also the exact match of greedy completions of its first prompts, except
+    `during_training` (the periodic evaluations: loss curve points, their
+    progress bar removed)."""
     task = recipe.model.task
-    metrics = evaluate(eval_step, trainable, frozen, split, batch_size=recipe.eval.batch_size,
+    metrics = evaluate(eval_step, trainable, frozen, data.eval,
+                       batch_size=recipe.eval.batch_size,
                        label_names=list(recipe.data.labels or []), progress=progress,
                        description=description, task=task, placement=placement,
                        keep_bar=not during_training)
     if task == "causal-lm" and recipe.data.pairs and recipe.eval.exact_match_examples \
             and not during_training:
-        metrics.update(exact_match(graphdef, trainable, frozen, split,
+        metrics.update(exact_match(graphdef, trainable, frozen, data.prompts,
                                    examples=recipe.eval.exact_match_examples,
                                    eos_id=tokenizer.eos_token_id,
                                    pad_id=tokenizer.pad_token_id or 0,

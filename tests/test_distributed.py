@@ -20,7 +20,7 @@ import pytest
 from jaxlora.models import weights
 from test_causal_lm import PAIRS, RECIPE
 from test_cli import runner_here
-from tiny_models import tiny_decoder_dir, write_qa
+from tiny_models import qa_rows, tiny_decoder_dir
 
 
 def _free_port() -> int:
@@ -54,12 +54,19 @@ def _two_processes(workdirs: list) -> tuple[list, list]:
 
 def _lm_workdir(workdir):
     tiny_decoder_dir(workdir / "model", "llama-gqa-rope3")
-    write_qa(workdir / "data.jsonl")
     recipe = RECIPE.format(data=PAIRS, adapter='method = "lora"\nrank = 8\n'
                                               'targets = "all-linear"')
     # 100 training examples, 8 a step over 4 devices: 13 steps, a record every 5 and at the end
     recipe = recipe.replace("epochs = 4", "epochs = 1").replace(
         "batch_size = 10", "batch_size = 8").replace("learning_rate = 5e-3", "learning_rate = 2e-2")
+    # Half the prompts two words shorter (11 tokens, not 13): batches that hold only those
+    # are cut to the 12-token bucket, the width agreed by both processes, each of which
+    # sees only its own rows.
+    rows = qa_rows()
+    for row in rows[::2]:
+        row["prompt"] = row["prompt"].replace("what is ", "")
+    (workdir / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = recipe.replace("max_length = 16", "max_length = 16\nlength_buckets = [12]")
     (workdir / "lm.toml").write_text(recipe)
     return workdir
 
@@ -78,6 +85,10 @@ def test_two_processes_train_together_like_one(tmp_path):
     manifest = json.loads((together / "manifest.json").read_text())
     assert manifest["runtime"]["processes"] == 2
     assert manifest["runtime"]["mesh"] == {"data": 2, "fsdp": 2}
+    # each process read and tokenized only the examples of its own batch rows
+    shares = manifest["runtime"]["examples_per_process"]
+    assert sum(shares["train"]) == 100 and max(shares["train"]) <= 52
+    assert sum(shares["eval"]) == 20 and max(shares["eval"]) <= 12
     # hashed by process 0 alone, and shared: the files' own fingerprint
     assert manifest["model"]["fingerprint"] == weights.fingerprint(workdir / "model")
     assert (together / "checkpoints" / "13").is_dir()
@@ -110,6 +121,25 @@ def test_hosts_that_do_not_share_the_output_folder_stop_with_one_message(tmp_pat
     # process 0 took back the run folder it had made: nothing but empty parents
     assert list((tmp_path / "host0" / "runs" / "lm").iterdir()) == []
     assert not (tmp_path / "host1" / "runs").exists()
+
+
+@pytest.mark.distributed
+def test_a_bad_row_in_one_hosts_share_stops_every_host(tmp_path):
+    """Each process tokenizes only its own rows' examples, so only one of them
+    meets the one bad row (a prompt that fills max_length, leaving no token to
+    learn); both stop with its message, exit 2, before any run folder."""
+    workdir = _lm_workdir(tmp_path)
+    rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()]
+    rows[57]["prompt"] = " ".join(["the cat"] * 10)
+    (workdir / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = (workdir / "lm.toml").read_text()  # no greedy prompts: those every process reads
+    (workdir / "lm.toml").write_text(recipe.replace("[eval]\n", "[eval]\nexact_match_examples = 0\n"))
+    processes, outputs = _two_processes([workdir, workdir])
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 2, err[-3000:]
+        assert "data row 58 of split 'train' leaves no token to learn" in " ".join(err.split())
+        assert "Traceback" not in err + out
+    assert not (workdir / "runs").exists()
 
 
 SPREAD_CHECKPOINT = """
