@@ -62,6 +62,9 @@ MAX_LISTED_VALUES = 20
 # Independent random streams under one seed, so that changing one cap does not
 # reshuffle the eval carve or the other cap.
 _SPLIT_STREAM, _TRAIN_CAP_STREAM, _EVAL_CAP_STREAM = 0, 1, 2
+# The batch order `Split.batches` gives, named in the statistics so that a run
+# made with another one is not resumed in an order it did not start with.
+ORDER = "examples dealt to batch rows"
 
 
 class DataConfig(pydantic.BaseModel):
@@ -104,8 +107,9 @@ class DataConfig(pydantic.BaseModel):
     # Keep at most this many eval rows (a seeded random subset).
     max_eval_examples: int | None = Field(None, gt=0)
     # Shorter padded lengths a batch may use when all its examples fit (max_length is
-    # always one); each is one more compilation, and training batches are then drawn
-    # from length-sorted chunks so that they fill a short bucket. [] = always max_length.
+    # always one); each is one more compilation, and each row of the training batches
+    # then takes its examples bucket by bucket, so that batches fill a short bucket.
+    # [] = always max_length.
     length_buckets: list[int] = []
     # Seed of the eval carve and of the caps.
     seed: int = Field(0, ge=0)
@@ -192,8 +196,8 @@ class Hosting:
         failure, said = None, b""
         try:
             result = work()
-        except Exception as e:  # noqa: BLE001 - the others must hear of any failure
-            failure = e
+        except BaseException as e:  # noqa: BLE001 - the others must hear of any failure
+            failure = e  # (a Ctrl-C on one host included)
             said = (str(e) if isinstance(e, UserError) else
                     f"another process failed: {type(e).__name__}: {e}").encode()[:limit]
             said = said or b"another process failed"
@@ -317,11 +321,13 @@ class Split:
         Each row of the batches takes its own units (examples, or rows packed
         from them), without `shuffle` in the order they were dealt (with
         buckets, sorted by length), with `shuffle` in an order drawn from
-        (seed, epoch, row). With buckets, training rows take their units
+        (seed, epoch, row): a row never trades examples with another, only
+        their order changes. With buckets, training rows take their units
         bucket by bucket (randomly within a bucket), every row alike, and the
-        batches are shuffled by (seed, epoch): a batch holds examples of one
-        bucket, drawn at random from all of that bucket. Rows this process does
-        not feed stay zero. `start` skips that many batches, to resume
+        batches are shuffled by (seed, epoch): as every row got the same mix
+        of lengths, most batches hold examples of one bucket (rows whose
+        bucket counts differ mix two where they change). Rows this process
+        does not feed stay zero. `start` skips that many batches, to resume
         mid-epoch. The order depends on neither the devices nor the processes:
         every layout trains on the same batches.
         """
@@ -440,6 +446,8 @@ class DataStats:
     truncated: dict[str, int]               # {"train"|"eval": examples cut to max_length}
     target_tokens: dict[str, int] = field(default_factory=dict)  # causal-lm: loss tokens
     packed_rows: int | None = None  # causal-lm with packing: training rows after packing
+    # How examples become batches (`Split`); a run resumes only with the same.
+    order: str = ORDER
 
 
 @dataclass(frozen=True)
@@ -464,7 +472,8 @@ def prepare(cfg: DataConfig, tokenizer: Any, *, task: str = "classification",
 
     `train_hosting` and `eval_hosting` give the batch sizes and the rows of each
     batch this process feeds: it tokenizes and holds only their examples (every
-    one without them), and the statistics are summed over the processes. The
+    one without them), and the statistics are summed over the processes
+    (`packed_rows`, which depends on the batch size, only with `train_hosting`). The
     first `prompts` eval examples are held whole for greedy decoding. Bad
     input in any process's share stops every process with its message.
     """
@@ -736,6 +745,18 @@ def _held(ds: Any, rows: np.ndarray, hosting: Hosting | None, cfg: DataConfig,
     return rows[index], {**fields, "index": index, "size": len(rows), "hosting": hosting}
 
 
+def _mapped(subset: Any, fn: Callable, features: Any) -> dict[str, np.ndarray]:
+    """`fn` over the rows of `subset` (a cached `Dataset.map`) as numpy arrays;
+    for no rows (a process whose batch rows get no example) arrays of no rows."""
+    import datasets
+
+    if len(subset) == 0:
+        return {name: np.zeros((0, f.length) if isinstance(f, datasets.Sequence) else 0, np.int32)
+                for name, f in features.items()}
+    return subset.map(fn, batched=True, remove_columns=subset.column_names,
+                      features=features).with_format("numpy")[:]
+
+
 def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: DataConfig,
               path: Path, hosting: Hosting | None = None) -> tuple[Split, int]:
     """Tokenize this process's share (`_held`) of `rows` of `ds` with a cached
@@ -753,8 +774,7 @@ def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: D
     fn = functools.partial(tokenize_batch, tokenizer=tokenizer, column=cfg.text_column,
                            max_length=cfg.max_length,
                            pad_id=tokenizer.pad_token_id or 0)
-    arrays = subset.map(fn, batched=True, remove_columns=subset.column_names,
-                        features=features).with_format("numpy")[:]
+    arrays = _mapped(subset, fn, features)
     mask = arrays["attention_mask"].astype(np.int32)
     if (empty := np.flatnonzero(mask.sum(axis=1) == 0)).size:
         raise UserError(f"{path}: the text in data row {int(rows[empty[0]]) + 1} of column "
@@ -845,8 +865,7 @@ def _tokenize_lm(ds: Any, rows: np.ndarray, tokenizer: Any, cfg: DataConfig,
                            prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                            template=cfg.template, max_length=cfg.max_length,
                            pad_id=tokenizer.pad_token_id or 0, eos_id=tokenizer.eos_token_id)
-    arrays = subset.map(fn, batched=True, remove_columns=subset.column_names,
-                        features=features).with_format("numpy")[:]
+    arrays = _mapped(subset, fn, features)
     loss_mask = arrays["loss_mask"].astype(np.int32)
     if (empty := np.flatnonzero(loss_mask[:, 1:].sum(axis=1) == 0)).size:
         raise UserError(f"{path}: data row {int(rows[empty[0]]) + 1} of split {split_name!r} "

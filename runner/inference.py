@@ -19,13 +19,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from jaxlora.data import Hosting, Split, prepare, prepare_eval, tokenize_batch
+from jaxlora.data import Split, prepare, prepare_eval, tokenize_batch
 from jaxlora.evaluate import build_eval_step, evaluate
 from jaxlora.errors import UserError
 from runner import report
 from runner.pipeline import data_stats
 from jaxlora.lora import without_adapters
-from jaxlora.train import step_batch
 from runner.runs import OpenedRun, base_dir, require_same_data
 
 
@@ -35,12 +34,12 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
     recipe = opened.recipe
     where = base_dir(opened.manifest, opened.run_dir)
     if data is None:
-        # the train batch size: the packed rows (a statistic compared) are packed per batch row
         prepared = prepare(recipe.data, opened.tokenizer, task=recipe.model.task,
-                           base_dir=where, train_hosting=Hosting(step_batch(recipe.train)))
+                           base_dir=where)
+        # how the training examples were batched does not change the held-out set
         require_same_data(opened.run_dir, opened.manifest, data_stats(prepared.stats),
                           "the held-out set would not be the run's; pass --data to evaluate "
-                          "on other data")
+                          "on other data", ignore=("packed_rows", "order"))
         examples = prepared.eval
         read = {"source": opened.manifest.get("data", {}).get("source", recipe.data.source),
                 "split": "the recipe's eval split", "rows": len(examples)}

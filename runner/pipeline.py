@@ -171,6 +171,10 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     shares = runtime.gather(np.array([data.train.held, data.eval.held]))
     stats = data_stats(data.stats)
     if old:
+        if "order" not in old.get("data", {}):  # made before examples were dealt to rows
+            raise UserError(f"{run_dir}: made by an earlier jaxlora, which ordered the "
+                            "batches otherwise: resumed, it would repeat some examples of its "
+                            "epoch and skip others; pass --fresh to train it anew")
         require_same_data(run_dir, old, stats, "resuming needs the same data: restore it, or "
                                                "pass --fresh")
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing

@@ -135,12 +135,15 @@ def require_checkpoint(run_dir: Path, advice: str) -> list[int]:
     return steps
 
 
-def require_same_data(run_dir: Path, manifest: dict, stats: dict, advice: str) -> None:
+def require_same_data(run_dir: Path, manifest: dict, stats: dict, advice: str,
+                      ignore: tuple[str, ...] = ()) -> None:
     """Refuse data whose statistics (path, sizes, label counts, ...) differ from
-    the ones the run recorded, naming what differs."""
+    the ones the run recorded, naming what differs (`ignore`: keys that do not
+    matter to the caller)."""
     recorded = manifest.get("data")
     # keys the run did not record (made by an older version) are not compared
-    changed = ", ".join(k for k in sorted(recorded or {}) if recorded[k] != stats.get(k))
+    changed = ", ".join(k for k in sorted(recorded or {})
+                        if k not in ignore and recorded[k] != stats.get(k))
     if changed:
         raise UserError(f"{stats.get('source')}: the data differ from what run {run_dir} "
                         f"recorded ({changed}); {advice}")

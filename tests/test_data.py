@@ -345,6 +345,31 @@ def test_processes_that_hold_only_their_rows_build_the_same_batches(kind):
         assert sum(b["input_ids"].shape[1] < 16 for b in whole) > len(whole) // 4
 
 
+def test_a_process_reads_only_its_rows_examples_even_none(tmp_path, tokenizer):
+    """prepare() for a process feeding some rows of each batch tokenizes only
+    their examples; one whose rows get none (3 eval examples, batches of 8)
+    holds none, and still builds its (empty) rows of the batches."""
+    source = write_csv(tmp_path / "d.csv", ROWS)
+    cfg = DataConfig(source=str(source), labels=LABELS, eval_size=3, max_length=16,
+                     length_buckets=[8])
+
+    def twice(values):  # the all-gather of two processes alike
+        return np.stack([np.asarray(values)] * 2)
+
+    whole = prepare(cfg, tokenizer, cache_dir=tmp_path / "cache")
+    mine = prepare(cfg, tokenizer, cache_dir=tmp_path / "cache",
+                   train_hosting=Hosting(4, (1, 2), twice),
+                   eval_hosting=Hosting(8, (4, 5, 6, 7), twice))
+    assert (len(mine.train), mine.train.held) == (17, 8) and whole.train.held == 17
+    assert (len(mine.eval), mine.eval.held) == (3, 0)
+    assert mine.stats.label_counts == whole.stats.label_counts
+    [batch] = mine.eval.batches(8, shuffle=False)
+    np.testing.assert_array_equal(batch["weights"], [1, 1, 1, 0, 0, 0, 0, 0])
+    for mine_batch, whole_batch in zip(mine.train.batches(4, shuffle=True, seed=2),
+                                       whole.train.batches(4, shuffle=True, seed=2), strict=True):
+        np.testing.assert_array_equal(mine_batch["input_ids"][1:3], whole_batch["input_ids"][1:3])
+
+
 def test_packing_packs_each_row_of_the_batch_apart():
     split = lm_split(packing=True)
     batches = list(split.batches(8, shuffle=True, seed=0, epoch=0))

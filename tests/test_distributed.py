@@ -96,6 +96,8 @@ def test_two_processes_train_together_like_one(tmp_path):
     alone = runner_here("run", "lm.toml", "--fresh", cwd=workdir)
     assert alone.returncode == 0, alone.stderr[-2000:]
     single = [r for r in (workdir / "runs" / "lm").iterdir() if r != together][0]
+    # the statistics of the shares, added up, are those of the whole data
+    assert json.loads((single / "manifest.json").read_text())["data"] == manifest["data"]
     curves = [[json.loads(line)["loss"] for line in (r / "metrics.jsonl").read_text().splitlines()]
               for r in (together, single)]
     assert len(curves[0]) == 3 and curves[0] == pytest.approx(curves[1], rel=2e-4, abs=1e-5)

@@ -272,6 +272,17 @@ def test_refusals_leave_the_stopped_run_as_it_was(tmp_path, tiny_bert_dir):
     refused("run", "tiny.toml", expected="the data differ from what run")
     data.write_bytes(kept)
 
+    # a run made before examples were dealt to batch rows: its batches came otherwise
+    manifest_path = run / "manifest.json"
+    kept = manifest_path.read_bytes()
+    manifest = json.loads(kept)
+    del manifest["data"]["order"]
+    manifest_path.write_text(json.dumps(manifest))
+    snapshot = _snapshot(run)
+    refused("run", str(run), expected="made by an earlier jaxlora, which ordered the batches")
+    manifest_path.write_bytes(kept)
+    snapshot = _snapshot(run)
+
     config = workdir / "model" / "config.json"
     kept = config.read_bytes()
     config.write_bytes(kept + b"\n")
