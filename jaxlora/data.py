@@ -306,8 +306,7 @@ class Split:
 
     def num_batches(self, batch_size: int) -> int:
         """Batches per pass, the last ones possibly partial."""
-        counts = self._layout(batch_size).counts
-        return int(counts.max()) if len(counts) else 0
+        return int(self._layout(batch_size).counts.max())
 
     def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 start: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -331,8 +330,6 @@ class Split:
         mid-epoch. The order depends on neither the devices nor the processes:
         every layout trains on the same batches.
         """
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
         layout = self._layout(batch_size)
         steps = self.num_batches(batch_size)
         if not 0 <= start <= steps:
@@ -484,10 +481,9 @@ def prepare(cfg: DataConfig, tokenizer: Any, *, task: str = "classification",
     data = read() if train_hosting is None else train_hosting.agree(read)
     # Every process has read its share: now what depends on all of them.
     stats = data.stats
-    counts = {"truncated": dict(stats.truncated), "target_tokens": dict(stats.target_tokens)}
-    keys = [(kind, split) for kind, values in counts.items() for split in values]
-    for (kind, split), total in zip(keys, _summed(train_hosting, *(counts[k][s] for k, s in keys))):
-        counts[kind][split] = total
+    counts = {"truncated": stats.truncated, "target_tokens": stats.target_tokens}
+    totals = iter(_summed(train_hosting, *(n for part in counts.values() for n in part.values())))
+    counts = {kind: {split: next(totals) for split in part} for kind, part in counts.items()}
     packed = None
     if data.train.packing and train_hosting is not None:  # every row's packed rows
         packed = int(data.train._layout(train_hosting.rows).counts.sum())
@@ -725,7 +721,7 @@ def _summed(hosting: Hosting | None, *counts: int) -> list[int]:
     return [int(n) for n in hosting.combine(np.array(counts, np.int64))]
 
 
-def _held(ds: Any, rows: np.ndarray, hosting: Hosting | None, cfg: DataConfig,
+def _share(ds: Any, rows: np.ndarray, hosting: Hosting | None, cfg: DataConfig,
           columns: list[str]) -> tuple[np.ndarray, dict]:
     """The `rows` (a split's, in order) this process tokenizes, and the Split
     fields that say which they are. With buckets the rows are dealt by the
@@ -759,7 +755,7 @@ def _mapped(subset: Any, fn: Callable, features: Any) -> dict[str, np.ndarray]:
 
 def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: DataConfig,
               path: Path, hosting: Hosting | None = None) -> tuple[Split, int]:
-    """Tokenize this process's share (`_held`) of `rows` of `ds` with a cached
+    """Tokenize this process's share (`_share`) of `rows` of `ds` with a cached
     `Dataset.map`; returns the Split and how many examples were truncated."""
     import datasets
 
@@ -767,7 +763,7 @@ def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: D
         "input_ids": datasets.Sequence(datasets.Value("int32"), length=cfg.max_length),
         "attention_mask": datasets.Sequence(datasets.Value("int32"), length=cfg.max_length),
         "truncated": datasets.Value("bool")})
-    rows, held = _held(ds, rows, hosting, cfg, [cfg.text_column])
+    rows, share = _share(ds, rows, hosting, cfg, [cfg.text_column])
     subset = ds.select(rows)
     # A module-level function with bound arguments hashes stably, so datasets
     # reuses the cached result on the next run with the same inputs.
@@ -780,7 +776,7 @@ def _tokenize(ds: Any, rows: np.ndarray, ids: np.ndarray, tokenizer: Any, cfg: D
         raise UserError(f"{path}: the text in data row {int(rows[empty[0]]) + 1} of column "
                         f"{cfg.text_column!r} gives no tokens")
     split = Split(input_ids=arrays["input_ids"].astype(np.int32), attention_mask=mask,
-                  labels=ids[rows], buckets=tuple(cfg.length_buckets), **held)
+                  labels=ids[rows], buckets=tuple(cfg.length_buckets), **share)
     return split, int(arrays["truncated"].sum())
 
 
@@ -859,7 +855,7 @@ def _tokenize_lm(ds: Any, rows: np.ndarray, tokenizer: Any, cfg: DataConfig,
     features = datasets.Features({"input_ids": width, "attention_mask": width,
                                   "loss_mask": width, "truncated": datasets.Value("bool")})
     columns = [cfg.prompt_column, cfg.response_column] if cfg.pairs else [cfg.text_column]
-    rows, held = _held(ds, rows, hosting, cfg, columns)
+    rows, share = _share(ds, rows, hosting, cfg, columns)
     subset = ds.select(rows)
     fn = functools.partial(tokenize_lm_batch, tokenizer=tokenizer, text_column=cfg.text_column,
                            prompt_column=cfg.prompt_column, response_column=cfg.response_column,
@@ -875,7 +871,7 @@ def _tokenize_lm(ds: Any, rows: np.ndarray, tokenizer: Any, cfg: DataConfig,
     split = Split(input_ids=arrays["input_ids"].astype(np.int32),
                   attention_mask=arrays["attention_mask"].astype(np.int32),
                   labels=np.zeros(len(rows), np.int32), buckets=tuple(cfg.length_buckets),
-                  loss_mask=loss_mask, packing=packing, **held)
+                  loss_mask=loss_mask, packing=packing, **share)
     return split, int(arrays["truncated"].sum())
 
 

@@ -33,7 +33,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 
 from jaxlora import runtime, sources
 from jaxlora.checkpoint import Checkpointer, CheckpointWriteError
-from jaxlora.data import prepare
+from jaxlora.data import ORDER, prepare
 from jaxlora.errors import UserError
 from jaxlora.evaluate import build_eval_step, evaluate, exact_match
 from jaxlora.lora import adapt, count_params, without_adapters
@@ -83,6 +83,10 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> tuple[dict, list[str]]:
                         "--fresh` starts a new run)")
     require_checkpoint(run_dir, "nothing to resume from: the run stopped before its first "
                                 "one; start a new run with --fresh")
+    if manifest.get("data", {}).get("order") != ORDER:  # a run made by an earlier jaxlora
+        raise UserError(f"{run_dir}: made by an earlier jaxlora, which ordered the batches "
+                        "otherwise: resumed, it would repeat some examples of its epoch and "
+                        "skip others; pass --fresh to train it anew")
     layout = require_same_recipe(
         run_dir, manifest, recipe, "resuming needs the same recipe (only [runtime], the device "
                                    "layout, may change): undo the change, or pass --fresh to "
@@ -90,15 +94,15 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> tuple[dict, list[str]]:
     return manifest, layout
 
 
-def runtime_record(placement: runtime.Placement, held: np.ndarray | None = None) -> dict:
+def runtime_record(placement: runtime.Placement, shares: np.ndarray) -> dict:
     """The manifest's record of the devices this session runs on; with several
-    processes also how many train and eval examples each one read (`held`:
+    processes also how many train and eval examples each one read (`shares`:
     every process's (train, eval) counts)."""
     record = {"processes": jax.process_count(), "mesh": dict(placement.mesh.shape),
               "devices": placement.devices}
-    if held is not None and jax.process_count() > 1:
-        record["examples_per_process"] = {"train": [int(n) for n in held[:, 0]],
-                                          "eval": [int(n) for n in held[:, 1]]}
+    if len(shares) > 1:
+        record["examples_per_process"] = {"train": [int(n) for n in shares[:, 0]],
+                                          "eval": [int(n) for n in shares[:, 1]]}
     return record
 
 
@@ -171,10 +175,6 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     shares = runtime.gather(np.array([data.train.held, data.eval.held]))
     stats = data_stats(data.stats)
     if old:
-        if "order" not in old.get("data", {}):  # made before examples were dealt to rows
-            raise UserError(f"{run_dir}: made by an earlier jaxlora, which ordered the "
-                            "batches otherwise: resumed, it would repeat some examples of its "
-                            "epoch and skip others; pass --fresh to train it anew")
         require_same_data(run_dir, old, stats, "resuming needs the same data: restore it, or "
                                                "pass --fresh")
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing
