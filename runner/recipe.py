@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import tomllib
 import typing
 from pathlib import Path
@@ -163,9 +164,33 @@ def _read_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str, str
             chain = " -> ".join(str(p) for p in (*seen, path.resolve(), target))
             raise UserError(f"{path}: extends: a cycle: {chain}")
         merged, provenance = _read_chain(target, (*seen, path.resolve()))
+        merged = _rebased(merged, target.parent, folder)
     for key, value in _leaves(document):
         provenance[key] = str(path)
     return _merge(merged, document), provenance
+
+
+# Fields a recipe may give as a path relative to its own folder.
+SOURCE_FIELDS = (("model", "source"), ("data", "source"))
+
+
+def _rebased(document: dict, folder: Path, top: Path) -> dict:
+    """A parent recipe's relative sources that exist beside it (in `folder`),
+    rewritten relative to the extending recipe's folder `top`: a path in a file
+    means what it meant in that file. Others (hub ids, paths from the working
+    directory) are left as they are."""
+    out = dict(document)
+    for table, key in SOURCE_FIELDS:
+        section = out.get(table)
+        value = section.get(key) if isinstance(section, dict) else None
+        if (not isinstance(value, str) or "://" in value
+                or Path(value).expanduser().is_absolute() or not (folder / value).exists()):
+            continue
+        moved = os.path.normpath(Path(os.path.relpath(folder, top)) / value)
+        if (top / moved).resolve() != (folder / value).resolve():  # a link in the way
+            moved = str((folder / value).resolve())
+        out[table] = {**section, key: moved}
+    return out
 
 
 def _merge(base: dict, top: dict) -> dict:

@@ -136,6 +136,27 @@ def test_set_overrides_are_validated_like_the_file(tmp_path):
             load_recipe(child, [bad])
 
 
+def test_a_parents_relative_sources_are_read_from_its_own_folder(tmp_path):
+    """A path in a parent recipe means what it meant there, however deep the
+    chain; hub ids and paths that are not beside the parent stay as written."""
+    from jaxlora.sources import resolve
+
+    deep = tmp_path / "shared" / "bert"
+    (deep / "model").mkdir(parents=True)
+    (deep / "train.csv").write_text("text,label\n")
+    (deep / "base.toml").write_text(BASE.replace('"some/model"', '"model"')
+                                    .replace('"data.csv"', '"./train.csv"'))
+    (tmp_path / "shared" / "mid.toml").write_text('extends = "bert/base.toml"\n')
+    (tmp_path / "child.toml").write_text('extends = "shared/mid.toml"\n')
+    recipe = load_recipe(tmp_path / "child.toml")
+    assert recipe.model.source == "shared/bert/model"
+    assert recipe.data.source == "shared/bert/train.csv"
+    assert resolve(recipe.model.source, "model", tmp_path) == (deep / "model").resolve()
+    (deep / "base.toml").write_text(BASE)  # a hub id, and a file from the working directory
+    recipe = load_recipe(tmp_path / "child.toml")
+    assert (recipe.model.source, recipe.data.source) == ("some/model", "data.csv")
+
+
 def test_extends_refuses_cycles_and_escapes(tmp_path):
     (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
