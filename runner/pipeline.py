@@ -1,6 +1,6 @@
 """The pipeline: a recipe in, a run folder out, in the order of the five steps.
 
-    resolve sources -> build data -> load model -> adapt -> evaluate before
+    resolve sources -> load model -> build data -> adapt -> evaluate before
       -> train (checkpoints) -> evaluate after -> save and report
 
 A run can stop and go on. `runner run RECIPE` resumes the newest run of that
