@@ -74,8 +74,11 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
     """Accuracy, macro-F1 and per-class precision/recall/F1 from class ids.
 
     Macro-F1 averages the per-class F1 with equal weight, so on imbalanced data
-    (70% negative tweets) it is the honest figure; a class never predicted and
-    never present contributes F1 = 0, as scikit-learn does with zero_division=0.
+    (70% negative tweets) it is the honest figure. It averages over the classes
+    present in the labels or the predictions, as scikit-learn's `f1_score`
+    (average="macro", zero_division=0) does: a class present but never
+    predicted counts as F1 = 0; a class neither present nor predicted (a small
+    eval set) cannot be measured and is left out, its per-class figures 0.
     """
     n = len(label_names)
     confusion = np.zeros((n, n), np.int64)
@@ -87,10 +90,11 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
     recall = np.divide(tp, actual, out=np.zeros(n), where=actual > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(n), where=denom > 0)
+    seen = (predicted + actual) > 0
     return {
         "examples": int(confusion.sum()),
         "accuracy": float(tp.sum() / max(confusion.sum(), 1)),
-        "macro_f1": float(f1.mean()),
+        "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
                              "f1": float(f1[i]), "support": int(actual[i])}
                       for i, name in enumerate(label_names)},

@@ -26,6 +26,16 @@ def test_metrics_class_never_predicted():
     assert m["macro_f1"] == pytest.approx((2 * 0.5 * 1.0 / 1.5) / 2)
 
 
+def test_macro_f1_leaves_out_a_class_neither_present_nor_predicted():
+    """As scikit-learn's f1_score(average="macro"): "c" is absent from a small
+    eval set and never predicted, so it cannot be measured; "b" is present
+    and never predicted, so it counts as 0."""
+    m = classification_metrics(np.zeros(4, int), np.array([0, 0, 1, 1]), ["a", "b", "c"])
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert m["macro_f1"] == pytest.approx((2 * 0.5 * 1.0 / 1.5) / 2)
+    assert classification_metrics(np.zeros(0, int), np.zeros(0, int), ["a", "b"])["macro_f1"] == 0.0
+
+
 def test_loss_ignores_padding_rows():
     logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]])
     batch = {"labels": jnp.array([0, 1, 1]), "weights": jnp.array([1.0, 1.0, 0.0])}
