@@ -337,6 +337,9 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
             if progress is not None else None)
     step = state.step
     pending, tokens = list(state.pending), state.tokens
+    # Steps of the first interval that an earlier session ran (and timed): the
+    # throughput of that interval is this session's steps over this session's time.
+    carried, carried_tokens = len(pending), tokens
     result = TrainResult(state=state, steps=step)
     session_start = start = mark = time.perf_counter()
     first = True
@@ -374,7 +377,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                 _check_finite(pending, step)
                 now = time.perf_counter()
                 record = _record(pending, step, epoch, float(schedule(step - 1)), now - mark,
-                                 tokens)
+                                 tokens - carried_tokens, timed=len(pending) - carried)
                 result.history.append(record)
                 if on_log:
                     on_log(record)
@@ -382,7 +385,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                     progress.update(task, completed=step,
                                     description=f"train  loss {record['loss']:.4f}  "
                                                 f"{record['examples_per_s']:.0f} ex/s")
-                pending, mark, tokens = [], now, 0
+                pending, mark, tokens, carried, carried_tokens = [], now, 0, 0, 0
             if on_evaluate is not None and evaluate_every and step % evaluate_every == 0 \
                     and step < steps:
                 began = time.perf_counter()
@@ -429,15 +432,16 @@ def _check_finite(metrics: list[dict], last_step: int) -> None:
 
 
 def _record(metrics: list[dict], step: int, epoch: int, lr: float, seconds: float,
-            tokens: int) -> dict:
+            tokens: int, timed: int) -> dict:
     """One metrics.jsonl line: means over the steps since the last record, and
-    throughput over the wall time they took (padded tokens: what was computed)."""
-    examples = sum(float(m["examples"]) for m in metrics)
+    throughput of the last `timed` of them, those that ran in `seconds` (with
+    `tokens` padded tokens: what was computed)."""
+    examples = sum(float(m["examples"]) for m in metrics[len(metrics) - timed:])
     counts = [float(m.get("count", m["examples"])) for m in metrics]
     loss = sum(float(m["loss"]) * c for m, c in zip(metrics, counts)) / max(sum(counts), 1.0)
     record = {"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr,
               "grad_norm": float(metrics[-1]["grad_norm"]),
               "update_norm": float(metrics[-1]["update_norm"]),
-              "step_ms": seconds * 1e3 / len(metrics), "examples_per_s": examples / seconds,
+              "step_ms": seconds * 1e3 / timed, "examples_per_s": examples / seconds,
               "tokens_per_s": tokens / seconds}
     return record

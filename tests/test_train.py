@@ -93,6 +93,41 @@ def test_fit_lowers_the_loss_and_logs(tiny_bert_dir):
     assert result.median_step_ms > 0 and result.compile_seconds > 0
 
 
+def test_throughput_after_a_stop_counts_only_the_steps_this_session_timed(tiny_bert_dir,
+                                                                          monkeypatch):
+    """A session stopped after step 1 of a 4-step logging interval hands that
+    step on; the resumed session's first record averages the loss over all four
+    but measures throughput over the three it ran itself, in its own time."""
+    import types
+
+    from jaxlora import train
+
+    graphdef, trainable, frozen = _adapted(tiny_bert_dir)
+    cfg = TrainConfig(epochs=1, batch_size=16, log_every=4, seed=0)
+    stopped = fit(graphdef, trainable, frozen, _toy_split(), cfg, classification_step_loss,
+                  should_stop=lambda: True)
+    assert stopped.stopped and stopped.steps == 1 and len(stopped.state.pending) == 1
+    ticks = []  # a clock that moves one second each time it is read
+
+    def perf_counter():
+        ticks.append(float(len(ticks)))
+        return ticks[-1]
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    records, seconds = [], []
+
+    def on_log(record):
+        records.append(record)
+        seconds.append(ticks[-1] - ticks[0])  # the record's clock reading, from the start
+
+    fit(graphdef, trainable, frozen, _toy_split(), cfg, classification_step_loss,
+        resume=stopped.state, on_log=on_log)
+    assert [r["step"] for r in records] == [4]
+    assert records[0]["step_ms"] == pytest.approx(seconds[0] * 1e3 / 3)
+    assert records[0]["examples_per_s"] == pytest.approx(3 * 16 / seconds[0])
+    assert records[0]["tokens_per_s"] == pytest.approx(3 * 16 * 12 / seconds[0])
+
+
 def test_max_steps_caps_the_run(tiny_bert_dir):
     graphdef, trainable, frozen = _adapted(tiny_bert_dir)
     cfg = TrainConfig(epochs=3, max_steps=5, batch_size=16, log_every=100)
