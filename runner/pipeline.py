@@ -334,29 +334,19 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                          checkpoint_every=recipe.train.checkpoint_every,
                          on_evaluate=on_evaluate, evaluate_every=recipe.eval.every_steps,
                          should_stop=stop.requested, progress=progress, placement=placement)
+        manifest["train"] = _training_figures(manifest["train"], result, cache)
         if stop.requested():  # during training, or just as it ended
             raise Interrupted(stop.signum)
+        # on disk before "eval after": a run stopped there and resumed keeps them
+        report.write_json(run_dir / "manifest.json", manifest)
         after = _evaluate(recipe, eval_step, graphdef, result.trainable, frozen, data,
                           progress, "eval after", tokenizer, position_limit, placement)
         if events is not None:
             events.eval(result.steps, after)
 
-    earlier = manifest["train"]
-    manifest["train"] = {"steps": result.steps, "total_steps": earlier["total_steps"],
-                         "compile_seconds": result.compile_seconds,
-                         "train_seconds": result.train_seconds,
-                         "median_step_ms": result.median_step_ms, **report.peak_memory(),
-                         # the persistent compilation cache (runner.xla_cache): no entry
-                         # added means every compiled function came from it
-                         "compilation_cache": {"dir": cache[0], "entries_added": (
-                             xla_cache.entries(Path(cache[0])) - cache[1] if cache[0] else None)}}
-    if not result.history and "median_step_ms" in earlier:
-        # Resumed after the last step (stopped during "eval after"): this session
-        # trained nothing, so the figures of the session that did stand.
-        for key in ("compile_seconds", "median_step_ms"):
-            manifest["train"][key] = earlier[key]
-    if earlier.get("peak_memory_mb", 0) > manifest["train"]["peak_memory_mb"]:
-        manifest["train"]["peak_memory_mb"] = earlier["peak_memory_mb"]
+    peak = report.peak_memory()  # "eval after" included
+    if peak["peak_memory_mb"] > manifest["train"]["peak_memory_mb"]:
+        manifest["train"].update(peak)
     # what one device held, measured on the placed arrays (runner plan estimates it)
     manifest.setdefault("runtime", {})["per_device_bytes"] = {
         "frozen": runtime.device_bytes(frozen),
@@ -368,6 +358,26 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
     if primary:
         report.write_report(run_dir, manifest, before, after, console)
     return run_dir
+
+
+def _training_figures(earlier: dict, result, cache: tuple) -> dict:
+    """The manifest's `train` record once a session has trained. A session that
+    trained nothing (resumed after the last step, stopped during "eval after")
+    keeps the timings of the one that did; peak memory is the highest of every
+    session."""
+    figures = {"steps": result.steps, "total_steps": earlier["total_steps"],
+               "compile_seconds": result.compile_seconds, "train_seconds": result.train_seconds,
+               "median_step_ms": result.median_step_ms, **report.peak_memory(),
+               # the persistent compilation cache (runner.xla_cache): no entry
+               # added means every compiled function came from it
+               "compilation_cache": {"dir": cache[0], "entries_added": (
+                   xla_cache.entries(Path(cache[0])) - cache[1] if cache[0] else None)}}
+    timings = ("compile_seconds", "train_seconds", "median_step_ms")
+    if not result.history:
+        figures.update({key: earlier[key] for key in timings if key in earlier})
+    if earlier.get("peak_memory_mb", 0) > figures["peak_memory_mb"]:
+        figures.update({key: earlier[key] for key in ("peak_memory_mb", "peak_memory_kind")})
+    return figures
 
 
 def _evaluate(recipe, eval_step, graphdef, trainable, frozen, data, progress, description,

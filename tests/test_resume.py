@@ -196,6 +196,38 @@ def test_sigterm_then_resume_is_exact(tmp_path, tiny_bert_dir, reference):
     assert events[0] == events[1] and ("eval/loss", 40) in events[0]
 
 
+def test_stopped_during_eval_after_then_resumed_keeps_the_training_figures(
+        tmp_path, tiny_bert_dir, monkeypatch):
+    """Stopped after the last step, during "eval after": the resumed session
+    trains nothing, evaluates, and the finished manifest keeps the
+    timings of the session that trained."""
+    import runner.pipeline as pipeline
+    from runner.signals import Interrupted
+
+    workdir = _workdir(tmp_path, tiny_bert_dir, TINY_RECIPE)
+    evaluate = pipeline._evaluate
+
+    def stopped_after(*args, **kwargs):
+        if args[7] == "eval after":  # its description
+            raise Interrupted(signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_evaluate", stopped_after)
+    stopped = _runner("run", "tiny.toml", cwd=workdir)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    run = _run_dir(workdir)
+    trained = json.loads((run / "manifest.json").read_text())["train"]
+    assert trained["median_step_ms"] > 0 and trained["compile_seconds"] > 0
+    monkeypatch.setattr(pipeline, "_evaluate", evaluate)
+    resumed = _runner("run", "tiny.toml", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and (run / "eval.json").is_file()
+    assert manifest["resumed"][0]["from_step"] == trained["steps"] == manifest["train"]["steps"]
+    for key in ("compile_seconds", "median_step_ms", "train_seconds"):
+        assert manifest["train"][key] == trained[key], key
+
+
 def test_sigkill_while_writing_checkpoints_leaves_the_last_one_usable(tmp_path, tiny_bert_dir):
     """Full fine-tuning (12 MB checkpoints) with a checkpoint after every step:
     the process spends most of its time writing them, so kills land mid-write."""
