@@ -22,6 +22,7 @@ each host hands its own devices their rows of every batch.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -141,6 +142,31 @@ def initialize(cfg: RuntimeConfig) -> bool:
                             "JAX_PROCESS_ID)") from None
         _initialized = True
     return jax.process_count() > 1
+
+
+def preemption_sync() -> Callable[[], bool] | None:
+    """Several processes: a stop they all agree on, asked once per step boundary
+    by each of them; None for one process (or with JAX's preemption service
+    turned off: `jax_enable_preemption_service`).
+
+    A process that stops alone leaves the others waiting in the next step's
+    collectives. `jax.distributed.initialize()` starts JAX's preemption
+    service, which takes SIGTERM: a SIGTERM to any process is a notice to all,
+    they agree on the step boundary after the furthest one any of them reached,
+    and `reached_preemption_sync_point` turns true there for every one. The
+    boundaries are counted from 1 in each session, the same on every process
+    (they all start at the same step), so a notice that came before training
+    stops at its first boundary."""
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    try:  # boundary 0: where every process stands before training
+        multihost_utils.reached_preemption_sync_point(0)
+    except RuntimeError:  # the service is off
+        return None
+    boundaries = itertools.count(1)
+    return lambda: multihost_utils.reached_preemption_sync_point(next(boundaries))
 
 
 def mesh_shape(cfg: RuntimeConfig, devices: int, processes: int = 1) -> tuple[int, int]:

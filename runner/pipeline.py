@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -135,6 +136,9 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
     """
     stop = stop or StopSignals()  # not installed: never requested
     runtime.initialize(recipe.runtime)  # several processes: join them before any device use
+    agreed = runtime.preemption_sync()
+    if agreed is not None:  # a process that stopped alone would leave the others waiting
+        stop.join_processes(agreed)
     if not report.primary():  # process 0 speaks for all of them
         console = Console(quiet=True)
     with contextlib.ExitStack() as held:  # the run folder's lock, released however we leave
@@ -333,10 +337,12 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                          on_checkpoint=lambda s: ckpt.save(s, extra),
                          checkpoint_every=recipe.train.checkpoint_every,
                          on_evaluate=on_evaluate, evaluate_every=recipe.eval.every_steps,
-                         should_stop=stop.requested, progress=progress, placement=placement)
+                         should_stop=stop.at_step_boundary, progress=progress,
+                         placement=placement)
         manifest["train"] = _training_figures(manifest["train"], result, cache)
-        if stop.requested():  # during training, or just as it ended
-            raise Interrupted(stop.signum)
+        # during training, or (one process) just as it ended
+        if result.stopped or (stop.requested() and not stop.joined):
+            raise Interrupted(stop.signum or signal.SIGTERM)  # joined: a notice from another
         # on disk before "eval after": a run stopped there and resumed keeps them
         report.write_json(run_dir / "manifest.json", manifest)
         after = _evaluate(recipe, eval_step, graphdef, result.trainable, frozen, data,

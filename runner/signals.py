@@ -6,14 +6,22 @@ a checkpoint is written, and the run ends with `Interrupted`. Anywhere else
 (data preparation, evaluation) it ends the run at once with `Interrupted`. A
 second signal while a deferred one is pending stops at once too: a user
 pressing Ctrl-C twice means it.
+
+With several processes (`join_processes`) a stop must be agreed, or the
+others would wait for the one that left: JAX's preemption service owns
+SIGTERM (a notice to every process), a first Ctrl-C is passed on to it as a
+SIGTERM, and training stops at the step boundary it agrees (see
+`jaxlora.runtime.preemption_sync`); before training the notice waits for the
+first boundary, after it the run finishes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -41,6 +49,7 @@ class StopSignals:
         self.signum: int | None = None
         self._deferring = False
         self._previous: dict[int, object] = {}
+        self._agreed: Callable[[], bool] | None = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -54,14 +63,30 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if self._deferring and self.signum is None:
+        if self.signum is None and (self._deferring or self._agreed is not None):
             self.signum = signum
+            if self._agreed is not None:  # a notice to every process
+                os.kill(os.getpid(), signal.SIGTERM)
             return
         raise Interrupted(signum)
+
+    def join_processes(self, agreed: Callable[[], bool]) -> None:
+        """From now on the stop is `agreed()` (asked at every step boundary),
+        and a first signal is a notice to every process (see the module doc)."""
+        self._agreed = agreed
+
+    @property
+    def joined(self) -> bool:
+        return self._agreed is not None
 
     def requested(self) -> bool:
         """True once a deferred signal has arrived."""
         return self.signum is not None
+
+    def at_step_boundary(self) -> bool:
+        """Whether training stops here: this process's signal, or the stop
+        every process agreed."""
+        return self._agreed() if self._agreed is not None else self.requested()
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:

@@ -29,9 +29,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(workdirs: list) -> tuple[list, list]:
+def _start_two(workdirs: list) -> list:
     """`runner run lm.toml` as processes 0 and 1 of two, each in its folder, each
-    with 2 CPU devices; returns the processes and their (stdout, stderr)."""
+    with 2 CPU devices."""
     port = _free_port()
     processes = []
     for rank, workdir in enumerate(workdirs):
@@ -42,6 +42,13 @@ def _two_processes(workdirs: list) -> tuple[list, list]:
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "runner.cli", "run", "lm.toml", "--set", "runtime.fsdp=2"],
             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def _two_processes(workdirs: list, processes: list | None = None) -> tuple[list, list]:
+    """The two processes (started now, unless given) run to their end; returns
+    them and their (stdout, stderr)."""
+    processes = processes or _start_two(workdirs)
     outputs = []
     try:
         for process in processes:
@@ -107,6 +114,47 @@ def test_two_processes_train_together_like_one(tmp_path):
         assert evals[0][when]["exact_match_examples"] == 20
         assert evals[0][when]["exact_match"] == evals[1][when]["exact_match"]
     assert evals[0]["after"]["exact_match"] > 0  # learnt: greedy completions equal references
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_ctrl_c_on_one_host_stops_every_host_at_one_step_then_they_go_on(tmp_path):
+    """Ctrl-C reaches process 1 only (as a preemption notice reaches the hosts
+    of a pod at different moments). Through JAX's preemption service it is a
+    notice to both: they stop at the same step boundary and write one
+    checkpoint together, exit 130 where the Ctrl-C came and 143 on the other,
+    no hang; the same command on both then goes on from it to the end."""
+    import signal
+    import time
+
+    workdir = _lm_workdir(tmp_path)
+    recipe = (workdir / "lm.toml").read_text().replace("epochs = 1", "epochs = 4\ncheckpoint_every = 0")
+    (workdir / "lm.toml").write_text(recipe.replace(
+        "[eval]\n", "[eval]\nbefore = false\nexact_match_examples = 0\n"))
+    processes = _start_two([workdir, workdir])
+    metrics = workdir / "runs" / "lm"
+    end = time.monotonic() + 240
+    while not any(path.read_text() for path in metrics.glob("*/metrics.jsonl")):  # step 5 done
+        assert all(p.poll() is None for p in processes) and time.monotonic() < end
+        time.sleep(0.01)
+    processes[1].send_signal(signal.SIGINT)
+    processes, outputs = _two_processes([workdir, workdir], processes)
+    assert [p.returncode for p in processes] == [143, 130], outputs[1][1][-3000:]
+    assert "Traceback" not in outputs[0][1] + outputs[1][1]
+    [run] = list(metrics.iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    step = manifest["interrupted"]["checkpoint_step"]
+    assert manifest["status"] == "interrupted" and 5 <= step < 52
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [str(step)]  # one, together
+    assert f"checkpoint at step {step}" in " ".join(outputs[0][1].split())
+
+    processes, outputs = _two_processes([workdir, workdir])
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["resumed"][0]["from_step"] == step
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [*range(5, 52, 5), 52]
 
 
 @pytest.mark.distributed
