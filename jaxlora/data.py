@@ -38,6 +38,7 @@ import codecs
 import contextlib
 import dataclasses
 import functools
+import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -585,9 +586,7 @@ def _detect_format(path: Path, fmt: str) -> Format:
             raise UserError(f"{path}: cannot tell the format from the suffix "
                             f"{path.suffix!r}; set format to csv, json or parquet")
         return SUFFIX_FORMATS[path.suffix.lower()]
-    found = {SUFFIX_FORMATS[p.suffix.lower()] for p in path.rglob("*")
-             if p.suffix.lower() in SUFFIX_FORMATS and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+    found = {SUFFIX_FORMATS[p.suffix.lower()] for p in _data_files(path)}
     if len(found) != 1:
         what = f"several formats ({', '.join(sorted(found))})" if found else "no data files"
         raise UserError(f"{path}: the folder holds {what}; expected .csv, .json/.jsonl or "
@@ -606,6 +605,11 @@ def _load(path: Path, fmt: Format, encoding: str, cache_dir: Path | None) -> Any
         raise UserError(f"{path}: the file is empty")
     where = {"data_dir": str(path)} if path.is_dir() else {"data_files": str(path)}
     reader = {"encoding": encoding} if fmt in TEXT_FORMATS else {}
+    json_files = [] if fmt != "json" else [path] if path.is_file() else [
+        p for p in _data_files(path) if SUFFIX_FORMATS[p.suffix.lower()] == "json"]
+    if codecs.lookup(encoding).name == "utf-8":
+        for file in json_files:
+            _check_utf8(file)
     try:
         return datasets.load_dataset(fmt, **where, **reader,
                                      cache_dir=None if cache_dir is None else str(cache_dir))
@@ -620,8 +624,61 @@ def _load(path: Path, fmt: Format, encoding: str, cache_dir: Path | None) -> Any
         if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause) \
                 or "No columns to parse" in str(cause):
             raise UserError(f"{path}: no data rows") from None
+        for file in json_files:  # Arrow's message names neither the line nor the problem
+            _check_json_lines(file, encoding)
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UserError(f"{path}: cannot read as {fmt}: {detail}") from None
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The files of a folder with a data suffix (hidden ones left out)."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in SUFFIX_FORMATS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _check_utf8(file: Path) -> None:
+    """Refuse bytes that are not UTF-8, naming the line: Arrow's JSON reader
+    takes them into its strings, where they would fail long after loading."""
+    line, carry = 1, b""
+    with file.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 22)
+            block, carry = carry + chunk, b""
+            if chunk:  # whole lines only, so that no character is cut in two
+                cut = block.rfind(b"\n") + 1
+                block, carry = block[:cut], block[cut:]
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line += block.count(b"\n", 0, e.start)
+                raise UserError(f"{file}: line {line} is not valid utf-8 ({e.reason}); set "
+                                "encoding to the file's one, e.g. latin-1 or cp1252") from None
+            line += block.count(b"\n")
+            if not chunk:
+                return
+
+
+def _check_json_lines(file: Path, encoding: str) -> None:
+    """When a JSON file did not load: the first of its lines that is not a JSON
+    object, for a JSON-lines file (a file that is one JSON document passes)."""
+    text = file.read_text(encoding=encoding, errors="replace")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{file}: line {number} is not valid JSON ({e.msg}, column "
+                            f"{e.colno}); each line must be one JSON object") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{file}: line {number} holds {line.strip()[:40]!r}, not a JSON "
+                            "object; each line must be one object of column values")
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -678,7 +735,11 @@ def _check_texts(ds: Any, rows: np.ndarray, column: str, path: Path, split: str,
 
     feature = ds.features[column]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise UserError(f"{path}: column {column!r} ({field_name}) holds {feature}, not text")
+        odd = next(((i, v) for i, v in enumerate(ds[column])
+                    if v is not None and not isinstance(v, str)), None)
+        where = (f": data row {odd[0] + 1} of split {split!r} holds {odd[1]!r}" if odd
+                 else f" ({feature})")
+        raise UserError(f"{path}: column {column!r} ({field_name}) must hold text{where}")
     texts = ds.data.column(column).to_pylist()
     bad = [int(r) for r in rows if texts[r] is None or not texts[r].strip()]
     if bad:

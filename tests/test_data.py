@@ -405,9 +405,14 @@ def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
         path.write_text("")
     elif case == "malformed":
         path.write_text("text,label\nfine,pos\ntoo,many,fields\n")
-    elif case == "malformed jsonl":
+    elif "jsonl" in case:  # the 25 rows, then one line of each kind of fault
         path = tmp_path / "bad.jsonl"
-        path.write_text('{"text": "a", "label": "pos"}\n{not json\n')
+        write_jsonl(path, ROWS)
+        last = {"malformed jsonl": b'{not json\n', "cut jsonl line": b'{"text": "a", "lab',
+                "scalar jsonl line": b"42\n", "latin-1 jsonl": '{"text": "caf\xe9", '
+                '"label": "pos"}\n'.encode("latin-1"),
+                "number text jsonl": b'{"text": 42, "label": "pos"}\n'}[case]
+        path.write_bytes(path.read_bytes() + last)
     elif case == "unknown suffix":
         path = tmp_path / "bad.txt"
         path.write_text("text,label\n")
@@ -426,7 +431,12 @@ def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
     ("empty jsonl", r"bad\.jsonl: the file is empty"),
     ("header only", r"bad\.csv: no data rows"),
     ("malformed", r"bad\.csv: cannot read as csv: .*Expected 2 fields in line 3"),
-    ("malformed jsonl", r"bad\.jsonl: cannot read as json: "),
+    ("malformed jsonl", r"bad\.jsonl: line 26 is not valid JSON \(Expecting property name"),
+    ("cut jsonl line", r"bad\.jsonl: line 26 is not valid JSON \(Unterminated string"),
+    ("scalar jsonl line", r"bad\.jsonl: line 26 holds '42', not a JSON object"),
+    ("latin-1 jsonl", r"bad\.jsonl: line 26 is not valid utf-8 .*set encoding"),
+    ("number text jsonl", r"bad\.jsonl: column 'text' \(text_column\) must hold text: data "
+                          r"row 26 of split 'train' holds 42"),
     ("unknown suffix", r"bad\.txt: cannot tell the format .*set format"),
     ("no text column", r"bad\.csv: no column 'body' \(text_column\).*columns: text, label"),
     ("missing text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4"),
