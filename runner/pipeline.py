@@ -431,20 +431,40 @@ def _interrupted_message(e: Interrupted, run_dir: Path, recipe_path: Path) -> st
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metrics lines past the checkpoint (and a line cut by a kill): the
-    resumed run writes them again, identically."""
+    """Drop metrics lines past the checkpoint (and a last line cut by a kill):
+    the resumed run writes them again, identically. Any other unreadable line
+    is damage, refused before anything is written (the lines are the run's
+    record up to the checkpoint)."""
     if not path.is_file():
         return
+    lines = path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+    for number, line in enumerate(lines, 1):
+        record = _metrics_record(line)
+        if isinstance(record, str):
+            if number == len(lines):
+                break  # cut short by a kill
+            raise UserError(f"{path}: line {number} is not a metrics record ({record}); "
+                            "restore the file, or remove that line, then run again")
+        if record["step"] > step:
             break
-        if record.get("step", 0) > step:
-            break
-        kept.append(line + "\n")
+        kept.append(line.decode("utf-8") + "\n")
     report.write_atomic(path, "".join(kept))
+
+
+def _metrics_record(line: bytes) -> dict | str:
+    """The record a metrics.jsonl line holds, or why it holds none."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not utf-8"
+    except json.JSONDecodeError as e:
+        return f"not JSON: {e.msg}"
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return "no step number"
+    return record
 
 
 def _now() -> str:

@@ -315,6 +315,16 @@ def test_refusals_leave_the_stopped_run_as_it_was(tmp_path, tiny_bert_dir):
     manifest_path.write_bytes(kept)
     snapshot = _snapshot(run)
 
+    # damage inside the metrics record (not a last line cut by a kill): its lines are kept
+    metrics = run / "metrics.jsonl"
+    kept = metrics.read_bytes()
+    for damage in (b"42\n", b"\xff\n"):
+        metrics.write_bytes(damage + kept)
+        snapshot = _snapshot(run)
+        refused("run", str(run), expected="metrics.jsonl: line 1 is not a metrics record")
+    metrics.write_bytes(kept)
+    snapshot = _snapshot(run)
+
     config = workdir / "model" / "config.json"
     kept = config.read_bytes()
     config.write_bytes(kept + b"\n")
