@@ -338,12 +338,26 @@ def _recipes_table(folder: Path | None):
 
 
 def _texts(args: list[str]) -> list[str]:
+    """The texts of `predict` and the prompts of `generate`: the arguments, and
+    for "-" the lines of stdin, each of which must be UTF-8."""
     from jaxlora.errors import UserError
 
     texts = []
-    for arg in args:
-        texts += [line for line in sys.stdin.read().splitlines() if line.strip()] \
-            if arg == "-" else [arg]
+    for number, arg in enumerate(args, 1):
+        if arg != "-":
+            try:
+                arg.encode("utf-8")  # undecodable bytes reach argv as lone surrogates
+            except UnicodeEncodeError:
+                raise UserError(f"text {number} of the command line is not valid utf-8") from None
+            texts.append(arg)
+            continue
+        for line_number, line in enumerate(sys.stdin.buffer.read().splitlines(), 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"stdin line {line_number} is not valid utf-8") from None
+            if line.strip():
+                texts.append(line)
     if not texts or any(not t.strip() for t in texts):
         raise UserError("every text or prompt must be non-empty")
     return texts

@@ -321,3 +321,20 @@ def test_broken_data_is_one_message_and_no_run_folder(workdir, case):
     assert re.search(expected, message), message
     assert "tweets.csv" in message and "Traceback" not in done.stderr
     assert not (workdir / "runs").exists()
+
+
+def test_texts_from_stdin_and_the_command_line_must_be_utf8(monkeypatch):
+    """`predict TEXT...` and `generate --prompt`: "-" reads stdin's lines (blank
+    ones skipped); bytes that are not UTF-8 are one message naming the line or
+    the argument, not a tokenizer traceback."""
+    from jaxlora.errors import UserError
+    from runner.cli import _texts
+
+    stdin = lambda data: io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")  # noqa: E731
+    monkeypatch.setattr("sys.stdin", stdin("fine day\n\n  \nbad day\n".encode()))
+    assert _texts(["first", "-"]) == ["first", "fine day", "bad day"]
+    monkeypatch.setattr("sys.stdin", stdin(b"fine\n\xff\xfe bad\n"))
+    with pytest.raises(UserError, match="stdin line 2 is not valid utf-8"):
+        _texts(["-"])
+    with pytest.raises(UserError, match="text 2 of the command line is not valid utf-8"):
+        _texts(["fine", "\udcff"])  # how Python passes an undecodable argv byte
