@@ -128,7 +128,7 @@ def load_with_provenance(path: str | Path, overrides: list[str] | tuple[str, ...
     try:
         return Recipe.model_validate(document), provenance
     except ValidationError as e:
-        raise UserError(format_errors(path, e)) from None
+        raise UserError(format_errors(path, e, provenance)) from None
 
 
 def _read_toml(path: Path) -> dict:
@@ -139,7 +139,7 @@ def _read_toml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the recipe: {e}") from None
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(text.removeprefix("\ufeff"))  # a byte-order mark (Windows editors)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
 
@@ -160,6 +160,8 @@ def _read_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str, str
         if folder not in target.parents:
             raise UserError(f"{path}: extends: {parent!r} is outside the recipe's folder "
                             f"{folder} (.. and links may not leave it)")
+        if not target.is_file():
+            raise UserError(f"{path}: extends: {parent!r}: no such recipe file ({target})")
         if target in seen or target == path.resolve():
             chain = " -> ".join(str(p) for p in (*seen, path.resolve(), target))
             raise UserError(f"{path}: extends: a cycle: {chain}")
@@ -247,8 +249,11 @@ def provenance_rows(recipe: Recipe, provenance: dict[str, str]) -> list[tuple[st
     return rows
 
 
-def format_errors(path: Path, error: ValidationError) -> str:
-    """One line per problem: `FILE: dotted.field: what is wrong`."""
+def format_errors(path: Path, error: ValidationError,
+                  provenance: dict[str, str] | None = None) -> str:
+    """One line per problem: `FILE: dotted.field: what is wrong`, FILE being
+    the file of the `extends` chain that set the field (or `--set`), per
+    `provenance`, else `path`."""
     messages: dict[str, list[str]] = {}
     for err in error.errors(include_url=False):
         where, holder = _locate(err["loc"])
@@ -277,7 +282,9 @@ def format_errors(path: Path, error: ValidationError) -> str:
         found = messages.setdefault(where or "(top level)", [])
         if msg not in found:  # union members repeat the same complaint
             found.append(msg)
-    lines = [f"{path}: {where}: {'; or '.join(msgs)}" for where, msgs in messages.items()]
+    given = provenance or {}
+    lines = [f"{given.get(where, path)}: {where}: {'; or '.join(msgs)}"
+             for where, msgs in messages.items()]
     return "\n".join(lines)
 
 

@@ -134,6 +134,17 @@ def test_set_overrides_are_validated_like_the_file(tmp_path):
                           ("model.source.x=1", "is a value, not a table")]:
         with pytest.raises(UserError, match=expected):
             load_recipe(child, [bad])
+    # a bad value names where it was given: --set, or the file of the chain that set it
+    with pytest.raises(UserError, match=r"^--set: adapter\.rank: "):
+        load_recipe(child, ["adapter.rank=-1"])
+    with pytest.raises(UserError, match=r"mid\.toml: adapter\.rank: "):
+        (tmp_path / "mid.toml").write_text('extends = "base.toml"\n[adapter]\nrank = 0\n')
+        load_recipe(child)
+
+
+def test_a_byte_order_mark_is_no_error(tmp_path):
+    (tmp_path / "windows.toml").write_bytes(b"\xef\xbb\xbf" + BASE.encode())
+    assert load_recipe(tmp_path / "windows.toml").data.labels == ["neg", "pos"]
 
 
 def test_a_parents_relative_sources_are_read_from_its_own_folder(tmp_path):
@@ -171,6 +182,9 @@ def test_extends_refuses_cycles_and_escapes(tmp_path):
     (tmp_path / "sub" / "via-link.toml").write_text('extends = "link.toml"\n')
     with pytest.raises(UserError, match="outside the recipe's folder"):
         load_recipe(tmp_path / "sub" / "via-link.toml")
+    (tmp_path / "lost.toml").write_text('extends = "nope.toml"\n')
+    with pytest.raises(UserError, match=r"lost\.toml: extends: 'nope\.toml': no such recipe"):
+        load_recipe(tmp_path / "lost.toml")
     (tmp_path / "odd.toml").write_text("extends = 3\n")
     with pytest.raises(UserError, match="extends: expected the path"):
         load_recipe(tmp_path / "odd.toml")
