@@ -47,8 +47,8 @@ def family(model_dir: Path) -> ModuleType:
     """The family module for the folder's config.json `model_type`."""
     path = config_path(model_dir)
     try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as e:
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as e:  # not JSON (or not UTF-8), not an object
         raise UserError(f"{path}: not a JSON object ({e})") from None
     if model_type not in FAMILIES:
         raise UserError(f"{path}: model_type {model_type!r} is not supported; "

@@ -45,6 +45,16 @@ from jaxlora.models.layers import BaseWeight
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+# config.json fields that size an architecture (each family reads some of them):
+# where present and not null, each must be a positive integer.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "intermediate_size", "head_dim", "max_position_embeddings",
+               "n_embd", "n_layer", "n_head", "n_inner", "n_positions")
+# Numbers of the rope tables that transformers only warns about (a string there
+# would fail only later, inside the model).
+ROPE_TABLES = ("rope_parameters", "rope_scaling")
+ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 MAX_LISTED = 10  # names listed per kind of error; the count says how many more
 HASH_CHUNK = 1 << 20
@@ -181,14 +191,48 @@ def config_path(model_dir: Path) -> Path:
 
 
 def read_hf_config(model_dir: Path):
-    """The folder's transformers config (local files only; remote code is never run)."""
+    """The folder's transformers config (local files only; remote code is never run).
+
+    A broken config.json is a UserError naming the file (and the field, where
+    known): the architecture's sizes are checked here (positive integers), and
+    whatever else transformers' own parsing and validation raises is wrapped.
+    """
     from transformers import AutoConfig
 
     path = config_path(model_dir)
     try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not a JSON object ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: not a JSON object (a {type(raw).__name__})")
+    for field in SIZE_FIELDS:
+        value = raw.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            raise UserError(f"{path}: {field} must be a positive integer, not {value!r}")
+    for table in ROPE_TABLES:
+        rope = raw.get(table)
+        for field in ROPE_NUMBERS if isinstance(rope, dict) else ():
+            value = rope.get(field)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float))):
+                raise UserError(f"{path}: {table}.{field} must be a number, not {value!r}")
+    try:
         return AutoConfig.from_pretrained(Path(model_dir))
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: {e}") from None
+    except Exception as e:  # third-party code reading user input: any failure is the file's
+        raise UserError(f"{path}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (joined with the next when it ends
+    with a colon, as "Validation error for field 'x':" does), or its type's name."""
+    # str(KeyError("msg")) is the repr of "msg", quotes and all.
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -235,23 +279,73 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
 def _read_file(path: Path) -> dict[str, np.ndarray]:
     # The format: an 8-byte little-endian header size, a JSON header mapping each
     # name to {dtype, shape, data_offsets}, then the raw little-endian bytes.
+    # Everything in the header is checked against the file before it is used.
+    def invalid(why: str) -> UserError:
+        return UserError(f"{path}: not a valid safetensors file: {why}")
+
     try:
+        file_size = path.stat().st_size
         with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        if not header:
-            return {}
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
-        tensors = {}
-        for name, info in header.items():
-            if info["dtype"] not in _DTYPES:
-                raise UserError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            tensors[name] = data[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-        return tensors
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise UserError(f"{path}: not a valid safetensors file ({e!r})") from None
+            head = f.read(8)
+            if len(head) < 8:
+                raise invalid(f"{file_size} bytes, fewer than the 8 of its header length")
+            size = int.from_bytes(head, "little")
+            if not 0 < size <= file_size - 8:
+                raise invalid(f"its header length ({size} bytes) does not fit in the "
+                              f"{file_size - 8} bytes after it")
+            raw = f.read(size)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise invalid(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise invalid(f"its header is not a JSON object (a {type(header).__name__})")
+    header.pop("__metadata__", None)
+    data_size = file_size - 8 - size
+    spans = []  # (begin, end, name) of each non-empty tensor's bytes
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise invalid(f"tensor {name!r} is described by {info!r}, not a JSON object")
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in info:
+                raise invalid(f"tensor {name!r} has no {key!r}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str):
+            raise invalid(f"tensor {name!r} has dtype {dtype!r}, not a name")
+        if dtype not in _DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {dtype}; "
+                            f"supported: {', '.join(_DTYPES)}")
+        if not _naturals(shape):
+            raise invalid(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+        if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+            raise invalid(f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
+        begin, end = offsets
+        if end > data_size:
+            raise invalid(f"tensor {name!r} ends at byte {end} of the data, which has only "
+                          f"{data_size}")
+        expected = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
+        if end - begin != expected:
+            raise invalid(f"tensor {name!r} has {end - begin} bytes; its dtype {dtype} and "
+                          f"shape {shape} take {expected}")
+        if end > begin:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise invalid(f"tensors {first!r} and {second!r} overlap")
+    # np.memmap cannot map zero bytes (a file of empty tensors has no data).
+    data = (np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size) if data_size
+            else np.zeros(0, np.uint8))
+    return {name: data[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            for name, info in header.items() for begin, end in [info["data_offsets"]]}
+
+
+def _naturals(value) -> bool:
+    """Whether `value` is a JSON list of integers >= 0."""
+    return isinstance(value, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)
 
 
 def fingerprint(model_dir: Path) -> str:
