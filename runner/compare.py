@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from jaxlora.errors import UserError
+from runner import report
 
 COLUMNS = ["run", "method", "trainable params", "frozen MiB", "bits / quantized param",
            "peak memory MiB", "median step ms", "train s", "accuracy before -> after",
@@ -24,16 +25,30 @@ def read_run(run_dir: Path) -> dict:
             raise UserError(f"{run_dir}: no {name}; not a finished run folder "
                             "(runs/<name>/<timestamp>/ after `runner run`)")
         try:
-            files[name] = json.loads(path.read_text())
+            files[name] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: cannot read it as JSON ({e})") from None
         if not isinstance(files[name], dict):
             raise UserError(f"{path}: expected a JSON object")
     manifest, evals = files["manifest.json"], files["eval.json"]
-    if manifest.get("status") != "finished" or "after" not in evals:
+    if manifest.get("status") != "finished":
         raise UserError(f"{run_dir}: the run did not finish (status "
                         f"{manifest.get('status')!r})")
+    report.check_after(run_dir, evals)
+    report.check(run_dir / "manifest.json", manifest, MANIFEST_FIELDS)
+    report.check(run_dir / "eval.json", evals, report.eval_fields(evals))
     return {"dir": run_dir, "manifest": manifest, "eval": evals}
+
+
+# What the table reads of the manifest (runner.report.check): the figures may
+# be missing or null (a run made by an older version), never of another kind.
+_OPTIONAL_NUMBER = (("number", "null"), True)
+MANIFEST_FIELDS = [(("recipe", "name"), ("string",)),
+                   (("recipe", "adapter", "method"), ("string",))]
+MANIFEST_FIELDS += [(("model", key), *_OPTIONAL_NUMBER)
+                    for key in ("trainable_params", "frozen_bytes", "bits_per_quantized_param")]
+MANIFEST_FIELDS += [(("train", key), *_OPTIONAL_NUMBER)
+                    for key in ("peak_memory_mb", "median_step_ms", "train_seconds")]
 
 
 def _before_after(evals: dict, key: str) -> str:

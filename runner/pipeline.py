@@ -442,29 +442,19 @@ def _keep_metrics_until(path: Path, step: int) -> None:
         lines.pop()
     kept = []
     for number, line in enumerate(lines, 1):
-        record = _metrics_record(line)
-        if isinstance(record, str):
+        if not line.strip():
+            continue
+        try:
+            record = report.metrics_record(line)
+        except ValueError as e:
             if number == len(lines):
                 break  # cut short by a kill
-            raise UserError(f"{path}: line {number} is not a metrics record ({record}); "
-                            "restore the file, or remove that line, then run again")
+            raise UserError(f"{path}: line {number} is not a metrics record ({e}); "
+                            "restore the file, or remove that line, then run again") from None
         if record["step"] > step:
             break
         kept.append(line.decode("utf-8") + "\n")
     report.write_atomic(path, "".join(kept))
-
-
-def _metrics_record(line: bytes) -> dict | str:
-    """The record a metrics.jsonl line holds, or why it holds none."""
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        return "not utf-8"
-    except json.JSONDecodeError as e:
-        return f"not JSON: {e.msg}"
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        return "no step number"
-    return record
 
 
 def _now() -> str:

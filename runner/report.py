@@ -164,26 +164,187 @@ def scalars(metrics: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of RUN_DIR/metrics.jsonl (up to a line cut by a kill)."""
+def read_metrics(run_dir: Path, whole: bool = False) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl, up to a line cut by a kill (or a
+    line otherwise unreadable). `whole`: the file of a finished run, which must
+    be there and whole; a UserError naming the first unreadable line otherwise."""
     path = run_dir / "metrics.jsonl"
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        if not whole:
+            return []
+        if isinstance(e, FileNotFoundError):
+            raise UserError(f"{path}: missing; the loss curve of a finished run is drawn "
+                            "from it") from None
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(metrics_record(line))
+        except ValueError as e:
+            if not whole:
                 break
+            raise UserError(f"{path}: line {number}: {e}; the metrics of a finished run are "
+                            "whole, so the file was damaged or edited") from None
     return records
 
 
+def metrics_record(line: bytes) -> dict:
+    """One metrics.jsonl line as a record the charts can draw: {"step", "loss"}
+    (train) or {"step", "eval": {"loss"}}; a ValueError saying what is wrong."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cannot read it as JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object (found {_shown(record)})")
+    checks = [(("step",), ("number",), False), (("loss",), ("number",), True),
+              (("eval",), ("object",), True), (("eval", "loss"), ("number",), "eval" not in record)]
+    for keys, kinds, optional in checks:
+        problem = _problem(record, keys, kinds, optional)
+        if problem:
+            raise ValueError(problem)
+    return record
+
+
+# What each file of a finished run must hold for `runner report` and `runner
+# compare` to show it: (keys, kinds, optional). A hand-edited or damaged file
+# gets one message naming the file and the key, never a traceback.
+_KINDS = {"object": (dict, "an object"), "list": (list, "a list"), "string": (str, "a string"),
+         "number": ((int, float), "a number"), "null": (type(None), "null")}
+_NUMBER_OR_NULL = ("number", "null")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _problem(data: dict, keys: tuple, kinds: tuple, optional: bool = False) -> str | None:
+    """What is wrong with data[keys[0]][keys[1]]...: a missing key (unless
+    `optional`), a value of none of `kinds`, or a step on the way that is no
+    object; None when nothing is."""
+    value = data
+    for i, key in enumerate(keys):
+        if key not in value:
+            return None if optional else f"{'.'.join(keys[:i + 1])}: missing"
+        value = value[key]
+        wanted = kinds if i == len(keys) - 1 else ("object",)
+        if not any(isinstance(value, _KINDS[k][0]) and not isinstance(value, bool)
+                   for k in wanted):
+            return (f"{'.'.join(keys[:i + 1])}: expected "
+                    f"{' or '.join(_KINDS[k][1] for k in wanted)} (found {_shown(value)})")
+    return None
+
+
+def check(path: Path, data: dict, fields: list[tuple]) -> None:
+    """A UserError naming `path` and the key at the first of `fields`
+    ((keys, kinds[, optional])) that `data` does not hold as it should."""
+    for keys, kinds, *optional in fields:
+        problem = _problem(data, keys, kinds, bool(optional and optional[0]))
+        if problem:
+            raise UserError(f"{path}: {problem}")
+
+
+def check_after(run_dir: Path, evals: dict) -> None:
+    """A finished run's eval.json holds the evaluation after training."""
+    if evals.get("after") is None:
+        raise UserError(f"{run_dir / 'eval.json'}: no \"after\" evaluation, though "
+                        "manifest.json says the run finished; the file was damaged or edited")
+
+
+def eval_fields(evals: dict) -> list[tuple]:
+    """The fields of eval.json that the comparison and the charts read: "after"
+    and, where there is one, "before" with the same metrics."""
+    fields = [(("after",), ("object",)), (("before",), ("object", "null"), True)]
+    after = evals.get("after")
+    if not isinstance(after, dict):
+        return fields
+    before = evals.get("before") if isinstance(evals.get("before"), dict) else None
+    classification = "accuracy" in after
+    fields += [(("after", "examples"), ("number",)), (("after", "loss"), ("number",))]
+    if before is not None:
+        fields.append((("before", "loss"), ("number",)))
+    for key in ("accuracy", "macro_f1", "perplexity", "exact_match"):
+        required = classification and key in ("accuracy", "macro_f1")
+        fields.append((("after", key), ("number",) if required else _NUMBER_OR_NULL,
+                       not required))
+        if before is not None:  # a headline row reads the "before" of what "after" has
+            fields.append((("before", key), _NUMBER_OR_NULL,
+                           not (required or after.get(key) is not None)))
+    fields.append((("after", "per_class"), ("object",), True))
+    if isinstance(after.get("per_class"), dict):
+        for name in after["per_class"]:
+            fields.append((("after", "per_class", name, "f1"), ("number",)))
+            if before is not None:
+                fields.append((("before", "per_class", name, "f1"), ("number",)))
+    return fields
+
+
+def manifest_fields(manifest: dict) -> list[tuple]:
+    """The fields of manifest.json that report.md reads."""
+    fields = [(("recipe", "name"), ("string",)),
+              (("recipe", "description"), ("string", "null"), True),
+              (("recipe", "model", "source"), ("string",)),
+              (("recipe", "adapter", "method"), ("string",)),
+              (("recipe_hash",), ("string",)),
+              (("environment", "devices"), ("list",)),
+              (("model", "fingerprint"), ("string",)),
+              (("model", "trainable_params"), ("number",)),
+              (("model", "total_params"), ("number",)),
+              (("model", "adapted_layers"), ("list",)),
+              (("model", "frozen_bytes"), ("number",)),
+              (("model", "bits_per_quantized_param"), _NUMBER_OR_NULL, True)]
+    model = manifest.get("model")
+    if isinstance(model, dict) and model.get("bits_per_quantized_param"):
+        fields.append((("model", "quantized_bytes"), ("number",)))
+    fields += [(("train", key), ("number",)) for key in (
+        "steps", "compile_seconds", "train_seconds", "median_step_ms", "peak_memory_mb")]
+    fields += [(("train", "peak_memory_kind"), ("string",)),
+               (("data", "source"), ("string",)),
+               (("data", "label_names"), ("list",)),
+               (("data", "dropped"), ("object", "null"), True),
+               (("data", "truncated"), ("object",), True)]
+    data = manifest.get("data")
+    if isinstance(data, dict) and isinstance(data.get("label_names"), list) and \
+            data["label_names"]:
+        fields += [(("data", "label_counts", split), ("object",)) for split in ("train", "eval")]
+    else:
+        fields += [(("data", "train_size"), ("number",)), (("data", "eval_size"), ("number",)),
+                   (("data", "target_tokens"), ("object",), True)]
+    return fields
+
+
+def check_report_files(run_dir: Path, manifest: dict, evals: dict) -> None:
+    """manifest.json and eval.json hold what report.md and the charts read; a
+    UserError naming the file and the key otherwise."""
+    path = run_dir / "manifest.json"
+    check(path, manifest, manifest_fields(manifest))
+    if manifest["model"]["total_params"] <= 0:
+        raise UserError(f"{path}: model.total_params: expected a positive number (found "
+                        f"{_shown(manifest['model']['total_params'])})")
+    for key in (("environment", "devices"), ("data", "label_names")):
+        values = manifest[key[0]][key[1]]
+        if not all(isinstance(v, str) for v in values):
+            raise UserError(f"{path}: {'.'.join(key)}: expected a list of strings (found "
+                            f"{_shown(values)})")
+    check(run_dir / "eval.json", evals, eval_fields(evals))
+
+
 def write_report(run_dir: Path, manifest: dict, before: dict | None, after: dict,
-                 console) -> None:
+                 console, records: list[dict] | None = None) -> None:
     """Draw the charts, write report.md, and show the comparison, the loss
-    sparklines and where the report is in the terminal."""
+    sparklines and where the report is in the terminal. `records`: those of
+    metrics.jsonl, when already read."""
     name = manifest["recipe"]["name"]
-    train, evals = charts.curves(read_metrics(run_dir), before, after,
-                                 manifest["train"]["steps"])
+    if records is None:
+        records = read_metrics(run_dir)
+    train, evals = charts.curves(records, before, after, manifest["train"]["steps"])
     try:
         images = charts.write_pngs(run_dir, train, evals, before, after, name)
     except Exception as e:  # noqa: BLE001 - a chart must never cost a finished run its report
@@ -213,12 +374,17 @@ def redraw(run_dir: Path, console) -> None:
                             "(runs/<name>/<timestamp>/) whose run finished")
     manifest = read_json(run_dir / "manifest.json")
     evals = read_json(run_dir / "eval.json")
-    if manifest.get("status") != "finished" or not evals.get("after"):
+    if manifest.get("status") != "finished":
         raise UserError(f"{run_dir}: the run has not finished (status "
                         f"{manifest.get('status')!r}); its report is written when it does")
-    write_report(run_dir, manifest, evals.get("before"), evals["after"], _Quiet())
+    check_after(run_dir, evals)
+    # everything read and checked before anything is drawn: a damaged folder
+    # keeps the charts and report.md it has
+    check_report_files(run_dir, manifest, evals)
+    records = read_metrics(run_dir, whole=True)
+    write_report(run_dir, manifest, evals.get("before"), evals["after"], _Quiet(), records)
     console.print(Markdown((run_dir / "report.md").read_text(encoding="utf-8")))
-    train, curve = charts.curves(read_metrics(run_dir), evals.get("before"), evals["after"],
+    train, curve = charts.curves(records, evals.get("before"), evals["after"],
                                  manifest["train"]["steps"])
     for line in charts.terminal_lines(train, curve):
         console.print(line)
