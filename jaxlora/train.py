@@ -113,7 +113,8 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
     loss (mean x count); the sum over micro-batches is divided once by the
     total count. That is the gradient of the whole batch's loss, normalised by
     all its target tokens, not a mean of per-micro-batch means (which would
-    weigh a token of a short micro-batch more). Micro-batch i draws dropout
+    weigh a token of a short micro-batch more). The sum is kept in float32
+    whatever the weights' dtype. Micro-batch i draws dropout
     from fold_in(rng, i). Micro-batch i holds rows i, i + grad_accum, ... of
     the batch, so that each device's block of rows (the batch is sharded by
     rows on a mesh) feeds every micro-batch equally.
@@ -139,15 +140,17 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
             micro, i = xs
             key = None if rng is None else jax.random.fold_in(rng, i)
             (s, c), g = jax.value_and_grad(summed, has_aux=True)(trainable, micro, key)
-            return (jax.tree.map(jnp.add, grads, g), total + s, count + c), None
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return (grads, total + s, count + c), None
 
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum,
                                                  *x.shape[1:]).swapaxes(0, 1), batch)
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        # summed in float32 whatever the weights' dtype (bfloat16 full fine-tuning)
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), trainable)
         start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, total, count), _ = jax.lax.scan(one, start, (micro, jnp.arange(grad_accum)))
         scale = 1.0 / jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, trainable)
         return (total * scale, count), grads
 
     def step(trainable, frozen, opt_state, batch, rng):

@@ -216,6 +216,29 @@ def test_grad_accum_is_the_whole_batch_normalised_by_all_its_tokens(tmp_path, ti
         assert abs(np.mean(means) - float(m1["loss"])) > 1e-3
 
 
+def test_grad_accum_sums_bfloat16_gradients_in_float32():
+    """Four micro-batches whose gradients are 1 and three times 2^-8 (a weight
+    in bfloat16, as full fine-tuning in bfloat16 has): summed in bfloat16, each
+    1 + 2^-8 rounds back to 1 and the small ones are lost; summed in float32,
+    the step is the bfloat16 rounding of the exact mean."""
+    class Scale(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.zeros((1,), jnp.bfloat16))
+
+    def loss_fn(model, batch, rng):
+        return (model.w[...] * batch["x"]).mean(), jnp.float32(batch["x"].shape[0])
+
+    graphdef, trainable, frozen = nnx.split(Scale(), nnx.Param, ...)
+    x = np.array([[1.0], [2.0 ** -8], [2.0 ** -8], [2.0 ** -8]])
+    batch = {"x": jnp.asarray(x, jnp.bfloat16), "weights": jnp.ones(4, jnp.float32)}
+    tx = optax.sgd(1.0)  # the update is minus the gradient
+    step = build_train_step(graphdef, tx, loss_fn, grad_accum=4)
+    after, _, _ = step(trainable, frozen, tx.init(trainable), batch, None)
+    exact = jnp.asarray(-x.mean(), jnp.bfloat16)
+    assert after["w"][...].dtype == jnp.bfloat16
+    assert float(after["w"][...][0]) == float(exact) != -0.25  # 0.25: the bfloat16 sum
+
+
 def test_fit_with_grad_accum_takes_the_same_steps(tiny_bert_dir):
     graphdef, trainable, frozen = _adapted(tiny_bert_dir)
     split = _toy_split(n=48)
