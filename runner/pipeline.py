@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 from dataclasses import asdict
@@ -255,8 +256,11 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         report.write_json(run_dir / "manifest.json", manifest)
         kept = (f"the last good checkpoint, step {steps[-1]}, is the latest in "
                 f"{run_dir / CHECKPOINTS}" if steps else "no checkpoint was written before it")
-        raise UserError(f"train: {e} (try a lower train.learning_rate, or max_grad_norm); "
-                        f"{kept}") from None
+        before = _before_loss(run_dir)
+        hint = (f"the base model's eval loss was already {before} before training: check the "
+                f"weights of model.source" if before is not None and not math.isfinite(before)
+                else "try a lower train.learning_rate, or max_grad_norm")
+        raise UserError(f"train: {e} ({hint}); {kept}") from None
     except CheckpointWriteError as e:
         kept = (f"the previous checkpoint, step {e.kept}, is intact and the latest"
                 if e.kept is not None else "no earlier checkpoint exists")
@@ -364,6 +368,13 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
     if primary:
         report.write_report(run_dir, manifest, before, after, console)
     return run_dir
+
+
+def _before_loss(run_dir: Path) -> float | None:
+    """The eval loss of the base model, when the run evaluated it."""
+    path = run_dir / "eval.json"
+    before = (read_json(path).get("before") if path.is_file() else None) or {}
+    return before.get("loss")
 
 
 def _training_figures(earlier: dict, result, cache: tuple) -> dict:

@@ -267,6 +267,24 @@ def test_a_diverging_run_stops_with_a_message(workdir, monkeypatch):
     assert manifest["status"] == "diverged" and manifest["diverged"]["step"] == 1
 
 
+def test_a_base_model_with_nan_weights_is_named_not_the_learning_rate(workdir):
+    """Its eval loss before training is already NaN: the message points at the
+    model's weights, not at train.learning_rate."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    path = workdir / "model" / "model.safetensors"
+    tensors = load_file(path)
+    [name] = [k for k in tensors if k.endswith("word_embeddings.weight")]
+    tensors[name] = np.full_like(tensors[name], np.nan)
+    save_file(tensors, path)
+    done = runner_here("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    message = " ".join(done.stderr.split())
+    assert "the base model's eval loss was already nan before training" in message
+    assert "learning_rate" not in message
+
+
 def test_recipes_lists_the_library(tmp_path):
     done = runner_here("recipes", str(Path(__file__).resolve().parents[1] / "recipes"),
                        cwd=tmp_path)
