@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import csv
 import dataclasses
 import functools
 import json
@@ -605,11 +606,14 @@ def _load(path: Path, fmt: Format, encoding: str, cache_dir: Path | None) -> Any
         raise UserError(f"{path}: the file is empty")
     where = {"data_dir": str(path)} if path.is_dir() else {"data_files": str(path)}
     reader = {"encoding": encoding} if fmt in TEXT_FORMATS else {}
-    json_files = [] if fmt != "json" else [path] if path.is_file() else [
-        p for p in _data_files(path) if SUFFIX_FORMATS[p.suffix.lower()] == "json"]
+    files = [path] if path.is_file() else [
+        p for p in _data_files(path) if SUFFIX_FORMATS[p.suffix.lower()] == fmt]
+    json_files = files if fmt == "json" else []
     if codecs.lookup(encoding).name == "utf-8":
         for file in json_files:
             _check_utf8(file)
+    for file in files if fmt == "csv" else ():
+        _check_header(file, encoding)
     try:
         return datasets.load_dataset(fmt, **where, **reader,
                                      cache_dir=None if cache_dir is None else str(cache_dir))
@@ -635,6 +639,20 @@ def _data_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*")
                   if p.suffix.lower() in SUFFIX_FORMATS and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _check_header(file: Path, encoding: str) -> None:
+    """Refuse a CSV header that names a column twice: pandas would rename the
+    second `NAME.1` and the recipe's column would silently be the first."""
+    try:
+        with file.open(encoding=encoding, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error):
+        return  # the reader says so, naming the file
+    twice = sorted(name for name, n in Counter(header).items() if n > 1 and name.strip())
+    if twice:
+        raise UserError(f"{file}: the header names column {twice[0]!r} more than once; "
+                        "give each column its own name")
 
 
 def _check_utf8(file: Path) -> None:

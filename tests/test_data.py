@@ -413,6 +413,8 @@ def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
                 '"label": "pos"}\n'.encode("latin-1"),
                 "number text jsonl": b'{"text": 42, "label": "pos"}\n'}[case]
         path.write_bytes(path.read_bytes() + last)
+    elif case == "header twice":
+        path.write_text("text,label,text\nfine,pos,other\n")
     elif case == "unknown suffix":
         path = tmp_path / "bad.txt"
         path.write_text("text,label\n")
@@ -438,6 +440,7 @@ def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
     ("number text jsonl", r"bad\.jsonl: column 'text' \(text_column\) must hold text: data "
                           r"row 26 of split 'train' holds 42"),
     ("unknown suffix", r"bad\.txt: cannot tell the format .*set format"),
+    ("header twice", r"bad\.csv: the header names column 'text' more than once"),
     ("no text column", r"bad\.csv: no column 'body' \(text_column\).*columns: text, label"),
     ("missing text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4"),
     ("blank text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4"),
