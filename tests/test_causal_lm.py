@@ -112,6 +112,8 @@ def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     _check_exports(tmp_path, run, method)
     table = _runner("compare", str(run), cwd=tmp_path)
     assert table.returncode == 0 and "perplexity before -> after" in table.stdout
+    shown = _runner("report", str(run), cwd=tmp_path)  # its files pass report's checks
+    assert shown.returncode == 0 and "perplexity" in shown.stdout, shown.stderr[-2000:]
 
 
 def test_generation_refuses_to_run_past_learned_positions(tmp_path):
