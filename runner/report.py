@@ -215,8 +215,19 @@ def metrics_record(line: bytes) -> dict:
 # What each file of a finished run must hold for `runner report` and `runner
 # compare` to show it: (keys, kinds, optional). A hand-edited or damaged file
 # gets one message naming the file and the key, never a traceback.
-_KINDS = {"object": (dict, "an object"), "list": (list, "a list"), "string": (str, "a string"),
-         "number": ((int, float), "a number"), "null": (type(None), "null")}
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# kind: (test, what the message calls it)
+_KINDS = {"object": (lambda v: isinstance(v, dict), "an object"),
+          "list": (lambda v: isinstance(v, list), "a list"),
+          "strings": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                      "a list of strings"),
+          "string": (lambda v: isinstance(v, str), "a string"),
+          "number": (_number, "a number"),
+          "positive": (lambda v: _number(v) and v > 0, "a positive number"),
+          "null": (lambda v: v is None, "null")}
 _NUMBER_OR_NULL = ("number", "null")
 
 
@@ -235,8 +246,7 @@ def _problem(data: dict, keys: tuple, kinds: tuple, optional: bool = False) -> s
             return None if optional else f"{'.'.join(keys[:i + 1])}: missing"
         value = value[key]
         wanted = kinds if i == len(keys) - 1 else ("object",)
-        if not any(isinstance(value, _KINDS[k][0]) and not isinstance(value, bool)
-                   for k in wanted):
+        if not any(_KINDS[k][0](value) for k in wanted):
             return (f"{'.'.join(keys[:i + 1])}: expected "
                     f"{' or '.join(_KINDS[k][1] for k in wanted)} (found {_shown(value)})")
     return None
@@ -293,10 +303,10 @@ def manifest_fields(manifest: dict) -> list[tuple]:
               (("recipe", "model", "source"), ("string",)),
               (("recipe", "adapter", "method"), ("string",)),
               (("recipe_hash",), ("string",)),
-              (("environment", "devices"), ("list",)),
+              (("environment", "devices"), ("strings",)),
               (("model", "fingerprint"), ("string",)),
               (("model", "trainable_params"), ("number",)),
-              (("model", "total_params"), ("number",)),
+              (("model", "total_params"), ("positive",)),
               (("model", "adapted_layers"), ("list",)),
               (("model", "frozen_bytes"), ("number",)),
               (("model", "bits_per_quantized_param"), _NUMBER_OR_NULL, True)]
@@ -307,7 +317,7 @@ def manifest_fields(manifest: dict) -> list[tuple]:
         "steps", "compile_seconds", "train_seconds", "median_step_ms", "peak_memory_mb")]
     fields += [(("train", "peak_memory_kind"), ("string",)),
                (("data", "source"), ("string",)),
-               (("data", "label_names"), ("list",)),
+               (("data", "label_names"), ("strings",)),
                (("data", "dropped"), ("object", "null"), True),
                (("data", "truncated"), ("object",), True)]
     data = manifest.get("data")
@@ -323,16 +333,7 @@ def manifest_fields(manifest: dict) -> list[tuple]:
 def check_report_files(run_dir: Path, manifest: dict, evals: dict) -> None:
     """manifest.json and eval.json hold what report.md and the charts read; a
     UserError naming the file and the key otherwise."""
-    path = run_dir / "manifest.json"
-    check(path, manifest, manifest_fields(manifest))
-    if manifest["model"]["total_params"] <= 0:
-        raise UserError(f"{path}: model.total_params: expected a positive number (found "
-                        f"{_shown(manifest['model']['total_params'])})")
-    for key in (("environment", "devices"), ("data", "label_names")):
-        values = manifest[key[0]][key[1]]
-        if not all(isinstance(v, str) for v in values):
-            raise UserError(f"{path}: {'.'.join(key)}: expected a list of strings (found "
-                            f"{_shown(values)})")
+    check(run_dir / "manifest.json", manifest, manifest_fields(manifest))
     check(run_dir / "eval.json", evals, eval_fields(evals))
 
 
