@@ -22,7 +22,6 @@ its Hugging Face module path.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import ModuleType
 from typing import Literal
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 from jaxlora.errors import UserError
 from jaxlora.models import bert, gpt2, llama
 from jaxlora.models.layers import AttentionImpl
-from jaxlora.models.weights import LoadedModel, Place, config_path
+from jaxlora.models.weights import LoadedModel, Place, config_path, read_config_json
 
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[Task, ...] = ("classification", "causal-lm")
@@ -46,10 +45,7 @@ FAMILIES: dict[str, ModuleType] = {"bert": bert, "gpt2": gpt2, "llama": llama,
 def family(model_dir: Path) -> ModuleType:
     """The family module for the folder's config.json `model_type`."""
     path = config_path(model_dir)
-    try:
-        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, AttributeError) as e:  # not JSON (or not UTF-8), not an object
-        raise UserError(f"{path}: not a JSON object ({e})") from None
+    model_type = read_config_json(model_dir).get("model_type")
     if model_type not in FAMILIES:
         raise UserError(f"{path}: model_type {model_type!r} is not supported; "
                         f"supported: {', '.join(FAMILIES)}")

@@ -190,6 +190,18 @@ def config_path(model_dir: Path) -> Path:
     return path
 
 
+def read_config_json(model_dir: Path) -> dict:
+    """The folder's config.json as a JSON object, or a UserError naming it."""
+    path = config_path(model_dir)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not a JSON object ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: not a JSON object (a {type(raw).__name__})")
+    return raw
+
+
 def read_hf_config(model_dir: Path):
     """The folder's transformers config (local files only; remote code is never run).
 
@@ -200,12 +212,7 @@ def read_hf_config(model_dir: Path):
     from transformers import AutoConfig
 
     path = config_path(model_dir)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{path}: not a JSON object ({e})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: not a JSON object (a {type(raw).__name__})")
+    raw = read_config_json(model_dir)
     for field in SIZE_FIELDS:
         value = raw.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
