@@ -606,14 +606,16 @@ def _load(path: Path, fmt: Format, encoding: str, cache_dir: Path | None) -> Any
         raise UserError(f"{path}: the file is empty")
     where = {"data_dir": str(path)} if path.is_dir() else {"data_files": str(path)}
     reader = {"encoding": encoding} if fmt in TEXT_FORMATS else {}
-    files = [path] if path.is_file() else [
+    # Checks of the text files the readers below do not make (or make badly):
+    # bytes that are not UTF-8 in JSON, a column named twice in a CSV header.
+    files = [] if fmt not in TEXT_FORMATS else [path] if path.is_file() else [
         p for p in _data_files(path) if SUFFIX_FORMATS[p.suffix.lower()] == fmt]
     json_files = files if fmt == "json" else []
-    if codecs.lookup(encoding).name == "utf-8":
-        for file in json_files:
+    for file in files:
+        if fmt == "csv":
+            _check_header(file, encoding)
+        elif codecs.lookup(encoding).name == "utf-8":
             _check_utf8(file)
-    for file in files if fmt == "csv" else ():
-        _check_header(file, encoding)
     try:
         return datasets.load_dataset(fmt, **where, **reader,
                                      cache_dir=None if cache_dir is None else str(cache_dir))
