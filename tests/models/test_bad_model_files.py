@@ -4,8 +4,6 @@ pipeline uses (`load_model`, `read_safetensors`) and through `runner plan`."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 
 from jaxlora.errors import UserError
 from jaxlora.models import load_model, weights
+from test_cli import runner_here
 from tiny_models import tiny_decoder_dir, write_qa
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny-llama-offline.toml"
@@ -158,16 +157,6 @@ def test_well_formed_edge_cases_still_read(tmp_path):
     assert read["w"].tolist() == [0.0, 1.0] and read["i"].ravel().tolist() == [0, 1, 2]
 
 
-def _runner_here(*args, cwd: Path) -> tuple[int, str, str]:
-    """`runner ARGS` in this process (as tests/test_cli.py does): code, stdout, stderr."""
-    from runner.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.mark.parametrize("broken", ["config.json", "model.safetensors"])
 def test_runner_plan_exits_2_without_traceback(tmp_path, folder, broken):
     if broken == "config.json":
@@ -178,7 +167,8 @@ def test_runner_plan_exits_2_without_traceback(tmp_path, folder, broken):
     recipe = recipe.replace('"../.tiny/qa.jsonl"', json.dumps(str(write_qa(tmp_path / "qa.jsonl"))))
     assert str(folder) in recipe and "qa.jsonl" in recipe
     (tmp_path / "broken.toml").write_text(recipe)
-    code, out, err = _runner_here("plan", "broken.toml", cwd=tmp_path)
+    done = runner_here("plan", "broken.toml", cwd=tmp_path)
+    code, out, err = done.returncode, done.stdout, done.stderr
     assert code == 2, err[-2000:]
     assert "Traceback" not in out + err
     assert err.strip().startswith(f"error: {folder / broken}: ")
