@@ -51,7 +51,7 @@ def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification", placem
 
     if placement is None:
         return jit(step)
-    return jit(step, out_shardings=placement.replicated())
+    return jit(placement.gathering(step), out_shardings=placement.replicated())
 
 
 def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_names: list[str],

@@ -58,10 +58,9 @@ def _pick(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -
 
 @functools.lru_cache(maxsize=16)
 def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
-              temperature: float, top_p: float):
+              temperature: float, top_p: float, placement=None):
     length = prompt_len + max_new
 
-    @jit
     def run(trainable, frozen, ids, valid, positions, key, eos_ids, pad_id):
         key = jax.random.wrap_key_data(key)  # raw key data: what can be placed on a mesh
         model = nnx.merge(graphdef, trainable, frozen)
@@ -90,7 +89,7 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
         carry = (jnp.int32(1), out, cache, valid, token, positions[:, -1], done, key)
         return jax.lax.while_loop(cond, body, carry)[1]
 
-    return run
+    return jit(run if placement is None else placement.gathering(run))
 
 
 def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
@@ -133,7 +132,8 @@ def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]]
         ids[row, prompt_len - len(prompt):] = prompt
         valid[row, prompt_len - len(prompt):prompt_len] = 1
     positions = np.maximum(np.cumsum(valid[:, :prompt_len], axis=1) - 1, 0).astype(np.int32)
-    run = _compiled(graphdef, batch, prompt_len, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    run = _compiled(graphdef, batch, prompt_len, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                    placement)
     stops = ([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id))
     inputs = (ids, valid, positions, np.asarray(jax.random.key_data(jax.random.key(cfg.seed))),
               np.asarray(stops or [-1], np.int32), np.int32(pad_id))

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from jaxlora.errors import UserError
 from jaxlora.models.layers import BaseWeight, HeadParam, Linear, dropout
 from jaxlora.quant import QuantConfig, quantize_linears
+from jaxlora.runtime import whole
 
 ALL_LINEAR = "all-linear"
 
@@ -108,7 +109,7 @@ class LoRAAdapter(nnx.Module):
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         x = dropout(x, self.dropout_rate, rng).astype(jnp.float32)
-        return (x @ self.lora_a[...]) @ self.lora_b[...] * self.scale
+        return (x @ whole(self.lora_a[...])) @ whole(self.lora_b[...]) * self.scale
 
 
 def _matches(path: str, suffix: str) -> bool:

@@ -40,6 +40,8 @@ import numpy as np
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from jaxlora.runtime import whole
+
 # The QLoRA paper's NF4 codebook, as bitsandbytes ships it.
 NF4_CODE = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -186,7 +188,8 @@ class QuantizedKernel(nnx.Module):
     def dequantize_out_in(self, dtype) -> jax.Array:
         """The kernel in `dtype`, as stored: (out, in), PyTorch's layout."""
         n_in, n_out = self.shape
-        stored = {k: v[...] for k, v in self.state.items()}
+        # gathered as stored (4-bit codes, scales), then dequantized whole
+        stored = {k: whole(v[...]) for k, v in self.state.items()}
         return dequantize(stored, n_in * n_out, self.cfg, dtype).reshape(n_out, n_in)
 
 

@@ -320,6 +320,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
         trainable, opt_state = placement.put(trainable, shard), placement.put(opt_state, shard)
         frozen = placement.put(frozen, True)
         put_batch = placement.put_batch
+        loss_fn = placement.gathering(loss_fn)  # FSDP: each weight gathered where it is read
         out_shardings = (placement.shardings(trainable, shard),
                          placement.shardings(opt_state, shard), placement.replicated())
     step_fn = build_train_step(graphdef, make_optimizer(cfg, steps), loss_fn, cfg.grad_accum,

@@ -29,6 +29,7 @@ from jaxlora.models import weights
 from jaxlora.models.layers import (ACTIVATIONS, AttentionImpl, CausalLMHead, Embed, LayerNorm,
                                    Linear, attention, cached_attention, dropout,
                                    resolve_attention, split_key, stack_layers)
+from jaxlora.runtime import whole
 
 TASKS = ("causal-lm",)
 
@@ -195,7 +196,7 @@ class GPT2LMHeadModel(CausalLMHead, nnx.Module):
 
     def logits(self, x):
         """float32 logits of hidden states `x` (..., hidden)."""
-        table = self.transformer.wte.embedding[...].astype(x.dtype)
+        table = whole(self.transformer.wte.embedding[...]).astype(x.dtype)
         return (x @ table.T).astype(jnp.float32)
 
     def init_cache(self, batch: int, length: int) -> list:

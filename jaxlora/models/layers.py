@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.errors import UserError
+from jaxlora.runtime import whole
 
 AttentionImpl = Literal["auto", "xla", "cudnn"]
 
@@ -140,12 +141,12 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         if isinstance(self.kernel, nnx.Variable):
-            y = x @ self.kernel[...].astype(x.dtype)
+            y = x @ whole(self.kernel[...]).astype(x.dtype)
         else:  # quantized: dequantized as stored, (out, in), and contracted as such
             w = self.kernel.dequantize_out_in(x.dtype)
             y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
         if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
+            y = y + whole(self.bias[...]).astype(x.dtype)
         if self.lora is not None:
             y = y + self.lora(x, rng).astype(y.dtype)
         return y
@@ -167,7 +168,7 @@ class Head(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """float32 outputs, whatever the dtype of `x`."""
-        return x.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+        return x.astype(jnp.float32) @ whole(self.kernel[...]) + whole(self.bias[...])
 
 
 class LayerNorm(nnx.Module):
@@ -189,8 +190,8 @@ class LayerNorm(nnx.Module):
         # layer's, down the whole stack (fusions of up to 267 operands, O(layers^2)
         # work): a bert-base step at 8 x 128 took 6.5 s against 4.0-4.4 s now
         # (bench/NOTES.md v6).
-        factor = jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
-        return (centered * factor + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        factor = jax.lax.rsqrt(var + self.eps) * whole(self.scale[...]).astype(jnp.float32)
+        return (centered * factor + whole(self.bias[...]).astype(jnp.float32)).astype(x.dtype)
 
 
 class Embed(nnx.Module):
@@ -200,7 +201,7 @@ class Embed(nnx.Module):
         self.embedding = BaseWeight(jnp.zeros((num, features), dtype))
 
     def __call__(self, ids: jax.Array, dtype) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+        return jnp.take(whole(self.embedding[...]), ids, axis=0).astype(dtype)
 
 
 def resolve_attention(implementation: AttentionImpl, dtype=jnp.bfloat16) -> Literal["xla", "cudnn"]:
@@ -360,7 +361,7 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
         # transformers casts back to the input dtype before the scale
-        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+        return whole(self.scale[...]).astype(x.dtype) * y.astype(x.dtype)
 
 
 def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:

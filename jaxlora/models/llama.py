@@ -33,6 +33,7 @@ from jaxlora.models import weights
 from jaxlora.models.layers import (AttentionImpl, CausalLMHead, Embed, Linear, RMSNorm, attention,
                                    cached_attention, resolve_attention, rotary, split_key,
                                    stack_layers)
+from jaxlora.runtime import whole
 
 TASKS = ("causal-lm",)
 _ATTENTION = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj",
@@ -243,7 +244,7 @@ class LlamaForCausalLM(CausalLMHead, nnx.Module):
     def logits(self, x):
         """float32 logits of hidden states `x` (..., hidden)."""
         if self.lm_head is None:
-            logits = x @ self.model.embed_tokens.embedding[...].astype(x.dtype).T
+            logits = x @ whole(self.model.embed_tokens.embedding[...]).astype(x.dtype).T
         else:
             logits = self.lm_head(x)
         return logits.astype(jnp.float32)
