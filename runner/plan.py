@@ -89,14 +89,27 @@ def host_memory() -> int | None:
 def compiled_temporaries(recipe, graphdef, trainable, frozen, opt_state, placement) -> int | None:
     """XLA's temporary buffers of the compiled train step (activations and
     workspace), per device; None where the backend does not report them (CPU)."""
+    if jax.default_backend() == "cpu":
+        return None
+    try:
+        analysis = lowered_step(recipe, graphdef, trainable, frozen, opt_state,
+                                placement).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - the plan falls back to the estimate
+        return None
+    return getattr(analysis, "temp_size_in_bytes", None) or None
+
+
+def lowered_step(recipe, graphdef, trainable, frozen, opt_state, placement):
+    """The run's train step, lowered for one batch of the recipe's shapes on
+    `placement`'s mesh (the arrays as shapes only): what `fit` compiles."""
     from jaxlora.tasks import STEP_LOSSES
     from jaxlora.train import build_train_step
 
-    if jax.default_backend() == "cpu":
-        return None
     shard = placement.shard_trainable
     tx = make_optimizer(recipe.train, 1)
-    step = build_train_step(graphdef, tx, STEP_LOSSES[recipe.model.task], recipe.train.grad_accum,
+    # the loss as `fit` traces it: weights gathered where they are read (FSDP)
+    loss_fn = placement.gathering(STEP_LOSSES[recipe.model.task])
+    step = build_train_step(graphdef, tx, loss_fn, recipe.train.grad_accum,
                             (placement.shardings(trainable, shard),
                              placement.shardings(opt_state, shard), placement.replicated()))
     rows, length = step_batch(recipe.train), recipe.data.max_length
@@ -116,21 +129,17 @@ def compiled_temporaries(recipe, graphdef, trainable, frozen, opt_state, placeme
                                      sharding=placement.batch_sharding(len(shape)))
              for k, shape in batch.items()},
             jax.ShapeDtypeStruct((2,), np.uint32, sharding=placement.replicated()))
-    try:
-        analysis = step.lower(*args).compile().memory_analysis()
-    except Exception:  # noqa: BLE001 - the plan falls back to the estimate
-        return None
-    return getattr(analysis, "temp_size_in_bytes", None) or None
+    return step.lower(*args)
 
 
-def plan(recipe, recipe_path: Path, console: Console) -> dict:
-    """Print the plan; returns its figures (bytes per device)."""
+def prepare(recipe, recipe_path: Path):
+    """The run's mesh and adapted model, as `runner run` builds them: (placement,
+    model folder, graphdef, trainable, frozen, optimizer state as shapes, the
+    adapted layers)."""
     from runner.pipeline import load_pretrained
 
     # As `runner run` does: on a pod every host plans, and the mesh spans them all.
     runtime.initialize(recipe.runtime)
-    if not report.primary():  # process 0 speaks for all of them
-        console = Console(quiet=True)
     placement = runtime.make_placement(recipe.runtime,
                                        full_fine_tuning=recipe.adapter.method == "full")
     model_dir = sources.resolve(recipe.model.source, "model", recipe_path.resolve().parent)
@@ -140,6 +149,15 @@ def plan(recipe, recipe_path: Path, console: Console) -> dict:
         loaded.model, recipe.adapter, loaded.lora_targets,
         jax.random.fold_in(jax.random.key(recipe.train.seed), 2))
     opt_state = jax.eval_shape(make_optimizer(recipe.train, 1).init, trainable)
+    return placement, model_dir, graphdef, trainable, frozen, opt_state, adapted
+
+
+def plan(recipe, recipe_path: Path, console: Console) -> dict:
+    """Print the plan; returns its figures (bytes per device)."""
+    placement, model_dir, graphdef, trainable, frozen, opt_state, adapted = prepare(
+        recipe, recipe_path)
+    if not report.primary():  # process 0 speaks for all of them
+        console = Console(quiet=True)
     shard = placement.shard_trainable
     figures = {
         "frozen": runtime.per_device_bytes(frozen, placement, True),

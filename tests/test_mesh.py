@@ -3,8 +3,9 @@ host-platform device count: 8 CPU devices in one process) gives the same loss
 curve within float32 tolerance, for LoRA, QLoRA (4-bit frozen weights sharded
 FSDP-style) and full fine-tuning (weights and optimizer state sharded); a LoRA
 run stopped on one device goes on on the mesh with its adapters sharded too
-(`shard_adapters`) and ends where the uninterrupted run ended. Then the
-refusals of [runtime] settings that do not fit."""
+(`shard_adapters`) and ends where the uninterrupted run ended; the mesh
+steps gather whole weights, not activations. Then the refusals of [runtime]
+settings that do not fit."""
 
 import json
 import os
@@ -19,6 +20,7 @@ from jaxlora import runtime
 from jaxlora.errors import UserError
 
 from test_cli import TINY_RECIPE, _tweets_csv, runner_here, workdir  # noqa: F401
+from conftest import xla_flags
 
 SCRIPT = """
 import sys
@@ -51,6 +53,26 @@ assert main(["run", str(stopped), "--set", "runtime.data=4", "--set", "runtime.f
              "--set", "runtime.shard_adapters=true"]) == 0
 # the run folder reads back consistently: its recipe.toml has the manifest's hash
 assert main(["eval", str(stopped)]) == 0
+
+# FSDP proper: in each method's compiled mesh step (as `fit` traces it) every
+# all-gather gathers a whole weight where it is read, never activations, and
+# nothing is resharded all-to-all.
+import re
+from runner.plan import lowered_step, prepare
+from runner.recipe import load_recipe
+
+for name in sys.argv[1:]:
+    recipe = load_recipe(name, ["runtime.data=4", "runtime.fsdp=2"])
+    placement, _, graphdef, trainable, frozen, opt_state, _ = prepare(recipe, Path(name))
+    text = lowered_step(recipe, graphdef, trainable, frozen, opt_state,
+                        placement).compile().as_text()
+    weights = {tuple(x.shape) for x in jax.tree.leaves((trainable, frozen))}
+    gathered = [tuple(int(n) for n in dims.split(",") if n) for dims in
+                re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", text)]
+    assert gathered and not set(gathered) - weights, (name, set(gathered) - weights)
+    assert "all-to-all" not in text, name
+    print("collectives", name, len(gathered), "all-gathers", text.count(" all-reduce("),
+          "all-reduces")
 """
 
 METHODS = {
@@ -75,7 +97,7 @@ def test_a_mesh_of_eight_devices_trains_like_one(tmp_path, tiny_bert_dir):
             recipe = recipe.replace('method = "lora"\nrank = 4\ntargets = ["query", "value"]\n',
                                     adapter)
         (tmp_path / f"{method}.toml").write_text(recipe)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
     done = subprocess.run([sys.executable, "-c", SCRIPT, *(f"{m}.toml" for m in METHODS)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -85,6 +107,8 @@ def test_a_mesh_of_eight_devices_trains_like_one(tmp_path, tiny_bert_dir):
     for method, planned in zip(METHODS, plans):
         _check(method, sorted((tmp_path / "runs" / method).iterdir()), json.loads(planned))
     assert "data 4 x fsdp 2 over 8" in done.stdout
+    assert [line.split()[1] for line in done.stdout.splitlines()
+            if line.startswith("collectives ")] == [f"{m}.toml" for m in METHODS]
     _check_resumed_on_the_mesh(sorted((tmp_path / "runs" / "lora").iterdir())[0],
                                next((tmp_path / "stopped").iterdir()))
 

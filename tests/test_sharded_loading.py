@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from tiny_models import tiny_decoder_dir
+from conftest import xla_flags
 
 SCRIPT = r"""
 import math
@@ -119,7 +120,7 @@ print("ok")
 
 def test_base_weights_load_straight_into_their_shards(tmp_path):
     folder = tiny_decoder_dir(tmp_path / "llama", "llama-gqa-rope3")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
