@@ -15,8 +15,8 @@ a data axis and an FSDP axis, and the rules that place each array on it.
 FSDP proper: inside a compiled step on a mesh with fsdp > 1 every weight the
 model reads is gathered whole at the point of use (`whole`, under
 `Placement.gathering`), so each device computes its own rows of the batch
-with whole weights; the gradient of a sharded trainable weight is
-reduce-scattered back to its shards. Left to itself, XLA's SPMD partitioner
+with whole weights; gradients are summed over the devices, and a sharded
+trainable weight keeps its shard. Left to itself, XLA's SPMD partitioner
 kept the weights split and moved the activations instead: a tiny Llama's
 train step on (data=2, fsdp=2) held 86 all-gathers (activations among them)
 and 26 all-to-alls where gathering the weights takes one per weight read.
