@@ -104,7 +104,7 @@ def make_optimizer(cfg: TrainConfig, steps: int) -> optax.GradientTransformation
 
 
 def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
-                     grad_accum: int = 1, out_shardings=None):
+                     grad_accum: int = 1, placement=None, trainable=None):
     """The jit'd step over (trainable, frozen, opt_state, batch, rng); see the module doc.
 
     With `grad_accum` > 1 the batch is cut into that many equal micro-batches
@@ -119,10 +119,19 @@ def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, l
     the batch, so that each device's block of rows (the batch is sharded by
     rows on a mesh) feeds every micro-batch equally.
 
-    `out_shardings` (trainable, opt_state, metrics) pins where the updated
-    state lives on a mesh (`jaxlora.runtime`); the step's code is the same.
-    `rng` may be a key or its raw data (what can be placed on a mesh).
+    With a `placement` (`jaxlora.runtime.Placement`; `trainable`: the tree the
+    step will be called with, arrays or shapes) the step runs on its mesh: the
+    model reads each weight gathered whole where it uses it (FSDP), and the
+    updated state comes out in the run's shardings; the step's code is the
+    same. `rng` may be a key or its raw data (what can be placed on a mesh).
     """
+    out_shardings = None
+    if placement is not None:
+        shard = placement.shard_trainable
+        out_shardings = (placement.shardings(trainable, shard),
+                         placement.shardings(jax.eval_shape(tx.init, trainable), shard),
+                         placement.replicated())
+        loss_fn = placement.gathering(loss_fn)
 
     def gradients(trainable, frozen, batch, rng):
         if grad_accum == 1:
@@ -314,17 +323,14 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
     schedule = learning_rate_schedule(cfg, steps)
     state = resume or init_state(trainable, cfg, train_split)
     trainable, opt_state = state.trainable, state.opt_state
-    put_batch, out_shardings = (lambda batch: batch), None
+    put_batch = lambda batch: batch  # noqa: E731
     if placement is not None:
         shard = placement.shard_trainable
         trainable, opt_state = placement.put(trainable, shard), placement.put(opt_state, shard)
         frozen = placement.put(frozen, True)
         put_batch = placement.put_batch
-        loss_fn = placement.gathering(loss_fn)  # FSDP: each weight gathered where it is read
-        out_shardings = (placement.shardings(trainable, shard),
-                         placement.shardings(opt_state, shard), placement.replicated())
     step_fn = build_train_step(graphdef, make_optimizer(cfg, steps), loss_fn, cfg.grad_accum,
-                               out_shardings).on_leaves(trainable, frozen, opt_state)
+                               placement, trainable).on_leaves(trainable, frozen, opt_state)
     # The loop holds flat lists of arrays (see `TrainStep`); states are rebuilt
     # for checkpoints, evaluations and the result.
     trainable, frozen, opt_state = (step_fn.leaves(x) for x in (trainable, frozen, opt_state))

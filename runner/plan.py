@@ -106,12 +106,9 @@ def lowered_step(recipe, graphdef, trainable, frozen, opt_state, placement):
     from jaxlora.train import build_train_step
 
     shard = placement.shard_trainable
-    tx = make_optimizer(recipe.train, 1)
-    # the loss as `fit` traces it: weights gathered where they are read (FSDP)
-    loss_fn = placement.gathering(STEP_LOSSES[recipe.model.task])
-    step = build_train_step(graphdef, tx, loss_fn, recipe.train.grad_accum,
-                            (placement.shardings(trainable, shard),
-                             placement.shardings(opt_state, shard), placement.replicated()))
+    step = build_train_step(graphdef, make_optimizer(recipe.train, 1),
+                            STEP_LOSSES[recipe.model.task], recipe.train.grad_accum, placement,
+                            trainable)
     rows, length = step_batch(recipe.train), recipe.data.max_length
     batch = {"input_ids": (rows, length), "attention_mask": (rows, length), "labels": (rows,),
              "weights": (rows,)}
