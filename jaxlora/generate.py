@@ -10,6 +10,12 @@ max_new_tokens) so shapes never change. Left padding keeps every row's next
 slot the same; positions (for RoPE / learned positions) count each row's real
 tokens only, and padded slots are never attended to. Greedy when temperature
 is 0, else sampling at that temperature from the top-p nucleus.
+
+On a mesh with FSDP-sharded weights the loop would gather every weight again
+for each new token (the model reads weights through `runtime.whole`), a whole
+model's worth of traffic per token. Where the whole weights (as stored: 4-bit
+codes stay 4-bit) fit in half of what a device has free, they are gathered
+once, before the prompt, and the loop reads them in place (`_gather_once`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from jaxlora.errors import UserError
+from jaxlora import runtime
 from jaxlora.runtime import jit, to_host
 
 
@@ -58,11 +65,14 @@ def _pick(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -
 
 @functools.lru_cache(maxsize=16)
 def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
-              temperature: float, top_p: float, placement=None):
+              temperature: float, top_p: float, placement=None, gather_once: bool = False):
     length = prompt_len + max_new
 
     def run(trainable, frozen, ids, valid, positions, key, eos_ids, pad_id):
         key = jax.random.wrap_key_data(key)  # raw key data: what can be placed on a mesh
+        if gather_once:  # every weight whole on every device, outside the loop
+            trainable, frozen = jax.tree.map(runtime.whole, (trainable, frozen))
+        per_token = placement is not None and placement.fsdp > 1 and not gather_once
         model = nnx.merge(graphdef, trainable, frozen)
         cache = model.init_cache(batch, length)
         logits, cache = model.decode(ids, positions, valid, cache, 0)
@@ -80,7 +90,12 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
             slot = prompt_len + i - 1  # where the previous token's keys go
             valid = valid.at[:, slot].set(1)
             position = position + 1
-            logits, cache = model.decode(token[:, None], position[:, None], valid, cache, slot)
+            reader = model
+            if per_token:  # tied to the step, so that XLA cannot hoist each weight's
+                # gather out of the loop (it is loop-invariant), which would hold them all
+                weights, i = jax.lax.optimization_barrier(((trainable, frozen), i))
+                reader = nnx.merge(graphdef, *weights)
+            logits, cache = reader.decode(token[:, None], position[:, None], valid, cache, slot)
             key, sub = jax.random.split(key)
             token = jnp.where(done, pad_id, _pick(logits[:, 0], sub, temperature, top_p))
             out = out.at[:, i].set(token)
@@ -90,6 +105,20 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
         return jax.lax.while_loop(cond, body, carry)[1]
 
     return jit(run if placement is None else placement.gathering(run))
+
+
+def _gather_once(placement, trainable, frozen) -> bool:
+    """Whether decoding on `placement` gathers the weights once rather than per
+    token: only where they are sharded (fsdp > 1), and only where the whole of
+    them fits in half of the memory a device has free now (the other half is
+    left for the cache, the activations and what the run holds already). Where
+    the backend does not say, they are gathered once. Every process must
+    compile the same program, so with several it takes all of them to say yes."""
+    if placement is None or placement.fsdp == 1:
+        return False
+    free = runtime.device_memory(free=True)
+    fits = free is None or runtime.whole_bytes((trainable, frozen)) <= free // 2
+    return all(runtime.every_process(fits))
 
 
 def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
@@ -117,7 +146,8 @@ def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]]
     `position_limit`: a model with learned positions (GPT-2) has none past it.
     `placement` (`jaxlora.runtime.Placement`): the weights are on its mesh, maybe
     over several processes, each calling this with the same prompts; the
-    prompts go there replicated and every process gets every completion."""
+    prompts go there replicated and every process gets every completion; with
+    FSDP the weights are gathered once per call where they fit (`_gather_once`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
@@ -133,7 +163,7 @@ def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]]
         valid[row, prompt_len - len(prompt):prompt_len] = 1
     positions = np.maximum(np.cumsum(valid[:, :prompt_len], axis=1) - 1, 0).astype(np.int32)
     run = _compiled(graphdef, batch, prompt_len, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                    placement)
+                    placement, _gather_once(placement, trainable, frozen))
     stops = ([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id))
     inputs = (ids, valid, positions, np.asarray(jax.random.key_data(jax.random.key(cfg.seed))),
               np.asarray(stops or [-1], np.int32), np.int32(pad_id))

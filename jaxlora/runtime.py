@@ -119,6 +119,45 @@ def whole(x: jax.Array) -> jax.Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
+def host_memory(available: bool = False) -> int | None:
+    """This machine's physical memory in bytes, or (`available`) what of it the
+    kernel says is available now (MemAvailable: free plus reclaimable cache),
+    where the OS says."""
+    if available:
+        try:
+            with open("/proc/meminfo") as info:
+                for line in info:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    try:
+        pages = "SC_AVPHYS_PAGES" if available else "SC_PHYS_PAGES"
+        return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def device_memory(free: bool = False) -> int | None:
+    """One local device's memory in bytes (or, `free`, what it has left now),
+    where the backend reports it; on the CPU, the host's RAM (available RAM)
+    shared by this process's CPU devices."""
+    if jax.default_backend() == "cpu":
+        ram = host_memory(available=free)
+        return ram // len(jax.local_devices()) if ram else None
+    stats = jax.local_devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if limit is None or not free:
+        return limit
+    return max(limit - stats.get("bytes_in_use", 0), 0)
+
+
+def whole_bytes(tree: Any) -> int:
+    """Bytes of every array in `tree`, each counted whole (not per shard)."""
+    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
 def multi_process_environment() -> bool:
     """Whether the environment says this process is one of several."""
     if os.environ.get("JAX_NUM_PROCESSES", "1") not in ("", "1"):

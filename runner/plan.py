@@ -13,7 +13,6 @@ device memory it can read.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -66,24 +65,6 @@ def activation_estimate(recipe, model_dir: Path, devices: int) -> int:
     if recipe.model.task == "causal-lm":  # float32 logits and their gradient
         total += 2 * rows * length * vocab * 4
     return int(total)
-
-
-def device_memory() -> int | None:
-    """The first device's memory in bytes, where the backend reports it; on the
-    CPU, the host's RAM shared by this process's CPU devices."""
-    if jax.default_backend() == "cpu":
-        ram = host_memory()
-        return ram // len(jax.local_devices()) if ram else None
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("bytes_limit")
-
-
-def host_memory() -> int | None:
-    """This machine's physical memory in bytes, where the OS says."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def compiled_temporaries(recipe, graphdef, trainable, frozen, opt_state, placement) -> int | None:
@@ -165,7 +146,7 @@ def plan(recipe, recipe_path: Path, console: Console) -> dict:
     figures["activations"] = compiled if compiled is not None else activation_estimate(
         recipe, model_dir, placement.devices)
     figures["total"] = sum(figures.values())
-    limit = device_memory()
+    limit = runtime.device_memory()
 
     mesh = placement.mesh.shape
     console.print(f"[bold]{recipe.name}[/]: {recipe.adapter.method}, "

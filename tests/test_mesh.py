@@ -22,7 +22,7 @@ from jaxlora.errors import UserError
 from test_cli import TINY_RECIPE, _tweets_csv, runner_here, workdir  # noqa: F401
 from conftest import xla_flags
 
-SCRIPT = """
+SCRIPT = r"""
 import sys
 import jax
 assert jax.device_count() == 8, jax.devices()
@@ -175,16 +175,14 @@ def _check(method: str, runs: list, planned: dict) -> None:
 
 
 def test_plan_warns_when_a_device_cannot_hold_the_run(workdir, monkeypatch):  # noqa: F811
-    import runner.plan
-
-    monkeypatch.setattr(runner.plan, "device_memory", lambda: 16 * 2**30)
+    monkeypatch.setattr(runtime, "device_memory", lambda free=False: 16 * 2**30)
     roomy = runner_here("plan", "tiny.toml", "--json", cwd=workdir)
     assert roomy.returncode == 0, roomy.stderr
     figures = json.loads(roomy.stdout.strip().splitlines()[-1])
     assert figures["total"] == sum(figures[k] for k in ("frozen", "trainable", "optimizer",
                                                           "activations"))
     assert "fits:" in roomy.stdout and "warning" not in roomy.stdout
-    monkeypatch.setattr(runner.plan, "device_memory", lambda: figures["total"] // 2)
+    monkeypatch.setattr(runtime, "device_memory", lambda free=False: figures["total"] // 2)
     tight = runner_here("plan", "tiny.toml", cwd=workdir)
     assert tight.returncode == 0 and "will not fit" in " ".join(tight.stdout.split())
     # remat keeps less: the estimate falls
@@ -197,14 +195,13 @@ def test_plan_warns_when_a_device_cannot_hold_the_run(workdir, monkeypatch):  # 
 def test_plan_on_the_cpu_weighs_the_run_against_the_hosts_ram(workdir, monkeypatch):  # noqa: F811
     import jax
 
-    import runner.plan
-
-    ram = runner.plan.host_memory()
+    ram = runtime.host_memory()
     assert ram and ram > 2**30
-    assert runner.plan.device_memory() == ram // len(jax.local_devices())
+    assert runtime.device_memory() == ram // len(jax.local_devices())
+    assert 0 < runtime.device_memory(free=True) <= runtime.device_memory()
     roomy = runner_here("plan", "tiny.toml", cwd=workdir)
     assert roomy.returncode == 0 and "host RAM" in roomy.stdout and "fits:" in roomy.stdout
-    monkeypatch.setattr(runner.plan, "host_memory", lambda: 2**20)  # 1 MiB of RAM
+    monkeypatch.setattr(runtime, "host_memory", lambda available=False: 2**20)  # 1 MiB of RAM
     tight = runner_here("plan", "tiny.toml", cwd=workdir)
     assert tight.returncode == 0 and "will not fit" in " ".join(tight.stdout.split())
 
