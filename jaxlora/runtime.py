@@ -159,7 +159,10 @@ def whole_bytes(tree: Any) -> int:
 
 
 def multi_process_environment() -> bool:
-    """Whether the environment says this process is one of several."""
+    """Whether the environment says this process is one of several: JAX's,
+    SLURM's or Open MPI's variables, or a Cloud TPU VM whose metadata server
+    lists several workers (a pod slice's hosts: `gcloud ... ssh --command`
+    shells carry none of the TPU variables; JAX reads the same server)."""
     if os.environ.get("JAX_NUM_PROCESSES", "1") not in ("", "1"):
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
@@ -168,8 +171,44 @@ def multi_process_environment() -> bool:
     for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         if os.environ.get(name, "1") not in ("", "1"):
             return True
-    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")
-                or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
+            "MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    return tpu_pod_workers() > 1
+
+
+# Google's PCI vendor id: the TPU chips of a Cloud TPU VM.
+GOOGLE_PCI_VENDOR = "0x1ae0"
+TPU_METADATA_URL = ("http://metadata.google.internal/computeMetadata/v1/instance/"
+                    "attributes/worker-network-endpoints")
+
+
+def tpu_pod_workers(pci_devices: str = "/sys/bus/pci/devices",
+                    url: str = TPU_METADATA_URL, timeout: float = 5.0) -> int:
+    """The hosts of this Cloud TPU VM's slice, as its metadata server lists
+    them (`worker-network-endpoints`, one entry per host); 0 on a machine
+    without TPU chips (nothing is asked then) or where the server does not
+    answer."""
+    import glob
+    import urllib.request
+
+    def vendor(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    if not any(vendor(path) == GOOGLE_PCI_VENDOR
+               for path in glob.glob(os.path.join(pci_devices, "*", "vendor"))):
+        return 0
+    try:
+        request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            listed = answer.read().decode()
+    except (OSError, ValueError):
+        return 0
+    return len([worker for worker in listed.split(",") if worker.strip()])
 
 
 _initialized = False
@@ -205,29 +244,75 @@ def initialize(cfg: RuntimeConfig) -> bool:
     return jax.process_count() > 1
 
 
-def preemption_sync() -> Callable[[], bool] | None:
-    """Several processes: a stop they all agree on, asked once per step boundary
-    by each of them; None for one process (or with JAX's preemption service
-    turned off: `jax_enable_preemption_service`).
+@dataclass(frozen=True)
+class StopAgreement:
+    """How the processes of one run agree on where to stop: `at_boundary()` is
+    asked once per step boundary by every process and turns true at the same
+    boundary on all of them; `notify`: a signal to one process must be passed
+    on as a SIGTERM, which JAX's preemption service takes for a notice to all."""
+
+    at_boundary: Callable[[], bool]
+    notify: bool
+
+
+def agreed_stop(requested: Callable[[], bool]) -> StopAgreement | None:
+    """The stop agreement of this run; None for one process on its own.
 
     A process that stops alone leaves the others waiting in the next step's
     collectives. `jax.distributed.initialize()` starts JAX's preemption
-    service, which takes SIGTERM: a SIGTERM to any process is a notice to all,
-    they agree on the step boundary after the furthest one any of them reached,
-    and `reached_preemption_sync_point` turns true there for every one. The
-    boundaries are counted from 1 in each session, the same on every process
-    (they all start at the same step), so a notice that came before training
-    stops at its first boundary."""
+    service, which takes SIGTERM (from then on no Python handler sees it,
+    even with a single process): a SIGTERM to any process is a notice to all,
+    they agree on the step boundary after the furthest one any of them
+    reached, and `reached_preemption_sync_point` turns true there for every
+    one. The boundaries are counted from 1 in each session, the same on every
+    process (they all start at the same step), so a notice that came before
+    training stops at its first boundary.
+
+    Where there is no such service (several processes that JAX joined without
+    `jax.distributed`, or `jax_enable_preemption_service` off), the processes
+    vote instead: each boundary, every process's `requested()` goes into a
+    small all-reduce on the devices, dispatched without waiting, and each
+    vote is read `StopVotes.LAG` boundaries later, so that all of them stop
+    at the same boundary."""
+    if jax.distributed.is_initialized():
+        from jax.experimental import multihost_utils
+
+        try:  # boundary 0: where every process stands before training
+            multihost_utils.reached_preemption_sync_point(0)
+        except RuntimeError:  # the service is off
+            pass
+        else:
+            boundaries = itertools.count(1)
+            return StopAgreement(
+                lambda: multihost_utils.reached_preemption_sync_point(next(boundaries)), True)
     if jax.process_count() == 1:
         return None
-    from jax.experimental import multihost_utils
+    return StopAgreement(StopVotes(requested), False)
 
-    try:  # boundary 0: where every process stands before training
-        multihost_utils.reached_preemption_sync_point(0)
-    except RuntimeError:  # the service is off
-        return None
-    boundaries = itertools.count(1)
-    return lambda: multihost_utils.reached_preemption_sync_point(next(boundaries))
+
+class StopVotes:
+    """Every process's stop request, all-reduced on the devices at each
+    boundary (`__call__`) and read `LAG` boundaries later: by then the small
+    collective has long run behind the steps dispatched before it, so reading
+    it costs no wait, and every process reads the same vote at the same
+    boundary."""
+
+    LAG = 2
+
+    def __init__(self, requested: Callable[[], bool]):
+        import collections
+
+        self.requested = requested
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+        self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("all"))
+        self.any = jax.jit(lambda votes: votes.max(), out_shardings=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))
+        self.cast: collections.deque = collections.deque()
+
+    def __call__(self) -> bool:
+        local = np.full(jax.local_device_count(), int(bool(self.requested())), np.int32)
+        self.cast.append(self.any(jax.make_array_from_process_local_data(self.sharding, local)))
+        return len(self.cast) > self.LAG and bool(np.asarray(self.cast.popleft()))
 
 
 def mesh_shape(cfg: RuntimeConfig, devices: int, processes: int = 1) -> tuple[int, int]:
@@ -239,7 +324,9 @@ def mesh_shape(cfg: RuntimeConfig, devices: int, processes: int = 1) -> tuple[in
     if cfg.data == -1:
         if devices % cfg.fsdp:
             raise UserError(f"runtime.fsdp: {cfg.fsdp} does not divide the {devices} devices "
-                            "present; set runtime.data too")
+                            "present; " + ("a mesh over several processes takes every device: "
+                                           "give an fsdp that divides them" if processes > 1
+                                           else "set runtime.data too"))
         return devices // cfg.fsdp, cfg.fsdp
     if cfg.data * cfg.fsdp > devices:
         raise UserError(f"runtime: data {cfg.data} x fsdp {cfg.fsdp} = "
@@ -462,6 +549,24 @@ def agree_path(make: Callable[[], Any], *, new: bool = False) -> Any:
     return path
 
 
+def agree_check(check: Callable[[], None]) -> None:
+    """`check()` on process 0 for all of them (itself with one process): the
+    UserError it raises is raised on every process, which would otherwise
+    go on alone and wait for process 0 in the next collective."""
+    failed = None
+    if jax.process_index() == 0:
+        try:
+            check()
+        except UserError as e:
+            failed = str(e)
+            if jax.process_count() == 1:
+                raise
+    failed = agree_text(failed if failed is None else failed.encode()[:4000].decode(
+        errors="ignore"))
+    if failed:
+        raise UserError(failed)
+
+
 def gather(values: np.ndarray) -> np.ndarray:
     """`values` (a small array of the same shape everywhere) of every process,
     stacked in process order, on every process."""
@@ -489,15 +594,18 @@ def agree_text(text: str | None, limit: int = 4096) -> str | None:
         return text
     from jax.experimental import multihost_utils
 
-    raw = np.zeros(limit, np.uint8)
+    raw = np.zeros(limit + 1, np.uint8)  # the last byte: 1 = too long (every process raises)
     if text is not None:
         encoded = text.encode()
         if len(encoded) > limit:
-            raise UserError(f"{text[:80]}...: longer than the {limit} bytes the processes "
-                            "can agree on")
-        raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+            raw[-1] = 1
+        else:
+            raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
     agreed = np.asarray(multihost_utils.broadcast_one_to_all(raw))
-    return bytes(agreed[agreed > 0]).decode()
+    if agreed[-1]:
+        raise UserError(f"{(text or 'process 0: a text')[:80]}...: longer than the {limit} "
+                        "bytes the processes can agree on")
+    return bytes(agreed[:-1][agreed[:-1] > 0]).decode()
 
 
 def device_bytes(tree: Any) -> int:

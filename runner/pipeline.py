@@ -24,7 +24,7 @@ import signal
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import numpy as np
@@ -137,15 +137,23 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
     """
     stop = stop or StopSignals()  # not installed: never requested
     runtime.initialize(recipe.runtime)  # several processes: join them before any device use
-    agreed = runtime.preemption_sync()
-    if agreed is not None:  # a process that stopped alone would leave the others waiting
-        stop.join_processes(agreed)
+    agreement = runtime.agreed_stop(stop.requested)
+    if agreement is not None:  # a process that stopped alone would leave the others waiting
+        stop.join_processes(agreement.at_boundary, agreement.notify)
     if not report.primary():  # process 0 speaks for all of them
         console = Console(quiet=True)
     with contextlib.ExitStack() as held:  # the run folder's lock, released however we leave
-        # process 0 picks the run folder to go on with (or none), for every process
-        target = runtime.agree_path(lambda: run_dir or resume_target(recipe, mode))
+        # process 0 picks the run folder to go on with (or none) and locks it, for
+        # every process: a folder in use stops them all, not process 0 alone
+        target = runtime.agree_path(lambda: _locked(held, run_dir or resume_target(recipe, mode)))
         return _run(recipe, recipe_path, console, target, stop, held)
+
+
+def _locked(held: contextlib.ExitStack, run_dir: Path | None) -> Path | None:
+    """`run_dir`, its lock held (by the calling process, process 0) until `held` closes."""
+    if run_dir is not None:
+        held.enter_context(lock_run(run_dir))
+    return run_dir
 
 
 def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | None,
@@ -157,8 +165,6 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     placement.check_batch("train.batch_size", recipe.train.batch_size)
     placement.check_batch("eval.batch_size", recipe.eval.batch_size)
     primary = report.primary()
-    if run_dir is not None and primary:
-        held.enter_context(lock_run(run_dir))
     old, layout = check_resumable(run_dir, recipe) if run_dir is not None else (None, [])
     base = base_dir(old, run_dir) if old else recipe_base(recipe_path)
     model_dir = sources.resolve(recipe.model.source, "model", base)
@@ -179,9 +185,9 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
                    eval_hosting=placement.hosting(recipe.eval.batch_size), prompts=prompts)
     shares = runtime.gather(np.array([data.train.held, data.eval.held]))
     stats = data_stats(data.stats)
-    if old:
-        require_same_data(run_dir, old, stats, "resuming needs the same data: restore it, or "
-                                               "pass --fresh")
+    if old:  # process 0's view of the data for all: a hub dataset's path is a host's own
+        runtime.agree_check(lambda: require_same_data(
+            run_dir, old, stats, "resuming needs the same data: restore it, or pass --fresh"))
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing
     key = jax.random.key(recipe.train.seed)
     graphdef, trainable, frozen, adapted = adapt(
@@ -219,9 +225,9 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         # Bad input has been caught by now: only then is a run folder made.
         run_dir = runtime.agree_path(
             lambda: report.new_run_dir(Path(recipe.output.dir), recipe.name), new=True)
-        if primary:
-            held.enter_context(lock_run(run_dir))
-        report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
+        runtime.agree_path(lambda: _locked(held, run_dir))
+        _writing_starts(run_dir, lambda: report.write_atomic(run_dir / "recipe.toml",
+                                                             to_toml(recipe)))
         manifest = {"status": "running", "recipe_hash": recipe_hash(recipe),
                     "recipe_file": str(recipe_path.resolve()), "base_dir": str(base),
                     "recipe": canonical(recipe), "environment": report.environment(),
@@ -238,9 +244,10 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         console.print(f"run folder: [bold]{run_dir}[/]")
     manifest["status"] = "running"
     manifest["train"] = {**manifest.get("train", {}), "total_steps": steps}
-    report.write_json(run_dir / "manifest.json", manifest)
+    _writing_starts(run_dir, lambda: report.write_json(run_dir / "manifest.json", manifest))
     if resumed:  # after the manifest: recipe.toml is the recipe the run goes on with
-        report.write_atomic(run_dir / "recipe.toml", to_toml(recipe))
+        _writing_starts(run_dir, lambda: report.write_atomic(run_dir / "recipe.toml",
+                                                             to_toml(recipe)))
     console.print(f"data: {stats['train_size']} train / {stats['eval_size']} eval examples; "
                   f"trainable parameters: {manifest['model']['trainable_params']:,}")
     try:
@@ -287,6 +294,21 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         raise Interrupted(e.signum, _interrupted_message(e, run_dir, recipe_path)) from None
 
 
+def _writing_starts(run_dir: Path, write: Callable[[], None]) -> None:
+    """One of the writes (process 0's) that open a run or a session: a full disk
+    or a quota there is a message naming the file, on every process, and what
+    the folder held stays (each file is replaced whole or not at all)."""
+    def written() -> None:
+        try:
+            write()
+        except OSError as e:
+            raise UserError(f"{e.filename or run_dir}: cannot write: {e.strerror}; nothing was "
+                            "trained in this session. Free space, then run the same command "
+                            "again") from None
+
+    runtime.agree_check(written)
+
+
 def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen, data, state,
                         resumed, tokenizer, position_limit, cache, placement) -> Path:
     task = recipe.model.task
@@ -294,7 +316,10 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
     frozen = placement.put(frozen, True)  # FSDP-sharded over the mesh when fsdp > 1
     primary = report.primary()
     evals_path = run_dir / "eval.json"
-    evals = read_json(evals_path) if evals_path.is_file() else {}
+    # process 0's copy decides whether "eval before" (every process's work) is due:
+    # on a network filesystem another host may not see the file yet
+    evals = read_json(evals_path) if primary and evals_path.is_file() else {}
+    have_before = runtime.agree_text("yes" if evals.get("before") is not None else "no") == "yes"
     extra = {"recipe_hash": manifest["recipe_hash"],
              "fingerprint": manifest["model"]["fingerprint"]}
     events = (EventLog(run_dir, resumed_from=resumed.step if resumed else None)
@@ -326,7 +351,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                 events.eval(step, metrics)
 
         before = evals.get("before")
-        if recipe.eval.before and before is None:
+        if recipe.eval.before and not have_before:
             before = _evaluate(recipe, eval_step, graphdef,
                                placement.put(without_adapters(state.trainable),
                                              placement.shard_trainable),

@@ -114,18 +114,23 @@ def prepare(recipe, recipe_path: Path):
     """The run's mesh and adapted model, as `runner run` builds them: (placement,
     model folder, graphdef, trainable, frozen, optimizer state as shapes, the
     adapted layers)."""
-    from runner.pipeline import load_pretrained
+    from runner.pipeline import load_pretrained, recipe_base
 
     # As `runner run` does: on a pod every host plans, and the mesh spans them all.
     runtime.initialize(recipe.runtime)
     placement = runtime.make_placement(recipe.runtime,
                                        full_fine_tuning=recipe.adapter.method == "full")
-    model_dir = sources.resolve(recipe.model.source, "model", recipe_path.resolve().parent)
-    loaded = load_pretrained(recipe, model_dir)
+    placement.check_batch("train.batch_size", recipe.train.batch_size)
+    placement.check_batch("eval.batch_size", recipe.eval.batch_size)
+    model_dir = sources.resolve(recipe.model.source, "model", recipe_base(recipe_path))
+    # each weight straight into its shard, as the run loads it: a model that fits
+    # the devices only sharded can be planned too
+    loaded = load_pretrained(recipe, model_dir, place=placement.place_weight)
     set_remat(loaded.model, recipe.train.remat)
     graphdef, trainable, frozen, adapted = adapt(
         loaded.model, recipe.adapter, loaded.lora_targets,
-        jax.random.fold_in(jax.random.key(recipe.train.seed), 2))
+        jax.random.fold_in(jax.random.key(recipe.train.seed), 2),
+        sharding=placement.frozen_sharding)
     opt_state = jax.eval_shape(make_optimizer(recipe.train, 1).init, trainable)
     return placement, model_dir, graphdef, trainable, frozen, opt_state, adapted
 

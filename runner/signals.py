@@ -11,8 +11,11 @@ With several processes (`join_processes`) a stop must be agreed, or the
 others would wait for the one that left: JAX's preemption service owns
 SIGTERM (a notice to every process), a first Ctrl-C is passed on to it as a
 SIGTERM, and training stops at the step boundary it agrees (see
-`jaxlora.runtime.preemption_sync`); before training the notice waits for the
-first boundary, after it the run finishes.
+`jaxlora.runtime.agreed_stop`; without the service, a signal is recorded and
+the processes vote at each boundary); before training the notice waits for
+the first boundary, after it the run finishes. The service takes SIGTERM
+even from a single process that called `jax.distributed.initialize()`: such
+a process is joined too, with itself.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class StopSignals:
         self._deferring = False
         self._previous: dict[int, object] = {}
         self._agreed: Callable[[], bool] | None = None
+        self._notify = True
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -65,15 +69,18 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         if self.signum is None and (self._deferring or self._agreed is not None):
             self.signum = signum
-            if self._agreed is not None:  # a notice to every process
+            if self._agreed is not None and self._notify:  # a notice to every process
                 os.kill(os.getpid(), signal.SIGTERM)
             return
         raise Interrupted(signum)
 
-    def join_processes(self, agreed: Callable[[], bool]) -> None:
+    def join_processes(self, agreed: Callable[[], bool], notify: bool = True) -> None:
         """From now on the stop is `agreed()` (asked at every step boundary),
-        and a first signal is a notice to every process (see the module doc)."""
+        and a first signal is a notice to every process (see the module doc):
+        passed on as a SIGTERM to JAX's preemption service (`notify`), or
+        only recorded, for `agreed` to put to the vote."""
         self._agreed = agreed
+        self._notify = notify
 
     @property
     def joined(self) -> bool:

@@ -356,3 +356,25 @@ def test_texts_from_stdin_and_the_command_line_must_be_utf8(monkeypatch):
         _texts(["-"])
     with pytest.raises(UserError, match="text 2 of the command line is not valid utf-8"):
         _texts(["fine", "\udcff"])  # how Python passes an undecodable argv byte
+
+
+def test_a_full_disk_as_a_run_starts_is_one_message_not_a_traceback(workdir, monkeypatch):
+    """The first files of a new run folder cannot be written (a full disk or a
+    quota): one message naming the file, exit 2."""
+    import errno
+
+    from runner import report
+
+    written = report.write_atomic
+
+    def full(path, text):
+        if path.name == "recipe.toml":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written(path, text)
+
+    monkeypatch.setattr(report, "write_atomic", full)
+    done = runner_here("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = " ".join(done.stderr.split())
+    assert "recipe.toml: cannot write: No space left on device" in message
+    assert "nothing was trained" in message and "Traceback" not in done.stderr

@@ -31,13 +31,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two(workdirs: list) -> list:
+def _start_two(workdirs: list, **env) -> list:
     """`runner run lm.toml` as processes 0 and 1 of two, each in its folder, each
-    with 2 CPU devices."""
+    with 2 CPU devices (and `env` in their environment)."""
     port = _free_port()
     processes = []
+    extra = env
     for rank, workdir in enumerate(workdirs):
-        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        env = dict(os.environ, **extra, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank),
                    XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
                    HF_DATASETS_CACHE=str(workdir / "datasets-cache"))
@@ -47,10 +48,11 @@ def _start_two(workdirs: list) -> list:
     return processes
 
 
-def _two_processes(workdirs: list, processes: list | None = None) -> tuple[list, list]:
-    """The two processes (started now, unless given) run to their end; returns
-    them and their (stdout, stderr)."""
-    processes = processes or _start_two(workdirs)
+def _two_processes(workdirs: list, processes: list | None = None,
+                   **env) -> tuple[list, list]:
+    """The two processes (started now with `env`, unless given) run to their
+    end; returns them and their (stdout, stderr)."""
+    processes = processes or _start_two(workdirs, **env)
     outputs = []
     try:
         for process in processes:
@@ -92,9 +94,12 @@ def test_two_processes_train_together_like_one(tmp_path):
     """One run of two processes against the same recipe run by one process on
     one device: the same loss curve and eval loss; process 0 speaks for both.
     (The evaluation before training and greedy decoding on the mesh are left to
-    the next test, which keeps this one under a minute.)"""
+    the next test, which keeps this one under a minute.) JAX's preemption
+    service is off here, so the processes vote at each step boundary on
+    whether to stop (`runtime.StopVotes`): the votes' collectives run between
+    the steps' and change nothing (the next test runs with the service)."""
     workdir = _lm_workdir(tmp_path, lean=True)
-    processes, outputs = _two_processes([workdir, workdir])
+    processes, outputs = _two_processes([workdir, workdir], JAX_ENABLE_PREEMPTION_SERVICE="false")
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
     # process 0 speaks for both (gloo prints its own connection lines)
@@ -299,3 +304,170 @@ def test_an_array_spread_over_processes_is_checkpointed_in_shards(tmp_path):
     for name, value in host.items():
         assert back.trainable[name].tobytes() == value.tobytes()
     assert meta["checksummed"] and int(back.opt_state["count"]) == 5
+
+
+VOTES_SCRIPT = """
+import sys
+from jaxlora import runtime
+
+rank = int(sys.argv[1])
+runtime.initialize(runtime.RuntimeConfig())
+flag = [False]
+agreement = runtime.agreed_stop(lambda: flag[0])
+assert agreement is not None and not agreement.notify, agreement
+for boundary in range(1, 12):
+    if rank == 1 and boundary == 3:  # a signal reaches process 1 alone, before boundary 3
+        flag[0] = True
+    if agreement.at_boundary():
+        print("stop at", boundary)
+        break
+
+# a text too long to agree on is refused on every process, not on process 0 alone
+from jaxlora.errors import UserError
+try:
+    runtime.agree_text("x" * 5000 if rank == 0 else None)
+except UserError as e:
+    print("refused everywhere:", "longer than the 4096 bytes" in str(e))
+
+# a check process 0 makes for all of them: its refusal reaches every process
+def check():
+    raise UserError("data.source: differs on process %d" % rank)
+try:
+    runtime.agree_check(check)
+except UserError as e:
+    print("checked by process 0:", e)
+"""
+
+
+@pytest.mark.distributed
+def test_without_jaxs_preemption_service_the_processes_vote_on_where_to_stop():
+    """Two processes joined by jax.distributed with JAX's preemption service
+    off: a stop requested on process 1 alone is put to a vote at each step
+    boundary, and both stop at the same one, `StopVotes.LAG` boundaries
+    after the request, without waiting for each other in between. And a text
+    too long for `agree_text`, or a refusal of a check process 0 makes for
+    all (`agree_check`), stops both, not process 0 alone."""
+    from jaxlora.runtime import StopVotes
+
+    port = _free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", VOTES_SCRIPT, str(rank)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(rank), JAX_ENABLE_PREEMPTION_SERVICE="false",
+                 XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2")))
+        for rank in range(2)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+        assert f"stop at {3 + StopVotes.LAG}" in out, out
+        assert "refused everywhere: True" in out, out
+        assert "checked by process 0: data.source: differs on process 0" in out, out
+
+
+SERVICE_SCRIPT = """
+import os
+import signal
+import jax
+from jaxlora import runtime
+from runner.signals import StopSignals
+
+with StopSignals() as stop:  # as the CLI does: its handlers first, then the run joins
+    assert runtime.initialize(runtime.RuntimeConfig(distributed="on")) is False  # one process
+    agreement = runtime.agreed_stop(stop.requested)
+    assert agreement is not None and agreement.notify, agreement
+    stop.join_processes(agreement.at_boundary, agreement.notify)
+    assert not stop.at_step_boundary()
+    os.kill(os.getpid(), signal.SIGTERM)  # JAX's service takes it, not Python's handler
+    import time
+    for boundary in range(1, 200):
+        if stop.at_step_boundary():
+            print("stopped at boundary", boundary, "requested here:", stop.requested())
+            break
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.distributed
+def test_one_process_that_joined_jax_distributed_still_stops_on_sigterm():
+    """`runtime.distributed = "on"` with one process: `jax.distributed.initialize()`
+    hands SIGTERM to JAX's preemption service, whose C++ handler replaces
+    Python's, so the run must ask the service at each step boundary or a
+    SIGTERM would be lost."""
+    port = _free_port()
+    done = subprocess.run(
+        [sys.executable, "-c", SERVICE_SCRIPT], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="1",
+                 JAX_PROCESS_ID="0"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopped at boundary" in done.stdout and "requested here: False" in done.stdout
+
+
+def test_a_cloud_tpu_vms_workers_come_from_its_metadata_server(tmp_path):
+    """`runtime.distributed = "auto"` on a TPU VM pod: the hosts' shells carry
+    no TPU variables, so the slice's workers are read from the metadata
+    server, and only on a machine with Google's TPU chips."""
+    import http.server
+    import threading
+
+    from jaxlora import runtime
+
+    asked = []
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            asked.append((self.path, self.headers.get("Metadata-Flavor")))
+            body = b"10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/computeMetadata/v1/instance/attributes/" \
+          "worker-network-endpoints"
+    try:
+        pci = tmp_path / "pci"
+        (pci / "0000:00:04.0").mkdir(parents=True)
+        (pci / "0000:00:04.0" / "vendor").write_text("0x1af4\n")  # a virtio device
+        assert runtime.tpu_pod_workers(str(pci), url) == 0 and asked == []
+        (pci / "0000:00:05.0").mkdir()
+        (pci / "0000:00:05.0" / "vendor").write_text("0x1ae0\n")  # a TPU chip
+        assert runtime.tpu_pod_workers(str(pci), url) == 4
+        assert asked == [("/computeMetadata/v1/instance/attributes/worker-network-endpoints",
+                          "Google")]
+    finally:
+        server.shutdown()
+    assert runtime.tpu_pod_workers(str(pci), url, timeout=1.0) == 0  # no server: not a pod
+
+
+@pytest.mark.distributed
+def test_a_run_folder_in_use_stops_every_process_not_process_0_alone(tmp_path):
+    """Process 0 takes the run folder's lock for all of them; when another
+    run holds it (here this test), every process stops with the message
+    naming its holder, exit 2, instead of the others going on alone."""
+    from runner.runs import lock_run
+
+    workdir = _lm_workdir(tmp_path, lean=True)
+    folder = workdir / "runs" / "lm" / "20260101-000000"
+    folder.mkdir(parents=True)
+    (folder / "recipe.toml").write_text((workdir / "lm.toml").read_text())
+    (folder / "manifest.json").write_text('{"status": "interrupted"}')
+    with lock_run(folder):
+        port = _free_port()
+        processes = [subprocess.Popen(
+            [sys.executable, "-m", "runner.cli", "run", str(folder)], cwd=workdir,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)))
+            for rank in range(2)]
+        outputs = [p.communicate(timeout=120) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 2, err[-3000:]
+        assert f"in use by pid {os.getpid()}" in " ".join(err.split()), err[-3000:]
+        assert "Traceback" not in out + err
+    assert json.loads((folder / "manifest.json").read_text()) == {"status": "interrupted"}

@@ -34,6 +34,8 @@ for recipe in sys.argv[1:]:
         assert main(["run", recipe, "--fresh", *sets]) == 0
     # the plan of the mesh run, before running it (its last line: the figures as JSON)
     assert main(["plan", recipe, "--json", *sets]) == 0
+    # a batch the run would refuse, the plan refuses too, by name
+    assert main(["plan", recipe, *sets, "--set", "eval.batch_size=12"]) == 2
 
 # The one-device LoRA run, as if stopped after its checkpoint of step 10, goes on
 # on the mesh, its adapters sharded too: a run may change its device layout
@@ -240,6 +242,9 @@ def test_mesh_shape_refusals_name_the_field():
     assert runtime.mesh_shape(cfg(fsdp=2), 8, processes=2) == (4, 2)
     with pytest.raises(UserError, match=r"4 of the 8 devices of 2 processes"):
         runtime.mesh_shape(cfg(data=2, fsdp=2), 8, processes=2)
+    with pytest.raises(UserError, match=r"runtime.fsdp: 3 does not divide the 8 devices present; "
+                                        r"a mesh over several processes takes every device"):
+        runtime.mesh_shape(cfg(fsdp=3), 8, processes=2)
 
 
 def test_a_batch_the_mesh_does_not_divide_is_refused_by_name():
