@@ -114,7 +114,7 @@ class DataConfig(pydantic.BaseModel):
     # [] = always max_length.
     length_buckets: list[int] = []
     # Seed of the eval carve and of the caps.
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
     @pydantic.field_validator("labels")
     @classmethod
@@ -134,6 +134,13 @@ class DataConfig(pydantic.BaseModel):
         except LookupError:
             raise ValueError(f"unknown text encoding {encoding!r} (e.g. utf-8, latin-1, "
                              "cp1252)") from None
+        try:  # a codec of bytes to bytes (base64) or of text to text (rot13)
+            b"a".decode(encoding)
+        except LookupError:
+            raise ValueError(f"{encoding!r} is not a text encoding (e.g. utf-8, latin-1, "
+                             "cp1252)") from None
+        except UnicodeError:
+            pass  # a text encoding that one byte does not make a character of (utf-16)
         return encoding
 
     @pydantic.model_validator(mode="after")
@@ -624,8 +631,9 @@ def _load(path: Path, fmt: Format, encoding: str, cache_dir: Path | None) -> Any
     except (datasets.exceptions.DatasetsError, ValueError, OSError, StopIteration,
             pyarrow.ArrowException) as e:
         cause = _root_cause(e)
-        if isinstance(cause, UnicodeDecodeError):
-            raise UserError(f"{path}: cannot decode the file as {encoding} ({cause.reason}); "
+        if isinstance(cause, UnicodeError):
+            reason = getattr(cause, "reason", None) or str(cause)
+            raise UserError(f"{path}: cannot decode the file as {encoding} ({reason}); "
                             "set encoding to the file's one, e.g. latin-1 or cp1252") from None
         if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause) \
                 or "No columns to parse" in str(cause):
@@ -649,7 +657,7 @@ def _check_header(file: Path, encoding: str) -> None:
     try:
         with file.open(encoding=encoding, newline="") as f:
             header = next(csv.reader(f), [])
-    except (UnicodeDecodeError, csv.Error):
+    except (UnicodeError, csv.Error):
         return  # the reader says so, naming the file
     twice = sorted(name for name, n in Counter(header).items() if n > 1 and name.strip())
     if twice:

@@ -44,7 +44,7 @@ class GenerateConfig(BaseModel):
     max_new_tokens: int = Field(64, gt=0, le=32768)
     temperature: float = Field(0.0, ge=0.0, le=100.0)  # 0: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # nucleus: the smallest set of tokens with this mass
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
 def _pick(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:

@@ -91,11 +91,16 @@ def resolve(location: str, kind: Literal["model", "dataset"], base_dir: Path | N
     """
     if location.startswith(PKG_SCHEME):
         return resolve_package_path(location)
-    local = Path(location).expanduser()
-    if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
-        local = base_dir / local
-    if local.exists():
-        return local.resolve()
+    try:
+        local = Path(location).expanduser()
+        if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
+            local = base_dir / local
+        if local.exists():
+            return local.resolve()
+    except RuntimeError:  # ~user of a user this machine does not know
+        raise UserError(f"{location}: no such user's home folder") from None
+    except OSError as e:  # a name longer than the filesystem takes, a loop of links
+        raise UserError(f"{location}: {e.strerror or e}") from None
     looks_local = (location.startswith((".", "/", "~"))
                    or Path(location).suffix.lower() in LOCAL_SUFFIXES)
     if looks_local or not HUB_ID.match(location):

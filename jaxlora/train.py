@@ -60,7 +60,8 @@ class TrainConfig(BaseModel):
     adam_b2: float = Field(0.999, gt=0.0, lt=1.0)  # AdamW second-moment decay
     adam_eps: float = Field(1e-8, gt=0.0)  # AdamW denominator epsilon
     max_grad_norm: float = Field(1.0, ge=0.0)  # clip the global gradient norm to this (0: off)
-    seed: int = 0  # seeds the head, the adapters, dropout and the data order
+    # seeds the head, the adapters, dropout and the data order
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     log_every: int = Field(10, gt=0)  # steps between metric records
     checkpoint_every: int = Field(100, ge=0)  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = Field(2, ge=1, le=1000)  # the newest N checkpoints are kept

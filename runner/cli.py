@@ -293,8 +293,9 @@ def _dispatch(args, console: Console, stop) -> int:
     elif args.command == "eval":
         from runner.inference import eval_run
 
-        if args.batch_size is not None and args.batch_size <= 0:
-            raise UserError(f"--batch-size: must be positive (got {args.batch_size})")
+        if args.batch_size is not None and not 0 < args.batch_size <= 65536:
+            raise UserError(f"--batch-size: must be from 1 to 65536, as eval.batch_size "
+                            f"(got {args.batch_size})")
         eval_run(opened, console, data=args.data, split=args.split, batch_size=args.batch_size)
     else:
         from runner.inference import predict, predictions_table

@@ -48,8 +48,8 @@ from jaxlora.train import Diverged, fit, init_state, plan, step_batch
 from runner import report, xla_cache
 from runner.recipe import Recipe, canonical, recipe_hash, to_toml
 from runner.runs import (CHECKPOINTS, base_dir, checkpoint_steps, is_run_dir, lock_run,
-                         newest_run, read_json, require_checkpoint, require_same_data,
-                         require_same_recipe)
+                         newest_run, read_json, read_manifest, require_checkpoint,
+                         require_same_data, require_same_recipe)
 from runner.signals import Interrupted, StopSignals
 from runner.tensorboard import EventLog
 
@@ -79,7 +79,7 @@ def resume_target(recipe: Recipe, mode: Mode) -> Path | None:
 def check_resumable(run_dir: Path, recipe: Recipe) -> tuple[dict, list[str]]:
     """The manifest of `run_dir` and the recipe's changes of device layout, if
     `recipe` may go on there; a UserError otherwise."""
-    manifest = read_json(run_dir / "manifest.json")
+    manifest = read_manifest(run_dir)
     if manifest.get("status") == "finished":
         raise UserError(f"{run_dir}: the run finished; nothing to resume (`runner run RECIPE "
                         "--fresh` starts a new run)")
@@ -114,7 +114,7 @@ def recipe_base(recipe_path: Path) -> Path:
     found them (so `runner run RUN_DIR/recipe.toml --fresh` runs it again)."""
     folder = recipe_path.resolve().parent
     if is_run_dir(folder):
-        return base_dir(read_json(folder / "manifest.json"), folder)
+        return base_dir(read_manifest(folder), folder)
     return folder
 
 
@@ -166,6 +166,13 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
     placement.check_batch("eval.batch_size", recipe.eval.batch_size)
     primary = report.primary()
     old, layout = check_resumable(run_dir, recipe) if run_dir is not None else (None, [])
+    # What a stopped run evaluated already (process 0 reads it for all, before
+    # anything in the folder changes: a damaged eval.json refuses the resume as is)
+    evals: dict = {}
+    if old:
+        evals_path = run_dir / "eval.json"
+        runtime.agree_check(lambda: evals.update(read_json(evals_path))
+                            if evals_path.is_file() else None)
     base = base_dir(old, run_dir) if old else recipe_base(recipe_path)
     model_dir = sources.resolve(recipe.model.source, "model", base)
     # Each base weight goes straight into its sharding: a process copies only
@@ -252,7 +259,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
                   f"trainable parameters: {manifest['model']['trainable_params']:,}")
     try:
         return _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen,
-                                   data, state, resumed, tokenizer,
+                                   data, state, resumed, evals, tokenizer,
                                    getattr(loaded.model, "position_limit", None),
                                    (cache, cached), placement)
     except Diverged as e:
@@ -310,15 +317,14 @@ def _writing_starts(run_dir: Path, write: Callable[[], None]) -> None:
 
 
 def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen, data, state,
-                        resumed, tokenizer, position_limit, cache, placement) -> Path:
+                        resumed, evals, tokenizer, position_limit, cache, placement) -> Path:
     task = recipe.model.task
     eval_step = build_eval_step(graphdef, task, placement)
     frozen = placement.put(frozen, True)  # FSDP-sharded over the mesh when fsdp > 1
     primary = report.primary()
     evals_path = run_dir / "eval.json"
-    # process 0's copy decides whether "eval before" (every process's work) is due:
-    # on a network filesystem another host may not see the file yet
-    evals = read_json(evals_path) if primary and evals_path.is_file() else {}
+    # process 0's copy (`evals`) decides whether "eval before" (every process's
+    # work) is due: on a network filesystem another host may not see the file yet
     have_before = runtime.agree_text("yes" if evals.get("before") is not None else "no") == "yes"
     extra = {"recipe_hash": manifest["recipe_hash"],
              "fingerprint": manifest["model"]["fingerprint"]}
@@ -504,9 +510,16 @@ def load_tokenizer(model_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True,
                                              trust_remote_code=False)
-    except (OSError, ValueError) as e:
+    except Interrupted:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed tokenizer file fails in many ways
+        # (a list for tokenizer_config.json, a vocab.txt that is not UTF-8, a
+        # tokenizer.json without a key: AttributeError, tokenizers' Exception, KeyError)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if not isinstance(e, (OSError, ValueError)):
+            detail = f"{type(e).__name__} {detail}".strip()
         raise UserError(f"{model_dir}: cannot load a tokenizer from the model folder: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{detail}") from None
 
 
 def load_pretrained(recipe: Recipe, model_dir: Path, place: Place | None = None):

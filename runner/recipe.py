@@ -142,6 +142,8 @@ def _read_toml(path: Path) -> dict:
         return tomllib.loads(text.removeprefix("\ufeff"))  # a byte-order mark (Windows editors)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: arrays or tables nested too deeply to read") from None
 
 
 def _read_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
@@ -224,6 +226,8 @@ def _parse_override(item: str) -> tuple[str, object]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise UserError(f"--set {key}: a value nested too deeply to read") from None
     return key, value
 
 

@@ -35,6 +35,39 @@ def read_json(path: Path) -> dict:
     return data
 
 
+# The shape of manifest.json that reading a run folder relies on (`read_manifest`;
+# `runner.report.check`'s (keys, kinds, optional)): a hand-edited or damaged
+# manifest is one message naming the key, not a traceback further on.
+MANIFEST_SHAPE = [(("status",), ("string",), True),
+                  (("recipe",), ("object",), True),
+                  (("recipe_hash",), ("string",), True),
+                  (("recipe_file",), ("string",), True),
+                  (("base_dir",), ("string",), True),
+                  (("model",), ("object",), True),
+                  (("model", "source"), ("string",), True),
+                  (("model", "fingerprint"), ("string", "null"), True),
+                  (("data",), ("object",), True),
+                  (("train",), ("object",), True),
+                  (("train", "total_steps"), ("number", "null"), True),
+                  (("runtime",), ("object",), True),
+                  (("environment",), ("object",), True),
+                  (("environment", "devices"), ("strings",), True),
+                  (("resumed",), ("list",), True)]
+
+
+def read_manifest(run_dir: Path) -> dict:
+    """RUN_DIR/manifest.json, with the shape every reader of a run folder relies
+    on (`MANIFEST_SHAPE`); a UserError naming the file and the key otherwise."""
+    from runner.report import check
+
+    path = Path(run_dir) / "manifest.json"
+    manifest = read_json(path)
+    check(path, manifest, MANIFEST_SHAPE)
+    if not all(isinstance(entry, dict) for entry in manifest.get("resumed", [])):
+        raise UserError(f"{path}: resumed: expected a list of objects")
+    return manifest
+
+
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").is_file()
 
@@ -203,7 +236,7 @@ def open_run(run_dir: Path) -> OpenedRun:
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir}: no manifest.json; not a run folder "
                         "(runs/<name>/<timestamp>/ after `runner run`)")
-    manifest = read_json(run_dir / "manifest.json")
+    manifest = read_manifest(run_dir)
     require_checkpoint(run_dir, "the run stopped before its first checkpoint, or was made "
                                 "before checkpoints existed")
     recipe = load_recipe(run_dir / "recipe.toml")

@@ -178,3 +178,30 @@ def test_a_run_in_progress_reads_its_metrics_up_to_a_cut_line(run_copy):
     assert report.read_metrics(run_copy) == whole[:2]
     (run_copy / "metrics.jsonl").unlink()
     assert report.read_metrics(run_copy) == []
+
+
+# A hand-edited manifest, read by the commands that open a run's model: one
+# message naming the key (runner.runs.MANIFEST_SHAPE), not a traceback.
+OPENED_CASES = {
+    "train 5": (lambda m: m.update(train=5), "train: expected an object (found 5)"),
+    "data 5": (lambda m: m.update(data=5), "data: expected an object (found 5)"),
+    "model oops": (lambda m: m.update(model="oops"), "model: expected an object"),
+    "fingerprint 5": (lambda m: m["model"].update(fingerprint=5),
+                      "model.fingerprint: expected a string or null (found 5)"),
+    "base_dir 5": (lambda m: m.update(base_dir=5), "base_dir: expected a string (found 5)"),
+    "recipe x": (lambda m: m.update(recipe="x"), "recipe: expected an object"),
+    "resumed 5": (lambda m: m.update(resumed=[5]), "resumed: expected a list of objects"),
+    "environment 5": (lambda m: m.update(environment=5), "environment: expected an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPENED_CASES))
+@pytest.mark.parametrize("command", [["eval"], ["export", "--format", "peft"],
+                                     ["predict", "so happy"]])
+def test_commands_that_open_a_run_refuse_a_hand_edited_manifest(run_copy, case, command):
+    change, words = OPENED_CASES[case]
+    _edit_json("manifest.json", change)(run_copy)
+    before = (run_copy / "manifest.json").read_bytes()
+    done = runner_here(command[0], str(run_copy), *command[1:], cwd=run_copy.parent)
+    _assert_refused(done, run_copy, "manifest.json", words)
+    assert (run_copy / "manifest.json").read_bytes() == before

@@ -99,6 +99,10 @@ def test_latin1_csv(load, tmp_path, tokenizer):
     assert {"cafe uber gut", "naive bad"} == set(decoded(tokenizer, data.train))
     with pytest.raises(UserError, match=r"latin\.csv: cannot decode the file as utf-8.*latin-1"):
         load(source=str(path), eval_size=2)
+    # utf-16 wants a byte-order mark first (a UnicodeError, not a UnicodeDecodeError)
+    with pytest.raises(UserError, match=r"latin\.csv: cannot decode the file as utf-16 "
+                                        r"\(UTF-16 stream does not start with BOM\)"):
+        load(source=str(path), encoding="utf-16", eval_size=2)
 
 
 def test_classlabel_ints_map_to_names(load, tmp_path):

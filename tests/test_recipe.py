@@ -66,6 +66,8 @@ def test_methods_full_and_qlora_slot_in(tmp_path):
     ('[adapter]\nmethod = "qlora"\n[adapter.quant]\nblock_size = 33\n',
      "adapter.quant.block_size: must be even"),
     ('[adapter]\nmethod = "full"\nrank = 8\n', "adapter.rank: unknown key"),
+    ('[train]\nseed = 99999999999999999999\n',
+     "train.seed: Input should be less than or equal to 4294967295"),
 ])
 def test_bad_fields_are_named(tmp_path, extra, expected):
     f = tmp_path / "bad.toml"
@@ -213,3 +215,21 @@ def test_auto_dtypes_are_bfloat16_on_accelerators(monkeypatch, backend, expected
     # an explicit choice stands on any backend; frozen weights may differ from activations
     assert ModelConfig(source="m", compute_dtype="float32").dtypes() == ("float32", "float32")
     assert ModelConfig(source="m", param_dtype="float32").dtypes() == ("float32", expected)
+
+
+def test_a_codec_that_is_no_text_encoding_is_refused(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text(BASE.replace('eval_size = 10', 'eval_size = 10\nencoding = "rot13"'))
+    with pytest.raises(UserError, match=r"data.encoding: 'rot13' is not a text encoding"):
+        load_recipe(f)
+
+
+def test_a_recipe_nested_too_deeply_is_refused_not_a_recursion_error(tmp_path):
+    f = tmp_path / "deep.toml"
+    f.write_text(BASE + "[train]\nx = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(UserError, match="deep.toml: arrays or tables nested too deeply"):
+        load_recipe(f)
+    plain = tmp_path / "plain.toml"
+    plain.write_text(BASE)
+    with pytest.raises(UserError, match="--set train.x: a value nested too deeply"):
+        load_recipe(plain, ["train.x=" + "[" * 5000 + "]" * 5000])

@@ -325,6 +325,17 @@ def test_refusals_leave_the_stopped_run_as_it_was(tmp_path, tiny_bert_dir):
     metrics.write_bytes(kept)
     snapshot = _snapshot(run)
 
+    # a damaged eval.json: refused before the manifest or the metrics are touched
+    evals = run / "eval.json"
+    kept = evals.read_bytes() if evals.is_file() else None
+    evals.write_text("[1]")
+    snapshot = _snapshot(run)
+    refused("run", str(run), expected="eval.json: expected a JSON object")
+    evals.unlink()
+    if kept is not None:
+        evals.write_bytes(kept)
+    snapshot = _snapshot(run)
+
     config = workdir / "model" / "config.json"
     kept = config.read_bytes()
     config.write_bytes(kept + b"\n")

@@ -43,6 +43,11 @@ def test_local_paths(tmp_path):
         resolve("missing.csv", "dataset", base_dir=tmp_path)
     with pytest.raises(UserError, match="no such file"):
         resolve("./nothing/here", "model")
+    # names the filesystem cannot take, users this machine does not know
+    with pytest.raises(UserError, match="File name too long"):
+        resolve("x" * 300 + ".csv", "dataset", base_dir=tmp_path)
+    with pytest.raises(UserError, match="~nosuchuser-jaxlora/x.csv: no such user's home folder"):
+        resolve("~nosuchuser-jaxlora/x.csv", "dataset")
 
 
 def _fake_hub_cache(cache: Path, repo: str, files: dict[str, str], kind="models") -> Path:

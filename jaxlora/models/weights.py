@@ -55,6 +55,10 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
 ROPE_TABLES = ("rope_parameters", "rope_scaling")
 ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor",
                 "original_max_position_embeddings")
+# Dropout probabilities: where present and not null, each must be in [0, 1).
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+                  "resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout",
+                  "hidden_dropout", "dropout")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 MAX_LISTED = 10  # names listed per kind of error; the count says how many more
 HASH_CHUNK = 1 << 20
@@ -218,6 +222,11 @@ def read_hf_config(model_dir: Path):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value <= 0):
             raise UserError(f"{path}: {field} must be a positive integer, not {value!r}")
+    for field in DROPOUT_FIELDS:
+        value = raw.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value < 1):
+            raise UserError(f"{path}: {field} must be a probability in [0, 1), not {value!r}")
     for table in ROPE_TABLES:
         rope = raw.get(table)
         for field in ROPE_NUMBERS if isinstance(rope, dict) else ():
@@ -251,8 +260,14 @@ def weight_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError,
+                UnicodeDecodeError) as e:
             raise UserError(f"{index}: not a safetensors index ({e!r})") from None
+        odd = [name for name in names if not isinstance(name, str) or not name
+               or Path(name).is_absolute() or ".." in Path(name).parts]
+        if odd:
+            raise UserError(f"{index}: weight_map names {odd[0]!r} as a shard; each entry "
+                            "must name a file in the model folder")
         missing = [name for name in names if not (model_dir / name).is_file()]
         if missing:
             raise UserError(f"{index}: names shards that are missing: {_listing(missing)}")

@@ -64,8 +64,11 @@ def test_the_unbroken_copy_loads(folder):
     (lambda c: c["rope_parameters"].update(factor="8"), "rope_parameters.factor must be a number"),
     # a ValueError (in a class validation error) from transformers
     (lambda c: c.update(hidden_size=34), "is not a multiple of the number of attention heads"),
+    # a dropout probability of 1 or more overflowed the keep threshold; below 0 trained silently
+    (lambda c: c.update(attention_dropout=1.5), "attention_dropout must be a probability in [0, 1)"),
+    (lambda c: c.update(attention_dropout=-0.5), "attention_dropout must be a probability in"),
 ], ids=["heads-0", "heads-negative", "intermediate-str", "eps-str", "rope-no-factor",
-        "rope-factor-str", "hidden-not-multiple"])
+        "rope-factor-str", "hidden-not-multiple", "dropout-over-1", "dropout-negative"])
 def test_broken_config_is_named(folder, edit, expected):
     path = _edit_config(folder, edit)
     with pytest.raises(UserError) as e:
@@ -172,3 +175,32 @@ def test_runner_plan_exits_2_without_traceback(tmp_path, folder, broken):
     assert code == 2, err[-2000:]
     assert "Traceback" not in out + err
     assert err.strip().startswith(f"error: {folder / broken}: ")
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("tokenizer_config.json", "[1, 2]", "AttributeError"),
+    ("tokenizer.json", '{"version": "1.0"}', "cannot load a tokenizer"),
+])
+def test_a_broken_tokenizer_file_is_named_not_a_traceback(folder, name, content, expected):
+    from runner.pipeline import load_tokenizer
+
+    (folder / name).write_text(content)
+    with pytest.raises(UserError) as e:
+        load_tokenizer(folder)
+    assert str(e.value).startswith(f"{folder}: cannot load a tokenizer from the model folder")
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("weight_map, expected", [
+    ({"a": 5}, "weight_map names 5 as a shard"),
+    ({"a": "model.safetensors", "b": 5}, "not a safetensors index (TypeError"),
+    ({"a": "../elsewhere.safetensors"}, "weight_map names '../elsewhere.safetensors'"),
+])
+def test_a_broken_safetensors_index_is_named(folder, weight_map, expected):
+    from jaxlora.models.weights import weight_files
+
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError) as e:
+        weight_files(folder)
+    assert str(e.value).startswith(f"{index}: ") and expected in str(e.value)
