@@ -41,6 +41,9 @@ def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console) -> P
     out = Path(out) if out else opened.run_dir / "export" / fmt
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists; remove it or pass --out to another folder")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{out}: {above} is a file, not a folder; pass --out to a folder path")
     fam = family(opened.model_dir)
     model = opened.model()
     notes = _notes(opened, fmt)

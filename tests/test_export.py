@@ -123,6 +123,9 @@ def test_export_refusals(runs, tmp_path):
     done = _runner("export", str(run), "--format", "peft", "--out", str(target), cwd=root)
     assert done.returncode == 2 and "already exists" in done.stderr
     assert (target / "keep.txt").read_text() == "mine"  # nothing overwritten
+    done = _runner("export", str(run), "--format", "peft", "--out",
+                   str(target / "keep.txt" / "sub"), cwd=root)
+    assert done.returncode == 2 and "keep.txt is a file, not a folder" in done.stderr
     empty = tmp_path / "not-a-run"
     empty.mkdir()
     for command in ("export", "eval", "predict"):
