@@ -743,6 +743,11 @@ def _read_split(ds: Any, cfg: DataConfig, path: Path,
         # Hub sets store class indices; -1 marks an unlabelled row (e.g. GLUE test).
         values = [feature.names[v] if v is not None and 0 <= v < len(feature.names) else str(v)
                   for v in raw]
+    elif type(feature).__name__ == "Json":
+        # A JSON column of mixed kinds ("positive" in most rows, 1 in one) is kept
+        # as each value's JSON text: the strings are labels, the rest are values
+        # outside `labels`, dropped and counted like any other.
+        values = [_json_value(v) for v in raw]
     else:
         values = [str(v) for v in raw]
     class_id = {name: i for i, name in enumerate(cfg.labels)}
@@ -754,6 +759,16 @@ def _read_split(ds: Any, cfg: DataConfig, path: Path,
                         f"(column {cfg.label_column!r}); values found: {found}")
     _check_texts(ds, np.flatnonzero(ids >= 0), cfg.text_column, path, split)
     return ids, dropped
+
+
+def _json_value(text: Any) -> str:
+    """A label of a mixed-kind JSON column (stored as JSON text): a string as
+    itself, anything else as its JSON."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError:
+        return str(text)
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _check_texts(ds: Any, rows: np.ndarray, column: str, path: Path, split: str,

@@ -117,6 +117,19 @@ def test_classlabel_ints_map_to_names(load, tmp_path):
     assert data.stats.train_size + data.stats.eval_size == 4
 
 
+def test_a_json_label_column_of_mixed_kinds_keeps_its_string_labels(load, tmp_path):
+    """One row's label a number among string labels: datasets keeps such a
+    column as JSON text (its `Json` feature); the strings still match the
+    labels and the odd row is dropped and counted, as in a CSV."""
+    rows = [{"text": text, "label": label} for text, label in ROWS[:20]]
+    rows.append({"text": "an odd one", "label": 1})
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = load(source=str(path), eval_size=2)
+    assert data.stats.dropped == {"1": 1}
+    assert data.stats.train_size + data.stats.eval_size == 20
+
+
 def test_plain_int_labels_compare_as_strings(load, tmp_path):
     path = write_csv(tmp_path / "ints.csv", [(f"text {i}", i % 3) for i in range(12)])
     data = load(source=str(path), labels=["0", "1"], eval_size=2)
