@@ -619,6 +619,7 @@ def _load(path: Path, fmt: Format, encoding: str, cache_dir: Path | None) -> Any
         p for p in _data_files(path) if SUFFIX_FORMATS[p.suffix.lower()] == fmt]
     json_files = files if fmt == "json" else []
     for file in files:
+        _check_byte_order_mark(file, encoding)
         if fmt == "csv":
             _check_header(file, encoding)
         elif codecs.lookup(encoding).name == "utf-8":
@@ -649,6 +650,27 @@ def _data_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*")
                   if p.suffix.lower() in SUFFIX_FORMATS and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+# Byte-order marks of the encodings whose files a UTF-8 reader would misread
+# (longest first: UTF-32's little-endian mark begins with UTF-16's).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _check_byte_order_mark(file: Path, encoding: str) -> None:
+    """Refuse a file that starts with a UTF-16 or UTF-32 byte-order mark when
+    `encoding` is another one: read so, its columns would not parse (Arrow's
+    "Couldn't cast"), and the fix is one setting."""
+    with file.open("rb") as f:
+        head = f.read(4)
+    wanted = codecs.lookup(encoding).name
+    for mark, name in _BOMS:
+        if head.startswith(mark):
+            if not wanted.startswith(name):
+                raise UserError(f"{file}: starts with a {name.upper()} byte-order mark, but "
+                                f"encoding is {encoding}; set encoding = \"{name}\"")
+            return
 
 
 def _check_header(file: Path, encoding: str) -> None:

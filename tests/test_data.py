@@ -103,6 +103,13 @@ def test_latin1_csv(load, tmp_path, tokenizer):
     with pytest.raises(UserError, match=r"latin\.csv: cannot decode the file as utf-16 "
                                         r"\(UTF-16 stream does not start with BOM\)"):
         load(source=str(path), encoding="utf-16", eval_size=2)
+    # a UTF-16 file (its byte-order mark first) read as utf-8: named, with the fix
+    wide = write_csv(tmp_path / "wide.csv", rows, encoding="utf-16")
+    with pytest.raises(UserError, match=r'wide\.csv: starts with a UTF-16 byte-order mark, but '
+                                        r'encoding is utf-8; set encoding = "utf-16"'):
+        load(source=str(wide), eval_size=2)
+    data = load(source=str(wide), encoding="utf-16", eval_size=2)
+    assert {"cafe uber gut", "naive bad"} == set(decoded(tokenizer, data.train))
 
 
 def test_classlabel_ints_map_to_names(load, tmp_path):
