@@ -301,6 +301,24 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         raise Interrupted(e.signum, _interrupted_message(e, run_dir, recipe_path)) from None
 
 
+def _together(write: Callable[[], None]) -> None:
+    """A write of process 0's (the others' are no-ops) during training, as a
+    step every process takes: where it fails (a full disk, a quota), every
+    process raises the same OSError and stops with the same message, instead of
+    the others going on into the next step's collectives alone. One small
+    broadcast per call with several processes."""
+    failure = None
+    try:
+        write()
+    except OSError as e:
+        failure = json.dumps([e.errno, e.strerror or str(e), str(e.filename or "")])
+    if jax.process_count() > 1:
+        failure = runtime.agree_text(failure if report.primary() else None) or None
+    if failure:
+        number, text, name = json.loads(failure)
+        raise OSError(number, text, name or None)
+
+
 def _writing_starts(run_dir: Path, write: Callable[[], None]) -> None:
     """One of the writes (process 0's) that open a run or a session: a full disk
     or a quota there is a message naming the file, on every process, and what
@@ -344,17 +362,22 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
             log.flush()
 
         def on_log(record: dict) -> None:
-            write(record)
-            if events is not None:
-                events.train(record)
+            def log_it() -> None:
+                write(record)
+                if events is not None:
+                    events.train(record)
+            _together(log_it)
 
         def on_evaluate(step: int, trainable) -> None:
             metrics = _evaluate(recipe, eval_step, graphdef, trainable, frozen, data,
                                 progress, f"eval at step {step}", tokenizer, position_limit,
                                 placement, during_training=True)
-            write({"step": step, "eval": report.scalars(metrics)})
-            if events is not None:
-                events.eval(step, metrics)
+
+            def log_it() -> None:
+                write({"step": step, "eval": report.scalars(metrics)})
+                if events is not None:
+                    events.eval(step, metrics)
+            _together(log_it)
 
         before = evals.get("before")
         if recipe.eval.before and not have_before:
@@ -363,9 +386,11 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                                              placement.shard_trainable),
                                frozen, data, progress, "eval before", tokenizer, position_limit,
                                placement)
-            report.write_json(evals_path, {"before": before})
-            if events is not None:
-                events.eval(0, before)
+            def log_before() -> None:
+                report.write_json(evals_path, {"before": before})
+                if events is not None:
+                    events.eval(0, before)
+            _together(log_before)
         with stop.deferred():
             result = fit(graphdef, state.trainable, frozen, data.train, recipe.train,
                          STEP_LOSSES[task], resume=resumed or state, on_log=on_log,

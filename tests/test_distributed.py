@@ -471,3 +471,67 @@ def test_a_run_folder_in_use_stops_every_process_not_process_0_alone(tmp_path):
         assert f"in use by pid {os.getpid()}" in " ".join(err.split()), err[-3000:]
         assert "Traceback" not in out + err
     assert json.loads((folder / "manifest.json").read_text()) == {"status": "interrupted"}
+
+
+FULL_DISK_ON_PROCESS_0 = """
+import errno, pathlib, sys
+from runner.cli import main
+
+opened = pathlib.Path.open
+
+
+class Full:
+    # metrics.jsonl on a disk that has just filled up: every write fails
+    def __init__(self, f, path):
+        self.f, self.path = f, path
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def open_(self, *args, **kwargs):
+    f = opened(self, *args, **kwargs)
+    return Full(f, self) if self.name == "metrics.jsonl" else f
+
+
+pathlib.Path.open = open_
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_write_only_process_0_makes_fails_and_every_process_stops(tmp_path):
+    """metrics.jsonl, which process 0 alone writes, cannot be written (a full
+    disk): both processes stop with the message naming it, exit 2, at the same
+    record, instead of process 1 going on into the next step alone."""
+    workdir = _lm_workdir(tmp_path, lean=True)
+    port = _free_port()
+    processes = []
+    for rank in range(2):
+        command = ([sys.executable, "-c", FULL_DISK_ON_PROCESS_0] if rank == 0
+                   else [sys.executable, "-m", "runner.cli"])
+        processes.append(subprocess.Popen(
+            [*command, "run", "lm.toml", "--set", "runtime.fsdp=2"], cwd=workdir,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank),
+                     XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
+                     HF_DATASETS_CACHE=str(workdir / "datasets-cache"))))
+    processes, outputs = _two_processes([workdir, workdir], processes)
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 2, err[-3000:]
+        message = " ".join(err.split())
+        assert "metrics.jsonl: cannot write: No space left on device" in message, err[-3000:]
+        assert "Traceback" not in out + err
+    [run] = list((workdir / "runs" / "lm").iterdir())
+    assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
