@@ -641,6 +641,8 @@ def _load(path: Path, fmt: Format, encoding: str, cache_dir: Path | None) -> Any
             raise UserError(f"{path}: no data rows") from None
         for file in json_files:  # Arrow's message names neither the line nor the problem
             _check_json_lines(file, encoding)
+        if fmt == "csv" and len(files) > 1:  # "Couldn't cast": files of other columns
+            _check_same_columns(path, files, encoding)
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UserError(f"{path}: cannot read as {fmt}: {detail}") from None
 
@@ -656,6 +658,26 @@ def _data_files(folder: Path) -> list[Path]:
 # (longest first: UTF-32's little-endian mark begins with UTF-16's).
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _check_same_columns(folder: Path, files: list[Path], encoding: str) -> None:
+    """Refuse a folder whose CSV files do not all have the first one's columns
+    (datasets reads them as one table), naming both files."""
+    def header(file: Path) -> list[str]:
+        try:
+            with file.open(encoding=encoding, newline="") as f:
+                return next(csv.reader(f), [])
+        except (UnicodeError, csv.Error):
+            return []
+
+    first = header(files[0])
+    for file in files[1:]:
+        columns = header(file)
+        if columns != first:
+            raise UserError(f"{folder}: {file.relative_to(folder)} has columns "
+                            f"{', '.join(columns) or '(none)'}, {files[0].relative_to(folder)} "
+                            f"has {', '.join(first) or '(none)'}; the files of a data folder "
+                            "must have the same columns")
 
 
 def _check_byte_order_mark(file: Path, encoding: str) -> None:

@@ -167,6 +167,16 @@ def test_named_eval_split_from_a_folder(load, tmp_path):
         load(source=str(folder), eval_split="validation")
 
 
+def test_a_folder_of_csv_files_with_other_columns_names_them(load, tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_csv(folder / "train.csv", ROWS)
+    (folder / "train-2.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match=r"d: train.csv has columns text, label, train-2.csv has "
+                                        r"a, b; the files of a data folder must have the same"):
+        load(source=str(folder))
+
+
 def test_named_eval_split_from_jsonl_files(load, tmp_path):
     folder = tmp_path / "jsonl"
     folder.mkdir()
