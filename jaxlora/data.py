@@ -660,19 +660,21 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
+def _csv_header(file: Path, encoding: str) -> list[str] | None:
+    """The column names of a CSV file's first line; None where it does not read."""
+    try:
+        with file.open(encoding=encoding, newline="") as f:
+            return next(csv.reader(f), [])
+    except (UnicodeError, csv.Error):
+        return None
+
+
 def _check_same_columns(folder: Path, files: list[Path], encoding: str) -> None:
     """Refuse a folder whose CSV files do not all have the first one's columns
     (datasets reads them as one table), naming both files."""
-    def header(file: Path) -> list[str]:
-        try:
-            with file.open(encoding=encoding, newline="") as f:
-                return next(csv.reader(f), [])
-        except (UnicodeError, csv.Error):
-            return []
-
-    first = header(files[0])
+    first = _csv_header(files[0], encoding) or []
     for file in files[1:]:
-        columns = header(file)
+        columns = _csv_header(file, encoding) or []
         if columns != first:
             raise UserError(f"{folder}: {file.relative_to(folder)} has columns "
                             f"{', '.join(columns) or '(none)'}, {files[0].relative_to(folder)} "
@@ -698,10 +700,8 @@ def _check_byte_order_mark(file: Path, encoding: str) -> None:
 def _check_header(file: Path, encoding: str) -> None:
     """Refuse a CSV header that names a column twice: pandas would rename the
     second `NAME.1` and the recipe's column would silently be the first."""
-    try:
-        with file.open(encoding=encoding, newline="") as f:
-            header = next(csv.reader(f), [])
-    except (UnicodeError, csv.Error):
+    header = _csv_header(file, encoding)
+    if header is None:
         return  # the reader says so, naming the file
     twice = sorted(name for name, n in Counter(header).items() if n > 1 and name.strip())
     if twice:

@@ -110,15 +110,22 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
 def _gather_once(placement, trainable, frozen) -> bool:
     """Whether decoding on `placement` gathers the weights once rather than per
     token: only where they are sharded (fsdp > 1), and only where the whole of
-    them fits in half of the memory a device has free now (the other half is
-    left for the cache, the activations and what the run holds already). Where
-    the backend does not say, they are gathered once. Every process must
-    compile the same program, so with several it takes all of them to say yes."""
+    them fits in half of the memory a device has free (the other half is left
+    for the cache, the activations and what the run holds already). Where the
+    backend does not say, they are gathered once."""
     if placement is None or placement.fsdp == 1:
         return False
+    return _fits_whole(placement, runtime.whole_bytes((trainable, frozen)))
+
+
+@functools.lru_cache(maxsize=16)
+def _fits_whole(placement, nbytes: int) -> bool:
+    """Decided once per mesh and model size, on the memory free at the first
+    call: the later calls (each batch of prompts) neither ask every process
+    again nor flip between programs as free memory moves. Every process must
+    compile the same program, so with several it takes all of them to say yes."""
     free = runtime.device_memory(free=True)
-    fits = free is None or runtime.whole_bytes((trainable, frozen)) <= free // 2
-    return all(runtime.every_process(fits))
+    return all(runtime.every_process(free is None or nbytes <= free // 2))
 
 
 def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:

@@ -28,9 +28,11 @@ each host hands its own devices their rows of every batch.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import functools
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -300,8 +302,6 @@ class StopVotes:
     LAG = 2
 
     def __init__(self, requested: Callable[[], bool]):
-        import collections
-
         self.requested = requested
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
         self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("all"))
@@ -551,20 +551,29 @@ def agree_path(make: Callable[[], Any], *, new: bool = False) -> Any:
 
 def agree_check(check: Callable[[], None]) -> None:
     """`check()` on process 0 for all of them (itself with one process): the
-    UserError it raises is raised on every process, which would otherwise
-    go on alone and wait for process 0 in the next collective."""
-    failed = None
+    UserError it raises (a refusal) or the OSError (a write that failed) is
+    raised on every process, which would otherwise go on alone and wait for
+    process 0 in the next collective. One small broadcast with several."""
+    if jax.process_count() == 1:
+        check()
+        return
+    failure, said = None, None
     if jax.process_index() == 0:
         try:
             check()
         except UserError as e:
-            failed = str(e)
-            if jax.process_count() == 1:
-                raise
-    failed = agree_text(failed if failed is None else failed.encode()[:4000].decode(
-        errors="ignore"))
-    if failed:
-        raise UserError(failed)
+            failure, said = e, ["refused", str(e).encode()[:3800].decode(errors="ignore")]
+        except OSError as e:
+            failure, said = e, ["write", e.errno, e.strerror or str(e), str(e.filename or "")]
+    said = agree_text(None if said is None else json.dumps(said))
+    if failure is not None:
+        raise failure
+    if said:
+        kind, *detail = json.loads(said)
+        if kind == "refused":
+            raise UserError(detail[0])
+        number, text, name = detail
+        raise OSError(number, text, name or None)
 
 
 def gather(values: np.ndarray) -> np.ndarray:

@@ -149,6 +149,16 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
         return _run(recipe, recipe_path, console, target, stop, held)
 
 
+def placement_for(recipe: Recipe) -> runtime.Placement:
+    """The run's mesh and layout (`runner run` and `runner plan` alike); a
+    UserError naming the field for a batch the mesh does not divide."""
+    placement = runtime.make_placement(recipe.runtime,
+                                       full_fine_tuning=recipe.adapter.method == "full")
+    placement.check_batch("train.batch_size", recipe.train.batch_size)
+    placement.check_batch("eval.batch_size", recipe.eval.batch_size)
+    return placement
+
+
 def _locked(held: contextlib.ExitStack, run_dir: Path | None) -> Path | None:
     """`run_dir`, its lock held (by the calling process, process 0) until `held` closes."""
     if run_dir is not None:
@@ -160,10 +170,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
          stop: StopSignals, held: contextlib.ExitStack) -> Path:
     cache = jax.config.jax_compilation_cache_dir
     cached = xla_cache.entries(Path(cache) if cache else None)
-    placement = runtime.make_placement(recipe.runtime,
-                                       full_fine_tuning=recipe.adapter.method == "full")
-    placement.check_batch("train.batch_size", recipe.train.batch_size)
-    placement.check_batch("eval.batch_size", recipe.eval.batch_size)
+    placement = placement_for(recipe)
     primary = report.primary()
     old, layout = check_resumable(run_dir, recipe) if run_dir is not None else (None, [])
     # What a stopped run evaluated already (process 0 reads it for all, before
@@ -301,37 +308,16 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         raise Interrupted(e.signum, _interrupted_message(e, run_dir, recipe_path)) from None
 
 
-def _together(write: Callable[[], None]) -> None:
-    """A write of process 0's (the others' are no-ops) during training, as a
-    step every process takes: where it fails (a full disk, a quota), every
-    process raises the same OSError and stops with the same message, instead of
-    the others going on into the next step's collectives alone. One small
-    broadcast per call with several processes."""
-    failure = None
-    try:
-        write()
-    except OSError as e:
-        failure = json.dumps([e.errno, e.strerror or str(e), str(e.filename or "")])
-    if jax.process_count() > 1:
-        failure = runtime.agree_text(failure if report.primary() else None) or None
-    if failure:
-        number, text, name = json.loads(failure)
-        raise OSError(number, text, name or None)
-
-
 def _writing_starts(run_dir: Path, write: Callable[[], None]) -> None:
     """One of the writes (process 0's) that open a run or a session: a full disk
     or a quota there is a message naming the file, on every process, and what
     the folder held stays (each file is replaced whole or not at all)."""
-    def written() -> None:
-        try:
-            write()
-        except OSError as e:
-            raise UserError(f"{e.filename or run_dir}: cannot write: {e.strerror}; nothing was "
-                            "trained in this session. Free space, then run the same command "
-                            "again") from None
-
-    runtime.agree_check(written)
+    try:
+        runtime.agree_check(write)
+    except OSError as e:
+        raise UserError(f"{e.filename or run_dir}: cannot write: {e.strerror}; nothing was "
+                        "trained in this session. Free space, then run the same command "
+                        "again") from None
 
 
 def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen, data, state,
@@ -366,7 +352,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                 write(record)
                 if events is not None:
                     events.train(record)
-            _together(log_it)
+            runtime.agree_check(log_it)  # a failed write stops every process
 
         def on_evaluate(step: int, trainable) -> None:
             metrics = _evaluate(recipe, eval_step, graphdef, trainable, frozen, data,
@@ -377,7 +363,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                 write({"step": step, "eval": report.scalars(metrics)})
                 if events is not None:
                     events.eval(step, metrics)
-            _together(log_it)
+            runtime.agree_check(log_it)  # a failed write stops every process
 
         before = evals.get("before")
         if recipe.eval.before and not have_before:
@@ -390,7 +376,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
                 report.write_json(evals_path, {"before": before})
                 if events is not None:
                     events.eval(0, before)
-            _together(log_before)
+            runtime.agree_check(log_before)
         with stop.deferred():
             result = fit(graphdef, state.trainable, frozen, data.train, recipe.train,
                          STEP_LOSSES[task], resume=resumed or state, on_log=on_log,

@@ -114,14 +114,11 @@ def prepare(recipe, recipe_path: Path):
     """The run's mesh and adapted model, as `runner run` builds them: (placement,
     model folder, graphdef, trainable, frozen, optimizer state as shapes, the
     adapted layers)."""
-    from runner.pipeline import load_pretrained, recipe_base
+    from runner.pipeline import load_pretrained, placement_for, recipe_base
 
     # As `runner run` does: on a pod every host plans, and the mesh spans them all.
     runtime.initialize(recipe.runtime)
-    placement = runtime.make_placement(recipe.runtime,
-                                       full_fine_tuning=recipe.adapter.method == "full")
-    placement.check_batch("train.batch_size", recipe.train.batch_size)
-    placement.check_batch("eval.batch_size", recipe.eval.batch_size)
+    placement = placement_for(recipe)
     model_dir = sources.resolve(recipe.model.source, "model", recipe_base(recipe_path))
     # each weight straight into its shard, as the run loads it: a model that fits
     # the devices only sharded can be planned too

@@ -142,6 +142,7 @@ def gathers(text):
 once = g.generate(graphdef, trainable, frozen, prompts, cfg, eos_id=None, placement=placement)
 # a device with less free memory than twice the whole weights: they are gathered per token
 runtime.device_memory = lambda free=False: runtime.whole_bytes((trainable, frozen))
+g._fits_whole.cache_clear()  # decided once per mesh and model: decide again
 each = g.generate(graphdef, trainable, frozen, prompts, cfg, eos_id=None, placement=placement)
 assert list(programs) == [True, False], list(programs)
 assert once == alone and each == alone, (alone, once, each)
