@@ -232,7 +232,10 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
             manifest["recipe"], manifest["recipe_hash"] = canonical(recipe), recipe_hash(recipe)
             console.print(f"device layout changed: {'; '.join(layout)}")
         manifest.setdefault("resumed", []).append(resumed_entry)
-        _keep_metrics_until(run_dir / "metrics.jsonl", resumed.step)
+        # process 0 reads and rewrites it for all: a damaged line or a failed
+        # write stops every process
+        runtime.agree_check(lambda: _keep_metrics_until(run_dir / "metrics.jsonl",
+                                                        resumed.step))
         console.print(f"resuming [bold]{run_dir}[/] from its checkpoint at step "
                       f"{resumed.step} of {steps}")
     else:
@@ -293,10 +296,10 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         steps = checkpoint_steps(run_dir)
         _note_failure(run_dir, manifest, {"reason": e.strerror, "at": _now(),
                                           "checkpoint_step": steps[-1] if steps else None})
-        kept = (f"the checkpoint of step {steps[-1]} is intact" if steps
-                else "no checkpoint was written yet")
-        raise UserError(f"{e.filename or run_dir}: cannot write: {e.strerror}; {kept}. Free "
-                        f"space, then `runner run {run_dir}` goes on") from None
+        then = (f"the checkpoint of step {steps[-1]} is intact. Free space, then "
+                f"`runner run {run_dir}` goes on" if steps else
+                "no checkpoint was written yet. Free space, then run the same command again")
+        raise UserError(f"{e.filename or run_dir}: cannot write: {e.strerror}; {then}") from None
     except Interrupted as e:
         if manifest["status"] == "finished":  # the signal came as the run was ending
             raise Interrupted(e.signum, f"interrupted by {e.name} after the run finished; "
@@ -325,23 +328,26 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
     task = recipe.model.task
     eval_step = build_eval_step(graphdef, task, placement)
     frozen = placement.put(frozen, True)  # FSDP-sharded over the mesh when fsdp > 1
-    primary = report.primary()
     evals_path = run_dir / "eval.json"
     # process 0's copy (`evals`) decides whether "eval before" (every process's
     # work) is due: on a network filesystem another host may not see the file yet
     have_before = runtime.agree_text("yes" if evals.get("before") is not None else "no") == "yes"
     extra = {"recipe_hash": manifest["recipe_hash"],
              "fingerprint": manifest["model"]["fingerprint"]}
-    events = (EventLog(run_dir, resumed_from=resumed.step if resumed else None)
-              if recipe.output.tensorboard and primary else None)
+    events, log = None, None
     with contextlib.ExitStack() as open_files:
-        if events is not None:
-            open_files.callback(events.close)
+        def open_logs() -> None:  # process 0's files: one it cannot open stops every process
+            nonlocal events, log
+            log = open_files.enter_context((run_dir / "metrics.jsonl").open("a", encoding="utf-8"))
+            if recipe.output.tensorboard:
+                events = EventLog(run_dir, resumed_from=resumed.step if resumed else None)
+                open_files.callback(events.close)
+        runtime.agree_check(open_logs)
+        if log is None:  # the other processes
+            log = open_files.enter_context(Path(os.devnull).open("a", encoding="utf-8"))
         progress = open_files.enter_context(_progress(console))
         ckpt = open_files.enter_context(
             Checkpointer(run_dir / CHECKPOINTS, keep=recipe.train.keep_checkpoints))
-        log = open_files.enter_context(
-            (run_dir / "metrics.jsonl" if primary else Path(os.devnull)).open("a", encoding="utf-8"))
 
         def write(record: dict) -> None:
             log.write(json.dumps(record) + "\n")
@@ -390,7 +396,7 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
         if result.stopped or (stop.requested() and not stop.joined):
             raise Interrupted(stop.signum or signal.SIGTERM)  # joined: a notice from another
         # on disk before "eval after": a run stopped there and resumed keeps them
-        report.write_json(run_dir / "manifest.json", manifest)
+        runtime.agree_check(lambda: report.write_json(run_dir / "manifest.json", manifest))
         after = _evaluate(recipe, eval_step, graphdef, result.trainable, frozen, data,
                           progress, "eval after", tokenizer, position_limit, placement)
         if events is not None:
@@ -405,10 +411,12 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
         "trainable": runtime.device_bytes(result.trainable),
         "optimizer": runtime.device_bytes(result.opt_state)}
     manifest["status"] = "finished"
-    report.write_json(run_dir / "eval.json", {"before": before, "after": after})
-    report.write_json(run_dir / "manifest.json", manifest)
-    if primary:
+
+    def finish() -> None:  # process 0's writes; a failed one stops every process
+        report.write_json(run_dir / "eval.json", {"before": before, "after": after})
+        report.write_json(run_dir / "manifest.json", manifest)
         report.write_report(run_dir, manifest, before, after, console)
+    runtime.agree_check(finish)
     return run_dir
 
 

@@ -56,9 +56,9 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except OSError:
+    except OSError as e:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: the old file stays as it was
-        raise
+        raise OSError(e.errno, e.strerror, str(path)) from None  # named as the user knows it
 
 
 def write_json(path: Path, data) -> None:

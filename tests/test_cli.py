@@ -378,3 +378,29 @@ def test_a_full_disk_as_a_run_starts_is_one_message_not_a_traceback(workdir, mon
     message = " ".join(done.stderr.split())
     assert "recipe.toml: cannot write: No space left on device" in message
     assert "nothing was trained" in message and "Traceback" not in done.stderr
+
+
+def test_a_metrics_file_that_cannot_be_opened_is_one_message(workdir, monkeypatch):
+    """metrics.jsonl cannot be created (no inode left, say), after the run
+    folder's first files were written: one message naming it and what to do,
+    exit 2, and the manifest says the run failed."""
+    import errno
+    import json
+    import pathlib
+
+    opened = pathlib.Path.open
+
+    def open_(path, *args, **kwargs):
+        if path.name == "metrics.jsonl":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", open_)
+    done = runner_here("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = " ".join(done.stderr.split())
+    assert "metrics.jsonl: cannot write: No space left on device" in message
+    assert "no checkpoint was written yet. Free space, then run the same command again" \
+        in message and "Traceback" not in done.stderr
+    [run] = (workdir / "runs" / "tiny").iterdir()
+    assert json.loads((run / "manifest.json").read_text())["status"] == "failed"

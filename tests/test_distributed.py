@@ -474,14 +474,16 @@ def test_a_run_folder_in_use_stops_every_process_not_process_0_alone(tmp_path):
 
 
 FULL_DISK_ON_PROCESS_0 = """
-import errno, pathlib, sys
+import errno, os, pathlib, sys
 from runner.cli import main
+
+FULL = os.environ["FULL_FILE"]
 
 opened = pathlib.Path.open
 
 
 class Full:
-    # metrics.jsonl on a disk that has just filled up: every write fails
+    # a file on a disk that has just filled up: every write fails
     def __init__(self, f, path):
         self.f, self.path = f, path
 
@@ -500,7 +502,7 @@ class Full:
 
 def open_(self, *args, **kwargs):
     f = opened(self, *args, **kwargs)
-    return Full(f, self) if self.name == "metrics.jsonl" else f
+    return Full(f, self) if self.name == FULL else f
 
 
 pathlib.Path.open = open_
@@ -510,10 +512,14 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_write_only_process_0_makes_fails_and_every_process_stops(tmp_path):
-    """metrics.jsonl, which process 0 alone writes, cannot be written (a full
-    disk): both processes stop with the message naming it, exit 2, at the same
-    record, instead of process 1 going on into the next step alone."""
+@pytest.mark.parametrize("written, name", [("metrics.jsonl", "metrics.jsonl"),
+                                           ("report.md.tmp", "report.md")])
+def test_a_write_only_process_0_makes_fails_and_every_process_stops(tmp_path, written, name):
+    """A file process 0 alone writes cannot be written (a full disk): both
+    processes stop with the message naming it, exit 2, instead of process 1
+    going on alone. metrics.jsonl: at the first record, not in the next step;
+    report.md (written through report.md.tmp): the last write of the run, after
+    which process 1 would have ended as if the run had finished."""
     workdir = _lm_workdir(tmp_path, lean=True)
     port = _free_port()
     processes = []
@@ -526,12 +532,15 @@ def test_a_write_only_process_0_makes_fails_and_every_process_stops(tmp_path):
             env=dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                      JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank),
                      XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
-                     HF_DATASETS_CACHE=str(workdir / "datasets-cache"))))
+                     HF_DATASETS_CACHE=str(workdir / "datasets-cache"), FULL_FILE=written)))
     processes, outputs = _two_processes([workdir, workdir], processes)
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 2, err[-3000:]
         message = " ".join(err.split())
-        assert "metrics.jsonl: cannot write: No space left on device" in message, err[-3000:]
+        assert f"{name}: cannot write: No space left on device" in message, err[-3000:]
         assert "Traceback" not in out + err
     [run] = list((workdir / "runs" / "lm").iterdir())
     assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
+    if name == "report.md":  # everything before it stays; resuming writes it
+        assert not list(run.glob("report.md*"))
+        assert json.loads((run / "eval.json").read_text())["after"]["examples"] > 0
