@@ -87,7 +87,7 @@ def lowered_step(recipe, graphdef, trainable, frozen, opt_state, placement):
     from jaxlora.train import build_train_step
 
     shard = placement.shard_trainable
-    step = build_train_step(graphdef, make_optimizer(recipe.train, 1),
+    step = build_train_step(graphdef, make_optimizer(recipe.train, 1, placement),
                             STEP_LOSSES[recipe.model.task], recipe.train.grad_accum, placement,
                             trainable)
     rows, length = step_batch(recipe.train), recipe.data.max_length
