@@ -67,7 +67,8 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None,
         index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
     bits = _fmix32((index * jnp.uint32(0x9E3779B9) ^ seeds[0]) + seeds[1])
     keep = bits < jnp.uint32(min(int(round((1.0 - rate) * 2**32)), 2**32 - 1))
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+    scaled = (x.astype(jnp.float32) * (1.0 / (1.0 - rate))).astype(x.dtype)
+    return jnp.where(keep, scaled, jnp.zeros((), x.dtype))
 
 
 _SQRT_HALF = 0.7071067811865476
