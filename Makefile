@@ -8,7 +8,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 RECIPE ?= recipes/bert-sentiment.toml
 
-.PHONY: setup setup-test run test bench tiny clean
+AOT    := .venv-aot
+
+.PHONY: setup setup-test run test bench structure tiny clean
 
 setup: $(VENV)/.installed-run
 setup-test: $(VENV)/.installed-test
@@ -34,8 +36,23 @@ test: setup-test
 bench: setup-test
 	$(PY) bench/step.py
 
+# The step's GPU program, compiled without a GPU (bench/structure.py): a venv of
+# its own, as JAX's CUDA plugin (the jaxlib's version) and cuDNN would make every
+# run in .venv look for a GPU.
+$(AOT)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(AOT)
+	$(AOT)/bin/python -m pip install --quiet --upgrade pip
+	$(AOT)/bin/python -m pip install --quiet -e .
+	version=$$($(AOT)/bin/python -c 'import jaxlib; print(jaxlib.__version__)') && \
+	$(AOT)/bin/python -m pip install --quiet "jax-cuda12-plugin==$$version" \
+		"jax-cuda12-pjrt==$$version" "nvidia-cudnn-cu12>=9.8,<10"
+	touch $@
+
+structure: $(AOT)/.installed
+	$(AOT)/bin/python bench/structure.py
+
 tiny: setup-test  # the tiny model and data of recipes/tiny-llama-offline.toml
 	$(PY) tests/tiny_models.py .tiny
 
 clean:
-	rm -rf $(VENV) .pytest_cache .tiny
+	rm -rf $(VENV) $(AOT) .pytest_cache .tiny
