@@ -37,15 +37,15 @@ bench: setup-test
 	$(PY) bench/step.py
 
 # The step's GPU program, compiled without a GPU (bench/structure.py): a venv of
-# its own, as JAX's CUDA plugin (the jaxlib's version) and cuDNN would make every
-# run in .venv look for a GPU.
+# its own, as JAX's CUDA plugin (the jaxlib's version), cuDNN and the CUDA
+# compiler's ptxas and libdevice would make every run in .venv look for a GPU.
 $(AOT)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(AOT)
 	$(AOT)/bin/python -m pip install --quiet --upgrade pip
 	$(AOT)/bin/python -m pip install --quiet -e .
 	version=$$($(AOT)/bin/python -c 'import jaxlib; print(jaxlib.__version__)') && \
 	$(AOT)/bin/python -m pip install --quiet "jax-cuda12-plugin==$$version" \
-		"jax-cuda12-pjrt==$$version" "nvidia-cudnn-cu12>=9.8,<10"
+		"jax-cuda12-pjrt==$$version" "nvidia-cudnn-cu12>=9.8,<10" "nvidia-cuda-nvcc-cu12>=12.8,<13"
 	touch $@
 
 structure: $(AOT)/.installed

@@ -16,7 +16,7 @@ products, so their backend differs from a real GPU's: by default XLA's own
 Triton products, with `--gemm cublas` every product cuBLAS (a real H200 mixes
 both). jaxlora's model takes its GPU code paths (bfloat16, cuDNN attention).
 
-  make structure                      # builds .venv-aot (JAX's CUDA plugin and cuDNN), runs this
+  make structure                      # builds .venv-aot (JAX's CUDA plugin, cuDNN, ptxas), runs this
   .venv-aot/bin/python bench/structure.py --only bert-base --batch 64 --gemm cublas
   .venv-aot/bin/python bench/structure.py --only bert-base --no-dropout --hlo-dir /tmp/hlo
 """
@@ -129,13 +129,21 @@ def compile_steps(shape: dict, peers: Path, dropout: bool) -> dict[str, str]:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             tree)
 
+    def compiled(lowered) -> str:
+        try:
+            return lowered.compile().as_text()
+        except Exception as e:  # noqa: BLE001 - e.g. no ptxas/libdevice: say what to do
+            sys.exit(f"compiling for the GPU failed ({type(e).__name__}: {str(e)[:300]}); "
+                     "`make structure` installs what the compiler needs (cuDNN, ptxas, "
+                     "libdevice)")
+
     step, trainable, frozen, opt_state, batch = bench.our_step(shape, True)
     key = abstract(jax.random.key_data(jax.random.key(0))) if dropout else None
-    ours = step.lower(abstract(trainable), abstract(frozen), abstract(opt_state),
-                      abstract(batch), key).compile().as_text()
+    ours = compiled(step.lower(abstract(trainable), abstract(frozen), abstract(opt_state),
+                               abstract(batch), key))
     ystep, lora, yopt, yfrozen, ids, labels = bench.yardstick_step(peers, shape, True)
-    yard = ystep.lower(abstract(lora), abstract(yopt), abstract(yfrozen), abstract(ids),
-                       abstract(labels)).compile().as_text()
+    yard = compiled(ystep.lower(abstract(lora), abstract(yopt), abstract(yfrozen),
+                                abstract(ids), abstract(labels)))
     return {"jaxlora": ours, "yardstick": yard}
 
 

@@ -553,7 +553,9 @@ def agree_check(check: Callable[[], None]) -> None:
     """`check()` on process 0 for all of them (itself with one process): the
     UserError it raises (a refusal) or the OSError (a write that failed) is
     raised on every process, which would otherwise go on alone and wait for
-    process 0 in the next collective. One small broadcast with several."""
+    process 0 in the next collective; any other exception is raised as is on
+    process 0 and as a UserError naming it on the others. One small broadcast
+    with several."""
     if jax.process_count() == 1:
         check()
         return
@@ -565,6 +567,8 @@ def agree_check(check: Callable[[], None]) -> None:
             failure, said = e, ["refused", str(e).encode()[:3800].decode(errors="ignore")]
         except OSError as e:
             failure, said = e, ["write", e.errno, e.strerror or str(e), str(e.filename or "")]
+        except Exception as e:  # noqa: BLE001 - the others must hear of any failure
+            failure, said = e, ["refused", f"process 0: {type(e).__name__}: {e}"[:3800]]
     said = agree_text(None if said is None else json.dumps(said))
     if failure is not None:
         raise failure

@@ -234,8 +234,8 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         manifest.setdefault("resumed", []).append(resumed_entry)
         # process 0 reads and rewrites it for all: a damaged line or a failed
         # write stops every process
-        runtime.agree_check(lambda: _keep_metrics_until(run_dir / "metrics.jsonl",
-                                                        resumed.step))
+        _writing_starts(run_dir, lambda: _keep_metrics_until(run_dir / "metrics.jsonl",
+                                                             resumed.step))
         console.print(f"resuming [bold]{run_dir}[/] from its checkpoint at step "
                       f"{resumed.step} of {steps}")
     else:
@@ -414,8 +414,10 @@ def _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, froz
 
     def finish() -> None:  # process 0's writes; a failed one stops every process
         report.write_json(run_dir / "eval.json", {"before": before, "after": after})
-        report.write_json(run_dir / "manifest.json", manifest)
         report.write_report(run_dir, manifest, before, after, console)
+        # last: a run whose report could not be written is not "finished" on
+        # disk, so `runner run RUN_DIR` goes on to write it
+        report.write_json(run_dir / "manifest.json", manifest)
     runtime.agree_check(finish)
     return run_dir
 

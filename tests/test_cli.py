@@ -380,6 +380,44 @@ def test_a_full_disk_as_a_run_starts_is_one_message_not_a_traceback(workdir, mon
     assert "nothing was trained" in message and "Traceback" not in done.stderr
 
 
+def test_a_disk_full_at_the_report_leaves_a_run_that_goes_on(workdir, monkeypatch):
+    """The disk fills as the run writes its report: exit 2 with one message,
+    and the run folder is not "finished" on disk, so `runner run RUN_DIR`
+    goes on (trimming metrics.jsonl there cannot be written either at first:
+    one message again, not a traceback) and, with space, writes the report."""
+    import errno
+    import json
+
+    from runner import report
+
+    written, full = report.write_atomic, []
+
+    def filling(path, text):
+        if path.name == "report.md" or full:
+            full.append(path.name)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written(path, text)
+
+    monkeypatch.setattr(report, "write_atomic", filling)
+    done = runner_here("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = " ".join(done.stderr.split())
+    assert "report.md: cannot write: No space left on device" in message
+    [run] = (workdir / "runs" / "tiny").iterdir()
+    assert f"`runner run {run.relative_to(workdir)}` goes on" in message
+    assert json.loads((run / "manifest.json").read_text())["status"] != "finished"
+    assert not (run / "report.md").exists()
+    again = runner_here("run", str(run), cwd=workdir)  # every write still fails
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "metrics.jsonl: cannot write: No space left on device; nothing was trained" in \
+        " ".join(again.stderr.split())
+    monkeypatch.setattr(report, "write_atomic", written)
+    resumed = runner_here("run", str(run), cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+    assert "accuracy" in (run / "report.md").read_text()
+
+
 def test_a_metrics_file_that_cannot_be_opened_is_one_message(workdir, monkeypatch):
     """metrics.jsonl cannot be created (no inode left, say), after the run
     folder's first files were written: one message naming it and what to do,

@@ -336,6 +336,14 @@ try:
     runtime.agree_check(check)
 except UserError as e:
     print("checked by process 0:", e)
+
+# any other failure there too: as is on process 0, named on the others
+def broken():
+    raise KeyError("charts")
+try:
+    runtime.agree_check(broken)
+except (KeyError, UserError) as e:
+    print("broken on process 0:", type(e).__name__, e)
 """
 
 
@@ -346,7 +354,8 @@ def test_without_jaxs_preemption_service_the_processes_vote_on_where_to_stop():
     boundary, and both stop at the same one, `StopVotes.LAG` boundaries
     after the request, without waiting for each other in between. And a text
     too long for `agree_text`, or a refusal of a check process 0 makes for
-    all (`agree_check`), stops both, not process 0 alone."""
+    all (`agree_check`), or any other failure of that check, stops both, not
+    process 0 alone."""
     from jaxlora.runtime import StopVotes
 
     port = _free_port()
@@ -363,6 +372,9 @@ def test_without_jaxs_preemption_service_the_processes_vote_on_where_to_stop():
         assert f"stop at {3 + StopVotes.LAG}" in out, out
         assert "refused everywhere: True" in out, out
         assert "checked by process 0: data.source: differs on process 0" in out, out
+    assert "broken on process 0: KeyError 'charts'" in outputs[0][0], outputs[0][0]
+    assert "broken on process 0: UserError process 0: KeyError: 'charts'" in outputs[1][0], \
+        outputs[1][0]
 
 
 SERVICE_SCRIPT = """
