@@ -358,21 +358,30 @@ def test_texts_from_stdin_and_the_command_line_must_be_utf8(monkeypatch):
         _texts(["fine", "\udcff"])  # how Python passes an undecodable argv byte
 
 
-def test_a_full_disk_as_a_run_starts_is_one_message_not_a_traceback(workdir, monkeypatch):
-    """The first files of a new run folder cannot be written (a full disk or a
-    quota): one message naming the file, exit 2."""
+def _disk_fills_at(monkeypatch, name: str):
+    """From the first write of the file `name` on, every file the run writes
+    whole (`report.write_atomic`) fails as on a full disk; returns the real
+    writer, to give the space back."""
     import errno
 
     from runner import report
 
-    written = report.write_atomic
+    written, full = report.write_atomic, []
 
-    def full(path, text):
-        if path.name == "recipe.toml":
+    def filling(path, text):
+        if path.name == name or full:
+            full.append(path.name)
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         written(path, text)
 
-    monkeypatch.setattr(report, "write_atomic", full)
+    monkeypatch.setattr(report, "write_atomic", filling)
+    return written
+
+
+def test_a_full_disk_as_a_run_starts_is_one_message_not_a_traceback(workdir, monkeypatch):
+    """The first files of a new run folder cannot be written (a full disk or a
+    quota): one message naming the file, exit 2."""
+    _disk_fills_at(monkeypatch, "recipe.toml")
     done = runner_here("run", "tiny.toml", cwd=workdir)
     assert done.returncode == 2, done.stderr[-2000:]
     message = " ".join(done.stderr.split())
@@ -385,20 +394,11 @@ def test_a_disk_full_at_the_report_leaves_a_run_that_goes_on(workdir, monkeypatc
     and the run folder is not "finished" on disk, so `runner run RUN_DIR`
     goes on (trimming metrics.jsonl there cannot be written either at first:
     one message again, not a traceback) and, with space, writes the report."""
-    import errno
     import json
 
     from runner import report
 
-    written, full = report.write_atomic, []
-
-    def filling(path, text):
-        if path.name == "report.md" or full:
-            full.append(path.name)
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        written(path, text)
-
-    monkeypatch.setattr(report, "write_atomic", filling)
+    written = _disk_fills_at(monkeypatch, "report.md")
     done = runner_here("run", "tiny.toml", cwd=workdir)
     assert done.returncode == 2, done.stderr[-2000:]
     message = " ".join(done.stderr.split())
