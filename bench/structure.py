@@ -182,7 +182,9 @@ def main() -> None:
     p.add_argument("--gemm", choices=["triton", "cublas"], default="triton",
                    help="matrix products: XLA's Triton heuristics, or all cuBLAS")
     p.add_argument("--no-dropout", action="store_true", help="jaxlora's step without dropout")
-    p.add_argument("--peers", type=Path, default=None)
+    p.add_argument("--peers", type=Path, default=None,
+                   help="folder holding jax_minimal_step.py (default: $JAXLORA_PEERS, "
+                        "else ../shared/peers next to the repository)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--hlo-dir", type=Path, help="keep each optimized HLO module here")
     a = p.parse_args()
@@ -198,6 +200,10 @@ def main() -> None:
     import step as bench
 
     jax.default_backend = lambda: "gpu"
+    peers = a.peers or Path(os.environ.get("JAXLORA_PEERS", bench.DEFAULT_PEERS))
+    if not (peers / "jax_minimal_step.py").is_file():
+        p.error(f"no yardstick at {peers / 'jax_minimal_step.py'}: pass --peers FOLDER "
+                "or set JAXLORA_PEERS")
     shapes = [s for s in bench.GPU_SHAPES if s["model"] == a.only
               and a.method in ("all", s["method"]) and a.batch in (None, s["batch"])]
     if not shapes:
@@ -207,7 +213,7 @@ def main() -> None:
                  f"{shape['batch']}x{shape['seq']}")
         print(f"== {label}: compiled for an H200, not run; products: {a.gemm}"
               + ("; jaxlora without dropout" if a.no_dropout else ""), flush=True)
-        programs = compile_steps(shape, a.peers or bench.DEFAULT_PEERS, not a.no_dropout)
+        programs = compile_steps(shape, peers, not a.no_dropout)
         if a.hlo_dir:
             a.hlo_dir.mkdir(parents=True, exist_ok=True)
             for name, hlo in programs.items():
