@@ -111,9 +111,13 @@ def global_norm(tree, *, join_small: bool = True) -> jax.Array:
     into the reduction, so nothing is copied. Sharded leaves (FSDP-sharded
     trainable weights) are summed each where it lies: joining them would
     gather them first."""
-    leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)]
-    small = [x.ravel() for x in leaves if join_small and x.size < SMALL_LEAF]
-    parts = [jnp.sum(jnp.square(x)) for x in leaves if not (join_small and x.size < SMALL_LEAF)]
+    small, parts = [], []
+    for x in jax.tree.leaves(tree):
+        x = x.astype(jnp.float32)
+        if join_small and x.size < SMALL_LEAF:
+            small.append(x.ravel())
+        else:
+            parts.append(jnp.sum(jnp.square(x)))
     if small:
         parts.append(jnp.sum(jnp.square(jnp.concatenate(small))))
     return jnp.sqrt(sum(parts, jnp.zeros((), jnp.float32)))
