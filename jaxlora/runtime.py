@@ -506,65 +506,42 @@ def per_device_bytes(tree: Any, placement: Placement, shard: bool) -> int:
     return total
 
 
-def _from_process_0(call: Callable[[], str | None]) -> str | None:
-    """`call()` on process 0, and its text (or None) on every process, in one
-    small broadcast. What it raises reaches every process too, which would
-    otherwise go on alone and wait for process 0 in the next collective: a
-    UserError (a refusal) and an OSError (a write that failed) as themselves,
-    anything else as is on process 0 and as a UserError naming it on the others."""
-    def clip(text: str) -> str:
-        return text.encode()[:3800].decode(errors="ignore")
-
-    failure, said = None, None
-    if jax.process_index() == 0:
-        try:
-            said = ["ok", call()]
-        except UserError as e:
-            failure, said = e, ["refused", clip(str(e))]
-        except OSError as e:
-            failure, said = e, ["write", e.errno, clip(e.strerror or str(e)),
-                                clip(str(e.filename or ""))]
-        except Exception as e:  # noqa: BLE001 - the others must hear of any failure
-            failure, said = e, ["refused", clip(f"process 0: {type(e).__name__}: {e}")]
-    said = agree_text(None if said is None else json.dumps(said, ensure_ascii=False))
-    if failure is not None:
-        raise failure
-    kind, *detail = json.loads(said)
-    if kind == "refused":
-        raise UserError(detail[0])
-    if kind == "write":
-        number, text, name = detail
-        raise OSError(number, text, name or None)
-    return detail[0]
-
-
 def agree_path(make: Callable[[], Any], *, new: bool = False) -> Any:
     """The run folder (or None) that `make()` gives process 0, on every process;
     `make()` itself with a single process. `new`: `make` creates the folder.
 
-    What `make` raises on process 0 reaches every process (`_from_process_0`),
-    instead of leaving the others waiting for a path that never comes. Every
-    process must then see the folder: where one does not (hosts each writing
-    to a disk of their own), every process raises a UserError naming the
-    processes, and a folder just made is removed again (nothing is in it yet)."""
+    Whatever `make` raises on process 0 reaches every process (a UserError
+    with its message), instead of leaving the others waiting for a path that
+    never comes. Every process must then see the folder: where one does not
+    (hosts each writing to a disk of their own), every process raises a
+    UserError naming the processes, and a folder just made is removed again
+    (nothing is in it yet)."""
     from pathlib import Path
 
     if jax.process_count() == 1:
         return make()
-    made = []  # process 0's folder
-
-    def make_it() -> str | None:
-        made.append(make())
-        return None if made[0] is None else str(made[0])
-
-    text = _from_process_0(make_it)
-    if text is None:
+    made, failure, said = None, None, None
+    if jax.process_index() == 0:
+        try:
+            made = make()
+            said = "none:" if made is None else f"path:{made}"
+        except Exception as e:  # noqa: BLE001 - the others must hear of any failure
+            failure = e
+            said = "error:" + (str(e) if isinstance(e, UserError) else
+                               f"process 0: {type(e).__name__}: {e}")[:1000]
+    agreed = agree_text(said)
+    if failure is not None:
+        raise failure
+    kind, _, text = agreed.partition(":")
+    if kind == "error":
+        raise UserError(text)
+    if kind == "none":
         return None
     path = Path(text)
     blind = [i for i, seen in enumerate(every_process(path.is_dir())) if not seen]
     if blind:
-        if new and made:
-            made[0].rmdir()
+        if new and made is not None:
+            made.rmdir()
         raise UserError(f"output.dir: process(es) {', '.join(map(str, blind))} cannot see "
                         f"{path}, the run folder process 0 {'made' if new else 'goes on with'}; "
                         "every host must see output.dir at the same path (a shared filesystem: "
@@ -573,12 +550,34 @@ def agree_path(make: Callable[[], Any], *, new: bool = False) -> Any:
 
 
 def agree_check(check: Callable[[], None]) -> None:
-    """`check()` on process 0 for all of them (itself with one process): what
-    it raises is raised on every process (`_from_process_0`)."""
+    """`check()` on process 0 for all of them (itself with one process): the
+    UserError it raises (a refusal) or the OSError (a write that failed) is
+    raised on every process, which would otherwise go on alone and wait for
+    process 0 in the next collective; any other exception is raised as is on
+    process 0 and as a UserError naming it on the others. One small broadcast
+    with several."""
     if jax.process_count() == 1:
         check()
         return
-    _from_process_0(check)
+    failure, said = None, None
+    if jax.process_index() == 0:
+        try:
+            check()
+        except UserError as e:
+            failure, said = e, ["refused", str(e).encode()[:3800].decode(errors="ignore")]
+        except OSError as e:
+            failure, said = e, ["write", e.errno, e.strerror or str(e), str(e.filename or "")]
+        except Exception as e:  # noqa: BLE001 - the others must hear of any failure
+            failure, said = e, ["refused", f"process 0: {type(e).__name__}: {e}"[:3800]]
+    said = agree_text(None if said is None else json.dumps(said))
+    if failure is not None:
+        raise failure
+    if said:
+        kind, *detail = json.loads(said)
+        if kind == "refused":
+            raise UserError(detail[0])
+        number, text, name = detail
+        raise OSError(number, text, name or None)
 
 
 def gather(values: np.ndarray) -> np.ndarray:
