@@ -156,3 +156,30 @@ def test_dropout_keeps_one_minus_rate_scaled_without_bias(dtype):
     assert abs(kept.mean() - 0.9) < 0.005
     ratio = y[kept] / np.asarray(x, np.float32)[kept]
     assert abs(ratio.mean() * 0.9 - 1.0) < 2e-4, ratio.mean()
+
+
+def _reference_keep(size: int, rate: float, key) -> np.ndarray:
+    """The keep mask written with uint32 arithmetic and shifts (numpy): murmur3's
+    finaliser over index * golden ratio, keyed by two words drawn from `key`."""
+    s0, s1 = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+    with np.errstate(over="ignore"):
+        h = (np.arange(size, dtype=np.uint32) * np.uint32(0x9E3779B9) ^ s0) + s1
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x85EBCA6B)
+        h ^= h >> np.uint32(13)
+        h *= np.uint32(0xC2B2AE35)
+        h ^= h >> np.uint32(16)
+    return h < np.uint32(min(int(round((1.0 - rate) * 2**32)), 2**32 - 1))
+
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 1e-10])
+def test_dropout_mask_is_the_uint32_hash_bit_for_bit(rate):
+    """The keep mask is murmur3's finaliser over the element index, keyed by two
+    words drawn from the key, written out here in numpy: a change to the mask
+    (which changes every run's numbers) cannot pass unnoticed."""
+    x = jnp.ones((64, 1031), jnp.float32)
+    for seed in range(4):
+        key = jax.random.key(seed)
+        keep = np.asarray(jax.jit(lambda x: layers.dropout(x, rate, key))(x)) != 0
+        np.testing.assert_array_equal(keep.ravel(), _reference_keep(x.size, rate, key))
