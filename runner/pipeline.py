@@ -230,7 +230,7 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
         if layout:  # the run goes on under another device layout: its recipe says so now
             resumed_entry["layout_changes"] = layout
             manifest["recipe"], manifest["recipe_hash"] = canonical(recipe), recipe_hash(recipe)
-            console.print(f"device layout changed: {'; '.join(layout)}")
+            console.print(f"layout changed: {'; '.join(layout)}")
         manifest.setdefault("resumed", []).append(resumed_entry)
         # process 0 reads and rewrites it for all: a damaged line or a failed
         # write stops every process

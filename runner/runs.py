@@ -138,21 +138,29 @@ def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-# The recipe's device layout: a run may go on under another one (a mesh of
-# another shape, more hosts): it computes the same numbers on any layout, up
-# to float32 rounding.
-LAYOUT = "runtime"
+# What a run may change when it resumes: how it runs, not what it computes. The
+# device layout (a mesh of another shape, more hosts) and `train.remat` (what
+# the backward pass recomputes, a memory knob): the same numbers either way,
+# up to float32 rounding. A run that no longer fits its new devices can go on
+# with `remat = "full"` instead of starting again.
+LAYOUT = ("runtime.", "train.remat")
+LAYOUT_WORDS = "runtime.* (the device layout) and train.remat"
+
+
+def may_change_on_resume(field: str) -> bool:
+    """Whether the recipe field `field` (dotted) may differ when a run resumes."""
+    return any(field == f or (f.endswith(".") and field.startswith(f)) for f in LAYOUT)
 
 
 def require_same_recipe(run_dir: Path, manifest: dict, recipe, advice: str) -> list[str]:
     """Refuse a recipe that differs from the run's, naming each changed field,
-    except in its [runtime] table (the device layout): returns those changes."""
+    except where `may_change_on_resume` allows: returns those changes."""
     from runner.recipe import canonical, recipe_hash
 
     if manifest.get("recipe_hash") == recipe_hash(recipe):
         return []
     changes = recipe_changes(manifest.get("recipe", {}), canonical(recipe))
-    layout = [c for c in changes if c.startswith(f"{LAYOUT}.")]
+    layout = [c for c in changes if may_change_on_resume(c.split(":")[0])]
     others = [c for c in changes if c not in layout]
     if others or not layout:
         raise UserError(f"{run_dir}: the recipe differs from the one this run was made with "

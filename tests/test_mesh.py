@@ -287,7 +287,7 @@ def test_a_run_folder_takes_no_set_outside_runtime(tmp_path):
     done = runner_here("run", str(run), "--set", "runtime.fsdp=2", "--set", "train.epochs=9",
                        cwd=tmp_path)
     assert done.returncode == 2
-    assert "--set train.epochs=9: a run folder resumes with its own recipe; only runtime.*" \
+    assert "--set train.epochs=9: a run folder resumes with its own recipe; only runtime.* (the device layout) and train.remat" \
         in " ".join(done.stderr.split())
     assert (run / "manifest.json").read_text() == "{}"
 

@@ -475,3 +475,43 @@ def test_the_digest_of_a_state_is_what_checkpoints_have_always_recorded():
         "48a295d7e44625c2269242db196ad15b684484512fa3add0abbba14c0c4eda7d"
     # the same arrays on a device (what a save sees before its host copy)
     assert _digest({k: jnp.asarray(v) for k, v in arrays.items()}, meta) == _digest(arrays, meta)
+
+
+def test_a_run_resumes_with_another_remat_policy(tmp_path, tiny_bert_dir):
+    """`train.remat` may change when a run resumes (a run that no longer fits
+    its devices goes on with "full"): the resumed run folder records the
+    change and trains on to the same losses; any other recipe field stays
+    refused."""
+    recipe = TINY_RECIPE.replace("epochs = 3", "epochs = 3\ncheckpoint_every = 10\nkeep_checkpoints = 5")
+    workdir = _workdir(tmp_path, tiny_bert_dir, recipe)
+    assert _runner("run", "tiny.toml", cwd=workdir).returncode == 0
+    reference = _run_dir(workdir)
+    # the finished run as if stopped after its checkpoint of step 10
+    stopped = tmp_path / "stopped" / reference.name
+    shutil.copytree(reference, stopped)
+    for later in [p for p in (stopped / "checkpoints").iterdir() if p.name.isdigit()
+                  and int(p.name) > 10]:
+        shutil.rmtree(later)
+    manifest = json.loads((stopped / "manifest.json").read_text())
+    (stopped / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+
+    refused = _runner("run", str(stopped), "--set", "train.remat=full", "--set",
+                      "train.learning_rate=1", cwd=workdir)
+    assert refused.returncode == 2 and "--set train.learning_rate=1" in refused.stderr
+    assert "only runtime.* (the device layout) and train.remat may change" in " ".join(
+        refused.stderr.split())
+    resumed = _runner("run", str(stopped), "--set", "train.remat=full", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "layout changed: train.remat: 'none' -> 'full'" in resumed.stdout
+    manifest = json.loads((stopped / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert manifest["recipe"]["train"]["remat"] == "full"
+    assert 'remat = "full"' in (stopped / "recipe.toml").read_text()
+    [entry] = manifest["resumed"]
+    assert entry["from_step"] == 10 and entry["layout_changes"] == ["train.remat: 'none' -> 'full'"]
+    ours, theirs = _loss_lines(stopped), _loss_lines(reference)
+    assert [x["step"] for x in ours] == [x["step"] for x in theirs]
+    for a, b in zip(ours, theirs):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f"{key} {b['step']}")
