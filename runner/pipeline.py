@@ -267,6 +267,11 @@ def _run(recipe: Recipe, recipe_path: Path, console: Console, run_dir: Path | No
                                                              to_toml(recipe)))
     console.print(f"data: {stats['train_size']} train / {stats['eval_size']} eval examples; "
                   f"trainable parameters: {manifest['model']['trainable_params']:,}")
+    skipped = attention_dropout_skipped(recipe, loaded.config)
+    if skipped:
+        console.print(f"attention: cuDNN's fused kernel, which has no dropout: the model's "
+                      f"attention dropout ({skipped:g}) is not applied; model.attention = "
+                      '"xla" applies it')
     try:
         return _train_and_evaluate(recipe, console, stop, run_dir, manifest, graphdef, frozen,
                                    data, state, resumed, evals, tokenizer,
@@ -558,6 +563,16 @@ def load_pretrained(recipe: Recipe, model_dir: Path, place: Place | None = None)
         raise UserError(f"data.max_length: {recipe.data.max_length} is more than the "
                         f"{limit} positions the model {recipe.model.source} has")
     return loaded
+
+
+def attention_dropout_skipped(recipe: Recipe, config) -> float:
+    """The model's dropout on attention probabilities where the fused cuDNN
+    kernel, which has none, runs attention in training; 0.0 elsewhere."""
+    _, compute_dtype = recipe.model.dtypes()
+    if resolve_attention(recipe.model.attention, compute_dtype) != "cudnn":
+        return 0.0
+    rate = getattr(config, "attention_dropout", None)
+    return float(getattr(config, "attn_pdrop", 0.0) if rate is None else rate)
 
 
 def data_stats(stats) -> dict:

@@ -442,3 +442,29 @@ def test_a_metrics_file_that_cannot_be_opened_is_one_message(workdir, monkeypatc
         in message and "Traceback" not in done.stderr
     [run] = (workdir / "runs" / "tiny").iterdir()
     assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_a_gpu_run_says_when_the_fused_kernel_skips_attention_dropout(workdir, monkeypatch,
+                                                                     tiny_bert_dir):
+    """cuDNN's fused attention (the GPU's default) has no dropout on the
+    attention probabilities: where it would run a model whose config asks for
+    some, the run says so and names the setting that applies it."""
+    import jax
+
+    from jaxlora.models import load_model
+    from runner.pipeline import attention_dropout_skipped
+    from runner.recipe import load_recipe
+
+    config = load_model(tiny_bert_dir, task="classification", num_labels=2).config
+    rate = config.attention_dropout
+    assert rate > 0
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    recipe = load_recipe(workdir / "tiny.toml", [])
+    assert attention_dropout_skipped(recipe, config) == rate  # auto: cuDNN on a GPU in bf16
+    from types import SimpleNamespace
+
+    assert attention_dropout_skipped(recipe, SimpleNamespace(attn_pdrop=0.25)) == 0.25  # GPT-2's
+    for sets in (["model.attention=xla"], ["model.compute_dtype=float32"]):
+        assert attention_dropout_skipped(load_recipe(workdir / "tiny.toml", sets), config) == 0.0
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert attention_dropout_skipped(recipe, config) == 0.0
