@@ -227,12 +227,13 @@ def _dispatch(args, console: Console, stop) -> int:
             if args.fresh:
                 raise UserError(f"{target}: --fresh starts a new run from a recipe file; give "
                                 "the recipe instead of a run folder")
-            from runner.runs import LAYOUT_WORDS, may_change_on_resume
+            from runner.recipe import parse_override
+            from runner.runs import RESUMABLE_WORDS, may_change_on_resume
 
             for assignment in args.set:  # a run goes on with its own recipe
-                if not may_change_on_resume(assignment.split("=")[0].strip()):
+                if not may_change_on_resume(parse_override(assignment)[0]):
                     raise UserError(f"--set {assignment}: a run folder resumes with its own "
-                                    f"recipe; only {LAYOUT_WORDS} may change")
+                                    f"recipe; only {RESUMABLE_WORDS} may change")
             recipe = load_recipe(target / "recipe.toml", args.set)
             run_dir, recipe_path = target, target / "recipe.toml"
         else:

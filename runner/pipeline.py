@@ -571,8 +571,7 @@ def attention_dropout_skipped(recipe: Recipe, config) -> float:
     _, compute_dtype = recipe.model.dtypes()
     if resolve_attention(recipe.model.attention, compute_dtype) != "cudnn":
         return 0.0
-    rate = getattr(config, "attention_dropout", None)
-    return float(getattr(config, "attn_pdrop", 0.0) if rate is None else rate)
+    return float(config.attention_dropout)
 
 
 def data_stats(stats) -> dict:

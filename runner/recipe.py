@@ -121,7 +121,7 @@ def load_with_provenance(path: str | Path, overrides: list[str] | tuple[str, ...
     path = Path(path)
     document, provenance = _read_chain(path, ())
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         _set(document, key, value)
         provenance[key] = "--set"
     document.setdefault("name", path.stem)
@@ -213,7 +213,7 @@ def _leaves(document: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def _parse_override(item: str) -> tuple[str, object]:
+def parse_override(item: str) -> tuple[str, object]:
     """`train.learning_rate=3e-4` -> ("train.learning_rate", 0.0003): the value
     is read as TOML (numbers, booleans, "strings", [arrays]); anything that is
     not valid TOML is taken as a plain string."""

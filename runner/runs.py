@@ -125,8 +125,8 @@ def stamp_order(path: Path) -> tuple[str, int]:
     return (f"{stamp}-{time}", int(count) if count.isdigit() else 0)
 
 
-def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """`field: old -> new` for every leaf that differs between two canonical recipes."""
+def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(field, old, new) for every leaf that differs between two canonical recipes."""
     changes = []
     for key in sorted(set(old) | set(new)):
         where = f"{prefix}{key}"
@@ -134,7 +134,7 @@ def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             changes += recipe_changes(a, b, f"{where}.")
         elif a != b:
-            changes.append(f"{where}: {a!r} -> {b!r}")
+            changes.append((where, a, b))
     return changes
 
 
@@ -143,13 +143,13 @@ def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 # the backward pass recomputes, a memory knob): the same numbers either way,
 # up to float32 rounding. A run that no longer fits its new devices can go on
 # with `remat = "full"` instead of starting again.
-LAYOUT = ("runtime.", "train.remat")
-LAYOUT_WORDS = "runtime.* (the device layout) and train.remat"
+RESUMABLE = ("runtime", "train.remat")  # a table, or one field
+RESUMABLE_WORDS = "runtime.* (the device layout) and train.remat"
 
 
 def may_change_on_resume(field: str) -> bool:
     """Whether the recipe field `field` (dotted) may differ when a run resumes."""
-    return any(field == f or (f.endswith(".") and field.startswith(f)) for f in LAYOUT)
+    return any(field == f or field.startswith(f"{f}.") for f in RESUMABLE)
 
 
 def require_same_recipe(run_dir: Path, manifest: dict, recipe, advice: str) -> list[str]:
@@ -160,8 +160,9 @@ def require_same_recipe(run_dir: Path, manifest: dict, recipe, advice: str) -> l
     if manifest.get("recipe_hash") == recipe_hash(recipe):
         return []
     changes = recipe_changes(manifest.get("recipe", {}), canonical(recipe))
-    layout = [c for c in changes if may_change_on_resume(c.split(":")[0])]
-    others = [c for c in changes if c not in layout]
+    layout, others = [], []
+    for field, old, new in changes:
+        (layout if may_change_on_resume(field) else others).append(f"{field}: {old!r} -> {new!r}")
     if others or not layout:
         raise UserError(f"{run_dir}: the recipe differs from the one this run was made with "
                         f"({'; '.join(others) or 'its hash differs'}); {advice}")

@@ -452,6 +452,7 @@ def test_a_gpu_run_says_when_the_fused_kernel_skips_attention_dropout(workdir, m
     import jax
 
     from jaxlora.models import load_model
+    from jaxlora.models.gpt2 import GPT2Config
     from runner.pipeline import attention_dropout_skipped
     from runner.recipe import load_recipe
 
@@ -461,9 +462,9 @@ def test_a_gpu_run_says_when_the_fused_kernel_skips_attention_dropout(workdir, m
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     recipe = load_recipe(workdir / "tiny.toml", [])
     assert attention_dropout_skipped(recipe, config) == rate  # auto: cuDNN on a GPU in bf16
-    from types import SimpleNamespace
-
-    assert attention_dropout_skipped(recipe, SimpleNamespace(attn_pdrop=0.25)) == 0.25  # GPT-2's
+    gpt2 = GPT2Config.from_hf({"vocab_size": 8, "n_positions": 8, "n_embd": 4, "n_layer": 1,
+                               "n_head": 1, "attn_pdrop": 0.25})
+    assert attention_dropout_skipped(recipe, gpt2) == 0.25  # GPT-2's attn_pdrop
     for sets in (["model.attention=xla"], ["model.compute_dtype=float32"]):
         assert attention_dropout_skipped(load_recipe(workdir / "tiny.toml", sets), config) == 0.0
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")

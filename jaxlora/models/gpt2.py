@@ -80,6 +80,10 @@ class GPT2Config:
     def max_position_embeddings(self) -> int:
         return self.n_positions
 
+    @property
+    def attention_dropout(self) -> float:  # the name BERT's and Llama's configs use
+        return self.attn_pdrop
+
     @classmethod
     def from_hf(cls, hf_config: Any) -> GPT2Config:
         c = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
