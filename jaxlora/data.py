@@ -51,6 +51,7 @@ import pydantic
 from pydantic import ConfigDict, Field
 
 from jaxlora.errors import UserError
+from jaxlora.runtime import Hosting
 from jaxlora.sources import resolve
 
 Format = Literal["csv", "json", "parquet"]
@@ -173,52 +174,6 @@ class DataConfig(pydantic.BaseModel):
             raise ValueError(f"eval_split and train_split are both {self.train_split!r}; "
                              "use eval_size to carve eval rows out of it")
         return self
-
-
-@dataclass(frozen=True)
-class Hosting:
-    """How the batches of one split are laid out, and which of their rows this
-    process feeds (see `Split`). `held` None: every row (one process). `gather`
-    stacks a small integer array from every process, in process order, on every
-    process (None: this process alone)."""
-
-    rows: int
-    held: tuple[int, ...] | None = None
-    gather: Callable[[np.ndarray], np.ndarray] | None = None
-
-    @property
-    def held_rows(self) -> range | tuple[int, ...]:
-        return range(self.rows) if self.held is None else self.held
-
-    def combine(self, values: np.ndarray, how: Callable = np.sum) -> np.ndarray:
-        """`values` of every process reduced over the processes by `how`."""
-        values = np.asarray(values)
-        return values if self.gather is None else how(np.asarray(self.gather(values)), axis=0)
-
-    def agree(self, work: Callable[[], Any], limit: int = 2048) -> Any:
-        """`work()` on every process, where it may fail on some (each reads its
-        own share): whatever one raises stops all of them, the others with a
-        UserError carrying the message of the first process that failed,
-        instead of leaving them in a collective the failed one never joins."""
-        if self.gather is None:
-            return work()
-        failure, said = None, b""
-        try:
-            result = work()
-        except BaseException as e:  # noqa: BLE001 - the others must hear of any failure
-            failure = e  # (a Ctrl-C on one host included)
-            said = (str(e) if isinstance(e, UserError) else
-                    f"another process failed: {type(e).__name__}: {e}").encode()[:limit]
-            said = said or b"another process failed"
-        raw = np.zeros(limit, np.uint8)
-        raw[:len(said)] = np.frombuffer(said, np.uint8)
-        texts = [bytes(row[row > 0]).decode(errors="replace") for row in self.gather(raw)]
-        if failure is not None:
-            raise failure
-        first = next((text for text in texts if text), None)
-        if first is not None:
-            raise UserError(first)
-        return result
 
 
 def slot_order(size: int, sizes: np.ndarray | None) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jaxlora import runtime
+from jaxlora.runtime import memory, processes
 from jaxlora.errors import UserError
 
 from test_cli import TINY_RECIPE, _tweets_csv, runner_here, workdir  # noqa: F401
@@ -203,7 +204,7 @@ def test_plan_on_the_cpu_weighs_the_run_against_the_hosts_ram(workdir, monkeypat
     assert 0 < runtime.device_memory(free=True) <= runtime.device_memory()
     roomy = runner_here("plan", "tiny.toml", cwd=workdir)
     assert roomy.returncode == 0 and "host RAM" in roomy.stdout and "fits:" in roomy.stdout
-    monkeypatch.setattr(runtime, "host_memory", lambda available=False: 2**20)  # 1 MiB of RAM
+    monkeypatch.setattr(memory, "host_memory", lambda available=False: 2**20)  # 1 MiB of RAM
     tight = runner_here("plan", "tiny.toml", cwd=workdir)
     assert tight.returncode == 0 and "will not fit" in " ".join(tight.stdout.split())
 
@@ -316,7 +317,7 @@ def test_the_mesh_takes_jaxs_topology_aware_layout(monkeypatch):
                                                            ["chip2", "chip3"]]
     monkeypatch.undo()
     # CPU devices: in order, as before
-    assert runtime.device_grid(1, 1).tolist() == [[runtime.jax.devices()[0]]]
+    assert runtime.device_grid(1, 1).tolist() == [[processes.jax.devices()[0]]]
 
 
 def test_process_0s_choice_of_run_folder_or_its_failure_reaches_every_process(tmp_path,
@@ -324,13 +325,13 @@ def test_process_0s_choice_of_run_folder_or_its_failure_reaches_every_process(tm
     """`agree_path` as processes 0 and 1 of two, the broadcast and the gather
     stood in for: whatever process 0 meets reaches process 1 as one message."""
     said = []
-    monkeypatch.setattr(runtime.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(runtime, "agree_text", lambda text: said.append(text) or text)
+    monkeypatch.setattr(processes.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(processes, "agree_text", lambda text: said.append(text) or text)
     seen = [True, True]
-    monkeypatch.setattr(runtime, "every_process", lambda flag: seen)
+    monkeypatch.setattr(processes, "every_process", lambda flag: seen)
 
     def process(index, make, **kwargs):
-        monkeypatch.setattr(runtime.jax, "process_index", lambda: index)
+        monkeypatch.setattr(processes.jax, "process_index", lambda: index)
         return runtime.agree_path(make, **kwargs)
 
     def refused():
@@ -338,11 +339,12 @@ def test_process_0s_choice_of_run_folder_or_its_failure_reaches_every_process(tm
 
     with pytest.raises(PermissionError):  # process 0 raises what it met...
         process(0, refused)
-    assert said[-1] == "error:process 0: PermissionError: [Errno 13] Permission denied"
-    monkeypatch.setattr(runtime, "agree_text", lambda text: said[-1])
+    assert json.loads(said[-1]) == ["write", 13, "Permission denied", "",
+                                    "process 0: PermissionError: [Errno 13] Permission denied"]
+    monkeypatch.setattr(processes, "agree_text", lambda text: said[-1])
     with pytest.raises(UserError, match="process 0: PermissionError"):  # ...1 hears of it
         process(1, lambda: pytest.fail("only process 0 makes the folder"))
-    monkeypatch.setattr(runtime, "agree_text", lambda text: text or "none:")
+    monkeypatch.setattr(processes, "agree_text", lambda text: text or "none:")
     assert process(0, lambda: None) is None  # no run to go on with
     made = tmp_path / "runs" / "20261127-000000"
     made.mkdir(parents=True)
