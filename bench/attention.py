@@ -57,12 +57,13 @@ def main() -> None:
             return out, vjp(cotangent)
         return jit(forward_and_backward)
 
+    spec = layers.AttentionSpec(causal=causal)
+
     def with_block(block):
-        return lambda q, k, v: layers._explicit_attention(q, k, v, mask, causal, None, 0.0, None,
-                                                          block)
+        return lambda q, k, v: layers._explicit_attention(q, k, v, mask, spec, None, block)
 
     variants = {f"jaxlora (block {layers.cpu_query_block(args.seq)})": timed(
-        lambda q, k, v: layers.attention(q, k, v, mask=mask, causal=causal))}
+        lambda q, k, v: layers.attention(q, k, v, spec, mask=mask))}
     for block in args.block or []:
         variants[f"jaxlora, block {block}"] = timed(with_block(block))
     variants["jax.nn.dot_product_attention"] = timed(

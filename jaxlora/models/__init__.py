@@ -12,6 +12,9 @@ component, so adding GPT-2 or Llama is adding a file and a line here):
     IGNORED        regexes of checkpoint keys deliberately not loaded
     TASKS          the tasks it builds models for ("classification", "causal-lm")
     PREFIXES       prefixes stripped from checkpoint keys (e.g. "bert.")
+    ARCHITECTURE   `weights.Architecture`: `Config.from_hf` and the four tables above
+                   (the ignored keys as a function of the config where they depend on it),
+                   what `load` reads a checkpoint with (`weights.load_checkpoint`)
     CLASSIFIER_ARCHITECTURE, CLASSIFIER_PREFIX, HEAD_RULES
                    export: the transformers classifier class, the prefix of its
                    encoder keys ("bert."), the rules for the task head

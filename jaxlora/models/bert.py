@@ -21,8 +21,9 @@ key is split down the tree, one per dropout site and one per `Linear` call (a
 LoRA adapter on that `Linear` uses it for its own dropout).
 
 Every family module exposes the same names: `Config`, `load`, `LORA_TARGETS`,
-`WEIGHT_RULES`, `IGNORED`, `PREFIXES`, and for export `CLASSIFIER_ARCHITECTURE`,
-`CLASSIFIER_PREFIX`, `HEAD_RULES`.
+`WEIGHT_RULES`, `IGNORED`, `PREFIXES`, `ARCHITECTURE` (the last four and
+`Config.from_hf` as one `weights.Architecture`), and for export
+`CLASSIFIER_ARCHITECTURE`, `CLASSIFIER_PREFIX`, `HEAD_RULES`.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from flax import nnx
 
 from jaxlora.errors import UserError
 from jaxlora.models import weights
-from jaxlora.models.layers import (ACTIVATIONS, AttentionImpl, Embed, Head, LayerNorm, Linear,
-                                   attention, dropout, resolve_attention, split_key,
-                                   stack_layers)
+from jaxlora.models.layers import (ACTIVATIONS, AttentionImpl, AttentionSpec, Embed, Head,
+                                   LayerNorm, Linear, attention, dropout, resolve_attention,
+                                   split_key, stack_layers)
 
 # Hugging Face module inside `encoder.layer.{i}` -> `Linear` attribute of `BertLayer`.
 _BLOCK_LINEARS = {
@@ -143,6 +144,10 @@ class BertConfig:
 
 
 Config = BertConfig
+# What `load` reads a checkpoint with (see `weights.load_checkpoint`).
+ARCHITECTURE = weights.Architecture(config_from_hf=BertConfig.from_hf, rules=WEIGHT_RULES,
+                                    ignore=IGNORED, strip_prefixes=PREFIXES,
+                                    lora_targets=LORA_TARGETS)
 
 
 class BertEmbeddings(nnx.Module):
@@ -169,7 +174,8 @@ class BertLayer(nnx.Module):
 
     def __init__(self, config: BertConfig, *, param_dtype, attention: AttentionImpl):
         self.config = config
-        self.attention_impl = attention
+        self.attention_spec = AttentionSpec(implementation=attention,
+                                            dropout_rate=config.attention_dropout)
         hidden, inner = config.hidden_size, config.intermediate_size
         self.query = Linear(hidden, hidden, dtype=param_dtype)
         self.key = Linear(hidden, hidden, dtype=param_dtype)
@@ -188,8 +194,7 @@ class BertLayer(nnx.Module):
         q = self.query(x, rng=q_key).reshape(heads)
         k = self.key(x, rng=k_key).reshape(heads)
         v = self.value(x, rng=v_key).reshape(heads)
-        context = attention(q, k, v, mask=mask, implementation=self.attention_impl,
-                            dropout_rate=cfg.attention_dropout, rng=attention_key)
+        context = attention(q, k, v, self.attention_spec, mask=mask, rng=attention_key)
         h = self.attention_output(context.reshape(x.shape), rng=attention_output_key)
         x = self.attention_norm(x + dropout(h, cfg.hidden_dropout, attention_dropout_key))
         h = ACTIVATIONS[cfg.hidden_act](self.intermediate(x, rng=intermediate_key))
@@ -269,9 +274,8 @@ def load(model_dir: Path, *, task: str = "classification", num_labels: int,
          seed: int = 0, place: weights.Place | None = None) -> weights.LoadedModel:
     """A `BertForSequenceClassification` with the folder's weights and a head seeded by `seed`."""
     return weights.load_checkpoint(
-        model_dir, config_from_hf=BertConfig.from_hf,
-        make_model=lambda config: BertForSequenceClassification(
+        model_dir, ARCHITECTURE,
+        lambda config: BertForSequenceClassification(
             config, num_labels, key=jax.random.key(seed), param_dtype=param_dtype,
             compute_dtype=compute_dtype, attention=attention),
-        rules=WEIGHT_RULES, ignore=IGNORED, strip_prefixes=PREFIXES, dtype=param_dtype,
-        lora_targets=LORA_TARGETS, place=place)
+        dtype=param_dtype, place=place)

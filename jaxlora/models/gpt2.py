@@ -26,8 +26,8 @@ from flax import nnx
 
 from jaxlora.errors import UserError
 from jaxlora.models import weights
-from jaxlora.models.layers import (ACTIVATIONS, AttentionImpl, CausalLMHead, Embed, LayerNorm,
-                                   Linear, attention, cached_attention, dropout,
+from jaxlora.models.layers import (ACTIVATIONS, AttentionImpl, AttentionSpec, CausalLMHead, Embed,
+                                   LayerNorm, Linear, attention, cached_attention, dropout,
                                    resolve_attention, split_key, stack_layers)
 from jaxlora.runtime import whole
 
@@ -111,12 +111,17 @@ class GPT2Config:
 
 
 Config = GPT2Config
+# What `load` reads a checkpoint with (see `weights.load_checkpoint`).
+ARCHITECTURE = weights.Architecture(config_from_hf=GPT2Config.from_hf, rules=WEIGHT_RULES,
+                                    ignore=IGNORED, strip_prefixes=PREFIXES,
+                                    lora_targets=LORA_TARGETS)
 
 
 class GPT2Block(nnx.Module):
     def __init__(self, config: GPT2Config, *, param_dtype, attention: str):
         self.config = config
-        self.attention_impl = attention
+        self.attention_spec = AttentionSpec(causal=True, implementation=attention,
+                                            dropout_rate=config.attn_pdrop)
         n, inner = config.n_embd, config.n_inner
         self.ln_1 = LayerNorm(n, eps=config.eps, dtype=param_dtype)
         self.c_attn = Linear(n, 3 * n, dtype=param_dtype)
@@ -136,9 +141,7 @@ class GPT2Block(nnx.Module):
         if cache is not None:
             context, cache = cached_attention(q, k, v, cache, index, mask)
         else:
-            context = attention(q, k, v, mask=mask, causal=True,
-                                implementation=self.attention_impl,
-                                dropout_rate=cfg.attn_pdrop, rng=keys[1],
+            context = attention(q, k, v, self.attention_spec, mask=mask, rng=keys[1],
                                 segment_ids=segment_ids)
         h = self.attn_proj(context.reshape(x.shape), rng=keys[2])
         x = x + dropout(h, cfg.resid_pdrop, keys[3])
@@ -226,9 +229,7 @@ def load(model_dir: Path, *, task: str = "causal-lm", num_labels: int | None = N
          seed: int = 0, place: weights.Place | None = None) -> weights.LoadedModel:
     """A `GPT2LMHeadModel` with the folder's weights."""
     return weights.load_checkpoint(
-        model_dir, config_from_hf=GPT2Config.from_hf,
-        make_model=lambda config: GPT2LMHeadModel(config, param_dtype=param_dtype,
-                                                  compute_dtype=compute_dtype,
-                                                  attention=attention),
-        rules=WEIGHT_RULES, ignore=IGNORED, strip_prefixes=PREFIXES, dtype=param_dtype,
-        lora_targets=LORA_TARGETS, place=place)
+        model_dir, ARCHITECTURE,
+        lambda config: GPT2LMHeadModel(config, param_dtype=param_dtype,
+                                       compute_dtype=compute_dtype, attention=attention),
+        dtype=param_dtype, place=place)

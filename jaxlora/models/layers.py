@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import jax
@@ -54,9 +55,9 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None,
 
     The keep mask comes from a counter-based hash (murmur3's 32-bit finaliser
     over the element index, keyed by two words drawn from `rng`) rather than
-    `jax.random.bernoulli`: threefry costs about 20 ns per element on CPU, which
-    made dropout alone 40% of a MiniLM train step; the hash is several times
-    cheaper, fuses into the multiply, and is just as reproducible from `rng`.
+    `jax.random.bernoulli`, whose threefry is far dearer per element on the CPU
+    (bench/NOTES.md v1): the hash fuses into the multiply, and is just as
+    reproducible from `rng`.
     `index` (uint32, broadcastable to x) gives each element's index when `x` is
     a block of a larger array, so the block draws the larger array's mask.
     """
@@ -83,8 +84,7 @@ def gelu(x: jax.Array) -> jax.Array:
     Its own gradient keeps only `x` for the backward pass, which recomputes
     `Phi(x) + x phi(x)` there. `jax.nn.gelu(approximate=False)` is written with
     erfc, whose autodiff evaluates a two-branch rational approximation and keeps
-    two more (batch, seq, intermediate) arrays: on bert-base, batch 64 x 128 on
-    an H200, 0.6 ms of a 12 ms train step (bench/NOTES.md v5).
+    two more (batch, seq, intermediate) arrays (bench/NOTES.md v5).
     """
     x32 = x.astype(jnp.float32)
     return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
@@ -187,10 +187,8 @@ class LayerNorm(nnx.Module):
         var = jnp.square(centered).mean(-1, keepdims=True)
         # The scale joins the per-row 1/std before meeting the centred values:
         # the same maths as `((x - mean) / std) * scale`, but written that way
-        # XLA's CPU backend fused each layer's LayerNorm backward into the next
-        # layer's, down the whole stack (fusions of up to 267 operands, O(layers^2)
-        # work): a bert-base step at 8 x 128 took 6.5 s against 4.0-4.4 s now
-        # (bench/NOTES.md v6).
+        # XLA's CPU backend fuses each layer's LayerNorm backward into the next
+        # layer's, down the whole stack (huge fusions, O(layers^2) work; bench/NOTES.md v6).
         factor = jax.lax.rsqrt(var + self.eps) * whole(self.scale[...]).astype(jnp.float32)
         return (centered * factor + whole(self.bias[...]).astype(jnp.float32)).astype(x.dtype)
 
@@ -218,21 +216,34 @@ def resolve_attention(implementation: AttentionImpl, dtype=jnp.bfloat16) -> Lite
     return implementation
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None,
-              causal: bool = False, window: int | None = None,
-              implementation: Literal["xla", "cudnn"] = "xla",
-              dropout_rate: float = 0.0, rng: jax.Array | None = None,
-              segment_ids: jax.Array | None = None) -> jax.Array:
-    """Scaled dot-product attention over (batch, seq, heads, head_dim) arrays;
-    k and v may have fewer heads than q (grouped-query attention).
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A layer's attention settings: fixed when the layer is built, static under jit.
 
-    `mask` is the (batch, seq) key padding mask (1 = real token). `causal`
-    lets position i see keys <= i; `window` (sliding-window attention, as
-    Mistral's) further limits it to the `window` keys ending at i. The fused
+    `causal` lets position i see keys <= i; `window` (sliding-window attention,
+    as Mistral's) further limits it to the `window` keys ending at i;
+    `implementation` is a resolved `AttentionImpl` (see `resolve_attention`);
+    `dropout_rate` applies to the attention probabilities in train mode.
+    """
+
+    causal: bool = False
+    window: int | None = None
+    implementation: Literal["xla", "cudnn"] = "xla"
+    dropout_rate: float = 0.0
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array,
+              spec: AttentionSpec = AttentionSpec(), *, mask: jax.Array | None,
+              rng: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Scaled dot-product attention over (batch, seq, heads, head_dim) arrays, as
+    the layer's `spec` says; k and v may have fewer heads than q (grouped-query
+    attention).
+
+    `mask` is the (batch, seq) key padding mask (1 = real token). The fused
     cuDNN kernel takes padding as sequence lengths, so it assumes right padding,
     which is what `jaxlora.data` produces. Dropout on the attention
-    probabilities (train mode only) needs the probabilities, so it runs the
-    explicit XLA formulation; the fused kernel has no dropout and skips it.
+    probabilities (train mode only: `rng` given) needs the probabilities, so it
+    runs the explicit XLA formulation; the fused kernel has no dropout and skips it.
     `segment_ids` (batch, seq), for packed rows, keeps attention within each
     example; it runs through XLA (the fused kernel takes no such mask).
 
@@ -240,23 +251,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     attention runs in blocks of queries (`cpu_query_block`), each against only
     the keys it can see (see `_explicit_attention`).
     """
-    local = None if window is None else (window - 1, 0)
+    local = None if spec.window is None else (spec.window - 1, 0)
+    implementation = spec.implementation
     if segment_ids is not None:
         same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         mask = same if mask is None else same & mask.astype(bool)[:, None, None, :]
         implementation = "xla"
-    dropping = rng is not None and dropout_rate > 0.0
+    dropping = rng is not None and spec.dropout_rate > 0.0
     if implementation == "cudnn":
         lengths = None if mask is None else mask.sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, query_seq_lengths=lengths,
+            q, k, v, is_causal=spec.causal, query_seq_lengths=lengths,
             key_value_seq_lengths=lengths, local_window_size=local, implementation="cudnn")
     on_cpu = jax.default_backend() == "cpu"
     if dropping or on_cpu:
-        block = cpu_query_block(q.shape[1]) if on_cpu and causal else None
-        return _explicit_attention(q, k, v, mask, causal, window,
-                                   dropout_rate if dropping else 0.0, rng, block)
-    return jax.nn.dot_product_attention(q, k, v, mask=_key_mask(mask), is_causal=causal,
+        block = cpu_query_block(q.shape[1]) if on_cpu and spec.causal else None
+        return _explicit_attention(q, k, v, mask, spec, rng, block)
+    return jax.nn.dot_product_attention(q, k, v, mask=_key_mask(mask), is_causal=spec.causal,
                                         local_window_size=local, implementation="xla")
 
 
@@ -270,13 +281,9 @@ def cpu_query_block(queries: int) -> int:
 
     XLA computes the whole (queries x keys) score matrix of one product, half of
     which a causal mask throws away; block by block each query block meets only
-    the keys up to its last query. Measured on the 2-core CPU (float32, tiny-llama's
-    8 heads of 64): a whole train step's CPU time -7% at 4 x 256 tokens and -11% at
-    2 x 512 with blocks of 128 (and of 256); blocks of 64 saved nothing there,
-    their many small products and the backward's padding of each block's key
-    gradients eating the gain, though one layer's attention alone ran fastest
-    with them. Alone, 1024 tokens ran best in blocks of 128, 2048 in blocks of 256
-    (bench/NOTES.md v8, `bench/attention.py`).
+    the keys up to its last query. Smaller blocks mean many small products and,
+    in the backward, padding of each block's key gradients.
+    Why these sizes: bench/NOTES.md v8 (`bench/attention.py` times them).
     """
     return max(CPU_MIN_QUERY_BLOCK, -(-queries // CPU_QUERY_BLOCKS))
 
@@ -288,13 +295,13 @@ def _key_mask(mask: jax.Array | None) -> jax.Array | None:
     return mask.astype(bool)[:, None, None, :]
 
 
-def _explicit_attention(q, k, v, mask, causal, window, rate, rng, block=None):
-    """softmax(q k^T / sqrt(d) + masks) v written out, with dropout on the
-    probabilities at `rate` (0: none); `mask` is (batch, keys) or 4-D
-    (batch, 1, queries, keys).
+def _explicit_attention(q, k, v, mask, spec, rng, block=None):
+    """softmax(q k^T / sqrt(d) + masks) v written out, masked as `spec` says, with
+    dropout on the probabilities at `spec.dropout_rate` when `rng` is given (train
+    mode); `mask` is (batch, keys) or 4-D (batch, 1, queries, keys).
 
     With `block`, the queries go in blocks of that many, and each block meets
-    only the keys it can see: up to its last query when `causal`, and from its
+    only the keys it can see: up to its last query when causal, and from its
     first query's window start. Rows are whole in each block, so every
     probability is what the single product gives (dropout too: each block
     draws its elements' mask by their index in the whole (b, heads, q, k)
@@ -302,13 +309,16 @@ def _explicit_attention(q, k, v, mask, causal, window, rate, rng, block=None):
     padded query) averages the values of its block's key range instead of all
     keys; such rows are padding and carry no loss.
     """
+    causal, window = spec.causal, spec.window
+    rate = spec.dropout_rate if rng is not None and spec.dropout_rate > 0.0 else 0.0
     b, t, heads, d = q.shape
     s_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     # queries (b, kv_heads, groups, t, d), keys (b, kv_heads, d, s), values (b, kv_heads, s, d):
     # query head n uses kv head n // groups, as jnp.repeat(k, groups, axis=2) would. The
     # scale goes on q (fewer elements than the scores); the products are 4-D, a block's
-    # groups and queries on one axis (XLA:CPU ran the 5-D form's products ~15% slower).
+    # groups and queries on one axis (XLA:CPU runs them faster than the 5-D form's:
+    # bench/NOTES.md v8).
     qt = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv_heads, groups, d)
     qt = qt.transpose(0, 2, 3, 1, 4)
     kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)

@@ -18,6 +18,7 @@ or untied embeddings, an explicit head_dim.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ from flax import nnx
 
 from jaxlora.errors import UserError
 from jaxlora.models import weights
-from jaxlora.models.layers import (AttentionImpl, CausalLMHead, Embed, Linear, RMSNorm, attention,
-                                   cached_attention, resolve_attention, rotary, split_key,
-                                   stack_layers)
+from jaxlora.models.layers import (AttentionImpl, AttentionSpec, CausalLMHead, Embed, Linear,
+                                   RMSNorm, attention, cached_attention, resolve_attention, rotary,
+                                   split_key, stack_layers)
 from jaxlora.runtime import whole
 
 TASKS = ("causal-lm",)
@@ -83,6 +84,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> LlamaConfig:
+        """From a transformers Llama, Mistral or Qwen2 config object or its dict (config.json)."""
         c = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
         model_type = c.get("model_type", "llama")
         act = c.get("hidden_act", "silu")
@@ -142,11 +144,22 @@ class LlamaConfig:
 Config = LlamaConfig
 
 
+def _ignored(config: LlamaConfig) -> list[str]:
+    """`IGNORED`, and for a tied model the `lm_head.weight` copy its checkpoint may carry."""
+    return IGNORED + ([r"lm_head\.weight"] if config.tie_word_embeddings else [])
+
+
+# What `load` reads a checkpoint with (see `weights.load_checkpoint`).
+ARCHITECTURE = weights.Architecture(config_from_hf=LlamaConfig.from_hf, rules=WEIGHT_RULES,
+                                    ignore=_ignored, strip_prefixes=PREFIXES,
+                                    lora_targets=LORA_TARGETS)
+
+
 class LlamaDecoderLayer(nnx.Module):
     def __init__(self, config: LlamaConfig, window: int | None, *, param_dtype, attention: str):
         self.config = config
-        self.window = window
-        self.attention_impl = attention
+        self.attention_spec = AttentionSpec(causal=True, window=window, implementation=attention,
+                                            dropout_rate=config.attention_dropout)
         h, d = config.hidden_size, config.head_dim
         self.input_layernorm = RMSNorm(h, eps=config.eps, dtype=param_dtype)
         self.q_proj = Linear(h, config.num_heads * d, use_bias=config.qkv_bias, dtype=param_dtype)
@@ -160,6 +173,15 @@ class LlamaDecoderLayer(nnx.Module):
         self.gate_proj = Linear(h, inner, use_bias=config.mlp_bias, dtype=param_dtype)
         self.up_proj = Linear(h, inner, use_bias=config.mlp_bias, dtype=param_dtype)
         self.down_proj = Linear(inner, h, use_bias=config.mlp_bias, dtype=param_dtype)
+
+    @property
+    def window(self) -> int | None:
+        """The sliding-window size (None: every earlier key), as the attention spec holds it."""
+        return self.attention_spec.window
+
+    @window.setter
+    def window(self, window: int | None) -> None:
+        self.attention_spec = dataclasses.replace(self.attention_spec, window=window)
 
     def __call__(self, x, mask, positions, inv_freq, rng, cache=None, index=None,
                  segment_ids=None):
@@ -176,9 +198,7 @@ class LlamaDecoderLayer(nnx.Module):
         if cache is not None:
             context, cache = cached_attention(q, k, v, cache, index, mask, self.window)
         else:
-            context = attention(q, k, v, mask=mask, causal=True, window=self.window,
-                                implementation=self.attention_impl,
-                                dropout_rate=cfg.attention_dropout, rng=keys[3],
+            context = attention(q, k, v, self.attention_spec, mask=mask, rng=keys[3],
                                 segment_ids=segment_ids)
         x = x + self.o_proj(context.reshape(b, t, -1), rng=keys[4])
         n = self.post_attention_layernorm(x)
@@ -275,10 +295,7 @@ def load(model_dir: Path, *, task: str = "causal-lm", num_labels: int | None = N
     """A `LlamaForCausalLM` (Llama, Mistral or Qwen2 by config) with the folder's
     weights; a tied model's checkpoint may carry an `lm_head.weight` copy, ignored."""
     return weights.load_checkpoint(
-        model_dir, config_from_hf=LlamaConfig.from_hf,
-        make_model=lambda config: LlamaForCausalLM(config, param_dtype=param_dtype,
-                                                   compute_dtype=compute_dtype,
-                                                   attention=attention),
-        rules=WEIGHT_RULES, strip_prefixes=PREFIXES, dtype=param_dtype, lora_targets=LORA_TARGETS,
-        place=place, ignore=lambda config: IGNORED + ([r"lm_head\.weight"] if config.tie_word_embeddings
-                                         else []))
+        model_dir, ARCHITECTURE,
+        lambda config: LlamaForCausalLM(config, param_dtype=param_dtype,
+                                        compute_dtype=compute_dtype, attention=attention),
+        dtype=param_dtype, place=place)

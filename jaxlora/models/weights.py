@@ -161,26 +161,44 @@ class LoadedModel:
         return fingerprint(self.model_dir)
 
 
-def load_checkpoint(model_dir: Path, *, config_from_hf: Callable[[Any], Any],
-                    make_model: Callable[[Any], nnx.Module], rules: Sequence[Rule],
-                    ignore: Sequence[str] | Callable[[Any], Sequence[str]],
-                    strip_prefixes: Sequence[str], dtype,
-                    lora_targets: dict[str, str], place: Place | None = None) -> LoadedModel:
+@dataclass(frozen=True)
+class Architecture:
+    """What a family's checkpoints are: how its config is read and its weights routed.
+
+    Each family module defines one as `ARCHITECTURE`, from its `Config.from_hf`,
+    `WEIGHT_RULES`, `IGNORED`, `PREFIXES` and `LORA_TARGETS`.
+    """
+
+    config_from_hf: Callable[[Any], Any]  # transformers config -> the family's config
+    rules: Sequence[Rule]  # the checkpoint -> model table
+    # regexes of checkpoint keys deliberately not loaded, or config -> those regexes
+    ignore: Sequence[str] | Callable[[Any], Sequence[str]]
+    strip_prefixes: Sequence[str]  # prefixes stripped from checkpoint keys (e.g. "bert.")
+    lora_targets: dict[str, str]  # LoRA target name -> Hugging Face module path in a block
+
+
+def load_checkpoint(model_dir: Path, architecture: Architecture,
+                    make_model: Callable[[Any], nnx.Module], *, dtype,
+                    place: Place | None = None) -> LoadedModel:
     """What every family's `load` does: read config.json into the family's
-    config (`config_from_hf`), build `make_model(config)` with the folder's
-    safetensors (see `build`; `place` puts each base weight on its devices),
-    and describe the result. `ignore` may depend on the config (a callable)."""
+    config (`architecture.config_from_hf`), build `make_model(config)` with the
+    folder's safetensors (see `build`; weights cast to `dtype`, and `place` puts
+    each base weight on its devices), and describe the result. The ignored keys
+    may depend on the config (`architecture.ignore` a callable)."""
     hf_config = read_hf_config(model_dir)
     try:
-        config = config_from_hf(hf_config)
+        config = architecture.config_from_hf(hf_config)
     except UserError as e:
         raise UserError(f"{config_path(model_dir)}: {e}") from None
+    ignore = architecture.ignore
     patterns = ignore(config) if callable(ignore) else ignore
-    model, ignored = build(lambda: make_model(config), read_safetensors(model_dir), rules,
-                           ignore=patterns, strip_prefixes=strip_prefixes, dtype=dtype,
+    model, ignored = build(lambda: make_model(config), read_safetensors(model_dir),
+                           architecture.rules, ignore=patterns,
+                           strip_prefixes=architecture.strip_prefixes, dtype=dtype,
                            source=str(model_dir), place=place)
-    return LoadedModel(model=model, config=config, hf_config=hf_config, lora_targets=lora_targets,
-                       model_dir=Path(model_dir), ignored_keys=ignored)
+    return LoadedModel(model=model, config=config, hf_config=hf_config,
+                       lora_targets=architecture.lora_targets, model_dir=Path(model_dir),
+                       ignored_keys=ignored)
 
 
 def config_path(model_dir: Path) -> Path:
@@ -299,6 +317,7 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _read_file(path: Path) -> dict[str, np.ndarray]:
+    """One safetensors file's tensors, by name, memory-mapped, its header checked first."""
     # The format: an 8-byte little-endian header size, a JSON header mapping each
     # name to {dtype, shape, data_offsets}, then the raw little-endian bytes.
     # Everything in the header is checked against the file before it is used.

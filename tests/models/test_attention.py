@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jaxlora.models import layers
-from jaxlora.models.layers import (_explicit_attention, _key_mask, attention, cached_attention,
-                                   dropout)
+from jaxlora.models.layers import (AttentionSpec, _explicit_attention, _key_mask, attention,
+                                   cached_attention, dropout)
 
 CASES = [dict(causal=False, window=None), dict(causal=True, window=None),
          dict(causal=True, window=3)]
@@ -31,8 +31,8 @@ def test_xla_explicit_and_cached_paths_agree(case):
     q, k, v, mask = _inputs()
     real = mask.astype(bool)
     reference = np.asarray(_jax_attention(q, k, v, mask, **case))
-    explicit = np.asarray(_explicit_attention(q, k, v, mask, case["causal"], case["window"],
-                                              0.0, jax.random.key(1)))
+    explicit = np.asarray(_explicit_attention(q, k, v, mask, AttentionSpec(**case),
+                                              jax.random.key(1)))
     np.testing.assert_allclose(explicit[real], reference[real], atol=1e-5)
     if case["causal"]:  # generation: the whole sequence written into an empty cache at 0
         cache = (jnp.zeros_like(k), jnp.zeros_like(v))
@@ -53,8 +53,10 @@ def test_xla_explicit_and_cached_paths_agree(case):
 def test_cudnn_agrees_with_xla(case):
     q, k, v, mask = _inputs(jnp.bfloat16)
     real = mask.astype(bool)
-    xla = np.asarray(attention(q, k, v, mask=mask, implementation="xla", **case), np.float32)
-    fused = np.asarray(attention(q, k, v, mask=mask, implementation="cudnn", **case), np.float32)
+    xla = np.asarray(attention(q, k, v, AttentionSpec(implementation="xla", **case), mask=mask),
+                     np.float32)
+    fused = np.asarray(attention(q, k, v, AttentionSpec(implementation="cudnn", **case),
+                                 mask=mask), np.float32)
     np.testing.assert_allclose(fused[real], xla[real], atol=2e-2)
 
 
@@ -76,8 +78,7 @@ def test_query_blocks_give_the_single_products_outputs_and_gradients(case, block
 
     def run(block):
         def f(q, k, v):
-            return _explicit_attention(q, k, v, mask, case["causal"], case["window"], 0.0, None,
-                                       block)
+            return _explicit_attention(q, k, v, mask, AttentionSpec(**case), None, block)
 
         @jax.jit
         def forward_and_backward(q, k, v):
@@ -110,8 +111,8 @@ def test_attention_dropout_draws_the_whole_arrays_mask_in_any_block(block):
     dropped = jax.jit(lambda p: dropout(p, rate, key))(probs)
     assert 0.2 < float((dropped == 0).mean()) < 0.8  # the reference does drop
     reference = jnp.einsum("bnqk,bknh->bqnh", dropped, vr)
-    out = jax.jit(lambda q, k, v: _explicit_attention(q, k, v, mask, True, None, rate, key,
-                                                      block))(q, k, v)
+    spec = AttentionSpec(causal=True, dropout_rate=rate)
+    out = jax.jit(lambda q, k, v: _explicit_attention(q, k, v, mask, spec, key, block))(q, k, v)
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(reference)[real], atol=1e-5)
 
 
@@ -122,7 +123,7 @@ def test_packed_rows_in_blocks():
     same = segments[:, None, :, None] == segments[:, None, None, :]
     reference = jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True,
                                              implementation="xla")
-    out = _explicit_attention(q, k, v, same, True, None, 0.0, None, 3)
+    out = _explicit_attention(q, k, v, same, AttentionSpec(causal=True), None, 3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-5)
 
 
@@ -134,7 +135,8 @@ def _products(fn, *args) -> int:
 def test_cpu_attention_runs_causal_queries_in_blocks(monkeypatch):
     q, k, v, mask = _inputs()
     monkeypatch.setattr(layers, "CPU_MIN_QUERY_BLOCK", 4)
-    causal = _products(lambda q, k, v: attention(q, k, v, mask=mask, causal=True), q, k, v)
+    causal = _products(lambda q, k, v: attention(q, k, v, AttentionSpec(causal=True), mask=mask),
+                       q, k, v)
     both_ways = _products(lambda q, k, v: attention(q, k, v, mask=mask), q, k, v)
     assert (causal, both_ways) == (2 * 3, 2)  # 10 queries: blocks of 4, 4 and 2
 
