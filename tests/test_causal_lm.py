@@ -13,12 +13,12 @@ from tiny_models import qa_rows, save_word_tokenizer, tiny_decoder_dir, write_qa
 
 
 def test_prompt_response_loss_mask_covers_the_response_only(tmp_path):
-    from jaxlora.data import tokenize_lm_batch
+    from jaxlora.data import LmColumns, tokenize_lm_batch
 
     tok = save_word_tokenizer(tmp_path, with_bos=True)
-    out = tokenize_lm_batch({"p": ["what is the cat ?"], "r": ["the cat sat ."]},
-                            tokenizer=tok, text_column="text", prompt_column="p",
-                            response_column="r", template="question {prompt} answer",
+    out = tokenize_lm_batch({"p": ["what is the cat ?"], "r": ["the cat sat ."]}, tokenizer=tok,
+                            columns=LmColumns(prompt_column="p", response_column="r",
+                                              template="question {prompt} answer"),
                             max_length=16, pad_id=0, eos_id=tok.eos_token_id)
     ids, mask = out["input_ids"][0], out["loss_mask"][0]
     words = tok.convert_ids_to_tokens(ids)
@@ -26,10 +26,9 @@ def test_prompt_response_loss_mask_covers_the_response_only(tmp_path):
                           "the", "cat", "sat", ".", "</s>"]
     assert mask == [0] * 8 + [1] * 5 + [0] * 3  # response and EOS; not prompt, not padding
     assert out["attention_mask"][0] == [1] * 13 + [0] * 3 and out["truncated"] == [False]
-    cut = tokenize_lm_batch({"p": ["what is the cat ?"], "r": ["the cat sat ."]},
-                            tokenizer=tok, text_column="text", prompt_column="p",
-                            response_column="r", template="{prompt}", max_length=8, pad_id=0,
-                            eos_id=tok.eos_token_id)
+    cut = tokenize_lm_batch({"p": ["what is the cat ?"], "r": ["the cat sat ."]}, tokenizer=tok,
+                            columns=LmColumns(prompt_column="p", response_column="r"),
+                            max_length=8, pad_id=0, eos_id=tok.eos_token_id)
     assert cut["truncated"] == [True] and cut["loss_mask"][0] == [0] * 6 + [1] * 2
 
 
@@ -139,7 +138,7 @@ def _check_exports(root, run, method):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from runner.runs import open_run
+    from runner.build import open_run
 
     formats = ("merged",) if method == "full" else ("peft", "merged")
     for fmt in formats:

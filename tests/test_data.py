@@ -414,8 +414,8 @@ def test_packing_packs_each_row_of_the_batch_apart():
     for r in range(8):  # row r packs examples r, r + 8, ... in that order, greedily
         alone = Split(input_ids=split.input_ids[r::8], attention_mask=split.attention_mask[r::8],
                       labels=split.labels[r::8], loss_mask=split.loss_mask[r::8])
-        assert split._layout(8).counts[r] == len(pack(alone))
-    assert split.num_batches(8) == max(split._layout(8).counts)
+        assert split._deal(8).counts[r] == len(pack(alone))
+    assert split.num_batches(8) == max(split._deal(8).counts)
     assert sum(lengths) == sum(b["attention_mask"][b["weights"] > 0].sum() for b in batches)
 
 
