@@ -9,6 +9,9 @@ and its padding rows carry weight 0, so every example counts exactly once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import optax
 from flax import nnx
@@ -33,12 +36,27 @@ class EvalConfig(BaseModel):
     exact_match_examples: int = Field(32, ge=0, le=100000)
 
 
-def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification", placement=None):
+class EvalStep:
+    """The jit'd eval step of one model graph for one task, and the mesh it
+    runs on (see `build_eval_step`)."""
+
+    def __init__(self, fn, task: str, placement=None):
+        self.fn, self.task, self.placement = fn, task, placement
+
+    def __call__(self, trainable, frozen, batch):
+        return self.fn(trainable, frozen, batch)
+
+    def lower(self, *args):
+        return self.fn.lower(*args)
+
+
+def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification",
+                    placement=None) -> EvalStep:
     """jit'd (trainable, frozen, batch) -> per-example outputs, no dropout:
     classification (logits, loss, labels, weights); causal-lm (summed
     target-token loss, target tokens, labels, weights). With a `placement`
     (jaxlora.runtime) the outputs come back replicated, so every process reads
-    every row's, those another process fed included; give it to `evaluate` too."""
+    every row's, those another process fed included."""
 
     def step(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -50,17 +68,29 @@ def build_eval_step(graphdef: nnx.GraphDef, task: str = "classification", placem
         return logits, loss, batch["labels"], batch["weights"]
 
     if placement is None:
-        return jit(step)
-    return jit(placement.gathering(step), out_shardings=placement.replicated())
+        return EvalStep(jit(step), task)
+    return EvalStep(jit(placement.gathering(step), out_shardings=placement.replicated()), task,
+                    placement)
 
 
-def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_names: list[str],
-             progress=None, description: str = "eval", task: str = "classification",
-             keep_bar: bool = True, placement=None) -> dict:
+@dataclass(frozen=True)
+class Bar:
+    """The progress bar of one evaluation: a rich Progress, the bar's
+    description, and whether the bar stays once done."""
+
+    progress: Any
+    description: str = "eval"
+    keep: bool = True
+
+
+def evaluate(eval_step: EvalStep, trainable, frozen, split, *, batch_size: int,
+             label_names: list[str] = (), bar: Bar | None = None) -> dict:
     """Classification: accuracy, macro-F1, per-class scores and mean loss.
     Causal-lm: token-weighted loss and perplexity over the target tokens."""
-    bar = (progress.add_task(description, total=split.num_batches(batch_size))
-           if progress is not None else None)
+    task, placement = eval_step.task, eval_step.placement
+    progress = bar.progress if bar is not None else None
+    task_bar = (progress.add_task(bar.description, total=split.num_batches(batch_size))
+                if progress is not None else None)
     predictions, labels, losses = [], [], []
 
     def collect(pending):
@@ -75,8 +105,8 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
             predictions.append(np.argmax(first, -1)[real])
             labels.append(classes[real])
             losses.append(second[real])
-        if bar is not None:
-            progress.advance(bar)
+        if task_bar is not None:
+            progress.advance(task_bar)
 
     pending = None
     for batch in split.batches(batch_size, shuffle=False):
@@ -87,31 +117,31 @@ def evaluate(eval_step, trainable, frozen, split, *, batch_size: int, label_name
         pending = dispatched
     if pending is not None:
         collect(pending)
-    if bar is not None and not keep_bar:
-        progress.remove_task(bar)
+    if task_bar is not None and not bar.keep:
+        progress.remove_task(task_bar)
     if task == "causal-lm":
         tokens = float(np.concatenate(labels).sum())
         loss = float(np.concatenate(losses).sum()) / max(tokens, 1.0)
         return {"examples": int(sum(len(x) for x in losses)), "tokens": int(tokens),
                 "loss": loss, "perplexity": float(np.exp(min(loss, 700.0)))}
     metrics = classification_metrics(np.concatenate(predictions), np.concatenate(labels),
-                                     label_names)
+                                     list(label_names))
     metrics["loss"] = float(np.concatenate(losses).mean())
     return metrics
 
 
-def exact_match(graphdef: nnx.GraphDef, trainable, frozen, split, *, examples: int,
-                eos_id: int | None, pad_id: int = 0, batch_size: int = 32,
-                position_limit: int | None = None, placement=None) -> dict:
-    """Share of the first `examples` eval prompts whose greedy completion equals
-    the reference response token for token (through EOS; a reference cut by
-    max_length is compared over its length). Prompts go `batch_size` at a time;
+def exact_match(graphdef: nnx.GraphDef, trainable, frozen, split, *, eos_id: int | None,
+                pad_id: int = 0, batch_size: int = 32, placement=None) -> dict:
+    """Share of the prompts of `split` (the first eval examples, held whole by
+    every process) whose greedy completion equals the reference response
+    token for token (through EOS; a reference cut by max_length is compared
+    over its length). Prompts go `batch_size` at a time;
     with a `placement` (weights on a mesh, maybe over several processes) every
     process decodes the same prompts together (see `generate`)."""
     from jaxlora.generate import GenerateConfig, generate
 
     prompts, references = [], []
-    for row in range(min(examples, len(split))):
+    for row in range(len(split)):
         real = split.attention_mask[row] > 0
         ids, targets = split.input_ids[row][real], split.loss_mask[row][real]
         first = int(np.argmax(targets > 0))
@@ -123,8 +153,7 @@ def exact_match(graphdef: nnx.GraphDef, trainable, frozen, split, *, examples: i
     completions = []
     for begin in range(0, len(prompts), batch_size):
         completions += generate(graphdef, trainable, frozen, prompts[begin:begin + batch_size],
-                                cfg, eos_id=eos_id, pad_id=pad_id,
-                                position_limit=position_limit, placement=placement)
+                                cfg, eos_id=eos_id, pad_id=pad_id, placement=placement)
     hits = sum(c[:len(r)] == r and (len(c) == len(r) or r[-1] != eos_id)
                for c, r in zip(completions, references))
     return {"exact_match": hits / len(prompts), "exact_match_examples": len(prompts)}

@@ -66,9 +66,13 @@ def _pick(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -
 @functools.lru_cache(maxsize=16)
 def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
               temperature: float, top_p: float, placement=None, gather_once: bool = False):
+    """The compiled decoding program for one shape of prompts and settings
+    (cached: each batch of the same shape reuses it)."""
     length = prompt_len + max_new
 
     def run(trainable, frozen, ids, valid, positions, key, eos_ids, pad_id):
+        """Prefill the prompts into the KV cache, then pick one token per row
+        per loop turn until every row stopped or `max_new` are out."""
         key = jax.random.wrap_key_data(key)  # raw key data: what can be placed on a mesh
         if gather_once:  # every weight whole on every device, outside the loop
             trainable, frozen = jax.tree.map(runtime.whole, (trainable, frozen))
@@ -147,10 +151,10 @@ def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
 
 def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]],
              cfg: GenerateConfig, *, eos_id: int | Sequence[int] | None, pad_id: int = 0,
-             position_limit: int | None = None, placement=None) -> list[list[int]]:
+             placement=None) -> list[list[int]]:
     """The new token ids of each prompt, up to and including the first stop id
-    (`eos_id`: one id or several), or `cfg.max_new_tokens` of them.
-    `position_limit`: a model with learned positions (GPT-2) has none past it.
+    (`eos_id`: one id or several), or `cfg.max_new_tokens` of them. A model
+    with learned positions (GPT-2) has none past its `position_limit`.
     `placement` (`jaxlora.runtime.Placement`): the weights are on its mesh, maybe
     over several processes, each calling this with the same prompts; the
     prompts go there replicated and every process gets every completion; with
@@ -158,6 +162,7 @@ def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    position_limit = getattr(nnx.merge(graphdef, trainable, frozen), "position_limit", None)
     if position_limit is not None and prompt_len + cfg.max_new_tokens > position_limit:
         raise UserError(f"a prompt of {prompt_len} tokens plus {cfg.max_new_tokens} new ones "
                         f"exceeds the model's {position_limit} positions; shorten the prompt "

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -167,13 +167,23 @@ def without_adapters(trainable):
     return nnx.from_flat_state(flat)
 
 
-def adapt(model: nnx.Module, cfg, table: dict[str, str], key: jax.Array, sharding=None):
+class Adapted(NamedTuple):
+    """A model split once by variable type, after `adapt`."""
+
+    graphdef: nnx.GraphDef
+    trainable: Any  # nnx.State of what trains (`trainable_filter`)
+    frozen: Any  # nnx.State of the rest
+    layers: list[str]  # the paths of the linear layers that got adapters
+
+
+def adapt(model: nnx.Module, cfg, table: dict[str, str], key: jax.Array,
+          sharding=None) -> Adapted:
     """Step 1, the method: quantize the linear weights (QLoRA; their codes and
     scales computed straight into `sharding`, see `quant.Sharding`), attach
     adapters (LoRA, QLoRA), and split the model once into (graphdef, trainable,
-    frozen) by variable type; also returns the adapted layer paths."""
+    frozen) by variable type; also gives the adapted layer paths."""
     if cfg.method == "qlora":
         quantize_linears(model.linear_layers(), cfg.quant, sharding)
     paths = [] if cfg.method == "full" else apply_lora(model.linear_layers(), cfg, table, key)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.method), ...)
-    return graphdef, trainable, frozen, paths
+    return Adapted(graphdef, trainable, frozen, paths)

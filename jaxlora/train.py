@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: the optimizer, one compiled train step, and a small loop.
+"""Supervised fine-tuning: one compiled train step, and a small loop around it.
 
 The step is a pure function
 
@@ -12,7 +12,9 @@ once per length bucket: see `jaxlora.data`). The loop does only
 host-side bookkeeping between steps and reads metrics back every `log_every`
 steps; dispatch runs up to `RUN_AHEAD` steps ahead of the device, enough to
 keep it busy and little enough that a stop request (SIGTERM) is acted on
-within a couple of steps.
+within a couple of steps. What the loop does besides training (metrics
+records, checkpoints, periodic evaluations, the stop check, a progress bar)
+comes in as `Hooks`. The optimizer and its schedule: `jaxlora.optim`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import optax
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxlora.optim import global_norm, joins_small_leaves, learning_rate_schedule, make_optimizer
 from jaxlora.runtime import jit, to_host
 
 # Steps dispatched ahead of the one the device is computing (see `fit`).
@@ -76,86 +79,6 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Number of optimizer steps the run takes."""
     steps = cfg.epochs * steps_per_epoch
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
-
-
-def learning_rate_schedule(cfg: TrainConfig, steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then linear/cosine decay to 0, or constant."""
-    warmup = int(round(cfg.warmup_ratio * steps))
-    decay = max(steps - warmup, 1)
-    peak = cfg.learning_rate
-    if cfg.schedule == "constant":
-        after = optax.constant_schedule(peak)
-    elif cfg.schedule == "linear":
-        after = optax.linear_schedule(peak, 0.0, decay)
-    else:
-        after = optax.cosine_decay_schedule(peak, decay)
-    if warmup == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
-
-
-# Leaves under this many elements are summed as one vector by `global_norm`.
-SMALL_LEAF = 1 << 20
-
-
-def global_norm(tree, *, join_small: bool = True) -> jax.Array:
-    """The L2 norm of all the leaves of `tree` together, summed in float32.
-
-    With `join_small`, the leaves under `SMALL_LEAF` elements (LoRA factors,
-    biases, norm scales, a head) are joined into one vector first. Per leaf,
-    each sum of squares is a kernel of its own on a GPU: a bert-base LoRA step
-    (49 trainable leaves, two norms a step) compiled for an H200 launches about
-    100 reduction kernels, against 4 in the yardstick's step, and v5's profile
-    measured that reduction row at 0.44 ms of a 12 ms step; joined, the two
-    norms take a handful of kernels (bench/NOTES.md v11). XLA fuses the join
-    into the reduction, so nothing is copied. Sharded leaves (FSDP-sharded
-    trainable weights) are summed each where it lies: joining them would
-    gather them first."""
-    small, parts = [], []
-    for x in jax.tree.leaves(tree):
-        x = x.astype(jnp.float32)
-        if join_small and x.size < SMALL_LEAF:
-            small.append(x.ravel())
-        else:
-            parts.append(jnp.sum(jnp.square(x)))
-    if small:
-        parts.append(jnp.sum(jnp.square(jnp.concatenate(small))))
-    return jnp.sqrt(sum(parts, jnp.zeros((), jnp.float32)))
-
-
-def clip_by_global_norm(max_norm: float, *, join_small: bool = True
-                        ) -> optax.GradientTransformation:
-    """optax's `clip_by_global_norm` (updates scaled by max_norm / norm where
-    the norm exceeds max_norm) over `global_norm`, which the step's
-    `grad_norm` metric shares."""
-
-    def update(updates, state, params=None):
-        norm = global_norm(updates, join_small=join_small)
-        keep = norm < max_norm
-        return jax.tree.map(
-            lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm),
-            updates), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update)
-
-
-def joins_small_leaves(placement) -> bool:
-    """Whether the step's norms join small leaves: not where the trainable
-    weights are sharded over a mesh (see `global_norm`)."""
-    return placement is None or not placement.shard_trainable
-
-
-def make_optimizer(cfg: TrainConfig, steps: int, placement=None) -> optax.GradientTransformation:
-    """Gradient clipping then AdamW; weight decay only on matrices (not biases/norms).
-    `placement`: the mesh the step runs on, if any (it decides how the global
-    norm is summed, see `global_norm`)."""
-    adamw = optax.adamw(learning_rate_schedule(cfg, steps), b1=cfg.adam_b1, b2=cfg.adam_b2,
-                        eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
-    if cfg.max_grad_norm == 0:
-        return adamw
-    return optax.chain(clip_by_global_norm(cfg.max_grad_norm,
-                                           join_small=joins_small_leaves(placement)), adamw)
 
 
 def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: LossFn,
@@ -240,10 +163,9 @@ class TrainStep:
     what `fit` runs.
 
     Why both: an nnx State flattens and unflattens through Python (each
-    Variable is a pytree node of its own), about 2 ms a step for bert-base on
-    an H100 before the step can even launch: 20% of a 12 ms step when each step
-    is waited for, and the bound on small models whatever the device. Lists of
-    arrays flatten in C++.
+    Variable is a pytree node of its own) before the step can even launch,
+    the bound on small models whatever the device; lists of arrays flatten
+    in C++ (measured: bench/NOTES.md v5).
     """
 
     def __init__(self, step: Callable, out_shardings=None):
@@ -324,12 +246,12 @@ class TrainState:
 
 def init_state(trainable, cfg: TrainConfig, train_split) -> TrainState:
     """The state before the first step: fresh optimizer state, step 0."""
-    tx = make_optimizer(cfg, plan(cfg, train_split)[0])
+    tx = make_optimizer(cfg, step_counts(cfg, train_split)[0])
     dropout_key = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1))
     return TrainState(trainable=trainable, opt_state=tx.init(trainable), dropout_key=dropout_key)
 
 
-def plan(cfg: TrainConfig, train_split) -> tuple[int, int]:
+def step_counts(cfg: TrainConfig, train_split) -> tuple[int, int]:
     """(total optimizer steps, batches per epoch) for `train_split`."""
     per_epoch = train_split.num_batches(step_batch(cfg))
     return total_steps(cfg, per_epoch), per_epoch
@@ -340,8 +262,8 @@ class TrainResult:
     """What a `fit` hands back: the state it reached and how this session went."""
 
     state: TrainState
-    steps: int  # the step reached (== the plan's total unless stopped)
-    stopped: bool = False  # ended early because `should_stop` said so
+    steps: int  # the step reached (== the run's total unless stopped)
+    stopped: bool = False  # ended early because `hooks.stop` said so
     history: list[dict] = field(default_factory=list)  # this session's metrics records
     compile_seconds: float = 0.0
     train_seconds: float = 0.0  # over every session of the run
@@ -356,28 +278,55 @@ class TrainResult:
         return self.state.opt_state
 
 
-def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig,
-        loss_fn: LossFn, *, resume: TrainState | None = None,
-        on_log: Callable[[dict], None] | None = None,
-        on_checkpoint: Callable[[TrainState], None] | None = None, checkpoint_every: int = 0,
-        on_evaluate: Callable[[int, Any], None] | None = None, evaluate_every: int = 0,
-        should_stop: Callable[[], bool] | None = None, progress=None,
-        placement=None) -> TrainResult:
-    """Train `trainable` on `train_split` for `cfg.epochs` (or `cfg.max_steps`).
+@dataclass(frozen=True)
+class Hook:
+    """A side effect of the loop, as levanter's `trainer.add_hook(fn, every=N)`:
+    `fn` is called after every `every`-th step (0: never on that schedule)."""
 
-    `train_split` provides `num_batches(batch_size)` and `batches(batch_size,
-    shuffle=, seed=, epoch=, start=)`. `resume` continues from a saved state
-    instead of from `trainable` (which then only names the structure).
-    `on_log` receives one record every `log_every` steps and at the end.
-    `on_checkpoint` receives the state every `checkpoint_every` steps (0: never
-    on a schedule), at the end, and when `should_stop()` turns true after a
-    step, which ends the session early (`stopped`). `progress` is an optional
-    rich Progress to advance. `placement` (a `jaxlora.runtime.Placement`) puts
-    the state, the frozen weights and every batch on its device mesh.
+    fn: Callable[..., None]
+    every: int = 0
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What `fit` does between steps besides training; each one is optional.
+
+    log         fn(record): every metrics record, each `cfg.log_every` steps
+                and after the last step
+    checkpoint  fn(state): every `every` steps, after the last step, and
+                where the session stops early
+    evaluate    fn(step, trainable): every `every` steps before the last; its
+                time counts neither as training time nor in a step's time
+    stop        asked after each step: True ends the session there (after a
+                checkpoint), the result marked `stopped`
+    progress    a rich Progress whose "train" bar advances with the steps
     """
-    steps, per_epoch = plan(cfg, train_split)
+
+    log: Callable[[dict], None] | None = None
+    checkpoint: Hook | None = None
+    evaluate: Hook | None = None
+    stop: Callable[[], bool] | None = None
+    progress: Any = None
+
+    def due(self, hook: Hook | None, step: int) -> bool:
+        """Whether `hook` is scheduled after `step`."""
+        return hook is not None and bool(hook.every) and step % hook.every == 0
+
+
+def fit(graphdef: nnx.GraphDef, start, frozen, train_split, cfg: TrainConfig,
+        loss_fn: LossFn, *, hooks: Hooks = Hooks(), placement=None) -> TrainResult:
+    """Train on `train_split` for `cfg.epochs` (or `cfg.max_steps`).
+
+    `start` is the trainable weights to train from step 0, or a `TrainState`
+    to go on from where it stopped. `train_split` provides
+    `num_batches(batch_size)` and `batches(batch_size, shuffle=, seed=,
+    epoch=, start=)`. `hooks` does the rest between steps (see `Hooks`);
+    `placement` (a `jaxlora.runtime.Placement`) puts the state, the frozen
+    weights and every batch on its device mesh.
+    """
+    steps, per_epoch = step_counts(cfg, train_split)
     schedule = learning_rate_schedule(cfg, steps)
-    state = resume or init_state(trainable, cfg, train_split)
+    state = start if isinstance(start, TrainState) else init_state(start, cfg, train_split)
     trainable, opt_state = state.trainable, state.opt_state
     put_batch = lambda batch: batch  # noqa: E731
     if placement is not None:
@@ -400,6 +349,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
     if state.step > steps:
         raise ValueError(f"the saved state is at step {state.step}, past the run's {steps}")
     dropout_key = jax.random.wrap_key_data(jnp.asarray(state.dropout_key))
+    progress = hooks.progress
     task = (progress.add_task("train", total=steps, completed=state.step)
             if progress is not None else None)
     step = state.step
@@ -408,7 +358,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
     # throughput of that interval is this session's steps over this session's time.
     carried, carried_tokens = len(pending), tokens
     result = TrainResult(state=state, steps=step)
-    session_start = start = mark = time.perf_counter()
+    session_start = compile_start = mark = time.perf_counter()
     first = True
 
     def snapshot() -> TrainState:
@@ -437,7 +387,7 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                 jax.block_until_ready(pending[-RUN_AHEAD - 1]["loss"])
             if first:  # the first call compiles the step
                 jax.block_until_ready(metrics)
-                result.compile_seconds = time.perf_counter() - start
+                result.compile_seconds = time.perf_counter() - compile_start
                 first = False
             if step % cfg.log_every == 0 or step == steps:
                 pending = to_host(pending)
@@ -446,24 +396,23 @@ def fit(graphdef: nnx.GraphDef, trainable, frozen, train_split, cfg: TrainConfig
                 record = _record(pending, step, epoch, float(schedule(step - 1)), now - mark,
                                  tokens - carried_tokens, timed=len(pending) - carried)
                 result.history.append(record)
-                if on_log:
-                    on_log(record)
+                if hooks.log:
+                    hooks.log(record)
                 if task is not None:
                     progress.update(task, completed=step,
                                     description=f"train  loss {record['loss']:.4f}  "
                                                 f"{record['examples_per_s']:.0f} ex/s")
                 pending, mark, tokens, carried, carried_tokens = [], now, 0, 0, 0
-            if on_evaluate is not None and evaluate_every and step % evaluate_every == 0 \
-                    and step < steps:
+            if hooks.due(hooks.evaluate, step) and step < steps:
                 began = time.perf_counter()
-                on_evaluate(step, step_fn.trainable(trainable))
+                hooks.evaluate.fn(step, step_fn.trainable(trainable))
                 # Evaluation time is neither training time nor part of a step's time.
                 spent = time.perf_counter() - began
                 mark, session_start = mark + spent, session_start + spent
-            stop = should_stop is not None and should_stop() and step < steps
-            due = step == steps or (checkpoint_every and step % checkpoint_every == 0)
-            if on_checkpoint is not None and (due or stop):
-                on_checkpoint(snapshot())
+            stop = hooks.stop is not None and hooks.stop() and step < steps
+            due = step == steps or hooks.due(hooks.checkpoint, step)
+            if hooks.checkpoint is not None and (due or stop):
+                hooks.checkpoint.fn(snapshot())
             if stop:
                 result.stopped = True
                 break

@@ -1,5 +1,5 @@
-"""`runner`: argument parsing only; the work happens in `runner.pipeline`,
-`runner.inference`, `runner.export` and `runner.compare`.
+"""`runner`: the argument parser and a table from command name to the module
+that runs it (`runner.commands.<name>.main`); no business checks here.
 
 Exit codes: 0 done, 2 bad input (a recipe field, a data file, a model folder,
 a run folder: one message naming it, no traceback), 128 + N stopped by signal
@@ -9,14 +9,12 @@ N (130 Ctrl-C, 143 SIGTERM) after saving a checkpoint when training.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.syntax import Syntax
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -44,7 +42,14 @@ RUN_DIR` resumes that run folder.
 """
 
 
+# Each command's module, imported when it runs (so that --help is instant).
+COMMANDS = {name: f"runner.commands.{name}" for name in (
+    "validate", "run", "eval", "predict", "generate", "export", "plan", "report", "recipes",
+    "compare")}
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The `runner` command line: one subparser per command, with its help."""
     parser = argparse.ArgumentParser(prog="runner", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -150,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run the command, and turn bad input and signals into exit codes."""
     args = _parser().parse_args(argv)
     console = Console()
     errors = Console(stderr=True, soft_wrap=True)  # a message is never cut into lines
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with StopSignals() as stop:
-            return _dispatch(args, console, stop)
+            return importlib.import_module(COMMANDS[args.command]).main(args, console, stop)
     except UserError as e:
         errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return EXIT_BAD_INPUT
@@ -169,228 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("[bold red]interrupted[/]: the run folder keeps what was written so far")
         return EXIT_INTERRUPTED
-
-
-def _dispatch(args, console: Console, stop) -> int:
-    from jaxlora.errors import UserError
-    from runner.recipe import load_recipe, to_toml
-
-    if args.command == "compare":
-        from runner import compare
-
-        runs = [compare.read_run(path) for path in args.runs]
-        console.print(compare.table(runs))
-        print(compare.markdown(runs))  # plain: rich would wrap it at the terminal width
-        return 0
-    if args.command == "recipes":
-        console.print(_recipes_table(args.folder))
-        return 0
-    if args.command == "plan":
-        recipe = load_recipe(args.recipe, args.set)
-        _set_up_libraries()
-        from runner.plan import plan
-
-        figures = plan(recipe, args.recipe, console)
-        from runner.report import primary
-
-        if args.json and primary():
-            print(json.dumps(figures))
-        return 0
-    if args.command == "report":
-        from runner.report import redraw
-
-        redraw(args.run_dir, console)
-        return 0
-    if args.command == "validate":
-        from rich.table import Table
-
-        from runner.recipe import load_with_provenance, provenance_rows
-
-        recipe, provenance = load_with_provenance(args.recipe, args.set)
-        console.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark"))
-        table = Table(title="where each value comes from")
-        for column in ("field", "value", "from"):
-            table.add_column(column, overflow="fold")
-        for row in provenance_rows(recipe, provenance):
-            table.add_row(*map(escape, row))
-        console.print(table)
-        console.print(f"[green]{args.recipe}: valid[/]")
-        return 0
-    if args.command == "run":
-        target = args.target
-        if target.is_dir():
-            from runner.runs import is_run_dir
-
-            if not is_run_dir(target):
-                raise UserError(f"{target}: a folder without manifest.json; give a recipe "
-                                ".toml file or a run folder (runs/<name>/<timestamp>/)")
-            if args.fresh:
-                raise UserError(f"{target}: --fresh starts a new run from a recipe file; give "
-                                "the recipe instead of a run folder")
-            from runner.recipe import parse_override
-            from runner.runs import RESUMABLE_WORDS, may_change_on_resume
-
-            for assignment in args.set:  # a run goes on with its own recipe
-                if not may_change_on_resume(parse_override(assignment)[0]):
-                    raise UserError(f"--set {assignment}: a run folder resumes with its own "
-                                    f"recipe; only {RESUMABLE_WORDS} may change")
-            recipe = load_recipe(target / "recipe.toml", args.set)
-            run_dir, recipe_path = target, target / "recipe.toml"
-        else:
-            recipe, run_dir, recipe_path = load_recipe(target, args.set), None, target
-        _set_up_libraries()
-        from runner.pipeline import run
-
-        mode = "fresh" if args.fresh else "resume" if args.resume else "auto"
-        run(recipe, recipe_path, console, mode=mode, run_dir=run_dir, stop=stop)
-        return 0
-    if args.command == "generate":
-        from pydantic import ValidationError
-
-        from jaxlora.generate import GenerateConfig
-
-        try:
-            cfg = GenerateConfig(max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        except ValidationError as e:
-            err = e.errors(include_url=False)[0]
-            raise UserError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} "
-                            f"(got {err['input']!r})") from None
-        prompts = _texts(args.prompt)
-        _set_up_libraries()
-        from runner.inference import generate_texts
-
-        rows = generate_texts(args.target, prompts, cfg, console, raw=args.raw)
-        for row in rows:
-            if args.json:
-                print(json.dumps(row, ensure_ascii=False))
-            else:
-                console.print(f"[bold]{escape(row['prompt'])}[/]{escape(row['completion'])}",
-                              highlight=False)
-        return 0
-    if args.command == "export":
-        from runner.export import check_format
-
-        check_format(args.format)
-    texts = None
-    if args.command == "predict":
-        texts = _texts(args.texts)
-    _set_up_libraries()
-    from runner.runs import open_run
-
-    opened = open_run(args.run_dir)
-    if args.command == "predict" and opened.recipe.model.task != "classification":
-        raise UserError(f"{args.run_dir}: `runner predict` labels texts with a classification "
-                        f"run; this one is {opened.recipe.model.task}: use `runner generate`")
-    if not opened.finished and args.command != "export":  # export notes it in its folder too
-        Console(stderr=True).print(
-            f"note: {args.run_dir} has not finished (status "
-            f"{opened.manifest.get('status')!r}): using its checkpoint at step {opened.step}"
-            + (f" of {opened.total_steps}" if opened.total_steps else ""))
-    if args.command == "export":
-        from runner.export import export
-
-        export(opened, args.format, args.out, console)
-    elif args.command == "eval":
-        from runner.inference import eval_run
-
-        if args.batch_size is not None and not 0 < args.batch_size <= 65536:
-            raise UserError(f"--batch-size: must be from 1 to 65536, as eval.batch_size "
-                            f"(got {args.batch_size})")
-        eval_run(opened, console, data=args.data, split=args.split, batch_size=args.batch_size)
-    else:
-        from runner.inference import predict, predictions_table
-
-        rows = predict(opened, texts)
-        if args.json:
-            for row in rows:
-                print(json.dumps(row, ensure_ascii=False))
-        else:
-            console.print(predictions_table(rows, list(opened.recipe.data.labels)))
-    return 0
-
-
-def _recipes_table(folder: Path | None):
-    from rich.table import Table
-
-    from jaxlora.errors import UserError
-    from runner.recipe import load_recipe
-
-    if folder is None:
-        here = Path("recipes")
-        folder = here if here.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder of recipes")
-    files = sorted(folder.glob("*.toml"))
-    if not files:
-        raise UserError(f"{folder}: no .toml recipes in it")
-    table = Table(title=f"recipes in {folder}")
-    table.add_column("recipe", no_wrap=True)  # a file name is never cut
-    for column in ("task", "method", "model", "description"):
-        table.add_column(column, overflow="fold")
-    for path in files:
-        try:
-            r = load_recipe(path)
-        except UserError as e:
-            table.add_row(path.name, "-", "-", "-", f"[red]invalid:[/] {escape(str(e).splitlines()[0])}")
-            continue
-        table.add_row(path.name, r.model.task, r.adapter.method, r.model.source,
-                      escape(r.description))
-    return table
-
-
-def _texts(args: list[str]) -> list[str]:
-    """The texts of `predict` and the prompts of `generate`: the arguments, and
-    for "-" the lines of stdin, each of which must be UTF-8."""
-    from jaxlora.errors import UserError
-
-    texts = []
-    for number, arg in enumerate(args, 1):
-        if arg != "-":
-            try:
-                arg.encode("utf-8")  # undecodable bytes reach argv as lone surrogates
-            except UnicodeEncodeError:
-                raise UserError(f"text {number} of the command line is not valid utf-8") from None
-            texts.append(arg)
-            continue
-        for line_number, line in enumerate(sys.stdin.buffer.read().splitlines(), 1):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"stdin line {line_number} is not valid utf-8") from None
-            if line.strip():
-                texts.append(line)
-    if not texts or any(not t.strip() for t in texts):
-        raise UserError("every text or prompt must be non-empty")
-    return texts
-
-
-def _set_up_libraries() -> None:
-    """Turn on the persistent compilation cache (`runner.xla_cache`), and keep library chatter (TF-style logs, transformers warnings, orbax's logged
-    tracebacks) off the terminal: what goes wrong reaches the user as one
-    message naming the file or field."""
-    import logging
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    from runner import xla_cache
-
-    xla_cache.enable()
-    # orbax logs a failed write (with its traceback) through absl before raising
-    # it; the pipeline reports it as one message
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
-    # After a failed checkpoint write, tensorstore's remaining write callbacks
-    # find orbax's event loop closed and report that as unraisable.
-    default_hook = sys.unraisablehook
-
-    def hook(unraisable):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            default_hook(unraisable)
-
-    sys.unraisablehook = hook
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ version and the device, so a stale entry is never used.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 MIN_COMPILE_SECONDS = 0.5  # quicker compilations are not worth a file
@@ -58,3 +59,26 @@ def entries(folder: Path | None) -> int:
     if folder is None or not folder.is_dir():
         return 0
     return sum(1 for p in folder.iterdir() if p.name.endswith("-cache"))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The cache folder JAX uses (None: no cache) and how many entries it held."""
+
+    dir: str | None
+    entries: int
+
+
+def snapshot() -> Snapshot:
+    """The cache as a run starts, to tell later what the run added to it."""
+    import jax
+
+    folder = jax.config.jax_compilation_cache_dir
+    return Snapshot(folder, entries(Path(folder) if folder else None))
+
+
+def record(since: Snapshot) -> dict:
+    """The manifest's record of the cache: no entry added since `since` means
+    every compiled function came from it."""
+    return {"dir": since.dir, "entries_added": (
+        entries(Path(since.dir)) - since.entries if since.dir else None)}

@@ -127,7 +127,7 @@ def test_generation_refuses_to_run_past_learned_positions(tmp_path):
     graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
     with pytest.raises(UserError, match="exceeds the model's 64 positions"):
         generate(graphdef, trainable, frozen, [[5] * 60], GenerateConfig(max_new_tokens=5),
-                 eos_id=None, position_limit=model.position_limit)
+                 eos_id=None)
 
 
 def _check_exports(root, run, method):

@@ -346,7 +346,7 @@ def test_texts_from_stdin_and_the_command_line_must_be_utf8(monkeypatch):
     ones skipped); bytes that are not UTF-8 are one message naming the line or
     the argument, not a tokenizer traceback."""
     from jaxlora.errors import UserError
-    from runner.cli import _texts
+    from runner.terminal import read_texts as _texts
 
     stdin = lambda data: io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")  # noqa: E731
     monkeypatch.setattr("sys.stdin", stdin("fine day\n\n  \nbad day\n".encode()))
@@ -360,13 +360,13 @@ def test_texts_from_stdin_and_the_command_line_must_be_utf8(monkeypatch):
 
 def _disk_fills_at(monkeypatch, name: str):
     """From the first write of the file `name` on, every file the run writes
-    whole (`report.write_atomic`) fails as on a full disk; returns the real
+    whole (`run_folder.write_atomic`) fails as on a full disk; returns the real
     writer, to give the space back."""
     import errno
 
-    from runner import report
+    from runner import run_folder
 
-    written, full = report.write_atomic, []
+    written, full = run_folder.write_atomic, []
 
     def filling(path, text):
         if path.name == name or full:
@@ -374,7 +374,7 @@ def _disk_fills_at(monkeypatch, name: str):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         written(path, text)
 
-    monkeypatch.setattr(report, "write_atomic", filling)
+    monkeypatch.setattr(run_folder, "write_atomic", filling)
     return written
 
 
@@ -396,7 +396,7 @@ def test_a_disk_full_at_the_report_leaves_a_run_that_goes_on(workdir, monkeypatc
     one message again, not a traceback) and, with space, writes the report."""
     import json
 
-    from runner import report
+    from runner import run_folder
 
     written = _disk_fills_at(monkeypatch, "report.md")
     done = runner_here("run", "tiny.toml", cwd=workdir)
@@ -411,7 +411,7 @@ def test_a_disk_full_at_the_report_leaves_a_run_that_goes_on(workdir, monkeypatc
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "metrics.jsonl: cannot write: No space left on device; nothing was trained" in \
         " ".join(again.stderr.split())
-    monkeypatch.setattr(report, "write_atomic", written)
+    monkeypatch.setattr(run_folder, "write_atomic", written)
     resumed = runner_here("run", str(run), cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
@@ -453,7 +453,7 @@ def test_a_gpu_run_says_when_the_fused_kernel_skips_attention_dropout(workdir, m
 
     from jaxlora.models import load_model
     from jaxlora.models.gpt2 import GPT2Config
-    from runner.pipeline import attention_dropout_skipped
+    from runner.build import attention_dropout_skipped
     from runner.recipe import load_recipe
 
     config = load_model(tiny_bert_dir, task="classification", num_labels=2).config

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_cli import TINY_RECIPE, _tweets_csv, runner_here
 
-from runner import report
+from runner import run_folder
 
 KEPT = ("loss.png", "before_after.png", "report.md")
 
@@ -172,16 +172,16 @@ def test_report_and_compare_of_the_whole_run_still_work(run_copy):
 def test_a_run_in_progress_reads_its_metrics_up_to_a_cut_line(run_copy):
     """The tolerant read (a run's own end, after a resume): up to the first
     unreadable line, never an error."""
-    whole = report.read_metrics(run_copy, whole=True)
+    whole = run_folder.read_metrics(run_copy, whole=True)
     lines = _metrics_lines(run_copy)
     (run_copy / "metrics.jsonl").write_bytes(b"".join(lines[:2]) + b'{"step": 9, "lo\xff')
-    assert report.read_metrics(run_copy) == whole[:2]
+    assert run_folder.read_metrics(run_copy) == whole[:2]
     (run_copy / "metrics.jsonl").unlink()
-    assert report.read_metrics(run_copy) == []
+    assert run_folder.read_metrics(run_copy) == []
 
 
 # A hand-edited manifest, read by the commands that open a run's model: one
-# message naming the key (runner.runs.MANIFEST_SHAPE), not a traceback.
+# message naming the key (runner.manifest.TO_REOPEN), not a traceback.
 OPENED_CASES = {
     "train 5": (lambda m: m.update(train=5), "train: expected an object (found 5)"),
     "data 5": (lambda m: m.update(data=5), "data: expected an object (found 5)"),

@@ -462,7 +462,7 @@ def test_a_run_folder_in_use_stops_every_process_not_process_0_alone(tmp_path):
     """Process 0 takes the run folder's lock for all of them; when another
     run holds it (here this test), every process stops with the message
     naming its holder, exit 2, instead of the others going on alone."""
-    from runner.runs import lock_run
+    from runner.run_folder import lock_run
 
     workdir = _lm_workdir(tmp_path, lean=True)
     folder = workdir / "runs" / "lm" / "20260101-000000"

@@ -13,7 +13,7 @@ import pytest
 from test_cli import TINY_RECIPE, _tweets_csv
 from test_cli import runner_here as _runner
 
-from runner.runs import stamp_order
+from runner.run_folder import stamp_order
 
 TEXTS = ["love it caf\xe9", "awful traffic today", "so happy with this brilliant ride",
          "never again, terrible idea", "meh"]
@@ -47,7 +47,7 @@ def runs(tmp_path_factory, tiny_bert_dir):
 
 
 def _jaxlora_logits(run_dir, texts):
-    from runner.runs import open_run
+    from runner.build import open_run
 
     opened = open_run(run_dir)
     enc = opened.tokenizer(texts, padding=True, return_tensors="np")
@@ -158,11 +158,11 @@ def test_eval_reproduces_the_run_and_takes_other_data(runs, tmp_path):
 
 
 def test_evaluations_within_one_second_sort_in_the_order_written(tmp_path):
-    from runner.inference import _fresh_path
+    from runner.run_folder import fresh_file
 
     written = []
     for _ in range(12):
-        path = _fresh_path(tmp_path)
+        path = fresh_file(tmp_path, ".json")
         path.write_text("{}")
         written.append(path)
     assert len(set(written)) == 12 and any("-2.json" in p.name for p in written)

@@ -61,12 +61,13 @@ assert main(["eval", str(stopped)]) == 0
 # all-gather gathers a whole weight where it is read, never activations, and
 # nothing is resharded all-to-all.
 import re
-from runner.plan import lowered_step, prepare
+from runner.commands.plan import build_as_run, lowered_step
 from runner.recipe import load_recipe
 
 for name in sys.argv[1:]:
     recipe = load_recipe(name, ["runtime.data=4", "runtime.fsdp=2"])
-    placement, _, graphdef, trainable, frozen, opt_state, _ = prepare(recipe, Path(name))
+    placement, _, parts, opt_state = build_as_run(recipe, Path(name))
+    graphdef, trainable, frozen = parts.graphdef, parts.trainable, parts.frozen
     text = lowered_step(recipe, graphdef, trainable, frozen, opt_state,
                         placement).compile().as_text()
     weights = {tuple(x.shape) for x in jax.tree.leaves((trainable, frozen))}

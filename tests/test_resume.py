@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from jaxlora.checkpoint import Checkpointer
-from runner.runs import checkpoint_steps
-from jaxlora.train import TrainConfig, fit, init_state
+from runner.run_folder import checkpoint_steps
+from jaxlora.train import Hook, Hooks, TrainConfig, fit, init_state
 from jaxlora.tasks import classification_step_loss
 from test_cli import TINY_RECIPE, _tweets_csv, read_events
 from test_cli import runner_here as _runner
@@ -48,22 +48,22 @@ def test_fit_stopped_and_resumed_from_a_checkpoint_is_bitwise_exact(tiny_bert_di
     cfg = TrainConfig(epochs=4, batch_size=8, learning_rate=1e-2, log_every=3, seed=3)
     records = []
     full = fit(graphdef, trainable, frozen, split, cfg, classification_step_loss,
-               on_log=records.append)
+               hooks=Hooks(log=records.append))
 
     graphdef, trainable, frozen = _adapted(tiny_bert_dir)
     part_records, calls = [], []
     with Checkpointer(tmp_path / "ckpt", keep=2) as ckpt:
         part = fit(graphdef, trainable, frozen, split, cfg, classification_step_loss,
-                   on_log=part_records.append, on_checkpoint=ckpt.save, checkpoint_every=4,
-                   should_stop=lambda: calls.append(1) or len(calls) == 7)  # after step 7
+                   hooks=Hooks(log=part_records.append, checkpoint=Hook(ckpt.save, every=4),
+                               stop=lambda: calls.append(1) or len(calls) == 7))  # after step 7
         assert part.stopped and part.steps == 7
         assert ckpt.steps() == [4, 7]  # on schedule, then at the stop; keep 2
         template = init_state(_adapted(tiny_bert_dir)[1], cfg, split)
         restored, meta = ckpt.restore(template)
     assert restored.step == 7 and len(restored.pending) == 1  # step 7 awaits its record
     graphdef, trainable, frozen = _adapted(tiny_bert_dir)
-    rest = fit(graphdef, trainable, frozen, split, cfg, classification_step_loss,
-               resume=restored, on_log=part_records.append)
+    rest = fit(graphdef, restored, frozen, split, cfg, classification_step_loss,
+               hooks=Hooks(log=part_records.append))
     assert rest.steps == full.steps == 20
     _assert_bitwise_equal(rest.trainable, full.trainable)
     _assert_bitwise_equal(rest.opt_state, full.opt_state)
@@ -134,7 +134,7 @@ def _loss_lines(run: Path) -> list[dict]:
 
 
 def _final_state(run: Path):
-    from runner.runs import open_run
+    from runner.build import open_run
 
     return open_run(run).trainable
 
@@ -201,24 +201,24 @@ def test_stopped_during_eval_after_then_resumed_keeps_the_training_figures(
     """Stopped after the last step, during "eval after": the resumed session
     trains nothing, evaluates, and the finished manifest keeps the
     timings of the session that trained."""
-    import runner.pipeline as pipeline
+    from runner.session import Session
     from runner.signals import Interrupted
 
     workdir = _workdir(tmp_path, tiny_bert_dir, TINY_RECIPE)
-    evaluate = pipeline._evaluate
+    evaluate = Session.evaluate
 
-    def stopped_after(*args, **kwargs):
-        if args[7] == "eval after":  # its description
+    def stopped_after(session, trainable, description, **kwargs):
+        if description == "eval after":
             raise Interrupted(signal.SIGTERM)
-        return evaluate(*args, **kwargs)
+        return evaluate(session, trainable, description, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_evaluate", stopped_after)
+    monkeypatch.setattr(Session, "evaluate", stopped_after)
     stopped = _runner("run", "tiny.toml", cwd=workdir)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     run = _run_dir(workdir)
     trained = json.loads((run / "manifest.json").read_text())["train"]
     assert trained["median_step_ms"] > 0 and trained["compile_seconds"] > 0
-    monkeypatch.setattr(pipeline, "_evaluate", evaluate)
+    monkeypatch.setattr(Session, "evaluate", evaluate)
     resumed = _runner("run", "tiny.toml", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     manifest = json.loads((run / "manifest.json").read_text())

@@ -12,7 +12,8 @@ from jaxlora.data import Split
 from jaxlora.lora import LoraConfig, adapt
 from jaxlora.models import bert, load_model
 from jaxlora.tasks import classification_step_loss
-from jaxlora.train import TrainConfig, build_train_step, fit, learning_rate_schedule
+from jaxlora.optim import learning_rate_schedule
+from jaxlora.train import Hook, Hooks, TrainConfig, build_train_step, fit
 
 
 def _adapted(folder):
@@ -86,7 +87,7 @@ def test_fit_lowers_the_loss_and_logs(tiny_bert_dir):
                       log_every=4, seed=0)
     records = []
     result = fit(graphdef, trainable, frozen, split, cfg, classification_step_loss,
-                 on_log=records.append)
+                 hooks=Hooks(log=records.append))
     assert result.steps == 24 and [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
     assert records[-1]["loss"] < records[0]["loss"] * 0.85
     assert all(np.isfinite(r["grad_norm"]) for r in records)
@@ -105,7 +106,7 @@ def test_throughput_after_a_stop_counts_only_the_steps_this_session_timed(tiny_b
     graphdef, trainable, frozen = _adapted(tiny_bert_dir)
     cfg = TrainConfig(epochs=1, batch_size=16, log_every=4, seed=0)
     stopped = fit(graphdef, trainable, frozen, _toy_split(), cfg, classification_step_loss,
-                  should_stop=lambda: True)
+                  hooks=Hooks(stop=lambda: True))
     assert stopped.stopped and stopped.steps == 1 and len(stopped.state.pending) == 1
     ticks = []  # a clock that moves one second each time it is read
 
@@ -120,8 +121,8 @@ def test_throughput_after_a_stop_counts_only_the_steps_this_session_timed(tiny_b
         records.append(record)
         seconds.append(ticks[-1] - ticks[0])  # the record's clock reading, from the start
 
-    fit(graphdef, trainable, frozen, _toy_split(), cfg, classification_step_loss,
-        resume=stopped.state, on_log=on_log)
+    fit(graphdef, stopped.state, frozen, _toy_split(), cfg, classification_step_loss,
+        hooks=Hooks(log=on_log))
     assert [r["step"] for r in records] == [4]
     assert records[0]["step_ms"] == pytest.approx(seconds[0] * 1e3 / 3)
     assert records[0]["examples_per_s"] == pytest.approx(3 * 16 / seconds[0])
@@ -159,8 +160,8 @@ def test_a_nan_loss_stops_training_and_saves_nothing_after_it(tiny_bert_dir, tmp
 
     with Checkpointer(tmp_path / "c") as ckpt:
         with pytest.raises(Diverged) as stopped:
-            fit(graphdef, trainable, frozen, split, cfg, loss, on_checkpoint=ckpt.save,
-                checkpoint_every=1)
+            fit(graphdef, trainable, frozen, split, cfg, loss,
+                hooks=Hooks(checkpoint=Hook(ckpt.save, every=1)))
         assert ckpt.steps() == [2, 3]  # keep 2: the last good one is the latest
     assert stopped.value.step == poisoned and "loss became nan at step 4" in str(stopped.value)
 
@@ -312,16 +313,16 @@ def test_the_global_norm_is_every_leaf_together(monkeypatch, join_small):
     """global_norm is the L2 norm of all leaves (float64 reference); with
     join_small, the small leaves take one reduction together, not one each
     (the big ones still one each), which is what saves a GPU step ~100 kernels."""
-    from jaxlora import train
+    from jaxlora import optim
 
-    monkeypatch.setattr(train, "SMALL_LEAF", 1000)  # "big" and "big16" are over it
+    monkeypatch.setattr(optim, "SMALL_LEAF", 1000)  # "big" and "big16" are over it
     tree = _tree()
     expected = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
                            for x in jax.tree.leaves(tree)))
-    norm = train.global_norm(tree, join_small=join_small)
+    norm = optim.global_norm(tree, join_small=join_small)
     assert norm.dtype == jnp.float32
     np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
-    reductions = jax.jit(lambda t: train.global_norm(t, join_small=join_small)).lower(
+    reductions = jax.jit(lambda t: optim.global_norm(t, join_small=join_small)).lower(
         tree).as_text().count("stablehlo.reduce(")
     assert reductions == (1 + 2 if join_small else len(jax.tree.leaves(tree)))
 
@@ -331,7 +332,7 @@ def test_clipping_is_optaxs(scale):
     """The optimizer's clipping over global_norm updates exactly as optax's
     clip_by_global_norm before AdamW, whether the norm is under max_grad_norm
     or over it."""
-    from jaxlora.train import make_optimizer
+    from jaxlora.optim import make_optimizer
 
     cfg = TrainConfig(learning_rate=1e-3, warmup_ratio=0.0, schedule="constant",
                       max_grad_norm=1.0, weight_decay=0.01)

@@ -182,7 +182,7 @@ def test_runner_plan_exits_2_without_traceback(tmp_path, folder, broken):
     ("tokenizer.json", '{"version": "1.0"}', "cannot load a tokenizer"),
 ])
 def test_a_broken_tokenizer_file_is_named_not_a_traceback(folder, name, content, expected):
-    from runner.pipeline import load_tokenizer
+    from runner.build import load_tokenizer
 
     (folder / name).write_text(content)
     with pytest.raises(UserError) as e:

@@ -1,15 +1,24 @@
-"""`runner compare`: finished runs side by side, read from their folders only
-(manifest.json and eval.json), so it also works on runs made elsewhere."""
+"""`runner compare RUN_DIR ...`: finished runs side by side, read from their
+folders only (manifest.json and eval.json), so it also works on runs made
+elsewhere: a rich table, then the same as Markdown."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.table import Table
 
 from jaxlora.errors import UserError
-from runner import report
+from runner import manifest as manifests
+from runner import run_folder
+
+
+def main(args, console, stop) -> int:
+    runs = [read_run(path) for path in args.runs]
+    console.print(table(runs))
+    print(markdown(runs))  # plain: rich would wrap it at the terminal width
+    return 0
+
 
 COLUMNS = ["run", "method", "trainable params", "frozen MiB", "bits / quantized param",
            "peak memory MiB", "median step ms", "train s", "accuracy before -> after",
@@ -24,31 +33,15 @@ def read_run(run_dir: Path) -> dict:
         if not path.is_file():
             raise UserError(f"{run_dir}: no {name}; not a finished run folder "
                             "(runs/<name>/<timestamp>/ after `runner run`)")
-        try:
-            files[name] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot read it as JSON ({e})") from None
-        if not isinstance(files[name], dict):
-            raise UserError(f"{path}: expected a JSON object")
+        files[name] = run_folder.read_json(path)
     manifest, evals = files["manifest.json"], files["eval.json"]
     if manifest.get("status") != "finished":
         raise UserError(f"{run_dir}: the run did not finish (status "
                         f"{manifest.get('status')!r})")
-    report.check_after(run_dir, evals)
-    report.check(run_dir / "manifest.json", manifest, MANIFEST_FIELDS)
-    report.check(run_dir / "eval.json", evals, report.eval_fields(evals))
+    manifests.check_after(run_dir, evals)
+    run_folder.check(run_dir / "manifest.json", manifest, manifests.fields(manifests.TO_COMPARE))
+    run_folder.check(run_dir / "eval.json", evals, manifests.eval_fields(evals))
     return {"dir": run_dir, "manifest": manifest, "eval": evals}
-
-
-# What the table reads of the manifest (runner.report.check): the figures may
-# be missing or null (a run made by an older version), never of another kind.
-_OPTIONAL_NUMBER = (("number", "null"), True)
-MANIFEST_FIELDS = [(("recipe", "name"), ("string",)),
-                   (("recipe", "adapter", "method"), ("string",))]
-MANIFEST_FIELDS += [(("model", key), *_OPTIONAL_NUMBER)
-                    for key in ("trainable_params", "frozen_bytes", "bits_per_quantized_param")]
-MANIFEST_FIELDS += [(("train", key), *_OPTIONAL_NUMBER)
-                    for key in ("peak_memory_mb", "median_step_ms", "train_seconds")]
 
 
 def _before_after(evals: dict, key: str) -> str:

@@ -1,5 +1,6 @@
-"""`runner export RUN_DIR --format peft|merged`: a finished run's weights as a
-folder PyTorch users load (see `jaxlora.export` for the formats).
+"""`runner export RUN_DIR --format peft|merged [--out FOLDER]`: a finished
+run's weights as a folder PyTorch users load (see `jaxlora.export` for the
+formats).
 
 The folder is written under a hidden temporary name beside the target and
 renamed into place when complete; an existing folder is never overwritten.
@@ -20,9 +21,17 @@ from rich.console import Console
 from jaxlora.errors import UserError
 from jaxlora.export import merged_tensors, peft_config, peft_tensors, write_safetensors
 from jaxlora.models import family
-from runner.runs import OpenedRun
+from runner import libraries
+from runner.build import OpenedRun, open_run
 
 FORMATS = ("peft", "merged")
+
+
+def main(args, console, stop) -> int:
+    check_format(args.format)
+    libraries.set_up()
+    export(open_run(args.run_dir), args.format, args.out, console)
+    return 0
 
 
 def check_format(fmt: str) -> None:

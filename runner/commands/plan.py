@@ -20,11 +20,37 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from jaxlora import runtime, sources
-from jaxlora.lora import adapt
-from jaxlora.models.layers import set_remat
-from jaxlora.train import make_optimizer, step_batch
-from runner import report
+from jaxlora import runtime
+from jaxlora.optim import make_optimizer
+from jaxlora.tasks import STEP_LOSSES
+from jaxlora.train import build_train_step, step_batch
+from runner import build, libraries
+from runner.recipe import load_recipe
+
+
+def main(args, console, stop) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    libraries.set_up()
+    figures = memory_plan(recipe, args.recipe, console)
+    if args.json and runtime.primary():
+        print(json.dumps(figures))
+    return 0
+
+
+def build_as_run(recipe, recipe_path: Path):
+    """The run's mesh and adapted model, as `runner run` builds them: (placement,
+    model folder, `build.ModelParts`, the optimizer state as shapes)."""
+    # As `runner run` does: on a pod every host plans, and the mesh spans them all.
+    runtime.initialize(recipe.runtime)
+    placement = build.placement_for(recipe)
+    model_dir = build.model_folder(recipe, build.base_folder(recipe_path))
+    # each weight straight into its shard, as the run loads it: a model that fits
+    # the devices only sharded can be planned too
+    loaded = build.load_pretrained(recipe, model_dir, placement, train=True)
+    parts = build.adapt(recipe, loaded, placement)
+    opt_state = jax.eval_shape(make_optimizer(recipe.train, 1).init, parts.trainable)
+    return placement, model_dir, parts, opt_state
+
 
 # What a layer keeps for the backward pass, in activation elements per token,
 # by remat policy (H hidden, I MLP inner, A heads x sequence length): the
@@ -83,9 +109,6 @@ def compiled_temporaries(recipe, graphdef, trainable, frozen, opt_state, placeme
 def lowered_step(recipe, graphdef, trainable, frozen, opt_state, placement):
     """The run's train step, lowered for one batch of the recipe's shapes on
     `placement`'s mesh (the arrays as shapes only): what `fit` compiles."""
-    from jaxlora.tasks import STEP_LOSSES
-    from jaxlora.train import build_train_step
-
     shard = placement.shard_trainable
     step = build_train_step(graphdef, make_optimizer(recipe.train, 1, placement),
                             STEP_LOSSES[recipe.model.task], recipe.train.grad_accum, placement,
@@ -110,33 +133,11 @@ def lowered_step(recipe, graphdef, trainable, frozen, opt_state, placement):
     return step.lower(*args)
 
 
-def prepare(recipe, recipe_path: Path):
-    """The run's mesh and adapted model, as `runner run` builds them: (placement,
-    model folder, graphdef, trainable, frozen, optimizer state as shapes, the
-    adapted layers)."""
-    from runner.pipeline import load_pretrained, placement_for, recipe_base
-
-    # As `runner run` does: on a pod every host plans, and the mesh spans them all.
-    runtime.initialize(recipe.runtime)
-    placement = placement_for(recipe)
-    model_dir = sources.resolve(recipe.model.source, "model", recipe_base(recipe_path))
-    # each weight straight into its shard, as the run loads it: a model that fits
-    # the devices only sharded can be planned too
-    loaded = load_pretrained(recipe, model_dir, place=placement.place_weight)
-    set_remat(loaded.model, recipe.train.remat)
-    graphdef, trainable, frozen, adapted = adapt(
-        loaded.model, recipe.adapter, loaded.lora_targets,
-        jax.random.fold_in(jax.random.key(recipe.train.seed), 2),
-        sharding=placement.frozen_sharding)
-    opt_state = jax.eval_shape(make_optimizer(recipe.train, 1).init, trainable)
-    return placement, model_dir, graphdef, trainable, frozen, opt_state, adapted
-
-
-def plan(recipe, recipe_path: Path, console: Console) -> dict:
+def memory_plan(recipe, recipe_path: Path, console: Console) -> dict:
     """Print the plan; returns its figures (bytes per device)."""
-    placement, model_dir, graphdef, trainable, frozen, opt_state, adapted = prepare(
-        recipe, recipe_path)
-    if not report.primary():  # process 0 speaks for all of them
+    placement, model_dir, parts, opt_state = build_as_run(recipe, recipe_path)
+    graphdef, trainable, frozen = parts.graphdef, parts.trainable, parts.frozen
+    if not runtime.primary():  # process 0 speaks for all of them
         console = Console(quiet=True)
     shard = placement.shard_trainable
     figures = {
@@ -152,7 +153,7 @@ def plan(recipe, recipe_path: Path, console: Console) -> dict:
 
     mesh = placement.mesh.shape
     console.print(f"[bold]{recipe.name}[/]: {recipe.adapter.method}, "
-                  f"{len(adapted)} adapted layers; mesh data {mesh['data']} x fsdp "
+                  f"{len(parts.layers)} adapted layers; mesh data {mesh['data']} x fsdp "
                   f"{mesh['fsdp']} over {placement.devices} of the {jax.device_count()} "
                   f"{jax.default_backend()} devices seen ({jax.process_count()} process(es))")
     console.print(f"batch: {step_batch(recipe.train)} rows per step "

@@ -1,0 +1,112 @@
+"""The optimizer: AdamW after gradient clipping, with warmup and decay.
+
+    make_optimizer          clip_by_global_norm (max_grad_norm) -> AdamW
+                            (weight decay on matrices only), its learning rate
+                            from `learning_rate_schedule`
+    learning_rate_schedule  linear warmup from 0, then linear / cosine decay to
+                            0, or constant
+    global_norm             the L2 norm of a whole tree of arrays, shared by the
+                            clipping and the step's grad_norm / update_norm
+
+The settings come from the recipe's [train] table (`jaxlora.train.TrainConfig`),
+read through the few fields `OptimSettings` names.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class OptimSettings(Protocol):
+    """The optimizer's fields of the recipe's [train] table (`TrainConfig`)."""
+
+    learning_rate: float
+    schedule: Literal["linear", "cosine", "constant"]
+    warmup_ratio: float
+    weight_decay: float
+    adam_b1: float
+    adam_b2: float
+    adam_eps: float
+    max_grad_norm: float
+
+
+def learning_rate_schedule(cfg: OptimSettings, steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then linear/cosine decay to 0, or constant."""
+    warmup = int(round(cfg.warmup_ratio * steps))
+    decay = max(steps - warmup, 1)
+    peak = cfg.learning_rate
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, 0.0, decay)
+    else:
+        after = optax.cosine_decay_schedule(peak, decay)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+# Leaves under this many elements are summed as one vector by `global_norm`.
+SMALL_LEAF = 1 << 20
+
+
+def global_norm(tree, *, join_small: bool = True) -> jax.Array:
+    """The L2 norm of all the leaves of `tree` together, summed in float32.
+
+    With `join_small`, the leaves under `SMALL_LEAF` elements (LoRA factors,
+    biases, norm scales, a head) are joined into one vector first: summed
+    each on its own, every leaf is a reduction kernel of its own on a GPU
+    (about 100 a step for bert-base LoRA), and XLA fuses the join into the
+    reduction, so nothing is copied (measured: bench/NOTES.md v11). Sharded
+    leaves (FSDP-sharded trainable weights) are summed each where it lies:
+    joining them would gather them first."""
+    small, parts = [], []
+    for x in jax.tree.leaves(tree):
+        x = x.astype(jnp.float32)
+        if join_small and x.size < SMALL_LEAF:
+            small.append(x.ravel())
+        else:
+            parts.append(jnp.sum(jnp.square(x)))
+    if small:
+        parts.append(jnp.sum(jnp.square(jnp.concatenate(small))))
+    return jnp.sqrt(sum(parts, jnp.zeros((), jnp.float32)))
+
+
+def clip_by_global_norm(max_norm: float, *, join_small: bool = True
+                        ) -> optax.GradientTransformation:
+    """optax's `clip_by_global_norm` (updates scaled by max_norm / norm where
+    the norm exceeds max_norm) over `global_norm`, which the step's
+    `grad_norm` metric shares."""
+
+    def update(updates, state, params=None):
+        norm = global_norm(updates, join_small=join_small)
+        keep = norm < max_norm
+        return jax.tree.map(
+            lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm),
+            updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def joins_small_leaves(placement) -> bool:
+    """Whether the step's norms join small leaves: not where the trainable
+    weights are sharded over a mesh (see `global_norm`)."""
+    return placement is None or not placement.shard_trainable
+
+
+def make_optimizer(cfg: OptimSettings, steps: int, placement=None
+                   ) -> optax.GradientTransformation:
+    """Gradient clipping then AdamW; weight decay only on matrices (not biases/norms).
+    `placement`: the mesh the step runs on, if any (it decides how the global
+    norm is summed, see `global_norm`)."""
+    adamw = optax.adamw(learning_rate_schedule(cfg, steps), b1=cfg.adam_b1, b2=cfg.adam_b2,
+                        eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if cfg.max_grad_norm == 0:
+        return adamw
+    return optax.chain(clip_by_global_norm(cfg.max_grad_norm,
+                                           join_small=joins_small_leaves(placement)), adamw)

@@ -1,0 +1,151 @@
+"""Whether a run may go on, and which: the checks `runner run` makes before it
+resumes a stopped run, and `open_run` before it rebuilds a run's model.
+
+A run goes on only with everything it depends on unchanged: the recipe (its
+hash; the device layout and `train.remat` may change, `RESUMABLE`), the
+base model (the fingerprint of its files) and the data (sizes and label
+counts), and only from a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from jaxlora.data import ORDER
+from jaxlora.errors import UserError
+from runner import manifest as manifests
+from runner import run_folder
+from runner.recipe import Recipe, canonical, recipe_hash
+
+Mode = Literal["auto", "fresh", "resume"]
+
+# What a run may change when it resumes: how it runs, not what it computes. The
+# device layout (a mesh of another shape, more hosts) and `train.remat` (what
+# the backward pass recomputes, a memory knob): the same numbers either way,
+# up to float32 rounding. A run that no longer fits its new devices can go on
+# with `remat = "full"` instead of starting again.
+RESUMABLE = ("runtime", "train.remat")  # a table, or one field
+RESUMABLE_WORDS = "runtime.* (the device layout) and train.remat"
+
+
+def resume_target(recipe: Recipe, mode: Mode) -> Path | None:
+    """The run folder `runner run` goes on with, or None for a new run.
+
+    auto: the newest run of this recipe, if it did not finish and holds a
+    checkpoint. resume: the same, and an error when there is none. fresh: None.
+    """
+    if mode == "fresh":
+        return None
+    newest = run_folder.newest_run(Path(recipe.output.dir), recipe.name)
+    if newest is not None and run_folder.checkpoint_steps(newest):
+        if run_folder.read_json(newest / "manifest.json").get("status") != "finished":
+            return newest
+    if mode == "resume":
+        where = Path(recipe.output.dir) / recipe.name
+        raise UserError(f"--resume: no unfinished run with a checkpoint to resume: the newest "
+                        f"run under {where} is {newest or 'missing'}"
+                        + (" and it finished" if newest and run_folder.checkpoint_steps(newest)
+                           else ""))
+    return None
+
+
+@dataclass(frozen=True)
+class StoppedRun:
+    """A run that `runner run` may go on with, checked: its folder, manifest,
+    the device-layout changes of the recipe it goes on with, and the folder
+    its sources were resolved from."""
+
+    run_dir: Path
+    manifest: dict
+    layout_changes: list[str]
+
+    @property
+    def base(self) -> Path:
+        return manifests.source_folder(self.manifest, self.run_dir)
+
+
+def check_resumable(run_dir: Path, recipe: Recipe) -> StoppedRun:
+    """`run_dir` as a `StoppedRun`, if `recipe` may go on there; a UserError
+    otherwise."""
+    manifest = manifests.read_manifest(run_dir)
+    if manifest.get("status") == "finished":
+        raise UserError(f"{run_dir}: the run finished; nothing to resume (`runner run RECIPE "
+                        "--fresh` starts a new run)")
+    require_checkpoint(run_dir, "nothing to resume from: the run stopped before its first "
+                                "one; start a new run with --fresh")
+    if manifest.get("data", {}).get("order") != ORDER:  # a run made by an earlier jaxlora
+        raise UserError(f"{run_dir}: made by an earlier jaxlora, which ordered the batches "
+                        "otherwise: resumed, it would repeat some examples of its epoch and "
+                        "skip others; pass --fresh to train it anew")
+    layout = require_same_recipe(
+        run_dir, manifest, recipe, "resuming needs the same recipe (only [runtime], the device "
+                                   "layout, may change): undo the change, or pass --fresh to "
+                                   "start a new run")
+    return StoppedRun(run_dir, manifest, layout)
+
+
+def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(field, old, new) for every leaf that differs between two canonical recipes."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        where = f"{prefix}{key}"
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += recipe_changes(a, b, f"{where}.")
+        elif a != b:
+            changes.append((where, a, b))
+    return changes
+
+
+def may_change_on_resume(field: str) -> bool:
+    """Whether the recipe field `field` (dotted) may differ when a run resumes."""
+    return any(field == f or field.startswith(f"{f}.") for f in RESUMABLE)
+
+
+def require_same_recipe(run_dir: Path, manifest: dict, recipe: Recipe, advice: str) -> list[str]:
+    """Refuse a recipe that differs from the run's, naming each changed field,
+    except where `may_change_on_resume` allows: returns those changes."""
+    if manifest.get("recipe_hash") == recipe_hash(recipe):
+        return []
+    changes = recipe_changes(manifest.get("recipe", {}), canonical(recipe))
+    layout, others = [], []
+    for field, old, new in changes:
+        (layout if may_change_on_resume(field) else others).append(f"{field}: {old!r} -> {new!r}")
+    if others or not layout:
+        raise UserError(f"{run_dir}: the recipe differs from the one this run was made with "
+                        f"({'; '.join(others) or 'its hash differs'}); {advice}")
+    return layout
+
+
+def require_checkpoint(run_dir: Path, advice: str) -> list[int]:
+    """The run's checkpoint steps; a UserError if it has none."""
+    steps = run_folder.checkpoint_steps(run_dir)
+    if not steps:
+        raise UserError(f"{run_dir}: no checkpoint in {run_folder.CHECKPOINTS}/ ({advice})")
+    return steps
+
+
+def require_same_data(run_dir: Path, manifest: dict, stats: dict, advice: str,
+                      ignore: tuple[str, ...] = ()) -> None:
+    """Refuse data whose statistics (path, sizes, label counts, ...) differ from
+    the ones the run recorded, naming what differs (`ignore`: keys that do not
+    matter to the caller)."""
+    recorded = manifest.get("data")
+    # keys the run did not record (made by an older version) are not compared
+    changed = ", ".join(k for k in sorted(recorded or {})
+                        if k not in ignore and recorded[k] != stats.get(k))
+    if changed:
+        raise UserError(f"{stats.get('source')}: the data differ from what run {run_dir} "
+                        f"recorded ({changed}); {advice}")
+
+
+def check_fingerprint(model_dir: Path, found: str, manifest: dict, run_dir: Path) -> None:
+    """Refuse a base model whose files (fingerprint `found`) differ from the
+    ones the run trained on."""
+    expected = manifest.get("model", {}).get("fingerprint")
+    if expected and found != expected:
+        raise UserError(f"{model_dir}: the base model's files differ from the ones run "
+                        f"{run_dir} was trained on (fingerprint {found[:16]} here, "
+                        f"{expected[:16]} in its manifest); its adapters only fit that model")
