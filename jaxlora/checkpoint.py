@@ -75,7 +75,7 @@ def _flatten(state: TrainState) -> tuple[dict[str, Any], Any]:
     return {k: host.get(k, v) for k, v in arrays.items()}, treedef
 
 
-def _layout(arrays: dict[str, Any]) -> dict[str, str]:
+def _shapes(arrays: dict[str, Any]) -> dict[str, str]:
     """{leaf name: "float32[384, 8]"}: what a checkpoint must hold to fit a run."""
     return {name: f"{np.dtype(a.dtype)}{list(a.shape)}" for name, a in sorted(arrays.items())}
 
@@ -203,7 +203,7 @@ class Checkpointer:
         ocp = self._ocp
         arrays, _ = _flatten(state)
         meta = {"step": state.step, "pending": state.pending, "tokens": state.tokens,
-                "seconds": state.seconds, "leaves": _layout(arrays), **(extra or {})}
+                "seconds": state.seconds, "leaves": _shapes(arrays), **(extra or {})}
         spread = sorted(k for k, v in arrays.items() if _is_spread(v))
         if spread:
             meta["checksummed"] = spread
@@ -244,7 +244,7 @@ class Checkpointer:
         target, treedef = _leaves(template)
         places = _leaves(shardings)[0] if shardings is not None else {}
         saved = self.read_meta(step).get("leaves")
-        expected = _layout(target)
+        expected = _shapes(target)
         if saved != expected:
             names = set(saved or {}) ^ set(expected)
             what = (f"leaves only on one side: {', '.join(sorted(names)[:3])}" if names else
@@ -260,7 +260,7 @@ class Checkpointer:
             arrays, meta = dict(restored[STATE]), dict(restored[META])
         except Exception as e:  # noqa: BLE001 - see read_meta
             raise _corrupt(where, e) from None
-        if _layout(arrays) != expected:
+        if _shapes(arrays) != expected:
             raise _corrupt(where, ValueError("the arrays read back differ in shape or dtype"))
         if _digest(arrays, meta) != meta.get("sha256") or meta.get("step") != step:
             raise UserError(f"{where}: the checkpoint does not match the checksum written "

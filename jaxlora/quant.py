@@ -186,7 +186,7 @@ class QuantizedKernel(nnx.Module):
         self.state = nnx.Dict({k: QuantState(v) for k, v in stored.items()})
 
     def dequantize_out_in(self, dtype) -> jax.Array:
-        """The kernel in `dtype`, as stored: (out, in), PyTorch's layout."""
+        """The kernel in `dtype`, as stored: (out, in), PyTorch's axis order."""
         n_in, n_out = self.shape
         # gathered as stored (4-bit codes, scales), then dequantized whole
         stored = {k: whole(v[...]) for k, v in self.state.items()}

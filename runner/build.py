@@ -40,7 +40,7 @@ from runner.recipe import Recipe, load_recipe
 from runner.resume import check_fingerprint, require_checkpoint, require_same_recipe
 from runner.signals import Interrupted
 
-# The stream of the recipe's seed that initialises the adapters (and the head).
+# The stream of the recipe's seed that initialises the adapters.
 ADAPTER_STREAM = 2
 
 

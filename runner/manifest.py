@@ -268,13 +268,12 @@ def training_record(earlier: dict, result, peak: dict, cache: dict) -> dict:
     return figures
 
 
-def mark(manifest: dict, status: str, record: dict | None = None) -> dict:
-    """`manifest` with its status set, and the record of why under that name
+def mark(manifest: dict, status: str, record: dict | None = None) -> None:
+    """Set the manifest's status, and the record of why under that name
     (`failed`, `diverged`, `interrupted`)."""
     manifest["status"] = status
     if record is not None:
         manifest[status] = record
-    return manifest
 
 
 def write(run_dir: Path, manifest: dict[str, Any]) -> None:
@@ -290,10 +289,10 @@ def begin(recipe: dict, recipe_hash: str, recipe_file: Path, base: Path, runtime
             "runtime": runtime}
 
 
-def resumed(manifest: dict, step: int, runtime: dict, layout: list[str]) -> dict:
-    """The entry a session that goes on from the checkpoint of `step` adds
-    to `resumed` (the manifest's top-level records stay the first session's
-    environment and take the current device layout)."""
+def resumed(manifest: dict, step: int, runtime: dict, layout: list[str]) -> None:
+    """Add to `resumed` the entry of a session that goes on from the
+    checkpoint of `step` (the manifest's top-level records stay the first
+    session's environment and take the current device layout)."""
     manifest["runtime"] = runtime
     entry = {"from_step": step, "at": now(), "runtime": dict(runtime)}  # a copy: the run adds to its own
     here = environment()
@@ -302,4 +301,3 @@ def resumed(manifest: dict, step: int, runtime: dict, layout: list[str]) -> dict
     if layout:  # the run goes on under another device layout
         entry["layout_changes"] = layout
     manifest.setdefault("resumed", []).append(entry)
-    return entry

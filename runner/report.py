@@ -72,7 +72,7 @@ def write_report(run_dir: Path, manifest: dict, before: dict | None, after: dict
         images = []
         console.print(f"[yellow]warning:[/] the charts were not drawn: {e}")
     run_folder.write_atomic(run_dir / "report.md",
-                 markdown_report(manifest, before, after, manifest["data"], images))
+                            markdown_report(manifest, before, after, manifest["data"], images))
     console.print(comparison_table(before, after, f"{name}: {after['examples']} eval examples"))
     for line in charts.terminal_lines(train, evals):
         console.print(line)

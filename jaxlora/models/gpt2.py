@@ -9,7 +9,7 @@
         └── ln_f -> logits = x @ wte^T (the head is tied to the token embeddings)
 
 GPT-2 stores its linear layers as `Conv1D`, whose weight is already (in, out),
-our `Linear`'s layout: the weight table loads them without a transpose (and
+the axis order of our `Linear`: the weight table loads them without a transpose (and
 PEFT export marks them `fan_in_fan_out`). `c_attn` is the fused q/k/v
 projection, as in the checkpoint, so a LoRA on `c_attn` is PEFT's.
 """

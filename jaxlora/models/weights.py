@@ -105,7 +105,7 @@ class Rule:
         return None if groups is None else self.hf.format(**groups.groupdict())
 
     def to_model(self, tensor: np.ndarray) -> np.ndarray:
-        """The checkpoint tensor in the model's layout."""
+        """The checkpoint tensor in the model's axis order."""
         return _TRANSFORMS[self.transform](tensor)
 
 
@@ -132,7 +132,7 @@ def embedding(hf_module: str, path: str) -> list[Rule]:
     return [Rule(f"{hf_module}.weight", f"{path}.embedding")]
 
 
-# Where a base weight goes: (host array in the model's layout, dtype) -> the
+# Where a base weight goes: (host array in the model's axis order, dtype) -> the
 # weight's array. The default copies it whole to the default device; a mesh's
 # `runtime.Placement.place_weight` puts each device's slice straight on it.
 Place = Callable[[np.ndarray, Any], jax.Array]

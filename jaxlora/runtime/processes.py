@@ -210,9 +210,11 @@ def _said(told: list, limit: int) -> bytes:
     """`told` as the JSON bytes that go to the other processes, its message cut
     to fit in `limit` bytes."""
     said = json.dumps(told, ensure_ascii=False).encode()
-    while len(said) > limit:
+    while len(said) > limit and told[-1]:
         told = told[:-1] + [told[-1][:len(told[-1]) // 2]]
         said = json.dumps(told, ensure_ascii=False).encode()
+    if len(said) > limit:  # what is left is longer still (a file name of thousands of bytes)
+        said = json.dumps(["failed", "a failure too long to tell"]).encode()
     return said
 
 
@@ -247,8 +249,10 @@ def from_process_0(work: Callable[[], Any], *, oserror: bool = True) -> Any:
     failure, said = None, None
     if jax.process_index() == 0:
         result, failure, told = _attempt(work, "process 0")
-        said = (json.dumps(told + [result]) if failure is None else
-                _said(told, AGREED_BYTES).decode())
+        if failure is None:
+            said = json.dumps(told + [result])
+        else:
+            said = _said(told, AGREED_BYTES).decode()
     heard = json.loads(agree_text(said))
     if failure is not None:
         raise failure
@@ -259,8 +263,11 @@ def from_process_0(work: Callable[[], Any], *, oserror: bool = True) -> Any:
 
 def agree_check(check: Callable[[], None]) -> None:
     """`check()` on process 0 for all of them (a refusal or a write of the run
-    folder): see `from_process_0`."""
-    from_process_0(check)
+    folder): see `from_process_0`. What it returns is not told."""
+    def checked() -> None:
+        check()
+
+    from_process_0(checked)
 
 
 def agree_path(make: Callable[[], Path | None], *, new: bool = False) -> Path | None:

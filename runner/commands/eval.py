@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from jaxlora import runtime
 from jaxlora.data import prepare, prepare_eval
 from jaxlora.errors import UserError
 from jaxlora.evaluate import build_eval_step, evaluate
@@ -64,7 +65,8 @@ def eval_run(opened: OpenedRun, console: Console, *, data: str | None = None,
     try:
         folder.mkdir(exist_ok=True)
         path = run_folder.fresh_file(folder, ".json")
-        run_folder.write_json(path, result)
+        if runtime.primary():  # one file, whatever the processes
+            run_folder.write_json(path, result)
     except OSError as e:
         raise UserError(f"{folder}: cannot write the evaluation: {e.strerror}") from None
     table = Table(title=f"{recipe.name} at step {opened.step}: {metrics['examples']} examples "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.markdown import Markdown
 
+from jaxlora import runtime
 from jaxlora.errors import UserError
 from runner import charts, run_folder
 from runner import manifest as manifests
@@ -35,7 +36,8 @@ def redraw(run_dir: Path, console) -> None:
     # keeps the charts and report.md it has
     manifests.check_report_files(run_dir, manifest, evals)
     records = run_folder.read_metrics(run_dir, whole=True)
-    write_report(run_dir, manifest, evals.get("before"), evals["after"], _Quiet(), records)
+    if runtime.primary():  # one writer, whatever the processes
+        write_report(run_dir, manifest, evals.get("before"), evals["after"], _Quiet(), records)
     console.print(Markdown((run_dir / "report.md").read_text(encoding="utf-8")))
     train, curve = charts.curves(records, evals.get("before"), evals["after"],
                                  manifest["train"]["steps"])
