@@ -265,7 +265,7 @@ for name in ("w", "b"):
     assert back.trainable[name].sharding == spread  # straight into its shards
     assert to_host(back.trainable[name]).tobytes() == host[name].tobytes()
 assert int(back.opt_state["count"]) == 5 and back.step == 3
-print("restored", jax.process_index())
+print(f"restored {jax.process_index()}")
 """
 
 
@@ -319,15 +319,17 @@ for boundary in range(1, 12):
     if rank == 1 and boundary == 3:  # a signal reaches process 1 alone, before boundary 3
         flag[0] = True
     if agreement.at_boundary():
-        print("stop at", boundary)
+        print(f"stop at {boundary}")
         break
 
+# (each line one write: JAX's collectives print from their own threads, and a
+# print of several arguments, unbuffered, could have such a line in the middle)
 # a text too long to agree on is refused on every process, not on process 0 alone
 from jaxlora.errors import UserError
 try:
     runtime.agree_text("x" * 5000 if rank == 0 else None)
 except UserError as e:
-    print("refused everywhere:", "longer than the 4096 bytes" in str(e))
+    print(f"refused everywhere: {'longer than the 4096 bytes' in str(e)}")
 
 # a check process 0 makes for all of them: its refusal reaches every process
 def check():
@@ -335,7 +337,7 @@ def check():
 try:
     runtime.agree_check(check)
 except UserError as e:
-    print("checked by process 0:", e)
+    print(f"checked by process 0: {e}")
 
 # any other failure there too: as is on process 0, named on the others
 def broken():
@@ -343,7 +345,7 @@ def broken():
 try:
     runtime.agree_check(broken)
 except (KeyError, UserError) as e:
-    print("broken on process 0:", type(e).__name__, e)
+    print(f"broken on process 0: {type(e).__name__} {e}")
 """
 
 
@@ -394,7 +396,7 @@ with StopSignals() as stop:  # as the CLI does: its handlers first, then the run
     import time
     for boundary in range(1, 200):
         if stop.at_step_boundary():
-            print("stopped at boundary", boundary, "requested here:", stop.requested())
+            print(f"stopped at boundary {boundary} requested here: {stop.requested()}")
             break
         time.sleep(0.05)
 """
