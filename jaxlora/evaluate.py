@@ -31,9 +31,14 @@ class EvalConfig(BaseModel):
     # adds a point to the eval-loss curve (metrics.jsonl, loss.png, TensorBoard)
     every_steps: int = Field(0, ge=0, le=10_000_000)
     batch_size: int = Field(64, gt=0, le=65536)  # examples per eval step
-    # causal-lm prompt/response data: greedy-complete this many eval prompts and
-    # count exact matches with the reference responses (0: skip)
+    # causal-lm prompt/response pairs or conversations: greedy-answer this many eval
+    # prompts and judge the answers against the references: exact match, and with
+    # data.labels accuracy and F1 of the labels they name (0: skip)
     exact_match_examples: int = Field(32, ge=0, le=100000)
+
+
+# Tokens a greedy answer may run past the longest reference answer.
+ANSWER_SLACK = 16
 
 
 class EvalStep:
@@ -130,30 +135,39 @@ def evaluate(eval_step: EvalStep, trainable, frozen, split, *, batch_size: int,
     return metrics
 
 
-def exact_match(graphdef: nnx.GraphDef, trainable, frozen, split, *, eos_id: int | None,
-                pad_id: int = 0, batch_size: int = 32, placement=None) -> dict:
-    """Share of the prompts of `split` (the first eval examples, held whole by
-    every process) whose greedy completion equals the reference response
-    token for token (through EOS; a reference cut by max_length is compared
-    over its length). Prompts go `batch_size` at a time;
-    with a `placement` (weights on a mesh, maybe over several processes) every
-    process decodes the same prompts together (see `generate`)."""
+def greedy_answers(graphdef: nnx.GraphDef, trainable, frozen, split, *,
+                   stops: list[int], pad_id: int = 0, batch_size: int = 32,
+                   placement=None) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy completions of the prompts of `split` (the first eval examples,
+    held whole by every process), and the reference answers: an example's
+    last run of target tokens is its answer, the tokens before it its prompt
+    (a text whose targets start at once has no prompt and is left out). Each
+    completion runs to a stop id (`stops`), or `ANSWER_SLACK` tokens past the
+    longest reference (an answer may say more than the reference: "This tweet
+    is negative." against "negative").
+    Prompts go `batch_size` at a time; with a `placement` (weights on a mesh,
+    maybe over several processes) every process decodes the same prompts
+    together (see `generate`)."""
     from jaxlora.generate import GenerateConfig, generate
 
     prompts, references = [], []
     for row in range(len(split)):
         real = split.attention_mask[row] > 0
-        ids, targets = split.input_ids[row][real], split.loss_mask[row][real]
-        first = int(np.argmax(targets > 0))
-        prompts.append(ids[:first].tolist())
-        references.append(ids[first:].tolist())
+        ids, targets = split.input_ids[row][real], split.loss_mask[row][real] > 0
+        starts = np.flatnonzero(targets & ~np.concatenate([[False], targets[:-1]]))
+        if not len(starts) or starts[-1] == 0:
+            continue
+        prompts.append(ids[:starts[-1]].tolist())
+        references.append(ids[starts[-1]:].tolist())
     if not prompts:
-        return {"exact_match": None, "exact_match_examples": 0}
-    cfg = GenerateConfig(max_new_tokens=max(len(r) for r in references))
+        return [], []
+    wanted = max(len(r) for r in references) + ANSWER_SLACK
+    limit = getattr(nnx.merge(graphdef, trainable, frozen), "position_limit", None)
     completions = []
     for begin in range(0, len(prompts), batch_size):
-        completions += generate(graphdef, trainable, frozen, prompts[begin:begin + batch_size],
-                                cfg, eos_id=eos_id, pad_id=pad_id, placement=placement)
-    hits = sum(c[:len(r)] == r and (len(c) == len(r) or r[-1] != eos_id)
-               for c, r in zip(completions, references))
-    return {"exact_match": hits / len(prompts), "exact_match_examples": len(prompts)}
+        batch = prompts[begin:begin + batch_size]
+        room = wanted if limit is None else min(wanted, limit - max(map(len, batch)))
+        completions += generate(graphdef, trainable, frozen, batch,
+                                GenerateConfig(max_new_tokens=max(room, 1)), eos_id=stops,
+                                pad_id=pad_id, placement=placement)
+    return completions, references

@@ -56,7 +56,9 @@ class LoraConfig(BaseModel):
     rank: int = Field(8, gt=0, le=4096)  # r, the inner dimension of A and B
     alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the adapter's input (train only)
-    targets: Union[Literal["all-linear"], list[str]] = ["query", "value"]  # layer names, or all-linear
+    # layer names, or all-linear; unset: the model family's default (PEFT's: BERT
+    # query/value, GPT-2 c_attn, Llama/Mistral/Qwen2 q_proj/v_proj)
+    targets: Union[Literal["all-linear"], list[str], None] = None
 
     @field_validator("targets")
     @classmethod
@@ -118,7 +120,13 @@ def _matches(path: str, suffix: str) -> bool:
 
 
 def select_targets(targets, linears: dict[str, Linear], table: dict[str, str]) -> list[str]:
-    """The paths of the linear layers that `targets` names (see the module docstring)."""
+    """The paths of the linear layers that `targets` names (see the module
+    docstring); None: the family's default (`table.default`)."""
+    if targets is None:
+        targets = getattr(table, "default", None)
+        if not targets:
+            raise UserError("adapter.targets: this model family has no default LoRA targets; "
+                            f"name them: {', '.join(table)} or {ALL_LINEAR!r}")
     if targets == ALL_LINEAR:
         return list(linears)
     listing = "\n  ".join(linears)
@@ -177,13 +185,15 @@ class Adapted(NamedTuple):
 
 
 def adapt(model: nnx.Module, cfg, table: dict[str, str], key: jax.Array,
-          sharding=None) -> Adapted:
+          sharding=None, *, attach: bool = True) -> Adapted:
     """Step 1, the method: quantize the linear weights (QLoRA; their codes and
     scales computed straight into `sharding`, see `quant.Sharding`), attach
-    adapters (LoRA, QLoRA), and split the model once into (graphdef, trainable,
-    frozen) by variable type; also gives the adapted layer paths."""
+    adapters (LoRA, QLoRA; not without `attach`: the base model as the method
+    holds it), and split the model once into (graphdef, trainable, frozen) by
+    variable type; also gives the adapted layer paths."""
     if cfg.method == "qlora":
         quantize_linears(model.linear_layers(), cfg.quant, sharding)
-    paths = [] if cfg.method == "full" else apply_lora(model.linear_layers(), cfg, table, key)
+    paths = ([] if cfg.method == "full" or not attach else
+             apply_lora(model.linear_layers(), cfg, table, key))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.method), ...)
     return Adapted(graphdef, trainable, frozen, paths)

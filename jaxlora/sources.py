@@ -34,7 +34,8 @@ MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json",
                "vocab.txt", "vocab.json", "merges.txt", "*.model",
                "generation_config.json", "added_tokens.json"]
 # A location ending like a file is a local file that is missing, not a hub id.
-LOCAL_SUFFIXES = {".csv", ".json", ".jsonl", ".parquet", ".txt", ".tsv", ".safetensors"}
+LOCAL_SUFFIXES = {".csv", ".json", ".jsonl", ".parquet", ".txt", ".tsv", ".safetensors",
+                  ".gguf"}
 DATA_FILES = ["*.csv", "*.json", "*.jsonl", "*.parquet", "*.md", "**/*.csv",
               "**/*.json", "**/*.jsonl", "**/*.parquet"]
 

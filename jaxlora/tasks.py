@@ -79,12 +79,16 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
     (average="macro", zero_division=0) does: a class present but never
     predicted counts as F1 = 0; a class neither present nor predicted (a small
     eval set) cannot be measured and is left out, its per-class figures 0.
+    A prediction of -1 (a text answer that named no label, `jaxlora.answers`)
+    is wrong for its example and no class's prediction; the confusion matrix
+    then has a last column for them.
     """
     n = len(label_names)
-    confusion = np.zeros((n, n), np.int64)
-    np.add.at(confusion, (labels, predictions), 1)
-    tp = np.diag(confusion).astype(np.float64)
-    predicted = confusion.sum(0)
+    unnamed = bool((predictions < 0).any())  # judged text answers that named no label
+    confusion = np.zeros((n, n + 1 if unnamed else n), np.int64)
+    np.add.at(confusion, (labels, np.where(predictions < 0, n, predictions)), 1)
+    tp = np.diag(confusion[:, :n]).astype(np.float64)
+    predicted = confusion[:, :n].sum(0)
     actual = confusion.sum(1)
     precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
     recall = np.divide(tp, actual, out=np.zeros(n), where=actual > 0)

@@ -28,7 +28,7 @@ from jaxlora.checkpoint import Checkpointer
 from jaxlora.errors import UserError
 from jaxlora.lora import adapt as adapt_model
 from jaxlora.lora import count_params
-from jaxlora.models import load_model
+from jaxlora.models import gguf, load_model
 from jaxlora.models.layers import resolve_attention, set_remat
 from jaxlora.models.weights import LoadedModel
 from jaxlora.optim import make_optimizer
@@ -70,9 +70,11 @@ def placement_for(recipe: Recipe) -> runtime.Placement:
 
 
 def load_tokenizer(model_dir: Path):
-    """The model folder's fast tokenizer (never remote code)."""
+    """The model folder's fast tokenizer (never remote code); a GGUF file's own."""
     from transformers import AutoTokenizer
 
+    if gguf.is_gguf(model_dir):
+        return gguf.tokenizer(model_dir)
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True,
                                              trust_remote_code=False)
@@ -138,17 +140,19 @@ class ModelParts:
                     self.loaded.model.linear_layers())}
 
 
-def adapt(recipe: Recipe, loaded: LoadedModel,
-          placement: runtime.Placement | None = None) -> ModelParts:
+def adapt(recipe: Recipe, loaded: LoadedModel, placement: runtime.Placement | None = None,
+          *, adapters: bool = True) -> ModelParts:
     """Step 1, the method, on the loaded model (in place): LoRA adapters, 4-bit
     frozen weights (QLoRA; computed straight into their sharding on
     `placement`), or every weight trainable; the adapters drawn from the
-    recipe's seed."""
+    recipe's seed. Without `adapters`: the base model as the method holds it
+    (4-bit for QLoRA), no adapter attached and no target checked."""
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing
     key = jax.random.fold_in(jax.random.key(recipe.train.seed), ADAPTER_STREAM)
     graphdef, trainable, frozen, layers = adapt_model(
         loaded.model, recipe.adapter, loaded.lora_targets, key,
-        sharding=placement.frozen_sharding if placement is not None else None)
+        sharding=placement.frozen_sharding if placement is not None else None,
+        attach=adapters)
     return ModelParts(loaded, graphdef, trainable, frozen, layers, base_params)
 
 

@@ -44,8 +44,8 @@ RUN_DIR` resumes that run folder.
 
 # Each command's module, imported when it runs (so that --help is instant).
 COMMANDS = {name: f"runner.commands.{name}" for name in (
-    "validate", "run", "eval", "predict", "generate", "export", "plan", "report", "recipes",
-    "compare")}
+    "validate", "run", "eval", "predict", "generate", "chat", "export", "plan", "report",
+    "recipes", "compare")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         "generate", help="complete prompts with a causal-LM run's model (or a recipe's base)",
         description="Sample completions with a jit'd decode loop and a KV cache, from a "
                     "causal-lm run's fine-tuned model (RUN_DIR) or a recipe's base model "
-                    "(RECIPE). Prompts of a run trained on prompt/response pairs are shown "
-                    "through the recipe's data.template, as in training (--raw: as given).")
+                    "(RECIPE). Prompts are shown as in training: through the chat template "
+                    "for a run trained with data.chat (or --chat), through data.template for "
+                    "prompt/response pairs (--raw: as given).")
     generate.add_argument("target", type=Path, metavar="RUN_DIR|RECIPE")
     generate.add_argument("--prompt", action="append", required=True,
                           help="a prompt (repeat for several; `-` reads one per line from "
@@ -109,8 +110,25 @@ def _parser() -> argparse.ArgumentParser:
                           help="sample from the smallest set of tokens with this probability")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--raw", action="store_true",
-                          help="do not apply the recipe's data.template to the prompts")
+                          help="show the prompts as given (no data.template, no chat template)")
+    generate.add_argument("--chat", action="store_true",
+                          help="show each prompt as a user's turn through the chat template "
+                               "(what a run trained with data.chat does anyway) and stop at "
+                               "the end of the model's turn")
     generate.add_argument("--json", action="store_true", help="one JSON object per line")
+    chat = commands.add_parser(
+        "chat", help="talk with a causal-LM run's model (or a recipe's base) in the terminal",
+        description="Read the user's turns from standard input, one per line, and answer "
+                    "each through the model's chat template, keeping the whole conversation. "
+                    "An empty line or the end of the input ends it; /reset starts again.")
+    chat.add_argument("target", type=Path, metavar="RUN_DIR|RECIPE")
+    chat.add_argument("--system", metavar="TEXT", help="a system turn before the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0,
+                      help="0 (default): greedy; else sample at this temperature")
+    chat.add_argument("--top-p", type=float, default=1.0,
+                      help="sample from the smallest set of tokens with this probability")
+    chat.add_argument("--seed", type=int, default=0)
     export = commands.add_parser(
         "export", help="write a run's weights for PyTorch: PEFT adapter or merged model",
         description="peft: adapter_config.json + adapter_model.safetensors, loadable with "

@@ -93,9 +93,22 @@ class Recipe(BaseModel):
                 raise ValueError("data.prompt_column: only for task causal-lm")
             if data.packing:
                 raise ValueError("data.packing: only for task causal-lm")
-        elif data.labels is not None:
-            raise ValueError("data.labels: only for task classification; causal-lm learns "
-                             "the text itself")
+            defaults = type(data).model_fields
+            for name in ("chat", "chat_template", "system_prompt", "train_on", "too_long"):
+                if getattr(data, name) != defaults[name].default:
+                    raise ValueError(f"data.{name}: only for task causal-lm (a classifier "
+                                     "truncates its texts)")
+            return self
+        if data.labels is not None and not data.answered:
+            raise ValueError("data.labels: for causal-lm only with prompt/response pairs or "
+                             "conversations (chat = true), whose answers name a label; plain "
+                             "text has no answer to judge")
+        for name in ("chat_template", "system_prompt"):
+            if getattr(data, name) is not None and not data.chat:
+                raise ValueError(f"data.{name}: only with chat = true")
+        if data.system_prompt is not None and not data.pairs:
+            raise ValueError("data.system_prompt: only for prompt/response pairs (a "
+                             "conversation carries its own system turn)")
         return self
 
 

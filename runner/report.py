@@ -14,27 +14,36 @@ from runner import charts, run_folder
 HEADLINE = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("loss", "eval loss")]
 LM_HEADLINE = [("loss", "eval loss"), ("perplexity", "perplexity"),
                ("exact_match", "exact match")]
+COUNT = "answered_no_label"  # judged answers that named no label (an integer)
 
 
 def _fmt(value: float | None, key: str) -> str:
     if value is None:
         return "-"
+    if key == COUNT:
+        return f"{value:d}"
     return f"{value:.4f}" if key in ("loss", "perplexity") else f"{value:.3f}"
 
 
 def _delta(before: float | None, after: float, key: str) -> str:
     if before is None:
         return "-"
+    if key == COUNT:
+        return f"{after - before:+d}"
     return f"{after - before:+.4f}" if key in ("loss", "perplexity") else f"{after - before:+.3f}"
 
 
 def comparison_rows(before: dict | None, after: dict) -> list[tuple[str, str, str, str]]:
-    """(metric, before, after, change) rows: headline metrics, then per-class F1
-    (classification), or loss and perplexity (causal-lm)."""
-    headline = HEADLINE if "accuracy" in after else [
-        (key, label) for key, label in LM_HEADLINE if after.get(key) is not None]
-    rows = [(label, _fmt(before and before[key], key), _fmt(after[key], key),
-             _delta(before and before[key], after[key], key)) for key, label in headline]
+    """(metric, before, after, change) rows: headline metrics (a classifier's,
+    or a causal LM's: loss, perplexity and exact match; both for judged
+    answers that name labels, with how many named none), then per-class F1."""
+    headline = HEADLINE if "accuracy" in after else []
+    headline = headline + [(key, label) for key, label in LM_HEADLINE
+                           if after.get(key) is not None and (key, label) not in headline]
+    if after.get(COUNT) is not None:
+        headline.append((COUNT, "answers naming no label"))
+    rows = [(label, _fmt(before and before.get(key), key), _fmt(after[key], key),
+             _delta(before and before.get(key), after[key], key)) for key, label in headline]
     for name, scores in after.get("per_class", {}).items():
         b = before["per_class"][name]["f1"] if before else None
         rows.append((f"F1 {name}", _fmt(b, "f1"), _fmt(scores["f1"], "f1"),
@@ -100,8 +109,9 @@ def markdown_report(manifest: dict, before: dict | None, after: dict, stats: dic
         for name in stats["label_names"]:
             out.append(f"| {name} | {stats['label_counts']['train'].get(name, 0)} "
                        f"| {stats['label_counts']['eval'].get(name, 0)} |")
-    else:
+    if not stats["label_names"] or stats.get("target_tokens"):
         tokens = stats.get("target_tokens", {})
+        out += [""] if stats["label_names"] else []
         out += ["| split | examples | target tokens |", "|---|---:|---:|",
                 f"| train | {stats['train_size']} | {tokens.get('train', '-')} |",
                 f"| eval | {stats['eval_size']} | {tokens.get('eval', '-')} |"]
@@ -110,6 +120,13 @@ def markdown_report(manifest: dict, before: dict | None, after: dict, stats: dic
     if stats.get("dropped"):
         dropped = ", ".join(f"`{k}`: {v}" for k, v in stats["dropped"].items())
         out += ["", f"Rows dropped for labels outside `labels`: {dropped}."]
+    if any(stats.get("too_long", {}).values()):
+        long = ", ".join(f"{split} {n}" for split, n in stats["too_long"].items())
+        out += ["", f"Rows dropped as their targets would not fit max_length: {long}."]
+    if after.get("exact_match_examples"):
+        out += ["", f"Greedy answers judged: the first {after['exact_match_examples']} eval "
+                    "examples" + (f"; {after[COUNT]} of them (after) named no label"
+                                  if after.get(COUNT) is not None else "") + "."]
     if any(stats.get("truncated", {}).values()):
         cut = ", ".join(f"{split} {n}" for split, n in stats["truncated"].items())
         out += ["", f"Examples cut to max_length: {cut}."]

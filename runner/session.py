@@ -33,7 +33,9 @@ from rich.console import Console
 from jaxlora import runtime
 from jaxlora.checkpoint import Checkpointer
 from jaxlora.data import PreparedData
-from jaxlora.evaluate import Bar, build_eval_step, evaluate, exact_match
+from jaxlora.answers import judge
+from jaxlora.evaluate import Bar, build_eval_step, evaluate, greedy_answers
+from jaxlora.generate import stop_ids
 from jaxlora.lora import without_adapters
 from jaxlora.tasks import STEP_LOSSES
 from jaxlora.train import Hook, Hooks, TrainResult, TrainState, fit
@@ -144,14 +146,17 @@ class Session:
                            label_names=list(recipe.data.labels or []),
                            bar=Bar(self._files["progress"], description,
                                    keep=not during_training))
-        if recipe.model.task == "causal-lm" and recipe.data.pairs \
+        if recipe.model.task == "causal-lm" and recipe.data.answered \
                 and recipe.eval.exact_match_examples and not during_training:
             tokenizer = self.built.tokenizer
-            metrics.update(exact_match(self.built.parts.graphdef, trainable, self.frozen,
-                                       data.prompts, eos_id=tokenizer.eos_token_id,
-                                       pad_id=tokenizer.pad_token_id or 0,
-                                       batch_size=recipe.eval.batch_size,
-                                       placement=self.built.placement))
+            completions, references = greedy_answers(
+                self.built.parts.graphdef, trainable, self.frozen, data.prompts,
+                stops=stop_ids(tokenizer, self.built.model_dir),
+                pad_id=tokenizer.pad_token_id or 0, batch_size=recipe.eval.batch_size,
+                placement=self.built.placement)
+            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+            metrics.update(judge([decode(c) for c in completions],
+                                 [decode(r) for r in references], recipe.data.labels))
         return metrics
 
     def evaluate_before(self) -> dict | None:

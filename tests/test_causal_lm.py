@@ -13,12 +13,12 @@ from tiny_models import qa_rows, save_word_tokenizer, tiny_decoder_dir, write_qa
 
 
 def test_prompt_response_loss_mask_covers_the_response_only(tmp_path):
-    from jaxlora.data import LmColumns, tokenize_lm_batch
+    from jaxlora.data import LmFormat, tokenize_lm_batch
 
     tok = save_word_tokenizer(tmp_path, with_bos=True)
     out = tokenize_lm_batch({"p": ["what is the cat ?"], "r": ["the cat sat ."]}, tokenizer=tok,
-                            columns=LmColumns(prompt_column="p", response_column="r",
-                                              template="question {prompt} answer"),
+                            fmt=LmFormat(prompt_column="p", response_column="r",
+                                         template="question {prompt} answer"),
                             max_length=16, pad_id=0, eos_id=tok.eos_token_id)
     ids, mask = out["input_ids"][0], out["loss_mask"][0]
     words = tok.convert_ids_to_tokens(ids)
@@ -27,7 +27,7 @@ def test_prompt_response_loss_mask_covers_the_response_only(tmp_path):
     assert mask == [0] * 8 + [1] * 5 + [0] * 3  # response and EOS; not prompt, not padding
     assert out["attention_mask"][0] == [1] * 13 + [0] * 3 and out["truncated"] == [False]
     cut = tokenize_lm_batch({"p": ["what is the cat ?"], "r": ["the cat sat ."]}, tokenizer=tok,
-                            columns=LmColumns(prompt_column="p", response_column="r"),
+                            fmt=LmFormat(prompt_column="p", response_column="r"),
                             max_length=8, pad_id=0, eos_id=tok.eos_token_id)
     assert cut["truncated"] == [True] and cut["loss_mask"][0] == [0] * 6 + [1] * 2
 
@@ -172,7 +172,7 @@ def _check_exports(root, run, method):
 
 @pytest.mark.parametrize("edit, expected", [
     (lambda t: t.replace('text_column = "text"', 'text_column = "text"\nlabels = ["a", "b"]'),
-     "data.labels: only for task classification"),
+     "data.labels: for causal-lm only with prompt/response pairs or conversations"),
     (lambda t: t.replace('text_column = "text"', 'prompt_column = "prompt"'),
      "give both prompt_column and response_column"),
     (lambda t: t.replace('text_column = "text"', 'text_column = "body"'), "no column 'body'"),

@@ -204,14 +204,15 @@ def test_hosts_that_do_not_share_the_output_folder_stop_with_one_message(tmp_pat
 
 @pytest.mark.distributed
 def test_a_bad_row_in_one_hosts_share_stops_every_host(tmp_path):
-    """Each process tokenizes only its own rows' examples, so only one of them
-    meets the one bad row (a prompt that fills max_length, leaving no token to
-    learn); both stop with its message, exit 2, before any run folder."""
+    """One bad row (a prompt that fills max_length, leaving no token to learn,
+    with data.too_long = "error"): both processes stop with its message, exit
+    2, before any run folder."""
     workdir = _lm_workdir(tmp_path)
     rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()]
     rows[57]["prompt"] = " ".join(["the cat"] * 10)
     (workdir / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     recipe = (workdir / "lm.toml").read_text()  # no greedy prompts: those every process reads
+    recipe = recipe.replace("[data]\n", "[data]\ntoo_long = \"error\"\n")
     (workdir / "lm.toml").write_text(recipe.replace("[eval]\n", "[eval]\nexact_match_examples = 0\n"))
     processes, outputs = _two_processes([workdir, workdir])
     for process, (out, err) in zip(processes, outputs):

@@ -117,3 +117,46 @@ def test_output_does_not_catch_attention_output(tiny_bert_dir):
     _, _, _, paths = adapt(model, LoraConfig(targets=["output"]), bert.LORA_TARGETS,
                            jax.random.key(0))
     assert paths == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("bert", ["bert.encoder.layer.0.attention.self.query",
+              "bert.encoder.layer.0.attention.self.value"]),
+    ("gpt2", ["transformer.h.0.attn.c_attn"]),
+    ("llama-gqa-rope3", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]),
+])
+def test_without_targets_lora_goes_where_peft_puts_it_by_default(tiny_bert_dir, tmp_path,
+                                                                 family, expected):
+    """A recipe that names no `adapter.targets` gets the family's default, PEFT's
+    (BERT query/value, GPT-2 c_attn, Llama/Mistral/Qwen2 q_proj/v_proj)."""
+    from tiny_models import tiny_decoder_dir
+
+    if family == "bert":
+        loaded = load_model(tiny_bert_dir, task="classification", num_labels=2)
+    else:
+        loaded = load_model(tiny_decoder_dir(tmp_path, family), task="causal-lm")
+    _, _, _, paths = adapt(loaded.model, LoraConfig(rank=2), loaded.lora_targets,
+                           jax.random.key(0))
+    assert paths[:len(expected)] == expected and len(paths) == 2 * len(expected)
+
+
+def test_generating_from_a_recipes_base_model_checks_no_targets(tmp_path):
+    """`runner generate RECIPE` uses no adapter, so targets this model lacks
+    (BERT's names on a Llama) are no reason to refuse."""
+    from test_cli import runner_here
+    from tiny_models import tiny_decoder_dir
+
+    import json
+
+    from tiny_models import qa_rows
+
+    tiny_decoder_dir(tmp_path / "model", "llama-gqa-rope3")
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in qa_rows(10)) + "\n")
+    (tmp_path / "r.toml").write_text('[model]\nsource = "model"\ntask = "causal-lm"\n'
+                                     '[data]\nsource = "x.jsonl"\neval_size = 2\nmax_length = 16\n'
+                                     '[adapter]\ntargets = ["query", "value"]\n')
+    done = runner_here("generate", "r.toml", "--prompt", "the cat", "--max-new-tokens", "3",
+                       cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused = runner_here("run", "r.toml", cwd=tmp_path)  # training does check them
+    assert refused.returncode == 2 and "'query' is not a LoRA target" in refused.stderr

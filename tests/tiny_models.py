@@ -103,3 +103,125 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else ".tiny")
+
+
+# -- chat models: a byte-level BPE tokenizer with chat templates, and GGUF files ----
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# The same, its assistant turns marked for transformers' return_assistant_tokens_mask.
+CHATML_MARKED = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                 "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + "
+                 "'<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}{{ '<|im_start|>' + "
+                 "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                 "{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + "
+          "message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+          "'<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHAT_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+                "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CHAT_CORPUS = ("the cat sat on the mat . what is the dog ? the dog ran . hello there , how "
+               "are you today ? is this tweet negative or positive ? i love it . i hate it . "
+               "negative positive system user assistant you are a helpful bot . 0123456789")
+
+
+def chat_tokenizer(folder=None, template: str = CHATML, vocab_size: int = 320):
+    """A small byte-level BPE tokenizer (GPT-2's kind, trained here) with the chat
+    special tokens and `template`; saved to `folder` when given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CHAT_CORPUS] * 50, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", chat_template=template)
+    if folder is not None:
+        fast.save_pretrained(folder)
+    return fast
+
+
+def chat_decoder_dir(folder, template: str = CHATML, tie: bool = False):
+    """A tiny random Llama with the chat tokenizer's vocabulary, saved by transformers."""
+    import torch
+    import transformers
+
+    tokenizer = chat_tokenizer(folder, template)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**dict(TINY, vocab_size=len(tokenizer)),
+                                      num_key_value_heads=2, tie_word_embeddings=tie,
+                                      bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+def write_gguf(path, model, tokenizer, qtype: str = "F32", *, pre: str = "gpt2",
+               name: str = "tiny llama"):
+    """`model` (a transformers Llama) and `tokenizer` (byte-level BPE) as a GGUF
+    file, as llama.cpp's converter writes one: its tensor names (the `gguf`
+    package's table), query and key rows interleaved for its rotary layout,
+    2-D weights in `qtype` (F32, F16, Q8_0, Q4_0, ...), norms in F32."""
+    import json
+
+    import gguf
+
+    config = model.config
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_dimension_count(config.hidden_size // heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = set(tokenizer.all_special_tokens) | set(CHAT_SPECIAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([3 if token in special else 1 for token, _ in vocab])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m
+                             for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+    kind = gguf.GGMLQuantizationType[qtype]
+    for key, tensor in model.state_dict().items():
+        data = tensor.float().numpy()
+        if key.endswith(("q_proj.weight", "k_proj.weight")):
+            n = heads if key.endswith("q_proj.weight") else kv
+            data = (data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:])
+                    .swapaxes(1, 2).reshape(data.shape))
+        if data.ndim == 1 or kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(names.get_name(key, try_suffixes=(".weight",)), data)
+        else:
+            writer.add_tensor(names.get_name(key, try_suffixes=(".weight",)),
+                              gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -49,12 +49,12 @@ from jaxlora.data.batches import (ORDER, TOKEN_ARRAYS, Split, held_examples, pac
                                   slot_order)
 from jaxlora.data.config import DataConfig
 from jaxlora.data.files import SUFFIX_FORMATS, TEXT_FORMATS, Format
-from jaxlora.data.prepare import DataStats, PreparedData, prepare, prepare_eval
+from jaxlora.data.prepare import DataStats, PreparedData, chat_template, prepare, prepare_eval
 from jaxlora.data.rows import MAX_LISTED_VALUES
-from jaxlora.data.tokenize import LmColumns, tokenize_batch, tokenize_lm_batch
+from jaxlora.data.tokenize import LmFormat, tokenize_batch, tokenize_lm_batch
 from jaxlora.runtime import Hosting
 
 __all__ = ["MAX_LISTED_VALUES", "ORDER", "SUFFIX_FORMATS", "TEXT_FORMATS", "TOKEN_ARRAYS",
-           "DataConfig", "DataStats", "Format", "Hosting", "LmColumns", "PreparedData", "Split",
-           "held_examples", "pack", "prepare", "prepare_eval", "slot_examples", "slot_order",
+           "DataConfig", "DataStats", "Format", "Hosting", "LmFormat", "PreparedData", "Split",
+           "chat_template", "held_examples", "pack", "prepare", "prepare_eval", "slot_examples", "slot_order",
            "tokenize_batch", "tokenize_lm_batch"]

@@ -31,7 +31,9 @@ class DataConfig(pydantic.BaseModel):
     # Column holding the label (a string, an int, or a ClassLabel index); classification.
     label_column: str = "label"
     # Label names in class-id order; rows with any other label are dropped and counted.
-    # Required for classification, not given for causal-lm.
+    # Required for classification. For causal-lm, optional: the answers (the response,
+    # or the last assistant turn) each name one of them; rows whose answer names none
+    # are dropped and counted, and evaluation judges the generated answers by label.
     labels: list[str] | None = Field(None, min_length=2)
     # causal-lm prompt/response pairs: the two columns (instead of text_column); the
     # loss counts response tokens only.
@@ -39,6 +41,26 @@ class DataConfig(pydantic.BaseModel):
     response_column: str | None = None
     # How a prompt is shown to the model; "{prompt}" is replaced by the prompt text.
     template: str = "{prompt}"
+    # causal-lm: render each example with the model's chat template: the rows of
+    # messages_column (conversations), or each prompt/response pair as one user turn
+    # (the template applied) and one assistant turn, after system_prompt if given.
+    chat: bool = False
+    # Conversations: a list of {role, content} per row (system / user / assistant), or
+    # ShareGPT's {from, value} (system / human / gpt).
+    messages_column: str = "messages"
+    # A chat template (Jinja) for a model without one, or to replace its own: the
+    # template itself, or the path of a file holding it (relative to the recipe).
+    chat_template: str | None = None
+    # Pairs rendered with chat: the system turn before each prompt (none if unset).
+    system_prompt: str | None = None
+    # The tokens the loss counts with chat: every assistant turn (with its end-of-turn
+    # token), the last assistant turn only, or every token.
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    # causal-lm rows longer than max_length: drop (those whose targets would be cut:
+    # a response cut away, or for conversations any counted assistant turn cut;
+    # counted in the report), truncate (cut from the left, keeping the response),
+    # or error (refuse the run, naming the row). Classification always truncates.
+    too_long: Literal["drop", "truncate", "error"] = "drop"
     # causal-lm: pack several training examples into each max_length row (attention
     # and positions stay within each example); evaluation is never packed.
     packing: bool = False
@@ -111,6 +133,16 @@ class DataConfig(pydantic.BaseModel):
     def pairs(self) -> bool:
         """Prompt/response data (causal-lm), as opposed to one text column."""
         return self.prompt_column is not None
+
+    @property
+    def conversations(self) -> bool:
+        """Conversation data: the rows of `messages_column`, rendered with chat."""
+        return self.chat and not self.pairs
+
+    @property
+    def answered(self) -> bool:
+        """Data with an answer to judge: prompt/response pairs or conversations."""
+        return self.pairs or self.chat
 
     @pydantic.model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:

@@ -21,7 +21,8 @@ from jaxlora.data.batches import ORDER, Split
 from jaxlora.data.config import DataConfig
 from jaxlora.data.files import detect_format, get_split, load, quiet_datasets
 from jaxlora.data.rows import SplitRows, label_counts, read_labels, select_rows
-from jaxlora.data.tokenize import tokenize_causal_lm, tokenize_classification
+from jaxlora.data.tokenize import (LmFormat, fitting_rows, tokenize_causal_lm,
+                                   tokenize_classification)
 from jaxlora.errors import UserError
 from jaxlora.runtime import Hosting
 from jaxlora.sources import resolve
@@ -41,6 +42,8 @@ class DataStats:
     truncated: dict[str, int]               # {"train"|"eval": examples cut to max_length}
     target_tokens: dict[str, int] = field(default_factory=dict)  # causal-lm: loss tokens
     packed_rows: int | None = None  # causal-lm with packing: training rows after packing
+    # causal-lm: rows dropped because their targets would not fit max_length
+    too_long: dict[str, int] = field(default_factory=dict)
     # How examples become batches (`Split`); a run resumes only with the same.
     order: str = ORDER
 
@@ -104,8 +107,9 @@ def _read(cfg: DataConfig, tokenizer: Any, task: str, base_dir: Path | None,
     with quiet_datasets():
         splits = load(path, fmt, cfg.encoding, cache_dir)
         train_ds = get_split(splits, cfg.train_split, path)
-        if not labelled and cfg.pairs and tokenizer.eos_token_id is None:
+        if not labelled and cfg.pairs and not cfg.chat and tokenizer.eos_token_id is None:
             raise UserError("the tokenizer has no eos token, which ends every response")
+        lm = None if labelled else LmFormat.of(cfg, chat_template(cfg, tokenizer, base_dir))
         chosen = select_rows(cfg, splits, train_ds, path, labelled=labelled)
         head = None
         if labelled:
@@ -114,24 +118,56 @@ def _read(cfg: DataConfig, tokenizer: Any, task: str, base_dir: Path | None,
             eval_, eval_cut = tokenize_classification(chosen.eval, tokenizer, cfg, path,
                                                       eval_hosting)
         else:
+            (train_rows, train_long), (eval_rows, eval_long) = (
+                fitting_rows(part, tokenizer, cfg, path, fmt=lm)
+                for part in (chosen.train, chosen.eval))
+            chosen = dataclasses.replace(chosen, train=train_rows, eval=eval_rows,
+                                         too_long={"train": train_long, "eval": eval_long})
             train, train_cut = tokenize_causal_lm(chosen.train, tokenizer, cfg, path,
-                                                  train_hosting, packing=cfg.packing)
-            eval_, eval_cut = tokenize_causal_lm(chosen.eval, tokenizer, cfg, path, eval_hosting)
+                                                  train_hosting, fmt=lm, packing=cfg.packing)
+            eval_, eval_cut = tokenize_causal_lm(chosen.eval, tokenizer, cfg, path, eval_hosting,
+                                                 fmt=lm)
             if prompts:  # the prompts greedy decoding compares, held by every process
                 first = dataclasses.replace(chosen.eval, rows=chosen.eval.rows[:prompts])
                 head = (eval_.head(prompts) if eval_.index is None else
-                        tokenize_causal_lm(first, tokenizer, cfg, path)[0])
+                        tokenize_causal_lm(first, tokenizer, cfg, path, fmt=lm)[0])
+    named = cfg.labels is not None  # classification, or answers that name labels
     stats = DataStats(
-        source=str(path), format=fmt, label_names=list(cfg.labels) if labelled else [],
+        source=str(path), format=fmt, label_names=list(cfg.labels) if named else [],
         train_size=len(train), eval_size=len(eval_),
         label_counts={"train": label_counts(chosen.train.labels, cfg.labels),
-                      "eval": label_counts(chosen.eval.labels, cfg.labels)} if labelled else {},
+                      "eval": label_counts(chosen.eval.labels, cfg.labels)} if named else {},
         dropped=dict(sorted(chosen.dropped.items())),
         truncated={"train": train_cut, "eval": eval_cut},
         # causal-lm: the first token of an example is never predicted
         target_tokens={} if labelled else {"train": int(train.loss_mask[:, 1:].sum()),
-                                           "eval": int(eval_.loss_mask[:, 1:].sum())})
+                                           "eval": int(eval_.loss_mask[:, 1:].sum())},
+        too_long={} if labelled else chosen.too_long)
     return PreparedData(train=train, eval=eval_, stats=stats, prompts=head)
+
+
+def chat_template(cfg: DataConfig, tokenizer: Any, base_dir: Path | None) -> str | None:
+    """The chat template `cfg.chat` renders with: `data.chat_template` (its text,
+    or the file it names, relative to `base_dir`), else None for the
+    tokenizer's own; a UserError when there is neither."""
+    if not cfg.chat:
+        return None
+    given = cfg.chat_template
+    if given is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("data.chat: the model's tokenizer has no chat template; give one "
+                            "as data.chat_template (the Jinja text, or a file holding it)")
+        return None
+    if "{{" in given or "{%" in given:
+        return given
+    file = Path(given).expanduser()
+    if not file.is_absolute() and base_dir is not None:
+        file = base_dir / file
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"data.chat_template: {given!r} is neither a Jinja template nor a "
+                        f"readable file ({getattr(e, 'strerror', None) or e})") from None
 
 
 def prepare_eval(cfg: DataConfig, tokenizer: Any, source: str, *, split: str | None = None,

@@ -13,6 +13,7 @@ rows, and a larger cap keeps every row of a smaller one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora.answers import first_label, normalized
+from jaxlora.data import chat
 from jaxlora.data.config import DataConfig
 from jaxlora.data.files import get_split
 from jaxlora.errors import UserError
@@ -54,6 +57,8 @@ class ChosenRows:
     train: SplitRows
     eval: SplitRows
     dropped: Counter[str]  # label value outside `labels`, as str -> rows (both splits)
+    too_long: dict[str, int] = dataclasses.field(  # causal-lm: rows dropped for max_length
+        default_factory=lambda: {"train": 0, "eval": 0})
 
 
 def select_rows(cfg: DataConfig, splits: Any, train_ds: Any, path: Path, *,
@@ -90,15 +95,47 @@ def _check_column(ds: Any, name: str, column: str, path: Path, split: str) -> No
 
 def _read_texts(ds: Any, cfg: DataConfig, path: Path,
                 split: str) -> tuple[np.ndarray, Counter[str]]:
-    """`read_labels` for causal-lm, which has no labels: check a split's text
-    columns (one text, or prompt and response) and texts; every row is kept,
-    with class id 0, and nothing is dropped."""
-    columns = ([("prompt_column", cfg.prompt_column), ("response_column", cfg.response_column)]
-               if cfg.pairs else [("text_column", cfg.text_column)])
-    for name, column in columns:
-        _check_column(ds, name, column, path, split)
-        _check_texts(ds, np.arange(len(ds)), column, path, split, name)
-    return np.zeros(len(ds), np.int32), Counter()
+    """`read_labels` for causal-lm: check a split's text columns (one text, a
+    prompt and a response, or conversations) and every row's texts. Without
+    `labels` every row is kept, with class id 0; with them each row's answer
+    (the response, or the last assistant turn) names its label, and a row
+    whose answer names none is dropped and counted under the answer."""
+    if cfg.conversations:
+        _check_column(ds, "messages_column", cfg.messages_column, path, split)
+        answers = [chat.answer(m) for m in conversations(ds, cfg, path, split)]
+    else:
+        columns = ([("prompt_column", cfg.prompt_column),
+                    ("response_column", cfg.response_column)]
+                   if cfg.pairs else [("text_column", cfg.text_column)])
+        for name, column in columns:
+            _check_column(ds, name, column, path, split)
+            _check_texts(ds, np.arange(len(ds)), column, path, split, name)
+        answers = ds.data.column(cfg.response_column).to_pylist() if cfg.pairs else None
+    if cfg.labels is None:
+        return np.zeros(len(ds), np.int32), Counter()
+    ids = np.array([first_label(a, cfg.labels) for a in answers], np.int32)
+    dropped = Counter(normalized(a)[:40] for a, i in zip(answers, ids) if i < 0)
+    if not (ids >= 0).any():
+        found = ", ".join(f"{v!r} ({n})" for v, n in dropped.most_common(MAX_LISTED_VALUES))
+        raise UserError(f"{path}: no answer in split {split!r} names a label in {cfg.labels}; "
+                        f"answers found: {found}")
+    return ids, dropped
+
+
+def conversations(ds: Any, cfg: DataConfig, path: Path,
+                  split: str) -> list[list[dict[str, str]]]:
+    """Every row's conversation (`chat.messages_of`), checked: a list of role and
+    content objects with something to learn; a UserError naming the row."""
+    out = []
+    for row, value in enumerate(ds.data.column(cfg.messages_column).to_pylist()):
+        try:
+            messages = chat.messages_of(value)
+            chat.check_trainable(messages, cfg.train_on)
+        except ValueError as e:
+            raise UserError(f"{path}: data row {row + 1} of split {split!r}, column "
+                            f"{cfg.messages_column!r} (messages_column): {e}") from None
+        out.append(messages)
+    return out
 
 
 def read_labels(ds: Any, cfg: DataConfig, path: Path,

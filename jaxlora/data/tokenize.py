@@ -14,6 +14,7 @@ no token to learn within `max_length`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora.data import chat
 from jaxlora.data.batches import Split, held_examples, slot_order
 from jaxlora.data.config import DataConfig
 from jaxlora.data.rows import SplitRows
@@ -30,22 +32,38 @@ from jaxlora.runtime import Hosting
 
 
 @dataclass(frozen=True)
-class LmColumns:
-    """Where a causal-lm example's text is: one text column, or a prompt and a
-    response column and the template a prompt is shown in ("{prompt}" is
-    replaced by the prompt text). One small frozen value, hashed by `datasets`
+class LmFormat:
+    """How a causal-lm example is read and shown: one text column, a prompt and
+    a response column (the prompt shown through `template`, "{prompt}"
+    replaced), or with `chat` a conversation rendered by the chat template
+    (`chat_template`: its text, None for the tokenizer's own) whose
+    `train_on` turns are the targets; and what becomes of a row longer than
+    max_length (`too_long`). One small frozen value, hashed by `datasets`
     into the cache key of `tokenize_lm_batch`'s `Dataset.map`."""
 
     text_column: str = "text"
     prompt_column: str | None = None  # with response_column: prompt/response pairs
     response_column: str | None = None
     template: str = "{prompt}"
+    chat: bool = False
+    messages_column: str = "messages"
+    chat_template: str | None = None
+    system_prompt: str | None = None
+    train_on: str = "assistant"
+    too_long: str = "drop"
 
     @classmethod
-    def of(cls, cfg: DataConfig) -> LmColumns:
-        """The columns and template `cfg` names."""
+    def of(cls, cfg: DataConfig, chat_template: str | None = None) -> LmFormat:
+        """What `cfg` says, with the chat template resolved to its text."""
         return cls(text_column=cfg.text_column, prompt_column=cfg.prompt_column,
-                   response_column=cfg.response_column, template=cfg.template)
+                   response_column=cfg.response_column, template=cfg.template, chat=cfg.chat,
+                   messages_column=cfg.messages_column, chat_template=chat_template,
+                   system_prompt=cfg.system_prompt, train_on=cfg.train_on,
+                   too_long=cfg.too_long)
+
+    @property
+    def conversations(self) -> bool:
+        return self.chat and self.prompt_column is None
 
 
 def _share(ds: Any, rows: np.ndarray, hosting: Hosting | None, cfg: DataConfig,
@@ -128,61 +146,154 @@ def tokenize_batch(batch: dict[str, list], *, tokenizer: Any, column: str, max_l
 
 
 def tokenize_causal_lm(part: SplitRows, tokenizer: Any, cfg: DataConfig, path: Path,
-                       hosting: Hosting | None = None, *,
+                       hosting: Hosting | None = None, *, fmt: LmFormat,
                        packing: bool = False) -> tuple[Split, int]:
     """Tokenize this process's share (`_share`) of the rows of `part` for causal-lm
     with a cached `Dataset.map`: token ids with a loss mask (1 where a token is a
-    target); the Split packs each row's examples with `packing`. Returns the
-    Split and how many examples were truncated."""
-    import datasets
-
-    width = datasets.Sequence(datasets.Value("int32"), length=cfg.max_length)
-    features = datasets.Features({"input_ids": width, "attention_mask": width,
-                                  "loss_mask": width, "truncated": datasets.Value("bool")})
-    columns = [cfg.prompt_column, cfg.response_column] if cfg.pairs else [cfg.text_column]
+    target), each row cut to max_length as `fmt.too_long` says (the rows are
+    those `fitting_rows` kept); the Split packs each row's examples with
+    `packing`. Returns the Split and how many examples were cut."""
     ds = part.ds
-    rows, share = _share(ds, part.rows, hosting, cfg, columns)
-    subset = ds.select(rows)
-    fn = functools.partial(tokenize_lm_batch, tokenizer=tokenizer, columns=LmColumns.of(cfg),
-                           max_length=cfg.max_length, pad_id=tokenizer.pad_token_id or 0,
-                           eos_id=tokenizer.eos_token_id)
-    arrays = _mapped(subset, fn, features)
+    rows, share = _share(ds, part.rows, hosting, cfg, _text_columns(fmt))
+    arrays = _lm_arrays(ds.select(rows), tokenizer, fmt, cfg.max_length)
     loss_mask = arrays["loss_mask"].astype(np.int32)
     if (empty := np.flatnonzero(loss_mask[:, 1:].sum(axis=1) == 0)).size:
-        raise UserError(f"{path}: data row {int(rows[empty[0]]) + 1} of split {part.name!r} "
-                        f"leaves no token to learn within max_length {cfg.max_length} (a text "
-                        "of one token, or a prompt that fills max_length); raise max_length or "
-                        "remove the row")
+        raise UserError(_nothing_to_learn(path, int(rows[empty[0]]), part.name, cfg))
     split = Split(input_ids=arrays["input_ids"].astype(np.int32),
                   attention_mask=arrays["attention_mask"].astype(np.int32),
-                  labels=np.zeros(len(rows), np.int32), buckets=tuple(cfg.length_buckets),
+                  labels=part.ids[rows], buckets=tuple(cfg.length_buckets),
                   loss_mask=loss_mask, packing=packing, **share)
     return split, int(arrays["truncated"].sum())
 
 
-def tokenize_lm_batch(batch: dict[str, list], *, tokenizer: Any, columns: LmColumns,
+def fitting_rows(part: SplitRows, tokenizer: Any, cfg: DataConfig, path: Path, *,
+                 fmt: LmFormat) -> tuple[SplitRows, int]:
+    """The rows of `part` that fit max_length as `cfg.too_long` says, and how
+    many were dropped: every chosen row is tokenized once here (the same
+    cached `Dataset.map` as `tokenize_causal_lm`'s), so that a conversation
+    the chat template cannot render is refused naming its row, and so that
+    every process deals the same rows to the batches. A row whose targets
+    would be cut (`_fits`) is dropped ("drop"), refused ("error"); "truncate"
+    keeps every row that has something to learn."""
+    arrays = _lm_arrays(part.ds.select(part.rows), tokenizer, fmt, cfg.max_length)
+    for i, problem in enumerate(arrays["problem"]):
+        if problem:
+            raise UserError(f"{path}: data row {int(part.rows[i]) + 1} of split "
+                            f"{part.name!r}: {problem}")
+    fits = np.asarray(arrays["fits"], bool)
+    if cfg.too_long == "error" and not fits.all():
+        raise UserError(_nothing_to_learn(path, int(part.rows[np.argmin(fits)]), part.name, cfg))
+    if not fits.any() and len(fits):
+        raise UserError(f"{path}: no row of split {part.name!r} fits max_length {cfg.max_length} "
+                        "with its targets whole; raise max_length")
+    return dataclasses.replace(part, rows=part.rows[fits]), int((~fits).sum())
+
+
+def _nothing_to_learn(path: Path, row: int, split: str, cfg: DataConfig) -> str:
+    if cfg.conversations and cfg.train_on != "all":
+        return (f"{path}: data row {row + 1} of split {split!r}: an assistant turn the loss "
+                f"counts is cut by max_length {cfg.max_length}; raise max_length, or set "
+                "data.too_long = \"drop\" (or \"truncate\")")
+    return (f"{path}: data row {row + 1} of split {split!r} leaves no token to learn within "
+            f"max_length {cfg.max_length} (a text of one token, or a prompt that fills "
+            "max_length); raise max_length or remove the row, or set data.too_long = \"drop\"")
+
+
+def _text_columns(fmt: LmFormat) -> list[str]:
+    """The columns whose characters size an example (length buckets deal by them)."""
+    if fmt.conversations:
+        return []
+    return [fmt.prompt_column, fmt.response_column] if fmt.prompt_column else [fmt.text_column]
+
+
+def _lm_arrays(subset: Any, tokenizer: Any, fmt: LmFormat, max_length: int
+               ) -> dict[str, np.ndarray]:
+    """`tokenize_lm_batch` over `subset` (a cached `Dataset.map`), as numpy arrays."""
+    import datasets
+
+    width = datasets.Sequence(datasets.Value("int32"), length=max_length)
+    features = datasets.Features({"input_ids": width, "attention_mask": width,
+                                  "loss_mask": width, "truncated": datasets.Value("bool"),
+                                  "fits": datasets.Value("bool"),
+                                  "problem": datasets.Value("string")})
+    fn = functools.partial(tokenize_lm_batch, tokenizer=tokenizer, fmt=fmt,
+                           max_length=max_length, pad_id=tokenizer.pad_token_id or 0,
+                           eos_id=tokenizer.eos_token_id)
+    return _mapped(subset, fn, features)
+
+
+def tokenize_lm_batch(batch: dict[str, list], *, tokenizer: Any, fmt: LmFormat,
                       max_length: int, pad_id: int, eos_id: int | None) -> dict[str, list]:
     """Token ids and loss masks for causal-lm: a text is all targets; a pair is
     the templated prompt (the tokenizer's special tokens, e.g. BOS, included;
-    no targets) followed by the response and EOS (targets). Cut to max_length,
-    right-padded."""
-    if columns.prompt_column is None:
-        sequences = [(ids, [1] * len(ids))
-                     for ids in tokenizer(batch[columns.text_column])["input_ids"]]
+    no targets) followed by the response and EOS (targets); with `fmt.chat` a
+    conversation (or a pair as one) as the chat template writes it, its
+    `train_on` turns the targets. Cut to max_length (`_cut`), right-padded;
+    `fits` says whether the row keeps its targets, `problem` why a
+    conversation could not be rendered ("" when it could)."""
+    problems = [""] * len(next(iter(batch.values())))
+    if fmt.chat:
+        sequences = _chat_sequences(batch, tokenizer, fmt, problems)
+    elif fmt.prompt_column is None:
+        sequences = [(ids, [1] * len(ids)) for ids in tokenizer(batch[fmt.text_column])["input_ids"]]
     else:
-        prompts = tokenizer([columns.template.replace("{prompt}", p)
-                             for p in batch[columns.prompt_column]])["input_ids"]
-        responses = tokenizer(batch[columns.response_column],
-                              add_special_tokens=False)["input_ids"]
+        prompts = tokenizer([fmt.template.replace("{prompt}", p)
+                             for p in batch[fmt.prompt_column]])["input_ids"]
+        responses = tokenizer(batch[fmt.response_column], add_special_tokens=False)["input_ids"]
         sequences = [(p + r + [eos_id], [0] * len(p) + [1] * (len(r) + 1))
                      for p, r in zip(prompts, responses)]
     out: dict[str, list] = {"input_ids": [], "attention_mask": [], "loss_mask": [],
-                            "truncated": []}
+                            "truncated": [], "fits": [], "problem": problems}
     for ids, mask in sequences:
         out["truncated"].append(len(ids) > max_length)
-        ids, mask = ids[:max_length], mask[:max_length]
+        ids, mask, fits = _cut(ids, mask, fmt, max_length)
         pad = max_length - len(ids)
         out["input_ids"].append(ids + [pad_id] * pad)
         out["attention_mask"].append([1] * len(ids) + [0] * pad)
         out["loss_mask"].append(mask + [0] * pad)
+        out["fits"].append(fits)
     return out
+
+
+def _cut(ids: list[int], mask: list[int], fmt: LmFormat,
+         max_length: int) -> tuple[list[int], list[int], bool]:
+    """One example cut to `max_length`, and whether it keeps its targets: with
+    "truncate" pairs and conversations lose tokens from the left (the answer
+    kept), texts from the right; otherwise everything past max_length goes, and
+    the row fits where something is left to learn, for a conversation only
+    where no counted turn is cut."""
+    if len(ids) > max_length and fmt.too_long == "truncate" and \
+            (fmt.prompt_column is not None or fmt.chat):
+        ids, mask = ids[-max_length:], mask[-max_length:]
+    kept = mask[:max_length]
+    fits = sum(kept[1:]) > 0
+    if fmt.conversations and fmt.train_on != "all":
+        fits = fits and sum(mask[max_length:]) == 0
+    return ids[:max_length], kept, bool(fits)
+
+
+def _chat_sequences(batch: dict[str, list], tokenizer: Any, fmt: LmFormat,
+                    problems: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Each row as its chat-rendered token ids and loss mask (the tokens whose
+    first character lies in a counted span); a row that cannot be rendered
+    gets no tokens and its `problems` entry."""
+    texts, spans = [], []
+    for i in range(len(problems)):
+        try:
+            if fmt.conversations:
+                messages = chat.messages_of(batch[fmt.messages_column][i])
+            else:
+                messages = chat.pair_messages(batch[fmt.prompt_column][i],
+                                              batch[fmt.response_column][i], fmt.template,
+                                              fmt.system_prompt)
+            text, counted = chat.render(tokenizer, messages, fmt.chat_template, fmt.train_on)
+        except ValueError as e:
+            problems[i], text, counted = str(e), "", []
+        texts.append(text)
+        spans.append(counted)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    sequences = []
+    for ids, offsets, counted in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        mask = [int(any(a <= start < b for a, b in counted)) for start, _ in offsets]
+        sequences.append((ids, mask))
+    return sequences

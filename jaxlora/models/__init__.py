@@ -32,7 +32,7 @@ from typing import Literal
 import jax.numpy as jnp
 
 from jaxlora.errors import UserError
-from jaxlora.models import bert, gpt2, llama
+from jaxlora.models import bert, gguf, gpt2, llama
 from jaxlora.models.layers import AttentionImpl
 from jaxlora.models.weights import LoadedModel, Place, config_path, read_config_json
 
@@ -46,7 +46,10 @@ FAMILIES: dict[str, ModuleType] = {"bert": bert, "gpt2": gpt2, "llama": llama,
 
 
 def family(model_dir: Path) -> ModuleType:
-    """The family module for the folder's config.json `model_type`."""
+    """The family module for the folder's config.json `model_type` (a GGUF
+    file's architecture)."""
+    if gguf.is_gguf(model_dir):
+        return FAMILIES[gguf.model_type(model_dir)]
     path = config_path(model_dir)
     model_type = read_config_json(model_dir).get("model_type")
     if model_type not in FAMILIES:

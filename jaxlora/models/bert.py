@@ -56,15 +56,16 @@ _BLOCK_NORMS = {"attention.output.LayerNorm": "attention_norm", "output.LayerNor
 
 TASKS = ("classification",)
 
-# User-facing LoRA target name -> Hugging Face module path inside a block.
-LORA_TARGETS: dict[str, str] = {
+# User-facing LoRA target name -> Hugging Face module path inside a block; the
+# default targets are PEFT's for BERT.
+LORA_TARGETS = weights.TargetTable({
     "query": "attention.self.query",
     "key": "attention.self.key",
     "value": "attention.self.value",
     "attention.output": "attention.output.dense",
     "intermediate": "intermediate.dense",
     "output": "output.dense",
-}
+}, default=["query", "value"])
 
 # Checkpoint keys (after `PREFIXES` are stripped) -> paths in `BertForSequenceClassification`.
 WEIGHT_RULES: list[weights.Rule] = [

@@ -36,8 +36,9 @@ TASKS = ("causal-lm",)
 # Hugging Face module inside `h.{i}` -> `Linear` attribute of `GPT2Block`.
 _BLOCK_LINEARS = {"attn.c_attn": "c_attn", "attn.c_proj": "attn_proj", "mlp.c_fc": "c_fc",
                   "mlp.c_proj": "mlp_proj"}
-LORA_TARGETS: dict[str, str] = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj",
-                                "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
+LORA_TARGETS = weights.TargetTable({"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj",
+                                    "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"},
+                                   default=["c_attn"])  # PEFT's default for GPT-2
 
 
 def _conv1d(hf_module: str, path: str) -> list[weights.Rule]:

@@ -41,7 +41,8 @@ _ATTENTION = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj",
               "self_attn.v_proj": "v_proj", "self_attn.o_proj": "o_proj"}
 _MLP = {"mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj", "mlp.down_proj": "down_proj"}
 _BLOCK_LINEARS = {**_ATTENTION, **_MLP}
-LORA_TARGETS: dict[str, str] = {ours: hf for hf, ours in _BLOCK_LINEARS.items()}
+LORA_TARGETS = weights.TargetTable({ours: hf for hf, ours in _BLOCK_LINEARS.items()},
+                                   default=["q_proj", "v_proj"])  # PEFT's default
 
 WEIGHT_RULES: list[weights.Rule] = [
     *weights.embedding("embed_tokens", "model.embed_tokens"),

