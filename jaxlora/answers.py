@@ -32,13 +32,14 @@ def normalized(text: str) -> str:
 
 
 def first_label(text: str, labels: list[str]) -> int:
-    """The id of the label `text` names first (as a whole word, in any case),
+    """The id of the label `text` names first (as a whole word, in any case; of
+    two that start at the same place, the longer: "no answer" before "no"),
     or `NONE`."""
-    best, where = NONE, len(text) + 1
+    best, key = NONE, None
     for i, label in enumerate(labels):
         found = re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", text.lower())
-        if found and found.start() < where:
-            best, where = i, found.start()
+        if found and (key is None or (found.start(), -len(label)) < key):
+            best, key = i, (found.start(), -len(label))
     return best
 
 
@@ -56,6 +57,7 @@ def judge(completions: list[str], references: list[str], labels: list[str] | Non
         predicted = np.array([first_label(c, labels) for c in completions], np.int64)
         actual = np.array([first_label(r, labels) for r in references], np.int64)
         keep = actual != NONE  # references name a label by construction; guard all the same
-        out.update(classification_metrics(predicted[keep], actual[keep], labels))
-        out["answered_no_label"] = int((predicted[keep] == NONE).sum())
+        scores = classification_metrics(predicted[keep], actual[keep], labels)
+        scores.pop("examples")  # exact_match_examples says how many were judged
+        out.update(scores, answered_no_label=int((predicted[keep] == NONE).sum()))
     return out

@@ -140,8 +140,9 @@ def greedy_answers(graphdef: nnx.GraphDef, trainable, frozen, split, *,
                    placement=None) -> tuple[list[list[int]], list[list[int]]]:
     """Greedy completions of the prompts of `split` (the first eval examples,
     held whole by every process), and the reference answers: an example's
-    last run of target tokens is its answer, the tokens before it its prompt
-    (a text whose targets start at once has no prompt and is left out). Each
+    last run of target tokens is its answer (a conversation's last assistant
+    turn), the tokens before it its prompt (a text whose targets start at once
+    has no prompt and is left out). Each
     completion runs to a stop id (`stops`), or `ANSWER_SLACK` tokens past the
     longest reference (an answer may say more than the reference: "This tweet
     is negative." against "negative").
@@ -157,8 +158,9 @@ def greedy_answers(graphdef: nnx.GraphDef, trainable, frozen, split, *,
         starts = np.flatnonzero(targets & ~np.concatenate([[False], targets[:-1]]))
         if not len(starts) or starts[-1] == 0:
             continue
+        end = starts[-1] + int(np.argmin(np.append(targets[starts[-1]:], False)))
         prompts.append(ids[:starts[-1]].tolist())
-        references.append(ids[starts[-1]:].tolist())
+        references.append(ids[starts[-1]:end].tolist())
     if not prompts:
         return [], []
     wanted = max(len(r) for r in references) + ANSWER_SLACK

@@ -111,6 +111,10 @@ def _compiled(graphdef: nnx.GraphDef, batch: int, prompt_len: int, max_new: int,
     return jit(run if placement is None else placement.gathering(run))
 
 
+# Prompts are left-padded to a multiple of this many tokens (see `generate`).
+PROMPT_BLOCK = 16
+
+
 def _gather_once(placement, trainable, frozen) -> bool:
     """Whether decoding on `placement` gathers the weights once rather than per
     token: only where they are sharded (fsdp > 1), and only where the whole of
@@ -132,11 +136,24 @@ def _fits_whole(placement, nbytes: int) -> bool:
     return all(runtime.every_process(free is None or nbytes <= free // 2))
 
 
-def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
+# Special tokens that end a chat model's turn (llama.cpp calls them EOT): ChatML,
+# Llama 3, Phi 3, Gemma.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def stop_ids(tokenizer, model_dir: Path | None = None, *, chat: bool = False) -> list[int]:
     """The token ids that end a completion: the tokenizer's EOS and every id in
     the model folder's generation_config.json `eos_token_id` (a list for e.g.
-    Llama-3 Instruct's <|eot_id|>), as transformers' `generate` uses them."""
+    Llama-3 Instruct's <|eot_id|>), as transformers' `generate` uses them; for
+    `chat`, also the end-of-turn token of the template's kind (`END_OF_TURN`,
+    or the one a GGUF file names)."""
     ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if chat:
+        vocab = tokenizer.get_vocab()
+        named = getattr(tokenizer, "end_of_turn_id", None)  # set by jaxlora.models.gguf
+        for token_id in [named] + [vocab.get(token) for token in END_OF_TURN]:
+            if token_id is not None and int(token_id) not in ids:
+                ids.append(int(token_id))
     path = None if model_dir is None else Path(model_dir) / "generation_config.json"
     if path is not None and path.is_file():
         try:
@@ -161,12 +178,16 @@ def generate(graphdef: nnx.GraphDef, trainable, frozen, prompts: list[list[int]]
     FSDP the weights are gathered once per call where they fit (`_gather_once`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
-    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    batch, longest = len(prompts), max(len(p) for p in prompts)
     position_limit = getattr(nnx.merge(graphdef, trainable, frozen), "position_limit", None)
-    if position_limit is not None and prompt_len + cfg.max_new_tokens > position_limit:
-        raise UserError(f"a prompt of {prompt_len} tokens plus {cfg.max_new_tokens} new ones "
+    if position_limit is not None and longest + cfg.max_new_tokens > position_limit:
+        raise UserError(f"a prompt of {longest} tokens plus {cfg.max_new_tokens} new ones "
                         f"exceeds the model's {position_limit} positions; shorten the prompt "
                         "or lower max_new_tokens")
+    # left-padded to a multiple of PROMPT_BLOCK: prompts of nearby lengths (the
+    # turns of a chat, the batches of an evaluation) share one compiled program;
+    # padding takes no position and no attention
+    prompt_len = -(-longest // PROMPT_BLOCK) * PROMPT_BLOCK
     length = prompt_len + cfg.max_new_tokens
     ids = np.full((batch, prompt_len), pad_id, np.int32)
     valid = np.zeros((batch, length), np.int32)

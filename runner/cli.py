@@ -103,18 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", action="append", required=True,
                           help="a prompt (repeat for several; `-` reads one per line from "
                                "standard input)")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0,
-                          help="0 (default): greedy; else sample at this temperature")
-    generate.add_argument("--top-p", type=float, default=1.0,
-                          help="sample from the smallest set of tokens with this probability")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--raw", action="store_true",
-                          help="show the prompts as given (no data.template, no chat template)")
-    generate.add_argument("--chat", action="store_true",
-                          help="show each prompt as a user's turn through the chat template "
-                               "(what a run trained with data.chat does anyway) and stop at "
-                               "the end of the model's turn")
+    _sampling_arguments(generate, max_new_tokens=64)
+    shown = generate.add_mutually_exclusive_group()
+    shown.add_argument("--raw", action="store_true",
+                       help="show the prompts as given (no data.template, no chat template)")
+    shown.add_argument("--chat", action="store_true",
+                       help="show each prompt as a user's turn through the chat template "
+                            "(what a run trained with data.chat does anyway) and stop at the "
+                            "end of the model's turn")
     generate.add_argument("--json", action="store_true", help="one JSON object per line")
     chat = commands.add_parser(
         "chat", help="talk with a causal-LM run's model (or a recipe's base) in the terminal",
@@ -123,12 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                     "An empty line or the end of the input ends it; /reset starts again.")
     chat.add_argument("target", type=Path, metavar="RUN_DIR|RECIPE")
     chat.add_argument("--system", metavar="TEXT", help="a system turn before the conversation")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0,
-                      help="0 (default): greedy; else sample at this temperature")
-    chat.add_argument("--top-p", type=float, default=1.0,
-                      help="sample from the smallest set of tokens with this probability")
-    chat.add_argument("--seed", type=int, default=0)
+    _sampling_arguments(chat, max_new_tokens=256)
     export = commands.add_parser(
         "export", help="write a run's weights for PyTorch: PEFT adapter or merged model",
         description="peft: adapter_config.json + adapter_model.safetensors, loadable with "
@@ -170,6 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
                          help="run folders, e.g. runs/bert-sentiment/20261126-050000")
     return parser
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    """How `generate` and `chat` pick tokens (`runner.speaker.sampling` reads them)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default): greedy; else sample at this temperature")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample from the smallest set of tokens with this probability")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:

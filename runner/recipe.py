@@ -87,29 +87,47 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _data_fits_the_task(self) -> "Recipe":
+        """[data] settings that make sense for the task: a classifier's, or a
+        causal LM's (labels only with answers; the chat settings with chat)."""
         data = self.data
         if self.model.task == "classification":
             if data.pairs:
                 raise ValueError("data.prompt_column: only for task causal-lm")
             if data.packing:
                 raise ValueError("data.packing: only for task causal-lm")
-            defaults = type(data).model_fields
-            for name in ("chat", "chat_template", "system_prompt", "train_on", "too_long"):
-                if getattr(data, name) != defaults[name].default:
+            for name in ("chat", "messages_column", "chat_template", "system_prompt",
+                         "train_on", "too_long"):
+                if _given(data, name):
                     raise ValueError(f"data.{name}: only for task causal-lm (a classifier "
                                      "truncates its texts)")
             return self
-        if data.labels is not None and not data.answered:
-            raise ValueError("data.labels: for causal-lm only with prompt/response pairs or "
-                             "conversations (chat = true), whose answers name a label; plain "
-                             "text has no answer to judge")
-        for name in ("chat_template", "system_prompt"):
-            if getattr(data, name) is not None and not data.chat:
+        if data.labels is not None:
+            if not data.answered:
+                raise ValueError("data.labels: for causal-lm only with prompt/response pairs "
+                                 "or conversations (chat = true), whose answers name a label; "
+                                 "plain text has no answer to judge")
+            if data.train_on == "all":
+                raise ValueError('data.labels: not with train_on = "all", which counts every '
+                                 "token: there is no answer to judge")
+            folded = [label.lower() for label in data.labels]
+            if len(set(folded)) < len(folded):
+                raise ValueError("data.labels: for causal-lm, answers are matched in any case, "
+                                 "so no two labels may differ in case only")
+        for name in ("chat_template", "system_prompt", "messages_column", "train_on"):
+            if _given(data, name) and not data.chat:
                 raise ValueError(f"data.{name}: only with chat = true")
         if data.system_prompt is not None and not data.pairs:
             raise ValueError("data.system_prompt: only for prompt/response pairs (a "
                              "conversation carries its own system turn)")
+        if _given(data, "template") and data.conversations:
+            raise ValueError("data.template: shapes the prompt of a prompt/response pair; a "
+                             "conversation is rendered by the chat template alone")
         return self
+
+
+def _given(data: DataConfig, name: str) -> bool:
+    """Whether a [data] field holds another value than its default."""
+    return getattr(data, name) != type(data).model_fields[name].default
 
 
 def _needs_labels(document: dict) -> bool:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pydantic import ValidationError
+
 from jaxlora.data import ORDER
 from jaxlora.errors import UserError
 from runner import manifest as manifests
@@ -99,6 +101,16 @@ def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, ob
     return changes
 
 
+def as_read_now(recorded: dict) -> dict:
+    """A run's recorded recipe as this version reads it: fields added since it
+    was made take their defaults (a recipe that no longer validates is
+    compared as recorded)."""
+    try:
+        return canonical(Recipe.model_validate(recorded))
+    except (ValidationError, TypeError):
+        return recorded
+
+
 def may_change_on_resume(field: str) -> bool:
     """Whether the recipe field `field` (dotted) may differ when a run resumes."""
     return any(field == f or field.startswith(f"{f}.") for f in RESUMABLE)
@@ -109,7 +121,9 @@ def require_same_recipe(run_dir: Path, manifest: dict, recipe: Recipe, advice: s
     except where `may_change_on_resume` allows: returns those changes."""
     if manifest.get("recipe_hash") == recipe_hash(recipe):
         return []
-    changes = recipe_changes(manifest.get("recipe", {}), canonical(recipe))
+    changes = recipe_changes(as_read_now(manifest.get("recipe", {})), canonical(recipe))
+    if not changes:  # the same recipe, fields added since at their defaults
+        return []
     layout, others = [], []
     for field, old, new in changes:
         (layout if may_change_on_resume(field) else others).append(f"{field}: {old!r} -> {new!r}")

@@ -151,7 +151,7 @@ class Session:
             tokenizer = self.built.tokenizer
             completions, references = greedy_answers(
                 self.built.parts.graphdef, trainable, self.frozen, data.prompts,
-                stops=stop_ids(tokenizer, self.built.model_dir),
+                stops=stop_ids(tokenizer, self.built.model_dir, chat=recipe.data.chat),
                 pad_id=tokenizer.pad_token_id or 0, batch_size=recipe.eval.batch_size,
                 placement=self.built.placement)
             decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731

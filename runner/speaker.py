@@ -29,11 +29,6 @@ from runner import build, run_folder
 from runner import manifest as manifests
 from runner.recipe import Recipe, load_recipe
 
-# Special tokens that end a chat model's turn (llama.cpp calls them EOT): ChatML,
-# Llama 3, Phi 3, Gemma.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
-
-
 @dataclass
 class Speaker:
     """A model to generate with (see the module docstring)."""
@@ -46,6 +41,7 @@ class Speaker:
     model_dir: Path
     base: Path  # the folder the recipe's relative paths are read from
     where: str  # what it is, for the terminal
+    context: int  # the positions the model was trained for (its context length)
 
     @classmethod
     def open(cls, target: Path, command: str) -> Speaker:
@@ -64,21 +60,19 @@ class Speaker:
             return cls(recipe, opened.graphdef, opened.trainable, opened.frozen,
                        opened.tokenizer, opened.model_dir,
                        manifests.source_folder(opened.manifest, target),
-                       f"{target} at step {opened.step}")
+                       f"{target} at step {opened.step}",
+                       opened.loaded.config.max_position_embeddings)
         base = build.base_folder(target)
         model_dir = build.model_folder(recipe, base)
         parts = build.adapt(recipe, build.load_pretrained(recipe, model_dir), adapters=False)
         return cls(recipe, parts.graphdef, parts.trainable, parts.frozen,
                    build.load_tokenizer(model_dir), model_dir, base,
-                   f"the base model {recipe.model.source} (not fine-tuned)")
+                   f"the base model {recipe.model.source} (not fine-tuned)",
+                   parts.loaded.config.max_position_embeddings)
 
     def stops(self, chat: bool) -> list[int]:
         """The token ids that end an answer."""
-        ids = stop_ids(self.tokenizer, self.model_dir)
-        if chat:
-            vocab = self.tokenizer.get_vocab()
-            ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
-        return ids
+        return stop_ids(self.tokenizer, self.model_dir, chat=chat)
 
     def prompt_ids(self, prompt: str, *, chat: bool, raw: bool) -> list[int]:
         """A prompt's token ids, shown as in training (see the module docstring)."""

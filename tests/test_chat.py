@@ -139,7 +139,9 @@ def test_answers_are_judged_by_the_label_they_name():
     scores = judge(["Positive.", "no idea", "negative", "negative"],
                    ["positive", "positive", "negative", "positive"], labels)
     assert scores["exact_match"] == 0.5 and scores["accuracy"] == 0.5
-    assert scores["answered_no_label"] == 1 and scores["examples"] == 4
+    assert scores["answered_no_label"] == 1 and scores["exact_match_examples"] == 4
+    assert "examples" not in scores  # the eval set's size stays the evaluation's own
+    assert first_label("no answer here", ["no", "no answer"]) == 1  # the longer, at a tie
     assert scores["confusion"] == [[1, 0, 0], [1, 1, 1]]  # the last column: no label named
     assert scores["per_class"]["positive"]["recall"] == pytest.approx(1 / 3)
 
@@ -339,3 +341,87 @@ def test_chat_data_for_a_model_without_a_chat_template_is_refused(tmp_path):
     done = _runner("run", recipe, cwd=tmp_path)
     assert done.returncode == 2 and "data.chat: the model's tokenizer has no chat template" \
         in " ".join(done.stderr.split()), done.stderr
+
+
+OWN_SYSTEM = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nyou are a "
+              "helpful bot .<|im_end|>\n' }}{% endif %}" + CHATML)
+SPACED = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ 'user: ' + "
+          "message['content'] + '\n' }}{% else %}{{ 'assistant: ' + message['content'] + "
+          "'<|im_end|>\n' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def test_masks_with_a_template_of_its_own_system_turn_an_opening_answer_and_a_spaced_prompt():
+    """A template that writes its own system turn (as SmolLM2's does), a
+    conversation that opens with the assistant's turn, and a generation prompt
+    ending in a space (so the answer's first token, " positive", starts inside
+    the template's text): the answer is learned whole each time."""
+    tokenizer = chat_tokenizer(template=OWN_SYSTEM)
+    out = _tokenized(tokenizer, [CONVERSATION[1:]])
+    assert _targets(tokenizer, out) == "how are you today ?<|im_end|>negative<|im_end|>"
+    opening = [{"role": "assistant", "content": "hello there"}] + CONVERSATION[1:3]
+    out = _tokenized(tokenizer, [opening])
+    assert out["problem"] == [""]
+    assert _targets(tokenizer, out) == "hello there<|im_end|>how are you today ?<|im_end|>"
+    spaced = chat_tokenizer(template=SPACED)
+    out = _tokenized(spaced, [CONVERSATION[3:]])
+    ids = [t for t, m in zip(out["input_ids"][0], out["loss_mask"][0]) if m]
+    assert spaced.decode(ids) == " negative<|im_end|>"  # the space is the word's
+
+
+def test_truncate_cuts_a_pair_from_the_left_and_nothing_left_is_refused(tmp_path):
+    from jaxlora.data import DataConfig, LmFormat, tokenize_lm_batch
+    from jaxlora.data.rows import SplitRows
+    from jaxlora.data.tokenize import fitting_rows
+    from jaxlora.errors import UserError
+
+    tokenizer = chat_tokenizer()
+    fmt = LmFormat(prompt_column="p", response_column="r", too_long="truncate")
+    batch = {"p": ["the cat sat on the mat . " * 6], "r": ["positive"]}
+    out = tokenize_lm_batch(batch, tokenizer=tokenizer, fmt=fmt, max_length=12, pad_id=0,
+                            eos_id=tokenizer.eos_token_id)
+    assert out["fits"] == [True] and out["truncated"] == [True]
+    assert _targets(tokenizer, out) == "positive<|im_end|>"  # the response kept whole
+    assert tokenizer.decode(out["input_ids"][0]).endswith(". positive<|im_end|>")
+
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"p": batch["p"] * 3, "r": batch["r"] * 3})
+    cfg = DataConfig(source="x", prompt_column="p", response_column="r", max_length=12,
+                     eval_size=1)
+    part = SplitRows(ds, np.arange(3), np.zeros(3, np.int32), "train")
+    with pytest.raises(UserError, match="no row of split 'train' fits max_length 12"):
+        fitting_rows(part, tokenizer, cfg, Path("d.jsonl"), fmt=LmFormat.of(cfg))
+
+
+def test_runner_chat_keeps_the_conversation_a_system_turn_and_resets(chat_workdir, monkeypatch):
+    """Each turn the model sees the whole conversation so far after --system;
+    /reset starts it again; generate --chat shows a prompt as a user's turn,
+    and --chat with --raw is refused."""
+    import io
+
+    from runner.speaker import Speaker
+
+    recipe = _recipe(chat_workdir, "seen", "chat = true")
+    seen, chat_ids = [], Speaker.chat_ids
+
+    def recorded(self, messages):
+        seen.append([m["role"] for m in messages])
+        return chat_ids(self, messages)
+
+    monkeypatch.setattr(Speaker, "chat_ids", recorded)
+    lines = b"hello there\nis this tweet negative ?\n/reset\ni love it .\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
+    done = _runner("chat", recipe, "--system", "you are a helpful bot .", "--max-new-tokens",
+                   "2", cwd=chat_workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert seen == [["system", "user"], ["system", "user", "assistant", "user"],
+                    ["system", "user"]]
+    plain = _recipe(chat_workdir, "plain", 'prompt_column = "text"\nresponse_column = "label"')
+    seen.clear()
+    said = _runner("generate", plain, "--chat", "--prompt", "i love it .", "--max-new-tokens",
+                   "2", cwd=chat_workdir)
+    assert said.returncode == 0 and seen == [["user"]], said.stderr[-2000:]
+    with pytest.raises(SystemExit) as refused:  # argparse's own refusal
+        _runner("generate", plain, "--chat", "--raw", "--prompt", "x", cwd=chat_workdir)
+    assert refused.value.code == 2

@@ -206,20 +206,30 @@ def test_hosts_that_do_not_share_the_output_folder_stop_with_one_message(tmp_pat
 def test_a_bad_row_in_one_hosts_share_stops_every_host(tmp_path):
     """One bad row (a prompt that fills max_length, leaving no token to learn,
     with data.too_long = "error"): both processes stop with its message, exit
-    2, before any run folder."""
+    2, before any run folder; with the default, both drop it."""
     workdir = _lm_workdir(tmp_path)
     rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()]
     rows[57]["prompt"] = " ".join(["the cat"] * 10)
     (workdir / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     recipe = (workdir / "lm.toml").read_text()  # no greedy prompts: those every process reads
-    recipe = recipe.replace("[data]\n", "[data]\ntoo_long = \"error\"\n")
-    (workdir / "lm.toml").write_text(recipe.replace("[eval]\n", "[eval]\nexact_match_examples = 0\n"))
+    recipe = recipe.replace("[eval]\n", "[eval]\nexact_match_examples = 0\n")
+    (workdir / "lm.toml").write_text(recipe.replace("[data]\n", "[data]\ntoo_long = \"error\"\n"))
     processes, outputs = _two_processes([workdir, workdir])
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 2, err[-3000:]
         assert "data row 58 of split 'train' leaves no token to learn" in " ".join(err.split())
         assert "Traceback" not in err + out
     assert not (workdir / "runs").exists()
+    # with the default (drop) both processes leave that row out before the rows
+    # are dealt, and train together on the same 119 of 120
+    (workdir / "lm.toml").write_text(recipe)
+    processes, outputs = _two_processes([workdir, workdir])
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    [run] = (workdir / "runs" / "lm").iterdir()
+    data = json.loads((run / "manifest.json").read_text())["data"]
+    assert sum(data["too_long"].values()) == 1
+    assert data["train_size"] + data["eval_size"] == 119
 
 
 SPREAD_CHECKPOINT = """

@@ -233,3 +233,24 @@ def test_a_recipe_nested_too_deeply_is_refused_not_a_recursion_error(tmp_path):
     plain.write_text(BASE)
     with pytest.raises(UserError, match="--set train.x: a value nested too deeply"):
         load_recipe(plain, ["train.x=" + "[" * 5000 + "]" * 5000])
+
+
+def test_a_run_recorded_before_a_field_existed_is_the_same_recipe(tmp_path):
+    """A run folder made before some fields existed (its manifest's recipe
+    lacks them) still matches its recipe as read now, where they take their
+    defaults; a real change is still refused, naming the field."""
+    from jaxlora.errors import UserError
+    from runner.recipe import canonical, load_recipe
+    from runner.resume import require_same_recipe
+
+    (tmp_path / "r.toml").write_text('[model]\nsource = "m"\n[data]\nsource = "d.csv"\n'
+                                     'labels = ["a", "b"]\neval_size = 2\n')
+    recipe = load_recipe(tmp_path / "r.toml")
+    recorded = canonical(recipe)
+    for added in ("chat", "messages_column", "train_on", "too_long"):
+        del recorded["data"][added]
+    manifest = {"recipe": recorded, "recipe_hash": "made by an earlier jaxlora"}
+    assert require_same_recipe(tmp_path, manifest, recipe, "") == []
+    recorded["train"]["learning_rate"] = 0.5
+    with pytest.raises(UserError, match="train.learning_rate: 0.5 -> 0.0005"):
+        require_same_recipe(tmp_path, manifest, recipe, "")

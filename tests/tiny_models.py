@@ -155,7 +155,8 @@ def chat_decoder_dir(folder, template: str = CHATML, tie: bool = False):
 
     tokenizer = chat_tokenizer(folder, template)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**dict(TINY, vocab_size=len(tokenizer)),
+    config = transformers.LlamaConfig(**dict(TINY, vocab_size=len(tokenizer),
+                                             max_position_embeddings=256),
                                       num_key_value_heads=2, tie_word_embeddings=tie,
                                       bos_token_id=tokenizer.bos_token_id,
                                       eos_token_id=tokenizer.eos_token_id,

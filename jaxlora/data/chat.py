@@ -101,13 +101,33 @@ def render(tokenizer: Any, messages: list[dict[str, str]], template: str | None,
         turns = turns[-1:]
     spans = []
     for k in turns:
-        before, upto = text(messages[:k], prompt=True), text(messages[:k + 1])
+        upto = text(messages[:k + 1])
+        before = text(messages[:k], prompt=True) if k else _opening(text, upto, messages[0])
         if not (upto.startswith(before) and whole.startswith(upto)):
             raise ValueError(f"the chat template writes the conversation up to message {k + 1} "
                              "otherwise than as the start of the whole; its assistant turns "
                              "cannot be found in the text (give data.chat_template)")
         spans.append((len(before), len(upto.rstrip())))
     return whole, spans
+
+
+def _opening(text, upto: str, first: dict[str, str]) -> str:
+    """The text before a conversation's first turn, when it is the assistant's:
+    the template's own start (an empty conversation with the generation
+    prompt), or where the turn's content begins in its text (a template
+    that cannot render an empty conversation)."""
+    try:
+        before = text([], prompt=True)
+    except ValueError:
+        before = None
+    if before is not None and upto.startswith(before):
+        return before
+    content = first["content"].strip()
+    at = upto.rfind(content) if content else -1
+    if at < 0:
+        raise ValueError("the chat template writes the first (assistant) turn so that its "
+                         "text cannot be found")
+    return upto[:at]
 
 
 def _shown(value: Any) -> str:

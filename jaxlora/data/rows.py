@@ -113,8 +113,9 @@ def _read_texts(ds: Any, cfg: DataConfig, path: Path,
         answers = ds.data.column(cfg.response_column).to_pylist() if cfg.pairs else None
     if cfg.labels is None:
         return np.zeros(len(ds), np.int32), Counter()
-    ids = np.array([first_label(a, cfg.labels) for a in answers], np.int32)
-    dropped = Counter(normalized(a)[:40] for a, i in zip(answers, ids) if i < 0)
+    ids = np.array([first_label(a, cfg.labels) if a is not None else -1 for a in answers],
+                   np.int32)
+    dropped = Counter(normalized(a or "")[:40] for a, i in zip(answers, ids) if i < 0)
     if not (ids >= 0).any():
         found = ", ".join(f"{v!r} ({n})" for v, n in dropped.most_common(MAX_LISTED_VALUES))
         raise UserError(f"{path}: no answer in split {split!r} names a label in {cfg.labels}; "

@@ -79,6 +79,10 @@ def _share(ds: Any, rows: np.ndarray, hosting: Hosting | None, cfg: DataConfig,
         for column in columns:
             chars = pc.fill_null(pc.utf8_length(ds.data.column(column)), 0)
             sizes += chars.to_numpy()[rows]
+        if cfg.conversations:  # the characters of every turn's text
+            values = ds.data.column(cfg.messages_column).to_pylist()
+            sizes += np.array([sum(len(str(m.get("content") or m.get("value") or ""))
+                                   for m in values[r]) for r in rows], np.int64)
         fields["sizes"] = sizes
     if hosting is None or hosting.held is None:
         return rows, fields
@@ -274,9 +278,10 @@ def _cut(ids: list[int], mask: list[int], fmt: LmFormat,
 
 def _chat_sequences(batch: dict[str, list], tokenizer: Any, fmt: LmFormat,
                     problems: list[str]) -> list[tuple[list[int], list[int]]]:
-    """Each row as its chat-rendered token ids and loss mask (the tokens whose
-    first character lies in a counted span); a row that cannot be rendered
-    gets no tokens and its `problems` entry."""
+    """Each row as its chat-rendered token ids and loss mask (the tokens that
+    overlap a counted span, as transformers' assistant masks count them: a
+    token " positive" whose space is the template's still counts); a row that
+    cannot be rendered gets no tokens and its `problems` entry."""
     texts, spans = [], []
     for i in range(len(problems)):
         try:
@@ -294,6 +299,6 @@ def _chat_sequences(batch: dict[str, list], tokenizer: Any, fmt: LmFormat,
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     sequences = []
     for ids, offsets, counted in zip(enc["input_ids"], enc["offset_mapping"], spans):
-        mask = [int(any(a <= start < b for a, b in counted)) for start, _ in offsets]
+        mask = [int(any(start < b and end > a for a, b in counted)) for start, end in offsets]
         sequences.append((ids, mask))
     return sequences

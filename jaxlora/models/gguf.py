@@ -42,11 +42,15 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {  # name: (split regex or None for GPT-2's, digits one by one)
-    "default": (_GPT2_SPLIT, False), "gpt2": (_GPT2_SPLIT, False),
+    "gpt2": (_GPT2_SPLIT, False),
     "smollm": (_GPT2_SPLIT, True),  # llama.cpp: \p{N}, then GPT-2's regex
     "llama-bpe": (_LLAMA3_SPLIT, False), "llama3": (_LLAMA3_SPLIT, False),
     "qwen2": (_QWEN2_SPLIT, False),
 }
+# Vocabularies whose words are whole tokens before any merge (as their own
+# tokenizer.json says), and those whose text is NFC-normalized first.
+IGNORE_MERGES = ("llama-bpe", "llama3")
+NFC = ("qwen2",)
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types that are added tokens
 
 
@@ -72,14 +76,23 @@ def is_gguf(path: Path) -> bool:
     return Path(path).suffix.lower() == SUFFIX and Path(path).is_file()
 
 
-@functools.lru_cache(maxsize=4)
 def open_gguf(path: Path) -> GgufFile:
     """The file read (memory-mapped) and checked: a GGUF header, an architecture
     this project builds, tensors that all lie inside the file. A UserError
-    naming the file otherwise."""
+    naming the file otherwise. Read once per version of the file."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    return _open(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: Path, modified: int, size: int) -> GgufFile:
+    """`open_gguf` for one version of the file (its modification time and size)."""
     import gguf
 
-    path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError, struct.error) as e:
@@ -147,8 +160,9 @@ def hf_config(path: Path):
     if scaling == "linear":
         fields["rope_scaling"] = {"rope_type": "linear",
                                   "factor": float(found.get("rope.scaling.factor"))}
-    if kind == "mistral" and found.get("attention.sliding_window"):
-        fields["sliding_window"] = int(found.get("attention.sliding_window"))
+    if kind == "mistral":  # MistralConfig's own default window is not the file's
+        window = found.get("attention.sliding_window")
+        fields["sliding_window"] = int(window) if window else None
     classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
     try:
         return getattr(transformers, classes[kind])(**fields)
@@ -234,7 +248,7 @@ def tokenizer(path: Path):
     its vocabulary and merges, split as its pre-tokenizer says, its control and
     user-defined tokens added whole, BOS added where the file says so, and its
     chat template."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
     from tokenizers import pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -251,7 +265,10 @@ def tokenizer(path: Path):
     tokens = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", ())]
     backend = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges,
-                                   fuse_unk=False, byte_fallback=False))
+                                   fuse_unk=False, byte_fallback=False,
+                                   ignore_merges=pre in IGNORE_MERGES))
+    if pre in NFC:
+        backend.normalizer = normalizers.NFC()
     split, digits = PRE_TOKENIZERS[pre]
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     if split is None:
@@ -274,12 +291,15 @@ def tokenizer(path: Path):
 
     bos = token("bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, tokens.index(bos))])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=token("eos_token_id"),
         unk_token=token("unknown_token_id"), pad_token=token("padding_token_id"),
         chat_template=meta.get("tokenizer.chat_template"), clean_up_tokenization_spaces=False)
+    eot = meta.get("tokenizer.ggml.eot_token_id")  # the end of a chat turn, where named
+    fast.end_of_turn_id = int(eot) if isinstance(eot, (int, np.integer)) else None
+    return fast

@@ -62,14 +62,12 @@ def _lines(console):
 
 def _reply(speaker: Speaker, system: list, turns: list, cfg, console) -> str:
     """The model's answer to the conversation; its oldest exchanges are let go
-    while it does not fit the model's positions."""
-    while True:
-        try:
-            [tokens] = speaker.answer([speaker.chat_ids(system + turns)], cfg, chat=True)
-            return speaker.text(tokens).strip()
-        except UserError as e:
-            if "positions" not in str(e) or len(turns) <= 1:
-                raise
-            del turns[:2]  # the oldest user turn and its answer
-            console.print("[dim](the oldest exchange was let go: the conversation no longer "
-                          "fit the model)[/]")
+    while it and the answer do not fit the model's context."""
+    ids = speaker.chat_ids(system + turns)
+    while len(ids) + cfg.max_new_tokens > speaker.context and len(turns) > 1:
+        del turns[:2]  # the oldest user turn and its answer
+        console.print("[dim](the oldest exchange was let go: the conversation no longer fit "
+                      "the model)[/]")
+        ids = speaker.chat_ids(system + turns)
+    [tokens] = speaker.answer([ids], cfg, chat=True)
+    return speaker.text(tokens).strip()
