@@ -54,10 +54,15 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     validate = commands.add_parser(
-        "validate", help="check a recipe and print it resolved (defaults filled in)",
-        description="Check a recipe and print it resolved, with every default filled in. "
-                    "Exit 2 with one message per problem when it is invalid.")
+        "validate", help="check a recipe and summarize it (--full: resolved, field by field)",
+        description="Check a recipe and print a short summary of what a run would do. "
+                    "--full prints it resolved, with every default filled in, and where "
+                    "each value comes from. Exit 2 with one message per problem when it "
+                    "is invalid.")
     validate.add_argument("recipe", type=Path, help="path to a recipe .toml file")
+    validate.add_argument("--full", action="store_true",
+                          help="print the resolved recipe as TOML and where each value "
+                               "comes from (a file of the extends chain, --set, or default)")
     validate.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                           help="override a field, e.g. --set train.learning_rate=3e-4")
     run = commands.add_parser(

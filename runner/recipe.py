@@ -23,6 +23,8 @@ import difflib
 import hashlib
 import json
 import os
+import re
+import stat
 import tomllib
 import typing
 from pathlib import Path
@@ -148,61 +150,195 @@ def load_with_provenance(path: str | Path, overrides: list[str] | tuple[str, ...
                          ) -> tuple[Recipe, dict[str, str]]:
     """The recipe and, for every field given anywhere, where its value came
     from: a file of the `extends` chain, or `--set` (fields absent from the
-    map have their default)."""
+    map have their default).
+
+    Validation is strict (pydantic's strict mode, for the whole recipe): a
+    string is never read as a number or a boolean (`rank = "8"` is refused),
+    whether it comes from a file or from `--set`. A whole number stands for a
+    float (`learning_rate = 1`): that is no conversion from text."""
     path = Path(path)
-    document, provenance = _read_chain(path, ())
+    document, provenance = _read_chain(path, (), _confinement(path))
     for item in overrides:
         key, value = parse_override(item)
-        _set(document, key, value)
-        provenance[key] = "--set"
+        for leaf, leaf_value in _override_leaves(key, value):
+            _set(document, leaf, leaf_value)
+            provenance[leaf] = "--set"
     document.setdefault("name", path.stem)
     try:
-        return Recipe.model_validate(document), provenance
+        return Recipe.model_validate(document, strict=True), provenance
     except ValidationError as e:
         raise UserError(format_errors(path, e, provenance)) from None
 
 
+# A recipe is a few KiB; anything much larger is not one (/dev/zero, a data file).
+MAX_RECIPE_BYTES = 4 * 2**20
+# Tables nested deeper than this are no recipe (the deepest field is adapter.quant.type).
+MAX_TABLE_DEPTH = 16
+
+
 def _read_toml(path: Path) -> dict:
+    """The TOML document of a recipe file: only a regular file, at most
+    MAX_RECIPE_BYTES, its tables at most MAX_TABLE_DEPTH deep."""
+    text = _read_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the recipe: {e}") from None
-    try:
-        return tomllib.loads(text.removeprefix("\ufeff"))  # a byte-order mark (Windows editors)
+        document = tomllib.loads(text.removeprefix("\ufeff"))  # a byte-order mark (Windows)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
     except RecursionError:
         raise UserError(f"{path}: arrays or tables nested too deeply to read") from None
+    _check_depth(document, str(path))
+    return document
 
 
-def _read_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
-    """A recipe file merged over its `extends` parents (deep merge of tables;
-    a child's value, array included, replaces the parent's)."""
+def _read_text(path: Path) -> str:
+    """A recipe file's text. Opened without blocking (a FIFO would wait for a
+    writer forever) and read only when it is a regular file (/dev/zero never
+    ends), with a size limit."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except OSError as e:  # a loop of links, no permission, a name too long
+        raise UserError(f"{path}: cannot read the recipe: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{path}: a folder, not a recipe file")
+        raise UserError(f"{path}: not a regular file (a device, a pipe or a socket); "
+                        "a recipe is read only from a file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as e:
+            raise UserError(f"{path}: cannot read the recipe: {e.strerror or e}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB: not a recipe")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: cannot read the recipe: not UTF-8 text ({e})") from None
+
+
+def _check_depth(document: dict, where: str) -> None:
+    """Refuse tables nested deeper than MAX_TABLE_DEPTH (a dotted key thousands
+    of levels deep parses fine, then breaks every recursive walk)."""
+    stack = [(document, ())]
+    while stack:
+        table, keys = stack.pop()
+        for key, value in table.items():
+            if not isinstance(value, dict):
+                continue
+            if len(keys) + 1 >= MAX_TABLE_DEPTH:
+                shown = ".".join((*keys, key)[:4])
+                raise UserError(f"{where}: {shown}...: tables nested more than "
+                                f"{MAX_TABLE_DEPTH} levels deep; no recipe field is")
+            stack.append((value, (*keys, key)))
+
+
+# The recipes shipped with jaxlora (what `runner recipes` lists and `runner cp`
+# copies); `extends = "NAME"` names one of them.
+SHIPPED = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def shipped_recipe(name: str) -> Path:
+    """The shipped recipe called NAME (with or without .toml)."""
+    stem = name.removesuffix(".toml")
+    target = SHIPPED / f"{stem}.toml"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", stem) or not target.is_file():
+        names = ", ".join(p.stem for p in sorted(SHIPPED.glob("*.toml")))
+        raise UserError(f"{name!r}: no shipped recipe of that name; shipped: {names}")
+    return target
+
+
+def _confinement(path: Path) -> Path | None:
+    """The folder a recipe's `extends` chain may not leave, if any: a run
+    folder's (its recipe.toml sits beside manifest.json; a run is replayed
+    from what it holds), or the shipped library's (a shipped recipe is read
+    by every user). A user's own recipe extends whatever file it names."""
+    try:
+        folder = path.resolve().parent
+    except (OSError, RuntimeError):
+        return None  # the file itself cannot be read: _read_toml says so
+    if (folder / "manifest.json").is_file():
+        return folder
+    return SHIPPED if folder == SHIPPED.resolve() else None
+
+
+def _parent_file(path: Path, parent, confine: Path | None) -> Path:
+    """The file `extends = PARENT` in the recipe at `path` names: a shipped
+    recipe's name (no '/', no .toml), or a path relative to the recipe's
+    folder (or absolute), links followed; inside `confine` when given."""
+    if not isinstance(parent, str) or not parent:
+        raise UserError(f"{path}: extends: expected the name of a shipped recipe or the "
+                        f"path of a recipe file, got {parent!r}")
+    by_name = "/" not in parent and "\\" not in parent and not parent.endswith(".toml")
+    try:
+        if by_name:
+            try:
+                target = shipped_recipe(parent).resolve()
+            except UserError as e:
+                raise UserError(f"{path}: extends: {e}") from None
+        else:
+            target = (path.resolve().parent / Path(parent).expanduser()).resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links; ~user of no such user
+        raise UserError(f"{path}: extends: {parent!r}: cannot follow this path "
+                        f"({getattr(e, 'strerror', None) or e})") from None
+    if confine is not None and confine.resolve() not in target.parents:
+        raise UserError(f"{path}: extends: {parent!r} is outside {confine.resolve()}; a "
+                        "recipe of a run folder or of the shipped library extends only "
+                        "recipes beside it (.. and links may not leave that folder)")
+    if not target.is_file():
+        raise UserError(f"{path}: extends: {parent!r}: no such recipe file ({target})")
+    return target
+
+
+def _read_chain(path: Path, seen: tuple[Path, ...], confine: Path | None = None
+                ) -> tuple[dict, dict[str, str]]:
+    """A recipe file merged over its `extends` parent (deep merge of tables;
+    a child's value, array included, replaces the parent's), after removing
+    the inherited fields its `unset` array names."""
     document = _read_toml(path)
     parent = document.pop("extends", None)
+    unset = document.pop("unset", None)
     merged: dict = {}
     provenance: dict[str, str] = {}
     if parent is not None:
-        if not isinstance(parent, str) or not parent:
-            raise UserError(f"{path}: extends: expected the path of a parent recipe, "
-                            f"got {parent!r}")
-        folder = path.resolve().parent
-        target = (folder / parent).resolve()  # links followed
-        if folder not in target.parents:
-            raise UserError(f"{path}: extends: {parent!r} is outside the recipe's folder "
-                            f"{folder} (.. and links may not leave it)")
-        if not target.is_file():
-            raise UserError(f"{path}: extends: {parent!r}: no such recipe file ({target})")
-        if target in seen or target == path.resolve():
-            chain = " -> ".join(str(p) for p in (*seen, path.resolve(), target))
+        target = _parent_file(path, parent, confine)
+        here = path.resolve()
+        if target in seen or target == here:
+            chain = " -> ".join(str(p) for p in (*seen, here, target))
             raise UserError(f"{path}: extends: a cycle: {chain}")
-        merged, provenance = _read_chain(target, (*seen, path.resolve()))
-        merged = _rebased(merged, target.parent, folder)
+        merged, provenance = _read_chain(target, (*seen, here),
+                                         confine or _confinement(target))
+        merged = _rebased(merged, target.parent, here.parent)
+    if unset is not None:
+        _unset(merged, provenance, unset, path)
     for key, value in _leaves(document):
         provenance[key] = str(path)
     return _merge(merged, document), provenance
+
+
+def _unset(merged: dict, provenance: dict[str, str], unset, path: Path) -> None:
+    """Remove the inherited fields (or whole tables) named by the recipe's
+    `unset = ["data.eval_size", ...]`: they take their default again, unless
+    the recipe itself sets them."""
+    if not merged:
+        raise UserError(f"{path}: unset: only in a recipe that extends another (it removes "
+                        "fields the parent set)")
+    if not isinstance(unset, list) or not all(isinstance(k, str) and k for k in unset):
+        raise UserError(f"{path}: unset: expected an array of dotted field names, e.g. "
+                        f'unset = ["data.eval_size"], got {unset!r}')
+    for key in unset:
+        *tables, last = key.split(".")
+        node = merged
+        for part in tables:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            raise UserError(f"{path}: unset: {key!r} is not set by the recipe it extends")
+        del node[last]
+        for field in [f for f in provenance if f == key or f.startswith(f"{key}.")]:
+            del provenance[field]
 
 
 # Fields a recipe may give as a path relative to its own folder.
@@ -237,11 +373,19 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def _leaves(document: dict, prefix: str = ""):
-    for key, value in document.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}.")
+    """(dotted key, value) of every non-table value, depth first, without
+    recursion (a document's depth is checked on reading, but a walk that
+    cannot overflow needs no such promise)."""
+    stack = [(iter(document.items()), prefix)]
+    while stack:
+        items, at = stack[-1]
+        for key, value in items:
+            if isinstance(value, dict):
+                stack.append((iter(value.items()), f"{at}{key}."))
+                break
+            yield f"{at}{key}", value
         else:
-            yield f"{prefix}{key}", value
+            stack.pop()
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -259,7 +403,20 @@ def parse_override(item: str) -> tuple[str, object]:
         value = raw.strip()
     except RecursionError:
         raise UserError(f"--set {key}: a value nested too deeply to read") from None
+    nested: object = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    _check_depth(nested, f"--set {key}")
     return key, value
+
+
+def _override_leaves(key: str, value) -> list[tuple[str, object]]:
+    """What `--set KEY=VALUE` sets: an inline table merges into the table
+    (`eval={batch_size=2}` sets eval.batch_size and keeps the file's other
+    eval fields), anything else is one field."""
+    if isinstance(value, dict) and value:
+        return list(_leaves(value, f"{key}."))
+    return [(key, value)]
 
 
 def _set(document: dict, key: str, value) -> None:
@@ -270,6 +427,8 @@ def _set(document: dict, key: str, value) -> None:
         if not isinstance(child, dict):
             raise UserError(f"--set {key}: {part!r} is a value, not a table")
         node = child
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        return  # an empty inline table: the table as it is
     node[last] = value
 
 
@@ -289,38 +448,113 @@ def format_errors(path: Path, error: ValidationError,
     """One line per problem: `FILE: dotted.field: what is wrong`, FILE being
     the file of the `extends` chain that set the field (or `--set`), per
     `provenance`, else `path`."""
-    messages: dict[str, list[str]] = {}
+    given = provenance or {}
+    messages: dict[tuple[str, str], list[str]] = {}
+    unquoted: dict[str, list] = {}  # labels given as numbers or booleans, by source
     for err in error.errors(include_url=False):
         where, holder = _locate(err["loc"])
-        if err["type"] == "extra_forbidden":
-            key = str(err["loc"][-1])
-            valid = list(holder.model_fields) if holder else []
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else (
-                f"; valid keys: {', '.join(valid)}" if valid else "")
-            msg = f"unknown key{hint}"
-        elif err["type"] == "missing":
-            msg = "required, but missing"
-        elif err["type"] == "union_tag_not_found":
-            msg = 'expected a table with method = "lora", "qlora" or "full"'
-        elif err["type"] == "string_pattern_mismatch" and where == "name":
-            msg = (f"{err['input']!r} cannot name a run folder (letters, digits, '.', '_', "
-                   "'-'); set name = \"...\" in the recipe (it defaults to the file name)")
-        elif err["type"] == "union_tag_invalid":
+        if err["type"] == "union_tag_invalid":
             where = f"{where}.method"
-            msg = (f"unknown method {err['ctx']['tag']!r}; expected one of: "
-                   f"{err['ctx']['expected_tags']}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-                msg = f"{msg} (got {err['input']!r})"
-        found = messages.setdefault(where or "(top level)", [])
+        source = _source(where, given, path)
+        if (err["type"] == "string_type" and re.fullmatch(r"data\.labels\[\d+\]", where)
+                and not isinstance(err["input"], str)):
+            unquoted.setdefault(source, []).append(err["input"])  # one message for them all
+            continue
+        found = messages.setdefault((source, where or "(top level)"), [])
+        msg = _message(err, where, holder)
         if msg not in found:  # union members repeat the same complaint
             found.append(msg)
-    given = provenance or {}
-    lines = [f"{given.get(where, path)}: {where}: {'; or '.join(msgs)}"
-             for where, msgs in messages.items()]
-    return "\n".join(lines)
+    for source, values in unquoted.items():
+        messages[(source, "data.labels")] = [_labels_message(values, source)]
+    return "\n".join(f"{source}: {where}: {'; or '.join(msgs)}"
+                     for (source, where), msgs in messages.items())
+
+
+def _source(where: str, provenance: dict[str, str], path: Path) -> str:
+    """Where the value a problem is about was given: the field's own entry
+    (an item of an array, `data.labels[0]`, is its array's), else the nearest
+    table above it that was given whole, else (an unknown key in a table that
+    `--set` filled) the entries below it, `--set` first; else the recipe."""
+    key = re.sub(r"\[\d+\]", "", where)
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in provenance:
+            return provenance[".".join(parts[:n])]
+    below = [source for field, source in provenance.items() if field.startswith(f"{key}.")]
+    return "--set" if "--set" in below else (below[0] if below else str(path))
+
+
+# What a strict type check expected, in the recipe's words.
+EXPECTED = {"int_type": "an integer", "int_from_float": "a whole number",
+            "float_type": "a number", "bool_type": "true or false",
+            "string_type": "a string (in quotes)", "list_type": "an array [...]",
+            "dict_type": "a table", "model_type": "a table", "model_attributes_type": "a table"}
+
+
+def _message(err: dict, where: str, holder: type[BaseModel] | None) -> str:
+    """The words for one pydantic error at the dotted field `where`."""
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        valid = list(holder.model_fields) if holder else []
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else (
+            f"; valid keys: {', '.join(valid)}" if valid else "")
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required, but missing"
+    if kind == "union_tag_not_found":
+        return 'expected a table with method = "lora", "qlora" or "full"'
+    if kind == "string_pattern_mismatch" and where == "name":
+        return (f"{err['input']!r} cannot name a run folder (letters, digits, '.', '_', "
+                "'-'); set name = \"...\" in the recipe (it defaults to the file name)")
+    if kind == "union_tag_invalid":
+        return (f"unknown method {err['ctx']['tag']!r}; expected one of: "
+                f"{err['ctx']['expected_tags']}")
+    if kind in EXPECTED:
+        return _type_message(kind, err["input"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        msg = f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def _type_message(kind: str, value) -> str:
+    """`expected an integer, got the string "8"; write it without quotes: 8`:
+    the schema is strict, so the message says what to write instead."""
+    msg = f"expected {EXPECTED[kind]}, got {_describe(value)}"
+    if isinstance(value, str) and kind != "string_type":
+        try:
+            meant = tomllib.loads(f"v = {value.strip()}")["v"]
+        except (tomllib.TOMLDecodeError, RecursionError):
+            meant = None
+        if meant is not None and not isinstance(meant, (str, dict, list)):
+            msg += f"; write it without quotes: {value.strip()}"
+    return msg
+
+
+def _labels_message(values: list, source: str) -> str:
+    """Labels given as numbers (`--set 'data.labels=[1,3,5]'`): labels are
+    names, strings in quotes, wherever they are given."""
+    shown = ", ".join(_describe(v).removeprefix("the number ") for v in values)
+    quoted = json.dumps([_describe(v).removeprefix("the number ") for v in values])
+    fix = f"--set 'data.labels={quoted}'" if source == "--set" else f"labels = {quoted}"
+    return f"labels are strings, each in quotes; got {shown}: write {fix}"
+
+
+def _describe(value) -> str:
+    """A value as the recipe's author wrote it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value)}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)
 
 
 def _locate(loc: tuple) -> tuple[str, type[BaseModel] | None]:

@@ -159,7 +159,7 @@ def test_run_end_to_end(workdir):
 
 
 def test_validate_prints_the_resolved_recipe(workdir):
-    done = _runner("validate", "tiny.toml", cwd=workdir)
+    done = _runner("validate", "tiny.toml", "--full", cwd=workdir)
     assert done.returncode == 0
     assert "warmup_ratio" in done.stdout and "valid" in done.stdout  # defaults filled in
 

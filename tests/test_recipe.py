@@ -50,14 +50,19 @@ def test_methods_full_and_qlora_slot_in(tmp_path):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ('[adapter]\nrank = "eight"\n', "adapter.rank: Input should be a valid integer"),
+    ('[adapter]\nrank = "eight"\n', 'adapter.rank: expected an integer, got the string "eight"'),
+    ('[adapter]\nrank = "8"\n',
+     'adapter.rank: expected an integer, got the string "8"; write it without quotes: 8'),
+    ('[adapter]\nalpha = "16.0"\n', 'adapter.alpha: expected a number, got the string "16.0"'),
+    ('[train]\nepochs = 2.0\n', "train.epochs: expected an integer, got the number 2.0"),
+    ('[eval]\nbefore = 1\n', "eval.before: expected true or false, got the number 1"),
     ('[adapter]\nrank = -1\n', "adapter.rank: Input should be greater than 0 (got -1)"),
     ('[adapter]\nrnak = 8\n', "adapter.rnak: unknown key; did you mean 'rank'?"),
     ('[train]\nlearnig_rate = 1e-3\n', "train.learnig_rate: unknown key; did you mean 'learning_rate'?"),
     ('[adapter]\nmethod = "lorax"\n', "adapter.method: unknown method 'lorax'"),
     ('[adapter]\ntargets = []\n', "adapter.targets: must list at least one layer name"),
     ('[train]\nbatch_size = 0\n', "train.batch_size: Input should be greater than 0"),
-    ('[eval]\nbefore = "maybe"\n', "eval.before: Input should be a valid boolean"),
+    ('[eval]\nbefore = "maybe"\n', 'eval.before: expected true or false, got the string "maybe"'),
     ('[outptu]\ndir = "x"\n', "outptu: unknown key; did you mean 'output'?"),
     ('[adapter]\nmethod = "qlora"\n[adapter.quant]\ntype = "nf3"\n',
      "adapter.quant.type: Input should be 'nf4' or 'int4'"),
@@ -170,7 +175,7 @@ def test_a_parents_relative_sources_are_read_from_its_own_folder(tmp_path):
     assert (recipe.model.source, recipe.data.source) == ("some/model", "data.csv")
 
 
-def test_extends_refuses_cycles_and_escapes(tmp_path):
+def test_extends_refuses_cycles_and_escapes_from_a_run_folder(tmp_path):
     (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
     with pytest.raises(UserError, match="a cycle"):
@@ -178,17 +183,20 @@ def test_extends_refuses_cycles_and_escapes(tmp_path):
     (tmp_path / "base.toml").write_text(BASE)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "up.toml").write_text('extends = "../base.toml"\n')
-    with pytest.raises(UserError, match="outside the recipe's folder"):
-        load_recipe(tmp_path / "sub" / "up.toml")
+    assert load_recipe(tmp_path / "sub" / "up.toml").data.labels == ["neg", "pos"]
     (tmp_path / "sub" / "link.toml").symlink_to(tmp_path / "base.toml")
     (tmp_path / "sub" / "via-link.toml").write_text('extends = "link.toml"\n')
-    with pytest.raises(UserError, match="outside the recipe's folder"):
-        load_recipe(tmp_path / "sub" / "via-link.toml")
+    assert load_recipe(tmp_path / "sub" / "via-link.toml").name == "via-link"
+    # a run folder's recipe (beside its manifest.json) may not leave the run folder
+    (tmp_path / "sub" / "manifest.json").write_text("{}")
+    for name in ("up.toml", "via-link.toml"):
+        with pytest.raises(UserError, match=r"is outside .*sub; a recipe of a run folder"):
+            load_recipe(tmp_path / "sub" / name)
     (tmp_path / "lost.toml").write_text('extends = "nope.toml"\n')
     with pytest.raises(UserError, match=r"lost\.toml: extends: 'nope\.toml': no such recipe"):
         load_recipe(tmp_path / "lost.toml")
     (tmp_path / "odd.toml").write_text("extends = 3\n")
-    with pytest.raises(UserError, match="extends: expected the path"):
+    with pytest.raises(UserError, match="extends: expected the name of a shipped recipe"):
         load_recipe(tmp_path / "odd.toml")
 
 
@@ -196,7 +204,7 @@ def test_validate_shows_where_values_come_from(tmp_path):
     from test_cli import runner_here
 
     child = _chain(tmp_path)
-    done = runner_here("validate", str(child), "--set", "train.seed=3", cwd=tmp_path)
+    done = runner_here("validate", str(child), "--full", "--set", "train.seed=3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "--set" in done.stdout and "default" in done.stdout and "mid.toml" in done.stdout
     done = runner_here("validate", str(child), "--set", "train.seed=minus one", cwd=tmp_path)
