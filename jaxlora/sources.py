@@ -2,9 +2,11 @@
 installed Python package.
 
     pkg://PACKAGE/path/inside   a file or folder shipped inside an installed
-                                package, found with importlib.util.find_spec
-                                (the package is never imported, and the path
-                                may not leave the package's folder)
+                                package, found on sys.path level by level with
+                                importlib.machinery.PathFinder (no package, nor
+                                any parent of a dotted one, is ever imported, so
+                                a recipe runs no package's code; the path may
+                                not leave the package's folder)
     ./local/path, /abs/path     a local file or folder
     org/name                    a Hugging Face hub repository; only
                                 safetensors, configs and tokenizer files are
@@ -17,7 +19,7 @@ installed Python package.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import re
 from pathlib import Path
 from typing import Literal
@@ -47,8 +49,8 @@ def resolve_package_path(location: str) -> Path:
     if not package:
         raise UserError(f"{location}: expected pkg://PACKAGE/path/inside")
     try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError) as e:
+        spec = _find_without_importing(package)
+    except (ImportError, ValueError, OSError) as e:
         raise UserError(f"{location}: cannot look up package {package!r}: {e}") from None
     if spec is None:
         raise UserError(f"{location}: package {package!r} is not installed "
@@ -60,13 +62,36 @@ def resolve_package_path(location: str) -> Path:
         root = Path(spec.origin).parent
     else:
         raise UserError(f"{location}: package {package!r} has no folder on disk")
-    root = root.resolve()
-    target = (root / inner).resolve()
+    try:
+        root = root.resolve()
+        target = (root / inner).resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links
+        raise UserError(f"{location}: cannot follow this path: {e}") from None
     if target != root and root not in target.parents:
         raise UserError(f"{location}: the path leaves the package folder {root}")
     if not target.exists():
         raise UserError(f"{location}: no such file or folder in package {package!r} ({target})")
     return target
+
+
+def _find_without_importing(name: str):
+    """The module spec of NAME (dotted or not) from sys.path, or None.
+    `importlib.util.find_spec("a.b")` imports `a` to learn where `b` lives,
+    running `a/__init__.py`; here each level is looked up in the folders of
+    the level above, and nothing is imported."""
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise ValueError("not a package name")
+    search, spec = None, None  # None: sys.path
+    for depth in range(1, len(parts) + 1):
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), search)
+        if spec is None:
+            return None
+        if depth < len(parts):
+            if not spec.submodule_search_locations:
+                raise ValueError(f"{spec.name!r} is a module, not a package")
+            search = list(spec.submodule_search_locations)
+    return spec
 
 
 def _from_hub(repo_id: str, kind: Literal["model", "dataset"], patterns: list[str]) -> Path:

@@ -94,3 +94,28 @@ def test_hub_id_missing_offline_is_a_clear_error(tmp_path):
     assert done.returncode == 2
     assert "acme/not-cached" in done.stdout and "cache" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_pkg_runs_no_packages_code_not_even_a_parents(tmp_path, monkeypatch):
+    """Finding `pkg://evil.inner/...` looks `inner` up in evil's folder without
+    importing `evil`: a shared recipe cannot run an installed module's
+    import-time code (before, `pkg://this.x/model` printed the Zen of Python)."""
+    from test_cli import runner_here
+
+    marker = tmp_path / "imported"
+    evil = tmp_path / "site" / "evil"
+    (evil / "inner" / "model").mkdir(parents=True)
+    for folder in (evil, evil / "inner"):
+        (folder / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write({folder.name!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert resolve_package_path("pkg://evil.inner/model") == (evil / "inner" / "model").resolve()
+    assert resolve_package_path("pkg://evil/inner") == (evil / "inner").resolve()
+    for model in ("pkg://evil.inner/no-model", "pkg://this.x/model"):
+        (tmp_path / "r.toml").write_text(f'[model]\nsource = "{model}"\n[data]\n'
+                                         'source = "d.csv"\nlabels = ["a", "b"]\neval_size = 2\n')
+        done = runner_here("run", "r.toml", cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert model in done.stderr and "Beautiful is better" not in done.stdout + done.stderr
+    with pytest.raises(UserError, match="'this' is a module, not a package"):
+        resolve_package_path("pkg://this.x/model")
+    assert not marker.exists() and "evil" not in sys.modules and "this" not in sys.modules
