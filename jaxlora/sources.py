@@ -127,8 +127,32 @@ def resolve(location: str, kind: Literal["model", "dataset"], base_dir: Path | N
         raise UserError(f"{location}: no such user's home folder") from None
     except OSError as e:  # a name longer than the filesystem takes, a loop of links
         raise UserError(f"{location}: {e.strerror or e}") from None
-    looks_local = (location.startswith((".", "/", "~"))
-                   or Path(location).suffix.lower() in LOCAL_SUFFIXES)
-    if looks_local or not HUB_ID.match(location):
+    if not _hub_id(location):
         raise UserError(f"{location}: no such file or folder")
     return _from_hub(location, kind, MODEL_FILES if kind == "model" else DATA_FILES)
+
+
+def _hub_id(location: str) -> bool:
+    """Whether a location that is no local file reads as a hub repository id
+    (not as a local path that is missing)."""
+    looks_local = (location.startswith((".", "/", "~"))
+                   or Path(location).suffix.lower() in LOCAL_SUFFIXES)
+    return not looks_local and bool(HUB_ID.match(location))
+
+
+def where_from(location: str, base_dir: Path | None = None
+               ) -> Literal["package", "local", "missing", "hub"]:
+    """Where `resolve` would find LOCATION, without fetching or importing
+    anything: inside an installed package, a local file or folder, a local
+    path that is not there (yet), or the Hugging Face hub (the network, unless
+    the local cache holds it)."""
+    if location.startswith(PKG_SCHEME):
+        return "package"
+    try:
+        local = Path(location).expanduser()
+        if local.exists() or (base_dir is not None and not local.is_absolute()
+                              and (base_dir / local).exists()):
+            return "local"
+    except (OSError, RuntimeError):
+        return "missing"
+    return "hub" if _hub_id(location) else "missing"

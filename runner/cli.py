@@ -45,7 +45,7 @@ RUN_DIR` resumes that run folder.
 # Each command's module, imported when it runs (so that --help is instant).
 COMMANDS = {name: f"runner.commands.{name}" for name in (
     "validate", "run", "eval", "predict", "generate", "chat", "export", "plan", "report",
-    "recipes", "compare")}
+    "recipes", "cp", "compare")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,11 +152,21 @@ def _parser() -> argparse.ArgumentParser:
                     "eval.json, write report.md again, and render it in the terminal.")
     show.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     recipes = commands.add_parser(
-        "recipes", help="list the recipes in a folder (default: recipes/) with descriptions",
+        "recipes", help="list the recipes in a folder (default: recipes/), one line each",
         description="List the recipe files of a folder (default: ./recipes, else the "
-                    "project's own) with task, method, base model and description; a file "
+                    "shipped ones), one line each: name, what it needs (offline, or the "
+                    "network for a hub model or data set), method and description; a file "
                     "that does not validate is listed with its first problem.")
     recipes.add_argument("folder", type=Path, nargs="?", metavar="FOLDER")
+    copy = commands.add_parser(
+        "cp", help="copy a shipped recipe to a file of yours, to edit",
+        description="Copy the shipped recipe NAME (see `runner recipes`) to DEST, a file "
+                    "or a folder (then DEST/NAME.toml). An existing file is never "
+                    "overwritten. Relative local sources become the absolute paths they "
+                    "meant. To change a few fields and keep the rest in step with the "
+                    "shipped recipe, write a recipe with extends = \"NAME\" instead.")
+    copy.add_argument("name", metavar="NAME", help="a shipped recipe, e.g. bert-sentiment")
+    copy.add_argument("dest", type=Path, metavar="DEST", help="the file (or folder) to write")
     compare = commands.add_parser(
         "compare", help="finished runs side by side (rich table, then Markdown)",
         description="Read finished run folders (manifest.json, eval.json) and print "

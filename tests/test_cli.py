@@ -286,15 +286,31 @@ def test_a_base_model_with_nan_weights_is_named_not_the_learning_rate(workdir):
 
 
 def test_recipes_lists_the_library(tmp_path):
-    done = runner_here("recipes", str(Path(__file__).resolve().parents[1] / "recipes"),
-                       cwd=tmp_path)
+    """One line per recipe, in 80 columns, saying which need the network."""
+    done = runner_here("recipes", cwd=tmp_path)  # no ./recipes here: the shipped ones
     assert done.returncode == 0, done.stderr
-    for name in ("bert-sentiment.toml", "gpt2-alpaca-lora.toml", "tiny-llama-offline.toml"):
-        assert name in done.stdout
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()[2:] if line.strip()}
+    assert all(len(line) <= 80 for line in lines.values()), lines
+    shipped = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.toml"))
+    for path in shipped:
+        assert path.stem in lines, (path.stem, lines)
+    for name, needs in [("bert-sentiment", "offline"), ("smollm2-tweets-chat", "offline"),
+                        ("gpt2-alpaca-lora", "network"), ("bert-base-sst2-lora", "network")]:
+        assert lines[name].split()[1:3] == [needs, "qlora" if "qlora" in name else "lora"]
     (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "local.toml").write_text(
+        '[model]\nsource = "model"\n[data]\nsource = "hub-org/data"\nlabels = ["a", "b"]\n'
+        'eval_size = 2\n')
+    (tmp_path / "mine" / "model").mkdir()
     (tmp_path / "mine" / "broken.toml").write_text("[model]\n")
     done = runner_here("recipes", "mine", cwd=tmp_path)
-    assert done.returncode == 0 and "invalid" in done.stdout
+    assert done.returncode == 0 and "local   network  lora" in done.stdout  # hub data
+    assert "broken  invalid: model.source: required" in done.stdout
+    (tmp_path / "mine" / "data.csv").write_text("text,label\n")
+    (tmp_path / "mine" / "local.toml").write_text(
+        '[model]\nsource = "model"\n[data]\nsource = "data.csv"\nlabels = ["a", "b"]\n'
+        'eval_size = 2\n')
+    assert "local   offline  lora" in runner_here("recipes", "mine", cwd=tmp_path).stdout
     done = runner_here("recipes", "nowhere", cwd=tmp_path)
     assert done.returncode == 2 and "no such folder" in done.stderr
 

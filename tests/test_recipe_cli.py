@@ -207,3 +207,37 @@ def test_a_child_unsets_an_inherited_field(tmp_path):
     (tmp_path / "alone.toml").write_text('unset = ["data.eval_size"]\n' + BASE)
     _refused(runner_here("validate", "alone.toml", cwd=tmp_path),
              "alone.toml: unset: only in a recipe that extends another")
+
+
+# -- runner cp -----------------------------------------------------------------------
+
+def test_cp_copies_a_shipped_recipe_and_never_overwrites(tmp_path):
+    done = runner_here("cp", "bert-sentiment", ".", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    copy = tmp_path / "bert-sentiment.toml"
+    assert copy.read_text() == Path(DEFAULT).read_text()
+    assert "wrote bert-sentiment.toml" in done.stdout
+    assert "runner validate bert-sentiment.toml" in done.stdout
+    assert "runner run bert-sentiment.toml" in done.stdout
+    copy.write_text("# mine\n")
+    _refused(runner_here("cp", "bert-sentiment", ".", cwd=tmp_path),
+             "bert-sentiment.toml: already exists; runner cp never overwrites")
+    assert copy.read_text() == "# mine\n"
+    (tmp_path / "dangling.toml").symlink_to(tmp_path / "nowhere.toml")
+    _refused(runner_here("cp", "bert-sentiment", "dangling.toml", cwd=tmp_path),
+             "already exists")
+    assert not (tmp_path / "nowhere.toml").exists()
+    _refused(runner_here("cp", "bert-sentimnet", "x.toml", cwd=tmp_path),
+             "'bert-sentimnet': no shipped recipe of that name; shipped: ")
+    _refused(runner_here("cp", "bert-sentiment", "no/such/x.toml", cwd=tmp_path),
+             "no/such: no such folder")
+
+
+def test_cp_writes_relative_sources_as_what_they_meant(tmp_path):
+    done = runner_here("cp", "tiny-llama-offline.toml", "mine.toml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "model.source: ../.tiny/llama ->" in done.stdout
+    full = runner_here("validate", "mine.toml", "--full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    meant = os.path.normpath(SHIPPED / "../.tiny/llama")
+    assert f'source = "{meant}"' in full.stdout
