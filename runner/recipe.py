@@ -229,7 +229,7 @@ def _check_depth(document: dict, where: str) -> None:
         for key, value in table.items():
             if not isinstance(value, dict):
                 continue
-            if len(keys) + 1 >= MAX_TABLE_DEPTH:
+            if len(keys) + 1 > MAX_TABLE_DEPTH:
                 shown = ".".join((*keys, key)[:4])
                 raise UserError(f"{where}: {shown}...: tables nested more than "
                                 f"{MAX_TABLE_DEPTH} levels deep; no recipe field is")
