@@ -167,7 +167,7 @@ def load_with_provenance(path: str | Path, overrides: list[str] | tuple[str, ...
     try:
         return Recipe.model_validate(document, strict=True), provenance
     except ValidationError as e:
-        raise UserError(format_errors(path, e, provenance)) from None
+        raise UserError(format_errors(path, e, provenance, document)) from None
 
 
 # A recipe is a few KiB; anything much larger is not one (/dev/zero, a data file).
@@ -444,10 +444,12 @@ def provenance_rows(recipe: Recipe, provenance: dict[str, str]) -> list[tuple[st
 
 
 def format_errors(path: Path, error: ValidationError,
-                  provenance: dict[str, str] | None = None) -> str:
+                  provenance: dict[str, str] | None = None, document: dict | None = None
+                  ) -> str:
     """One line per problem: `FILE: dotted.field: what is wrong`, FILE being
     the file of the `extends` chain that set the field (or `--set`), per
-    `provenance`, else `path`."""
+    `provenance`, else `path`. `document`, the raw recipe, shows labels given
+    as numbers rewritten whole."""
     given = provenance or {}
     messages: dict[tuple[str, str], list[str]] = {}
     unquoted: dict[str, list] = {}  # labels given as numbers or booleans, by source
@@ -464,8 +466,10 @@ def format_errors(path: Path, error: ValidationError,
         msg = _message(err, where, holder)
         if msg not in found:  # union members repeat the same complaint
             found.append(msg)
+    data = (document or {}).get("data")
+    labels = data.get("labels") if isinstance(data, dict) else None
     for source, values in unquoted.items():
-        messages[(source, "data.labels")] = [_labels_message(values, source)]
+        messages[(source, "data.labels")] = [_labels_message(values, labels, source)]
     return "\n".join(f"{source}: {where}: {'; or '.join(msgs)}"
                      for (source, where), msgs in messages.items())
 
@@ -533,11 +537,13 @@ def _type_message(kind: str, value) -> str:
     return msg
 
 
-def _labels_message(values: list, source: str) -> str:
+def _labels_message(values: list, labels, source: str) -> str:
     """Labels given as numbers (`--set 'data.labels=[1,3,5]'`): labels are
     names, strings in quotes, wherever they are given."""
     shown = ", ".join(_describe(v).removeprefix("the number ") for v in values)
-    quoted = json.dumps([_describe(v).removeprefix("the number ") for v in values])
+    whole = labels if isinstance(labels, list) else values
+    quoted = json.dumps([v if isinstance(v, str) else _describe(v).removeprefix("the number ")
+                         for v in whole])
     fix = f"--set 'data.labels={quoted}'" if source == "--set" else f"labels = {quoted}"
     return f"labels are strings, each in quotes; got {shown}: write {fix}"
 

@@ -74,6 +74,8 @@ def test_integer_labels_in_set_are_one_message_naming_set(tmp_path):
     message = _refused(done, "error: --set: data.labels: labels are strings",
                        """--set 'data.labels=["1", "3", "5"]'""")
     assert "bert-sentiment.toml" not in message and len(done.stderr.splitlines()) == 1
+    done = runner_here("validate", DEFAULT, "--set", 'data.labels=["a", 1, true]', cwd=tmp_path)
+    _refused(done, "got 1, true: write --set 'data.labels=[\"a\", \"1\", \"true\"]'")
     (tmp_path / "r.toml").write_text(BASE.replace('["neg", "pos"]', "[0, 1]"))
     _refused(runner_here("validate", "r.toml", cwd=tmp_path),
              "error: r.toml: data.labels: labels are strings", 'labels = ["0", "1"]')

@@ -27,7 +27,7 @@ def main(args, console, stop) -> int:
             table.add_row(*map(escape, row))
         console.print(table)
     else:
-        for line in summary(recipe, provenance):
+        for line in summary(recipe, provenance, str(args.recipe)):
             console.print(_fit(line), markup=False, highlight=False, soft_wrap=True)
         console.print("(runner validate --full: every field, and where it came from)",
                       markup=False, highlight=False, style="dim")
@@ -36,9 +36,9 @@ def main(args, console, stop) -> int:
     return 0
 
 
-def summary(recipe: Recipe, provenance: dict[str, str]) -> list[str]:
-    """What the recipe will do, one short line per step, and where it came
-    from (the files of its `extends` chain, the fields given by --set)."""
+def summary(recipe: Recipe, provenance: dict[str, str], path: str) -> list[str]:
+    """What the recipe at `path` will do, one short line per step, and where
+    it came from (the files of its `extends` chain, the fields given by --set)."""
     data, adapter, train, ev = recipe.data, recipe.adapter, recipe.train, recipe.eval
     held_out = (f"eval on split {data.eval_split!r}" if data.eval_split is not None
                 else f"{data.eval_size} rows held out for eval")
@@ -52,7 +52,7 @@ def summary(recipe: Recipe, provenance: dict[str, str]) -> list[str]:
         method = (f"{adapter.method}{quant}: rank {adapter.rank}, alpha {adapter.alpha:g}, "
                   f"targets {shown}")
     steps = f", at most {train.max_steps} steps" if train.max_steps else ""
-    files = list(dict.fromkeys(_short(s) for s in provenance.values() if s != "--set"))
+    files = list(dict.fromkeys(_short(s) for s in (path, *provenance.values()) if s != "--set"))
     given = [field for field, s in provenance.items() if s == "--set"]
     lines = [
         f"{recipe.name}: {recipe.description}" if recipe.description else recipe.name,
@@ -67,7 +67,7 @@ def summary(recipe: Recipe, provenance: dict[str, str]) -> list[str]:
         f"  output   {recipe.output.dir}/{recipe.name}/<timestamp>/",
     ]
     if files:
-        lines.append(f"  files    {', '.join(files)}")
+        lines.append(f"  files    {', '.join(files)}")  # the recipe, then its parents
     if given:
         lines.append(f"  --set    {', '.join(given)}")
     return lines
