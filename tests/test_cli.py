@@ -171,6 +171,10 @@ def test_help():
     for command in ("eval", "predict", "export", "compare"):
         done = subprocess.run(RUNNER + [command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "RUN_DIR" in done.stdout
+        if command == "export":  # the class that loads a merged export, per task
+            text = " ".join(done.stdout.split())
+            assert "AutoModelForSequenceClassification (task classification)" in text
+            assert "AutoModelForCausalLM (task causal-lm" in text
 
 
 @pytest.mark.parametrize("edit, expected", [
