@@ -110,7 +110,7 @@ class Session:
         self.eval_step = build_eval_step(parts.graphdef, self.recipe.model.task, placement)
         self.frozen = placement.put(parts.frozen, True)  # FSDP-sharded over the mesh when fsdp > 1
         # this session's share of the run's timings (`record_timings`)
-        self._clock = {"started": time.monotonic(), "eval": 0.0, "compile": 0.0, "train": 0.0}
+        self._clock = {"started": time.monotonic(), "eval": 0.0, "compile": 0.0}
         self._earlier = dict(self.manifest.get("timings") or {})
 
     @property
@@ -124,14 +124,19 @@ class Session:
                                  record["label_names"])
 
     def record_timings(self) -> None:
-        """The manifest's `timings`: wall, train, compile and eval seconds summed
-        over every session of the run (this one up to now)."""
+        """The manifest's `timings`: wall, compile and eval seconds summed over
+        every session of the run (this one up to now), and the train seconds
+        of them all (which training counts itself, from the checkpoint on)."""
         clock, earlier = self._clock, self._earlier
         mine = {"wall_seconds": time.monotonic() - clock["started"],
-                "train_seconds": clock["train"], "compile_seconds": clock["compile"],
-                "eval_seconds": clock["eval"]}
-        self.manifest["timings"] = {"sessions": int(earlier.get("sessions", 0)) + 1, **{
+                "compile_seconds": clock["compile"], "eval_seconds": clock["eval"]}
+        timings = {"sessions": int(earlier.get("sessions", 0)) + 1, **{
             key: round(float(earlier.get(key, 0.0)) + value, 3) for key, value in mine.items()}}
+        trained = self.manifest.get("train", {}).get("train_seconds",
+                                                     earlier.get("train_seconds"))
+        if trained is not None:
+            timings["train_seconds"] = round(float(trained), 3)
+        self.manifest["timings"] = timings
 
     # -- the files written while training ------------------------------------------
 
@@ -252,7 +257,7 @@ class Session:
         self.manifest["train"] = manifests.training_record(
             self.manifest["train"], result, runtime.peak_memory(), xla_cache.record(self.cache))
         if result.history:  # a session that trained nothing keeps no timings of its own
-            self._clock.update(compile=result.compile_seconds, train=result.train_seconds)
+            self._clock["compile"] = result.compile_seconds
         self.record_timings()
         # during training, or (one process) just as it ended
         if result.stopped or (self.stop.requested() and not self.stop.joined):

@@ -112,14 +112,16 @@ def test_a_resumed_run_reports_its_stop_its_resume_and_summed_times(run_copy):
 
     manifest = json.loads((run_copy / "manifest.json").read_text())
     first = dict(manifest["timings"])
+    manifest["train"]["train_seconds"] = first["train_seconds"] + 4.0  # fit counts it all
     session = SimpleNamespace(manifest=manifest, _earlier=first, _clock={
-        "started": 0.0, "eval": 2.0, "compile": 3.0, "train": 4.0})
+        "started": 0.0, "eval": 2.0, "compile": 3.0})
     Session.record_timings(session)  # a second session, up to now
     timings = manifest["timings"]
     assert timings["sessions"] == 2
     for key, mine in (("eval_seconds", 2.0), ("compile_seconds", 3.0),
                       ("train_seconds", 4.0)):
         assert timings[key] == pytest.approx(first[key] + mine, abs=1e-3)
+    assert timings["wall_seconds"] > first["wall_seconds"]
     manifest["interrupted"] = {"signal": "SIGTERM", "at": "2026-12-06T10:00:00+00:00",
                                "checkpoint_step": 4}
     manifest["resumed"] = [{"from_step": 4, "at": "2026-12-06T10:05:00+00:00"}]
