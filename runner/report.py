@@ -290,8 +290,9 @@ def hyperparameters(recipe: dict) -> str:
                      f"{adapter['quant'].get('block_size')})")
     parts.append(f"learning rate {train.get('learning_rate')} ({train.get('schedule')}, "
                  f"warmup {train.get('warmup_ratio')})")
+    epochs = train.get("epochs")
     parts.append(f"max {train['max_steps']} steps" if train.get("max_steps")
-                 else f"{train.get('epochs')} epochs")
+                 else f"{epochs} epoch" + ("" if epochs == 1 else "s"))
     batch = f"batch {train.get('batch_size')}"
     if train.get("grad_accum", 1) > 1:
         batch += f" x {train['grad_accum']} accumulated"
@@ -314,8 +315,15 @@ def _model_section(manifest: dict) -> list[str]:
                "and the head stay unquantized)" if model.get("bits_per_quantized_param") else "")]
 
 
-def _seconds(value) -> str:
-    return "-" if not isinstance(value, (int, float)) else f"{value:.1f} s"
+def _times(timings: dict, train: dict) -> str:
+    """'wall 12.0 s, train 8.1 s, ...': the figures the run recorded (an older
+    run recorded train and compile seconds only)."""
+    figures = [("wall", timings.get("wall_seconds")),
+               ("train", timings.get("train_seconds", train.get("train_seconds"))),
+               ("compile", timings.get("compile_seconds", train.get("compile_seconds"))),
+               ("eval", timings.get("eval_seconds"))]
+    return ", ".join(f"{name} {value:.1f} s" for name, value in figures
+                     if isinstance(value, (int, float))) or "not recorded"
 
 
 def _training_section(manifest: dict) -> list[str]:
@@ -331,10 +339,7 @@ def _training_section(manifest: dict) -> list[str]:
                       if isinstance(train.get("median_step_ms"), (int, float)) else ""))
     sessions = timings.get("sessions", 1)
     over = f" (summed over {sessions} sessions)" if sessions > 1 else ""
-    out.append(f"- time{over}: wall {_seconds(timings.get('wall_seconds'))}, "
-               f"train {_seconds(timings.get('train_seconds', train.get('train_seconds')))}, "
-               f"compile {_seconds(timings.get('compile_seconds', train.get('compile_seconds')))}"
-               f", eval {_seconds(timings.get('eval_seconds'))}")
+    out.append(f"- time{over}: {_times(timings, train)}")
     out += _stops_and_resumes(manifest)
     if "peak_memory_mb" in train:
         out.append(f"- peak memory: {train['peak_memory_mb']:.0f} MiB "

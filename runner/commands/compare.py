@@ -127,9 +127,10 @@ def table(runs: list[dict]) -> Table:
     return t
 
 
-def transposed(runs: list[dict], names: list[str], cells: list[list[str]]) -> Table:
+def transposed(runs: list[dict], names: list[str], cells: list[list[str]],
+               title: str | None = "runs side by side") -> Table:
     """Figures as rows, runs as columns (for a narrow terminal)."""
-    t = Table(title="runs side by side")
+    t = Table(title=title)
     t.add_column("")
     for i, _ in enumerate(runs):
         t.add_column(cells[i][0], justify="right")
@@ -148,7 +149,8 @@ def tables(runs: list[dict], width: int) -> list[Table]:
     per = len(runs)
     while per > 1 and _width(transposed(runs[:per], names, cells[:per])) > width:
         per -= 1
-    return [transposed(runs[i:i + per], names, cells[i:i + per])
+    return [transposed(runs[i:i + per], names, cells[i:i + per],
+                       "runs side by side" if i == 0 else None)
             for i in range(0, len(runs), per)]
 
 
