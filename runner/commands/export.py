@@ -174,6 +174,19 @@ def _hf_config(opened: OpenedRun, fam):
     return config
 
 
+def _where_the_base_is(source: str) -> list[str]:
+    """A line for the README where the base model's name is not a hub id to
+    load as is: a pkg:// source, or a path relative to the recipe's folder."""
+    if source.startswith("pkg://"):
+        package, _, inside = source.removeprefix("pkg://").partition("/")
+        return [f"The base model `{source}` is the folder `{inside}` of the installed Python "
+                f"package `{package}`: pass that folder's path below.", ""]
+    if Path(source).expanduser().is_absolute() or source.startswith("."):
+        return [f"The base model `{source}` is a local folder (relative paths are relative to "
+                "the recipe's folder).", ""]
+    return []
+
+
 def _notes(opened: OpenedRun, fmt: str) -> list[str]:
     notes = []
     if not opened.finished:
@@ -202,6 +215,7 @@ def _readme(opened: OpenedRun, fmt: str, notes: list[str]) -> str:
              f"task `{opened.recipe.model.task}`; method `{opened.recipe.adapter.method}`"
              + (f"; labels {labels} (class id = position)." if classify else "."), ""]
     if fmt == "peft":
+        lines += _where_the_base_is(opened.recipe.model.source)
         lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}",
                   "", f"base = {auto}.from_pretrained({_base_name(opened)!r}{extra})",
                   "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()", "```"]
