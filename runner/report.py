@@ -206,8 +206,10 @@ def partial_note(manifest: dict, run_dir: Path | None, records: list[dict]) -> s
     total = manifest.get("train", {}).get("total_steps")
     steps = run_folder.checkpoint_steps(run_dir) if run_dir is not None else []
     logged = max((r["step"] for r in records), default=None)
-    where = (f"its latest checkpoint is step {steps[-1]}" if steps else "it has no checkpoint")
-    where += f" of {total}" if total else ""
+    if steps:
+        where = f"its latest checkpoint is step {steps[-1]}" + (f" of {total}" if total else "")
+    else:
+        where = "no checkpoint yet" + (f", {total} steps planned" if total else "")
     where += f", metrics logged up to step {logged}" if logged is not None else ""
     again = f"`runner run {run_dir}` goes on" if run_dir is not None else ""
     return (f"**Partial report**: the run is {status} ({where}); this report shows what its "

@@ -18,7 +18,7 @@ from jaxlora.tasks import classification_metrics, majority_baseline
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_bert_dir):
     """One finished tiny classification run, evaluated before and after only;
-    the run's terminal output rides along as run.stdout."""
+    the run's terminal output is kept beside it, in stdout.txt."""
     work = tmp_path_factory.mktemp("reports")
     shutil.copytree(tiny_bert_dir, work / "model")
     _tweets_csv(work / "tweets.csv")
