@@ -162,3 +162,19 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray],
         f.write(blob)
         for a in arrays:
             f.write(a.tobytes())
+
+
+def generation_config(base: dict, tokenizer, eos_ids: list[int]) -> dict:
+    """generation_config.json of a merged causal LM: the base model's own
+    settings (`base`, from its folder's file; {} without one), with every id
+    that ends an answer (`eos_ids`: the tokenizer's EOS, the base file's and a
+    chat template's end of turn, as `jaxlora.generate.stop_ids` gathers
+    them), so transformers' `generate` stops where jaxlora's does."""
+    config = {k: v for k, v in base.items() if k != "transformers_version"}
+    if eos_ids:
+        config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
+    for key in ("bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, key, None)
+        if config.get(key) is None and value is not None:
+            config[key] = int(value)
+    return config

@@ -54,19 +54,34 @@ def terminal_lines(train: list[tuple[int, float]], evals: list[tuple[int, float]
     return lines
 
 
-def bar_metrics(before: dict | None, after: dict) -> list[tuple[str, float | None, float]]:
+def bar_metrics(before: dict | None,
+                after: dict | None) -> list[tuple[str, float | None, float | None]]:
     """(label, before, after) for the bar chart: the scores in [0, 1] (accuracy,
-    macro-F1, per-class F1, exact match), then the eval loss."""
+    macro-F1, per-class F1, exact match), then the eval loss. `after` is None
+    in a partial report (a run that has not evaluated it yet)."""
+    shown = after if after is not None else before
+    if shown is None:
+        return []
     rows = []
+    pick = lambda metrics, key: None if metrics is None else metrics.get(key)  # noqa: E731
     keys = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("exact_match", "exact match")]
     for key, label in keys:
-        if after.get(key) is not None:
-            rows.append((label, before.get(key) if before else None, after[key]))
-    for name, scores in after.get("per_class", {}).items():
+        if shown.get(key) is not None:
+            rows.append((label, pick(before, key), pick(after, key)))
+    for name in shown.get("per_class", {}):
         rows.append((f"F1 {name}", before["per_class"][name]["f1"] if before else None,
-                     scores["f1"]))
-    rows.append(("eval loss", before["loss"] if before else None, after["loss"]))
+                     after["per_class"][name]["f1"] if after else None))
+    rows.append(("eval loss", pick(before, "loss"), pick(after, "loss")))
     return rows
+
+
+def eval_style(evals: list[tuple[int, float]]) -> dict:
+    """How loss.png draws the eval losses: a line through the evaluations
+    during training, but points alone where there are only "before" and
+    "after" (a line between two points would invent the steps between)."""
+    if len(evals) <= 2:
+        return {"linestyle": "none", "marker": "o", "markersize": 7}
+    return {"linestyle": "-", "marker": "o", "linewidth": 1.4}
 
 
 def write_pngs(run_dir: Path, train, evals, before: dict | None, after: dict,
@@ -82,8 +97,7 @@ def write_pngs(run_dir: Path, train, evals, before: dict | None, after: dict,
     if train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.4)
     if evals:
-        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o",
-                linewidth=1.4)
+        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", **eval_style(evals))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"{title}: loss")
@@ -95,6 +109,8 @@ def write_pngs(run_dir: Path, train, evals, before: dict | None, after: dict,
     written.append(LOSS_PNG)
 
     rows = bar_metrics(before, after)
+    if not rows:  # nothing evaluated yet (a partial report)
+        return written
     scores, loss = rows[:-1], rows[-1:]
     fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=110,
                              gridspec_kw={"width_ratios": [max(len(scores), 1), 1]})
@@ -103,7 +119,8 @@ def write_pngs(run_dir: Path, train, evals, before: dict | None, after: dict,
         width = 0.38
         ax.bar([x - width / 2 for x in xs], [b if b is not None else 0 for _, b, _ in group],
                width, label="before", color="tab:gray")
-        ax.bar([x + width / 2 for x in xs], [a for _, _, a in group], width, label="after",
+        ax.bar([x + width / 2 for x in xs], [a if a is not None else 0 for _, _, a in group],
+               width, label="after",
                color="tab:green")
         for x, (_, b, a) in zip(xs, group):
             for dx, value in ((-width / 2, b), (width / 2, a)):

@@ -81,12 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="re-evaluate a finished run (its held-out set, or --data)",
         description="Rebuild a run's model (base checkpoint + its latest checkpoint) and "
-                    "evaluate it on the recipe's held-out set, or on every labelled row of "
-                    "--data. The result is printed and written to RUN_DIR/evals/.")
+                    "evaluate it on the recipe's held-out set, or on every row of --data "
+                    "(every labelled row for a classifier), beside the majority-class "
+                    "baseline (a classifier) or with the exact match of greedy answers (a "
+                    "causal LM trained on prompt/response pairs or conversations). The "
+                    "result is printed and written to RUN_DIR/evals/.")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     evaluate.add_argument("--data", metavar="SOURCE",
-                          help="a data file/folder/hub id with the recipe's text and label "
-                               "columns (default: the recipe's eval split)")
+                          help="a data file/folder/hub id with the recipe's columns (text "
+                               "and label; or a causal LM's text, prompt/response or "
+                               "messages) (default: the recipe's eval split)")
     evaluate.add_argument("--split", help="the split of --data to use (default: test if "
                                           "present, else train)")
     evaluate.add_argument("--batch-size", type=int, help="default: the recipe's eval.batch_size")
@@ -130,8 +134,11 @@ def _parser() -> argparse.ArgumentParser:
         description="peft: adapter_config.json + adapter_model.safetensors, loadable with "
                     "peft.PeftModel.from_pretrained(base_model, folder). merged: a Hugging "
                     "Face model folder with the adapter merged into the base weights, "
-                    "loadable with transformers.AutoModelForSequenceClassification. Default "
-                    "folder: RUN_DIR/export/FORMAT; an existing one is never overwritten.")
+                    "loadable with transformers.AutoModelForSequenceClassification (task "
+                    "classification) or transformers.AutoModelForCausalLM (task causal-lm, "
+                    "with a generation_config.json naming every end-of-sequence id). "
+                    "Default folder: RUN_DIR/export/FORMAT; an existing one is never "
+                    "overwritten; a temporary folder left by a killed export is removed.")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("--format", required=True, metavar="peft|merged")
     export.add_argument("--out", type=Path, help="the folder to write (must not exist)")
@@ -147,9 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     planned.add_argument("--json", action="store_true",
                          help="also print the figures (bytes per device) as one JSON line")
     show = commands.add_parser(
-        "report", help="draw a finished run's charts and report.md again, and show it",
+        "report", help="draw a run's charts and report.md again, and show it",
         description="Draw loss.png and before_after.png from RUN_DIR/metrics.jsonl and "
-                    "eval.json, write report.md again, and render it in the terminal.")
+                    "eval.json, write report.md again, and render it in the terminal. A "
+                    "run that has not finished (running, interrupted) gets a partial "
+                    "report from what its folder holds, marked as such.")
     show.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     recipes = commands.add_parser(
         "recipes", help="list the recipes in a folder (default: recipes/), one line each",
@@ -168,13 +177,17 @@ def _parser() -> argparse.ArgumentParser:
     copy.add_argument("name", metavar="NAME", help="a shipped recipe, e.g. bert-sentiment")
     copy.add_argument("dest", type=Path, metavar="DEST", help="the file (or folder) to write")
     compare = commands.add_parser(
-        "compare", help="finished runs side by side (rich table, then Markdown)",
+        "compare", help="finished runs side by side (a table, or --markdown)",
         description="Read finished run folders (manifest.json, eval.json) and print "
                     "method, trainable parameters, frozen-weight memory and bits per "
                     "quantized parameter, peak memory, step and train time, and accuracy "
-                    "and macro-F1 before and after, as a table and as Markdown.")
+                    "and macro-F1 before and after beside the majority-class baseline, as "
+                    "a table that fits the terminal. Runs that have not finished are "
+                    "skipped with one line each.")
     compare.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
-                         help="run folders, e.g. runs/bert-sentiment/20261126-050000")
+                         help="run folders, e.g. runs/bert-sentiment/*")
+    compare.add_argument("--markdown", action="store_true",
+                         help="print a Markdown table instead (one line per run)")
     return parser
 
 

@@ -12,6 +12,8 @@ its parts. (eval.json's shape is here too: the report reads both.)
     runtime         processes, mesh, devices; per-device bytes once finished
     environment     Python, platform, package versions, devices
     resumed         one entry per session that went on from a checkpoint
+    timings         wall, train, compile and eval seconds summed over every
+                    session, and how many (optional: older runs lack it)
 
 A hand-edited or damaged manifest gets one message naming the file and the
 key, never a traceback further on. Every reader names the keys it needs and
@@ -74,6 +76,12 @@ SHAPE = {
     "environment": "object",
     "environment.devices": "strings",
     "resumed": "list",
+    "timings": "object",
+    "timings.sessions": "number",
+    "timings.wall_seconds": "number",
+    "timings.train_seconds": "number",
+    "timings.compile_seconds": "number",
+    "timings.eval_seconds": "number",
 }
 
 PACKAGES = ["jaxlora", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers",
@@ -116,8 +124,9 @@ TO_COMPARE += [Need(f"train.{key}", optional=True, null=True)
                for key in ("peak_memory_mb", "median_step_ms", "train_seconds")]
 
 
-def to_report(manifest: dict) -> list[Need]:
-    """What report.md reads of a finished run's manifest."""
+def to_report(manifest: dict, partial: bool = False) -> list[Need]:
+    """What report.md reads of a run's manifest; `partial`: a run that has not
+    finished, whose training figures may not be there yet."""
     needs = [Need("recipe.name"), Need("recipe.description", optional=True, null=True),
              Need("recipe.model.source"), Need("recipe.adapter.method"), Need("recipe_hash"),
              Need("environment.devices"), Need("model.fingerprint"),
@@ -127,9 +136,12 @@ def to_report(manifest: dict) -> list[Need]:
     model = manifest.get("model")
     if isinstance(model, dict) and model.get("bits_per_quantized_param"):
         needs.append(Need("model.quantized_bytes"))
-    needs += [Need(f"train.{key}") for key in (
+    needs += [Need(f"train.{key}", optional=partial) for key in (
         "steps", "compile_seconds", "train_seconds", "median_step_ms", "peak_memory_mb")]
-    needs += [Need("train.peak_memory_kind"), Need("data.source"), Need("data.label_names"),
+    needs += [Need(f"timings.{key}", optional=True) for key in (
+        "sessions", "wall_seconds", "train_seconds", "compile_seconds", "eval_seconds")]
+    needs += [Need("train.peak_memory_kind", optional=partial), Need("data.source"),
+              Need("data.label_names"), Need("resumed", optional=True),
               Need("data.dropped", optional=True, null=True),
               Need("data.truncated", optional=True)]
     data = manifest.get("data")
@@ -173,11 +185,20 @@ def check_after(run_dir: Path, evals: dict) -> None:
                         "manifest.json says the run finished; the file was damaged or edited")
 
 
-def eval_fields(evals: dict) -> list[tuple]:
+def eval_fields(evals: dict, partial: bool = False) -> list[tuple]:
     """The fields of eval.json that the comparison and the charts read: "after"
-    and, where there is one, "before" with the same metrics."""
-    out = [(("after",), ("object",)), (("before",), ("object", "null"), True)]
+    (not yet there in a `partial` run's), "before" with the same metrics, and
+    the optional majority-class "baseline"."""
+    out = [(("after",), ("object", "null") if partial else ("object",), partial),
+           (("before",), ("object", "null"), True), (("baseline",), ("object", "null"), True)]
+    if isinstance(evals.get("baseline"), dict):
+        out += [(("baseline", "label"), ("string",)), (("baseline", "accuracy"), ("number",)),
+                (("baseline", "macro_f1"), ("number",))]
     after = evals.get("after")
+    if partial and not isinstance(after, dict) and isinstance(evals.get("before"), dict):
+        after = evals["before"]  # a partial report shows "before" alone
+        return out + [(("before", *keys[1:]), *rest) for keys, *rest in
+                      eval_fields({"after": after})[3:] if keys[0] == "after"]
     if not isinstance(after, dict):
         return out
     before = evals.get("before") if isinstance(evals.get("before"), dict) else None
@@ -201,11 +222,13 @@ def eval_fields(evals: dict) -> list[tuple]:
     return out
 
 
-def check_report_files(run_dir: Path, manifest: dict, evals: dict) -> None:
-    """manifest.json and eval.json hold what report.md and the charts read; a
-    UserError naming the file and the key otherwise."""
-    run_folder.check(run_dir / "manifest.json", manifest, fields(to_report(manifest)))
-    run_folder.check(run_dir / "eval.json", evals, eval_fields(evals))
+def check_report_files(run_dir: Path, manifest: dict, evals: dict,
+                       partial: bool = False) -> None:
+    """manifest.json and eval.json hold what report.md and the charts read
+    (`partial`: of a run that has not finished); a UserError naming the file
+    and the key otherwise."""
+    run_folder.check(run_dir / "manifest.json", manifest, fields(to_report(manifest, partial)))
+    run_folder.check(run_dir / "eval.json", evals, eval_fields(evals, partial))
 
 
 # -- writing its parts -------------------------------------------------------------

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from jaxlora.answers import judge
 from jaxlora.evaluate import Bar, build_eval_step, evaluate, greedy_answers
 from jaxlora.generate import stop_ids
 from jaxlora.lora import without_adapters
-from jaxlora.tasks import STEP_LOSSES
+from jaxlora.tasks import STEP_LOSSES, majority_baseline
 from jaxlora.train import Hook, Hooks, TrainResult, TrainState, fit
 from runner import manifest as manifests
 from runner import run_folder, xla_cache
@@ -47,6 +48,29 @@ from runner.report import scalars, write_report
 from runner.signals import Interrupted, StopSignals
 from runner.tensorboard import EventLog
 from runner.terminal import progress_bars
+
+
+def answers_judged(recipe: Recipe) -> bool:
+    """Whether an evaluation greedy-answers the first eval prompts and judges
+    the answers (causal-lm prompt/response pairs or conversations)."""
+    return (recipe.model.task == "causal-lm" and recipe.data.answered
+            and bool(recipe.eval.exact_match_examples))
+
+
+def judged_answers(recipe: Recipe, graphdef, weights: tuple, prompts, tokenizer,
+                   model_dir: Path, placement=None) -> dict:
+    """Exact match of the greedy answers to the eval `prompts` (a Split: the
+    first eval examples, held whole), and with data.labels the scores of the
+    labels they name (`jaxlora.answers.judge`). `weights`: (trainable, frozen)."""
+    trainable, frozen = weights
+    completions, references = greedy_answers(
+        graphdef, trainable, frozen, prompts,
+        stops=stop_ids(tokenizer, model_dir, chat=recipe.data.chat),
+        pad_id=tokenizer.pad_token_id or 0, batch_size=recipe.eval.batch_size,
+        placement=placement)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return judge([decode(c) for c in completions], [decode(r) for r in references],
+                 recipe.data.labels)
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,34 @@ class Session:
         parts, placement = self.built.parts, self.built.placement
         self.eval_step = build_eval_step(parts.graphdef, self.recipe.model.task, placement)
         self.frozen = placement.put(parts.frozen, True)  # FSDP-sharded over the mesh when fsdp > 1
+        # this session's share of the run's timings (`record_timings`)
+        self._clock = {"started": time.monotonic(), "eval": 0.0, "compile": 0.0}
+        self._earlier = dict(self.manifest.get("timings") or {})
+
+    @property
+    def baseline(self) -> dict | None:
+        """A classifier's majority-class baseline on the eval rows (see
+        `jaxlora.tasks.majority_baseline`); None for a causal LM."""
+        record = self.built.data_record
+        if self.recipe.model.task != "classification" or not record.get("label_counts"):
+            return None
+        return majority_baseline(record["label_counts"]["train"], record["label_counts"]["eval"],
+                                 record["label_names"])
+
+    def record_timings(self) -> None:
+        """The manifest's `timings`: wall, compile and eval seconds summed over
+        every session of the run (this one up to now), and the train seconds
+        of them all (which training counts itself, from the checkpoint on)."""
+        clock, earlier = self._clock, self._earlier
+        mine = {"wall_seconds": time.monotonic() - clock["started"],
+                "compile_seconds": clock["compile"], "eval_seconds": clock["eval"]}
+        timings = {"sessions": int(earlier.get("sessions", 0)) + 1, **{
+            key: round(float(earlier.get(key, 0.0)) + value, 3) for key, value in mine.items()}}
+        trained = self.manifest.get("train", {}).get("train_seconds",
+                                                     earlier.get("train_seconds"))
+        if trained is not None:
+            timings["train_seconds"] = round(float(trained), 3)
+        self.manifest["timings"] = timings
 
     # -- the files written while training ------------------------------------------
 
@@ -140,23 +192,23 @@ class Session:
         data also the exact match of greedy completions of its first prompts,
         except `during_training` (the periodic evaluations: loss curve points,
         their progress bar removed)."""
-        recipe, data = self.recipe, self.built.data
+        began = time.monotonic()
+        try:
+            return self._evaluate(trainable, description, during_training)
+        finally:
+            self._clock["eval"] += time.monotonic() - began
+
+    def _evaluate(self, trainable, description: str, during_training: bool) -> dict:
+        recipe, data, built = self.recipe, self.built.data, self.built
         metrics = evaluate(self.eval_step, trainable, self.frozen, data.eval,
                            batch_size=recipe.eval.batch_size,
                            label_names=list(recipe.data.labels or []),
                            bar=Bar(self._files["progress"], description,
                                    keep=not during_training))
-        if recipe.model.task == "causal-lm" and recipe.data.answered \
-                and recipe.eval.exact_match_examples and not during_training:
-            tokenizer = self.built.tokenizer
-            completions, references = greedy_answers(
-                self.built.parts.graphdef, trainable, self.frozen, data.prompts,
-                stops=stop_ids(tokenizer, self.built.model_dir, chat=recipe.data.chat),
-                pad_id=tokenizer.pad_token_id or 0, batch_size=recipe.eval.batch_size,
-                placement=self.built.placement)
-            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-            metrics.update(judge([decode(c) for c in completions],
-                                 [decode(r) for r in references], recipe.data.labels))
+        if answers_judged(recipe) and not during_training:
+            metrics.update(judged_answers(recipe, built.parts.graphdef, (trainable, self.frozen),
+                                          data.prompts, built.tokenizer, built.model_dir,
+                                          built.placement))
         return metrics
 
     def evaluate_before(self) -> dict | None:
@@ -174,7 +226,8 @@ class Session:
         before = self.evaluate(base, "eval before")
 
         def log_before() -> None:
-            run_folder.write_json(self.run_dir / "eval.json", {"before": before})
+            run_folder.write_json(self.run_dir / "eval.json",
+                                  {"before": before, "baseline": self.baseline})
             if "events" in self._files:
                 self._files["events"].eval(0, before)
         runtime.agree_check(log_before)
@@ -203,6 +256,9 @@ class Session:
                          hooks=hooks, placement=self.built.placement)
         self.manifest["train"] = manifests.training_record(
             self.manifest["train"], result, runtime.peak_memory(), xla_cache.record(self.cache))
+        if result.history:  # a session that trained nothing keeps no timings of its own
+            self._clock["compile"] = result.compile_seconds
+        self.record_timings()
         # during training, or (one process) just as it ended
         if result.stopped or (self.stop.requested() and not self.stop.joined):
             raise Interrupted(self.stop.signum or signal.SIGTERM)  # joined: another's notice
@@ -229,10 +285,12 @@ class Session:
             "trainable": runtime.device_bytes(result.trainable),
             "optimizer": runtime.device_bytes(result.opt_state)}
         self.manifest["status"] = "finished"
+        self.record_timings()
+        evals = {"before": before, "after": after, "baseline": self.baseline}
 
         def write() -> None:  # process 0's writes; a failed one stops every process
-            run_folder.write_json(self.run_dir / "eval.json", {"before": before, "after": after})
-            write_report(self.run_dir, self.manifest, before, after, self.console)
+            run_folder.write_json(self.run_dir / "eval.json", evals)
+            write_report(self.run_dir, self.manifest, evals, self.console)
             # last: a run whose report could not be written is not "finished" on
             # disk, so `runner run RUN_DIR` goes on to write it
             manifests.write(self.run_dir, self.manifest)
@@ -245,6 +303,7 @@ class Session:
         it); `if_possible`: where the disk takes no more, leave it as it was
         (a run that still says "running" is resumed like a failed one)."""
         manifests.mark(self.manifest, status, record)
+        self.record_timings()
         if not runtime.primary():
             return
         try:

@@ -53,3 +53,15 @@ def note_unfinished(opened) -> None:
         f"note: {opened.run_dir} has not finished (status "
         f"{opened.manifest.get('status')!r}): using its checkpoint at step {opened.step}"
         + (f" of {opened.total_steps}" if opened.total_steps else ""))
+
+
+def print_path(console: Console, prefix: str, path) -> None:
+    """`prefix path` on one line where it fits the terminal, else the path on
+    a line of its own, whole: rich would cut a path longer than the width,
+    the terminal wraps it and a copy and paste still gets it."""
+    text = f"{prefix} {path}"
+    if len(text) <= console.width:
+        console.print(text, highlight=False, soft_wrap=True)
+    else:
+        console.print(prefix, highlight=False)
+        console.print(str(path), highlight=False, soft_wrap=True)

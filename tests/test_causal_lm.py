@@ -97,10 +97,18 @@ def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
         assert manifest["data"]["packed_rows"] == 50
     again = _runner("eval", str(run), cwd=tmp_path)  # a finished causal-lm run, re-evaluated
     assert again.returncode == 0 and "perplexity" in again.stdout
+    report = (run / "report.md").read_text()
+    assert "| metric | before (baseline) | after | change |" in report
+    assert "Baseline: the base model itself, before fine-tuning" in report
     if "prompt" in data:  # greedy completions of the 20 eval prompts, before and after
         assert before["exact_match_examples"] == after["exact_match_examples"] == 20
         assert after["exact_match"] > before["exact_match"]
         assert "exact match" in done.stdout
+        # `runner eval` judges the greedy answers too, as the run did
+        assert "exact match" in again.stdout, again.stdout
+        [written] = list((run / "evals").iterdir())
+        assert json.loads(written.read_text())["metrics"]["exact_match"] == \
+            pytest.approx(after["exact_match"])
     else:
         assert "exact_match" not in after
     out = _runner("generate", str(run), "--prompt", "what is the dog ?", "--max-new-tokens",
@@ -108,8 +116,25 @@ def test_causal_lm_run_lowers_perplexity(tmp_path, name, method, targets, data):
     assert out.returncode == 0, out.stderr[-2000:]
     [row] = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert row["prompt"] == "what is the dog ?" and 0 < row["tokens"] <= 6
+    if name == "llama-gqa-rope3":  # once: the plain form, and eval on other data
+        shown = _runner("generate", str(run), "--prompt", "what is the dog ?",
+                        "--max-new-tokens", "6", cwd=tmp_path)
+        lines = shown.stdout.splitlines()
+        assert shown.returncode == 0 and "prompt:" in lines, shown.stdout
+        at = lines.index("prompt:")
+        assert lines[at + 1] == "what is the dog ?" and lines[at + 2].startswith("completion (")
+        other = tmp_path / "other.jsonl"
+        other.write_text("\n".join(json.dumps(r) for r in qa_rows(30)[:7]) + "\n")
+        elsewhere = _runner("eval", str(run), "--data", str(other), cwd=tmp_path)
+        assert elsewhere.returncode == 0, elsewhere.stderr[-2000:]
+        from runner.run_folder import stamp_order
+
+        newest = max((run / "evals").iterdir(), key=stamp_order)
+        result = json.loads(newest.read_text())
+        assert result["data"]["rows"] == 7 and result["metrics"]["examples"] == 7
+        assert result["metrics"]["exact_match_examples"] == 7
     _check_exports(tmp_path, run, method)
-    table = _runner("compare", str(run), cwd=tmp_path)
+    table = _runner("compare", str(run), "--markdown", cwd=tmp_path)
     assert table.returncode == 0 and "perplexity before -> after" in table.stdout
     shown = _runner("report", str(run), cwd=tmp_path)  # its files pass report's checks
     assert shown.returncode == 0 and "perplexity" in shown.stdout, shown.stderr[-2000:]
@@ -151,6 +176,16 @@ def _check_exports(root, run, method):
     merged, info = AutoModelForCausalLM.from_pretrained(str(run / "export" / "merged"),
                                                         output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+    # generation stops where jaxlora's does: every end-of-sequence id
+    from transformers import GenerationConfig
+
+    from jaxlora.generate import stop_ids
+
+    generation = GenerationConfig.from_pretrained(str(run / "export" / "merged"))
+    ends = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [
+        generation.eos_token_id]
+    assert ends == stop_ids(opened.tokenizer, opened.model_dir, chat=False)
+    assert merged.generation_config.eos_token_id == generation.eos_token_id
     real = mask.astype(bool)
     inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long),
                   attention_mask=torch.tensor(mask))

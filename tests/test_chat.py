@@ -226,6 +226,14 @@ def test_a_conversation_run_with_labels_judges_the_answers_before_and_after(chat
     report = (run / "report.md").read_text()
     assert "| accuracy |" in report and "answers naming no label" in report
     assert "accuracy" in done.stdout
+    # `runner eval` judges the answers again: exact match and the labels they name
+    again = _runner("eval", str(run), cwd=chat_workdir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    [written] = (run / "evals").iterdir()
+    metrics = json.loads(written.read_text())["metrics"]
+    for key in ("exact_match", "accuracy", "macro_f1", "answered_no_label"):
+        assert metrics[key] == pytest.approx(evals["after"][key]), key
+    assert "exact match" in again.stdout and "answers naming no label" in again.stdout
 
     said = _runner("generate", str(run.relative_to(chat_workdir)), "--prompt",
                    "is this tweet negative or positive ? i love it .", "--json",

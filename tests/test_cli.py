@@ -171,6 +171,10 @@ def test_help():
     for command in ("eval", "predict", "export", "compare"):
         done = subprocess.run(RUNNER + [command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "RUN_DIR" in done.stdout
+        if command == "export":  # the class that loads a merged export, per task
+            text = " ".join(done.stdout.split())
+            assert "AutoModelForSequenceClassification (task classification)" in text
+            assert "AutoModelForCausalLM (task causal-lm" in text
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -227,7 +231,7 @@ def test_qlora_and_full_runs_then_compare(workdir):
     assert qlora["total_params"] == full["total_params"] + 2 * 2 * (32 * 4 + 4 * 32)
     assert "4-bit linear weights" in (run_dirs[0] / "report.md").read_text()
 
-    done = _runner("compare", *map(str, run_dirs), cwd=workdir)
+    done = _runner("compare", *map(str, run_dirs), "--markdown", cwd=workdir)
     assert done.returncode == 0, done.stderr
     markdown = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert markdown[0].startswith("| run | method | trainable params | frozen MiB")

@@ -145,11 +145,35 @@ def test_compare_refuses_a_damaged_run_folder(finished_run, run_copy, case):
     _assert_refused(done, run_copy, name, words)
 
 
-def test_a_run_that_did_not_finish_still_says_so(run_copy):
-    _edit_json("manifest.json", lambda m: m.update(status="running"))(run_copy)
-    for command, words in (("report", "has not finished"), ("compare", "did not finish")):
-        done = runner_here(command, str(run_copy), cwd=run_copy.parent)
-        assert done.returncode == 2 and words in done.stderr and "'running'" in done.stderr
+def test_a_run_that_did_not_finish_gets_a_partial_report_and_compare_skips_it(
+        finished_run, run_copy):
+    """An interrupted run (no "after" yet, no training figures): `runner report`
+    draws what it has and says the report is partial; `runner compare` skips
+    it with one line beside the finished run, and refuses when none finished."""
+    def interrupted(m):
+        m.update(status="interrupted", interrupted={"signal": "SIGTERM", "at": "2026-12-06",
+                                                    "checkpoint_step": 4})
+        m["train"] = {"total_steps": 6}
+    _edit_json("manifest.json", interrupted)(run_copy)
+    _edit_json("eval.json", lambda e: e.pop("after"))(run_copy)
+    (run_copy / "report.md").unlink()
+    done = runner_here("report", str(run_copy), cwd=run_copy.parent)
+    assert done.returncode == 0, done.stderr
+    report = (run_copy / "report.md").read_text()
+    assert report.startswith("# tiny (partial)") and "**Partial report**: the run is " \
+        "interrupted" in report
+    assert "metrics logged up to step 6" in report and "interrupted by SIGTERM" in report
+    assert "| accuracy |" in report and "Partial report" in done.stdout
+    done = runner_here("compare", str(finished_run), str(run_copy), "--markdown",
+                       cwd=run_copy.parent)
+    assert done.returncode == 0, done.stderr
+    assert f"skipped {run_copy}: the run did not finish (status 'interrupted')" in \
+        " ".join(done.stderr.split())
+    assert [line.split(" | ")[0] for line in done.stdout.splitlines()
+            if line.startswith("| tiny/")] == [f"| tiny/{finished_run.name}"]
+    done = runner_here("compare", str(run_copy), cwd=run_copy.parent)
+    assert done.returncode == 2 and "no finished run to compare" in done.stderr
+    assert "did not finish" in done.stderr and "'interrupted'" in done.stderr
 
 
 def test_report_and_compare_of_the_whole_run_still_work(run_copy):
@@ -159,7 +183,7 @@ def test_report_and_compare_of_the_whole_run_still_work(run_copy):
     assert done.returncode == 0, done.stderr
     assert "Before and after" in done.stdout and "train loss" in done.stdout
     assert (run_copy / "loss.png").read_bytes() == kept  # drawn again, the same
-    done = runner_here("compare", str(run_copy), cwd=run_copy.parent)
+    done = runner_here("compare", str(run_copy), "--markdown", cwd=run_copy.parent)
     assert done.returncode == 0, done.stderr
     assert "| tiny/run | lora |" in done.stdout
     # a run without "before" (eval.before = false) is whole too

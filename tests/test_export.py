@@ -135,6 +135,35 @@ def test_export_refusals(runs, tmp_path):
         assert "Traceback" not in done.stderr
 
 
+def test_a_killed_exports_temporary_folder_goes_with_the_next_export(runs, tmp_path):
+    """SIGKILL during an export leaves its hidden temporary folder: the next
+    export to the same place removes it, once its writer is gone, and leaves
+    a live export's (and another machine's) alone. The PEFT config names
+    the base model as the recipe wrote it, not where it resolved to."""
+    import os
+    import subprocess
+
+    from runner.commands.export import _host
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid whose process has ended
+    out = tmp_path / "mine"
+    stale = tmp_path / f".mine.tmp-{_host()}-{gone.pid}-abcd"
+    live = tmp_path / f".mine.tmp-{_host()}-{os.getpid()}-efgh"
+    elsewhere = tmp_path / f".mine.tmp-otherhost-{gone.pid}-ijkl"
+    for folder in (stale, live, elsewhere):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+    done = _runner("export", str(runs["lora"]), "--format", "peft", "--out", str(out),
+                   cwd=runs["root"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not stale.exists() and live.is_dir() and elsewhere.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["mine", live.name, elsewhere.name])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "model"  # [model] source = "model"
+
+
 def test_eval_reproduces_the_run_and_takes_other_data(runs, tmp_path):
     root, run = runs["root"], runs["lora"]
     done = _runner("eval", str(run), cwd=root)
@@ -153,6 +182,9 @@ def test_eval_reproduces_the_run_and_takes_other_data(runs, tmp_path):
     assert "neutral: 1" in done.stdout  # dropped rows are reported
     newest = max((run / "evals").iterdir(), key=stamp_order)
     assert json.loads(newest.read_text())["metrics"]["examples"] == 2
+    # the training rows' majority label, scored on the other data's two rows
+    assert json.loads(newest.read_text())["baseline"]["accuracy"] == 0.5
+    assert "majority" in done.stdout
     done = _runner("eval", str(run), "--data", str(tmp_path / "missing.csv"), cwd=root)
     assert done.returncode == 2 and "missing.csv" in done.stderr
 
@@ -182,3 +214,18 @@ def test_predict_prints_labels_and_probabilities(runs):
         assert row["probabilities"]["positive"] == pytest.approx(float(p[1]), abs=1e-5)
     done = _runner("predict", str(run), "love it", cwd=root)
     assert done.returncode == 0 and "p(positive)" in done.stdout
+
+
+def test_generation_config_names_every_end_of_sequence_id():
+    """A merged causal LM's generation_config.json keeps the base model's
+    settings and lists every id jaxlora stops at (EOS and end of turn)."""
+    from types import SimpleNamespace
+
+    from jaxlora.export import generation_config
+
+    tokenizer = SimpleNamespace(bos_token_id=1, pad_token_id=None)
+    base = {"temperature": 0.6, "eos_token_id": 2, "transformers_version": "4.0"}
+    config = generation_config(base, tokenizer, [2, 32000, 32001])
+    assert config == {"temperature": 0.6, "eos_token_id": [2, 32000, 32001],
+                      "bos_token_id": 1}
+    assert generation_config({}, tokenizer, [2])["eos_token_id"] == 2

@@ -180,6 +180,13 @@ def test_sigterm_then_resume_is_exact(tmp_path, tiny_bert_dir, reference):
     assert list((workdir / "runs" / "tiny").iterdir()) == [run]  # went on in the same folder
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["resumed"][0]["from_step"] == step
+    # the report says so, with the time of both sessions added up
+    timings = manifest["timings"]
+    assert timings["sessions"] == 2 and timings["wall_seconds"] > timings["train_seconds"] > 0
+    report = (run / "report.md").read_text()
+    assert f"- interrupted by SIGTERM at {manifest['interrupted']['at']}" in report
+    assert f"- resumed from step {step} at {manifest['resumed'][0]['at']}" in report
+    assert "time (summed over 2 sessions)" in report
     # bitwise: the digests cover trainable weights, optimizer state and the dropout key
     assert _meta(run, STEPS)["sha256"] == _meta(reference, STEPS)["sha256"]
     _assert_bitwise_equal(_final_state(run), _final_state(reference))

@@ -2,8 +2,11 @@
 run's weights as a folder PyTorch users load (see `jaxlora.export` for the
 formats).
 
-The folder is written under a hidden temporary name beside the target and
-renamed into place when complete; an existing folder is never overwritten.
+The folder is written under a hidden temporary name beside the target
+(`.NAME.tmp-HOST-PID-XXXX`) and renamed into place when complete; an
+existing folder is never overwritten. An export killed outright (SIGKILL)
+leaves its temporary folder: the next export to the same place removes it,
+once its writer (HOST, PID) is gone, never a live export's.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import copy
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -19,7 +23,9 @@ import numpy as np
 from rich.console import Console
 
 from jaxlora.errors import UserError
-from jaxlora.export import merged_tensors, peft_config, peft_tensors, write_safetensors
+from jaxlora.export import (generation_config, merged_tensors, peft_config, peft_tensors,
+                            write_safetensors)
+from jaxlora.generate import stop_ids
 from jaxlora.models import family
 from runner import libraries
 from runner.build import OpenedRun, open_run
@@ -58,8 +64,9 @@ def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console) -> P
     notes = _notes(opened, fmt)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
         # A fresh hidden folder beside the target, renamed into place when complete.
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_tmp_prefix(out)))
     except OSError as e:
         raise UserError(f"{out}: cannot create the folder: {e.strerror}") from None
     try:
@@ -80,6 +87,40 @@ def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console) -> P
     return out
 
 
+def _host() -> str:
+    """This machine's name as it goes into a file name (no dashes: they separate)."""
+    return "".join(c for c in socket.gethostname() if c.isalnum()) or "host"
+
+
+def _tmp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-{_host()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders that exports to `out` killed outright left
+    beside it: named by this machine and a process that is gone (an export
+    still writing keeps its own, and so does one of another machine sharing
+    the folder). Returns those removed."""
+    removed = []
+    prefix = f".{out.name}.tmp-{_host()}-"
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = path.name[len(prefix):].split("-")[0] if path.name.startswith(prefix) else ""
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _write(tmp: Path, opened: OpenedRun, fmt: str, fam, model, notes: list[str]) -> None:
     if fmt == "peft":
         write_safetensors(tmp / "adapter_model.safetensors", peft_tensors(model, fam),
@@ -94,16 +135,29 @@ def _write(tmp: Path, opened: OpenedRun, fmt: str, fam, model, notes: list[str])
                           merged_tensors(model, fam, np.float32, task=opened.recipe.model.task),
                           {"format": "pt"})
         _hf_config(opened, fam).save_pretrained(tmp)
+        if opened.recipe.model.task == "causal-lm":  # every id that ends an answer
+            chat = bool(opened.recipe.data.chat)
+            config = generation_config(_base_generation(opened.model_dir), opened.tokenizer,
+                                       stop_ids(opened.tokenizer, opened.model_dir, chat=chat))
+            (tmp / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
     opened.tokenizer.save_pretrained(tmp)
     (tmp / "README.md").write_text(_readme(opened, fmt, notes))
 
 
+def _base_generation(model_dir: Path) -> dict:
+    """The base model folder's generation_config.json ({} without a readable one)."""
+    try:
+        found = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _base_name(opened: OpenedRun) -> str:
-    """What base_model_name_or_path should say: the hub id for a model from the
-    Hugging Face cache (`.../models--org--name/snapshots/...`), else the folder."""
-    if any(part.startswith("models--") for part in opened.model_dir.parts):
-        return opened.recipe.model.source
-    return str(opened.model_dir)
+    """What base_model_name_or_path says: the recipe's model.source as the
+    user wrote it (a hub id, a path relative to the recipe, a pkg:// source),
+    not where it resolved to (a cache or site-packages folder of this machine)."""
+    return opened.recipe.model.source
 
 
 def _hf_config(opened: OpenedRun, fam):
@@ -118,6 +172,19 @@ def _hf_config(opened: OpenedRun, fam):
     config.id2label = dict(enumerate(labels))
     config.label2id = {name: i for i, name in enumerate(labels)}
     return config
+
+
+def _where_the_base_is(source: str) -> list[str]:
+    """A line for the README where the base model's name is not a hub id to
+    load as is: a pkg:// source, or a path relative to the recipe's folder."""
+    if source.startswith("pkg://"):
+        package, _, inside = source.removeprefix("pkg://").partition("/")
+        return [f"The base model `{source}` is the folder `{inside}` of the installed Python "
+                f"package `{package}`: pass that folder's path below.", ""]
+    if Path(source).expanduser().is_absolute() or source.startswith("."):
+        return [f"The base model `{source}` is a local folder (relative paths are relative to "
+                "the recipe's folder).", ""]
+    return []
 
 
 def _notes(opened: OpenedRun, fmt: str) -> list[str]:
@@ -148,6 +215,7 @@ def _readme(opened: OpenedRun, fmt: str, notes: list[str]) -> str:
              f"task `{opened.recipe.model.task}`; method `{opened.recipe.adapter.method}`"
              + (f"; labels {labels} (class id = position)." if classify else "."), ""]
     if fmt == "peft":
+        lines += _where_the_base_is(opened.recipe.model.source)
         lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}",
                   "", f"base = {auto}.from_pretrained({_base_name(opened)!r}{extra})",
                   "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()", "```"]

@@ -4,7 +4,8 @@ causal-LM run's fine-tuned model (RUN_DIR) or from a recipe's base model
 qlora), with a jit'd decode loop and a KV cache. Prompts are shown as in
 training (`runner.speaker`): through the chat template for a run trained with
 `data.chat` (or with --chat), through `data.template` for prompt/response
-pairs; --raw shows them as given.
+pairs; --raw shows them as given. Each prompt and its completion are shown
+under their own headings (`--json`: one object per line).
 """
 
 from __future__ import annotations
@@ -26,13 +27,32 @@ def main(args, console, stop) -> int:
     prompts = read_texts(args.prompt)
     libraries.set_up()
     rows = generate_texts(args.target, prompts, cfg, console, raw=args.raw, chat=args.chat)
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
         else:
-            console.print(f"[bold]{escape(row['prompt'])}[/]{escape(row['completion'])}",
-                          highlight=False)
+            show(row, console, number if len(rows) > 1 else None)
     return 0
+
+
+def show(row: dict, console: Console, number: int | None = None) -> None:
+    """A prompt and its completion, each under its own heading, so that where
+    the prompt ends and the model's words begin is never in doubt; an empty
+    completion says why it is empty."""
+    which = "" if number is None else f" {number}"
+    console.print(f"[dim]prompt{which}:[/]", highlight=False)
+    console.print(escape(row["prompt"]), highlight=False)
+    ended = ", then an end-of-sequence token" if row["stopped_at_eos"] else ""
+    console.print(f"[dim]completion{which} ({row['tokens']} tokens{ended}):[/]",
+                  highlight=False)
+    if row["completion"].strip():
+        console.print(f"[bold]{escape(row['completion'])}[/]", highlight=False)
+    elif row["stopped_at_eos"] and row["tokens"] <= 1:
+        console.print("[italic](empty: the model stopped at once, its first token ended the "
+                      "answer)[/]", highlight=False)
+    else:
+        console.print(f"[italic](empty: {row['tokens']} tokens with no visible text, such as "
+                      "special tokens or whitespace)[/]", highlight=False)
 
 
 def generate_texts(target: Path, prompts: list[str], cfg: GenerateConfig, console: Console, *,
