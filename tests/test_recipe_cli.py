@@ -160,7 +160,8 @@ def test_validate_summarizes_in_80_columns_and_full_shows_every_field(tmp_path):
 
 # -- extends: a shipped recipe by name, any path of the user's, unset ----------------
 
-def test_a_users_recipe_extends_a_shipped_one_by_name_or_by_path(tmp_path):
+def test_a_users_recipe_extends_a_shipped_one_by_name_or_by_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # the provenance table's paths whole, wherever the checkout is
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "by-name.toml").write_text('extends = "bert-sentiment"\n[adapter]\nrank = 4\n')
