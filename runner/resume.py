@@ -147,7 +147,9 @@ def require_same_data(run_dir: Path, manifest: dict, stats: dict, advice: str,
     the ones the run recorded, naming what differs (`ignore`: keys that do not
     matter to the caller)."""
     recorded = manifest.get("data")
-    # keys the run did not record (made by an older version) are not compared
+    # keys the run did not record (made by an older version) are not compared;
+    # nor how its labels were found (the recipe's labels, compared with it, say what)
+    ignore = (*ignore, "labels_inferred")
     changed = ", ".join(k for k in sorted(recorded or {})
                         if k not in ignore and recorded[k] != stats.get(k))
     if changed:

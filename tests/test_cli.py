@@ -303,11 +303,23 @@ BROKEN_DATA = {
     # case: (file bytes, extra [data] lines, what the message must say)
     "missing file": (None, "", r"tweets\.csv: no such file"),
     "not utf-8": ("sentiment,text\npositive,caf\xe9 ol\xe9\n".encode("latin-1"), "",
-                  r"tweets\.csv: cannot decode the file as utf-8"),
+                  r'tweets\.csv: byte 0xe9 at offset 27 \(line 2\) is not UTF-8 .*encoding = '
+                  r'"auto".*latin-1'),
+    "utf-8 read as latin-1": ("sentiment,text\npositive,caf\xe9 ol\xe9\n".encode(),
+                              'encoding = "latin-1"\neval_size = 20\n',
+                              r"tweets\.csv: encoding is latin-1, but the file is valid UTF-8 "
+                              r"with non-ASCII characters \(line 2: 'positive,caf\xe9 ol\xe9', "
+                              r"which latin-1 reads as 'positive,caf\xc3\xa9 .*\"latin-1!\""),
     "empty file": (b"", "", r"tweets\.csv: the file is empty"),
     "missing column": (b"sentiment,body\npositive,hi\n", "", r"no column 'text' \(text_column\)"),
-    "empty text": (b"sentiment,text\npositive,fine\nnegative,\npositive,ok\n", "",
-                   r"column 'text' is empty in 1 row.*data row 2"),
+    "empty text": (b"sentiment,text\npositive,fine\nnegative,\npositive,ok\n",
+                   'empty = "error"\neval_size = 20\n',
+                   r"column 'text' is empty in 1 row.*data row 2 .*line 3 of the file"),
+    # a quoted field holding newlines: the data row and the file line differ
+    "empty text after a quoted newline": (
+        b'sentiment,text\npositive,"two\nlines"\nnegative,\n',
+        'empty = "error"\neval_size = 20\n', r"data row 2 \(1-based, header not counted, line 4 of "
+                                      r"the file\)"),
     "no label in labels": (b"sentiment,text\nhappy,a\nsad,b\n", "",
                            r"no row .* label in \['negative', 'positive'\].*'happy' \(1\)"),
     "one class": (b"sentiment,text\n" + b"positive,good day\n" * 40, "",

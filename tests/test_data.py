@@ -97,8 +97,12 @@ def test_latin1_csv(load, tmp_path, tokenizer):
     path = write_csv(tmp_path / "latin.csv", rows, encoding="latin-1")
     data = load(source=str(path), encoding="latin-1", eval_size=2)
     assert {"cafe uber gut", "naive bad"} == set(decoded(tokenizer, data.train))
-    with pytest.raises(UserError, match=r"latin\.csv: cannot decode the file as utf-8.*latin-1"):
+    # the default, auto, reads UTF-8: the first bad byte named, where, and the setting
+    with pytest.raises(UserError, match=r'latin\.csv: byte 0xe9 at offset 14 \(line 2\) is not '
+                                        r'UTF-8 .*encoding = "auto".*latin-1'):
         load(source=str(path), eval_size=2)
+    with pytest.raises(UserError, match=r'latin\.csv: byte 0xe9 .*encoding = "utf-8"'):
+        load(source=str(path), encoding="utf-8", eval_size=2)
     # utf-16 wants a byte-order mark first (a UnicodeError, not a UnicodeDecodeError)
     with pytest.raises(UserError, match=r"latin\.csv: cannot decode the file as utf-16 "
                                         r"\(UTF-16 stream does not start with BOM\)"):
@@ -459,6 +463,8 @@ def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
                          "one class": ROWS[10:],
                          "no text column": ROWS}[case])
     fields = {"text_column": "body"} if case == "no text column" else {}
+    if case in ("missing text", "blank text"):  # the default drops them
+        fields = {"empty": "error"}
     return str(path), fields
 
 
@@ -470,14 +476,16 @@ def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
     ("malformed jsonl", r"bad\.jsonl: line 26 is not valid JSON \(Expecting property name"),
     ("cut jsonl line", r"bad\.jsonl: line 26 is not valid JSON \(Unterminated string"),
     ("scalar jsonl line", r"bad\.jsonl: line 26 holds '42', not a JSON object"),
-    ("latin-1 jsonl", r"bad\.jsonl: line 26 is not valid utf-8 .*set encoding"),
+    ("latin-1 jsonl", r"bad\.jsonl: byte 0xe9 at offset \d+ \(line 26\) is not UTF-8 .*set "
+                      r"encoding"),
     ("number text jsonl", r"bad\.jsonl: column 'text' \(text_column\) must hold text: data "
                           r"row 26 of split 'train' holds 42"),
     ("unknown suffix", r"bad\.txt: cannot tell the format .*set format"),
     ("header twice", r"bad\.csv: the header names column 'text' more than once"),
     ("no text column", r"bad\.csv: no column 'body' \(text_column\).*columns: text, label"),
-    ("missing text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4"),
-    ("blank text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4"),
+    ("missing text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4 \(1-based, header "
+                     r"not counted, line 5 of the file\).*empty = \"drop\""),
+    ("blank text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4 .*line 5 of the"),
     ("no labels left", r"bad\.csv: no row .* values found: 'maybe' \(1\), 'neutral' \(1\)"),
     ("one class", r"bad\.csv: the training set has only one class, 'pos'"),
 ])
