@@ -481,3 +481,69 @@ def test_a_gpu_run_says_when_the_fused_kernel_skips_attention_dropout(workdir, m
         assert attention_dropout_skipped(load_recipe(workdir / "tiny.toml", sets), config) == 0.0
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert attention_dropout_skipped(recipe, config) == 0.0
+
+
+def test_a_recipe_without_labels_infers_them_and_every_command_sees_them(workdir):
+    """Issue 25 through `runner`: a class called NA (pandas' missing value) is
+    kept, rows without text are dropped and counted, no `labels` given: the
+    train split's sorted values are printed, recorded and written into the run's
+    recipe.toml, so `eval` and `predict` see the same ones; data whose labels
+    changed refuses the resume, naming them. eval_size is a fraction."""
+    import math
+
+    rows = ["sentiment,text"]
+    for i in range(48):
+        label, words = [("good", "caf\u00e9 great"), ("bad", "awful"), ("NA", "so so")][i % 3]
+        rows.append(f"{label},{words} {i}")
+    rows += ["good,", "bad,  "]  # no text: dropped and counted
+    (workdir / "tweets.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    recipe = (workdir / "tiny.toml").read_text()
+    recipe = recipe.replace('encoding = "latin-1"\n', "").replace(
+        'labels = ["negative", "positive"]\n', "").replace("eval_size = 20", "eval_size = 0.25")
+    (workdir / "tiny.toml").write_text(recipe)
+    done = runner_here("run", "tiny.toml", "--set", "train.epochs=1", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = " ".join(done.stdout.split())
+    assert ("labels: NA, bad, good (inferred: the sorted distinct values of column "
+            "'sentiment' in split 'train')") in out
+    assert "(2 train rows without text, dropped)" in out
+    (run,) = (workdir / "runs" / "tiny").iterdir()
+    data = json.loads((run / "manifest.json").read_text())["data"]
+    assert data["label_names"] == ["NA", "bad", "good"]
+    assert data["labels_inferred"].startswith("the sorted distinct values")
+    assert data["empty_texts"] == {"train": 2} and data["dropped"] == {}
+    assert data["eval_size"] == math.ceil(0.25 * 48) == 12 and data["train_size"] == 36
+    assert data["label_counts"]["train"]["NA"] + data["label_counts"]["eval"]["NA"] == 16
+    assert 'labels = [\n    "NA",\n    "bad",\n    "good",\n]' in (run / "recipe.toml").read_text()
+    done = runner_here("eval", str(run), cwd=workdir)  # the held-out set: the same data
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = runner_here("predict", str(run), "so so 100", "--json", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(json.loads(done.stdout.splitlines()[-1])["probabilities"]) == {"NA", "bad", "good"}
+    # a stopped run whose data now holds another label: resuming would train
+    # another head, so the recipe (its inferred labels) differs and is refused
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    with (workdir / "tweets.csv").open("a", encoding="utf-8") as f:
+        f.write("meh,whatever\n")
+    done = runner_here("run", "tiny.toml", "--set", "train.epochs=1", cwd=workdir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    message = " ".join(done.stderr.split())
+    assert ("data.labels: ['NA', 'bad', 'good'] -> ['NA', 'bad', 'good', 'meh']" in message
+            and "--fresh" in message), message
+
+
+def test_an_inherited_latin1_does_not_garble_a_utf8_file(workdir):
+    """A recipe extending one for a latin-1 file inherits its encoding; a UTF-8
+    file is then refused, naming the setting that reads it anyway."""
+    (workdir / "tweets.csv").write_text("sentiment,text\npositive,caf\u00e9\n"
+                                        "negative,na\u00efve\n" * 10, encoding="utf-8")
+    (workdir / "child.toml").write_text('extends = "tiny.toml"\n[data]\nsource = "tweets.csv"\n')
+    done = runner_here("run", "child.toml", cwd=workdir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    message = " ".join(done.stderr.split())
+    assert ("tweets.csv: encoding is latin-1, but the file is valid UTF-8 with non-ASCII "
+            "characters (line 2: 'positive,caf\u00e9', which latin-1 reads as "
+            "'positive,caf\u00c3\u00a9')") in message
+    assert 'write encoding = "latin-1!" to read it as latin-1 anyway' in message
+    assert not (workdir / "runs").exists()
