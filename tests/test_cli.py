@@ -501,6 +501,8 @@ def test_a_recipe_without_labels_infers_them_and_every_command_sees_them(workdir
     recipe = recipe.replace('encoding = "latin-1"\n', "").replace(
         'labels = ["negative", "positive"]\n', "").replace("eval_size = 20", "eval_size = 0.25")
     (workdir / "tiny.toml").write_text(recipe)
+    done = runner_here("plan", "tiny.toml", "--json", cwd=workdir)  # the head's size: 3 labels
+    assert done.returncode == 0, done.stderr[-3000:]
     done = runner_here("run", "tiny.toml", "--set", "train.epochs=1", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     out = " ".join(done.stdout.split())

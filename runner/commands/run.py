@@ -28,7 +28,7 @@ from rich.console import Console
 
 from jaxlora import runtime
 from jaxlora.checkpoint import Checkpointer, CheckpointWriteError
-from jaxlora.data import prepare
+from jaxlora.data import MAX_LISTED_VALUES, prepare
 from jaxlora.errors import UserError
 from jaxlora.train import Diverged, TrainState, init_state, step_batch, step_counts
 from runner import build, libraries, run_folder, xla_cache
@@ -246,8 +246,10 @@ def _opened(session: Session) -> None:
                           f"examples{dropped}; trainable parameters: "
                           f"{session.manifest['model']['trainable_params']:,}")
     if record.get("labels_inferred"):
-        session.console.print(f"labels: {', '.join(record['label_names'])} (inferred: "
-                              f"{record['labels_inferred']})")
+        names = record["label_names"]
+        shown = ", ".join(names[:MAX_LISTED_VALUES]) + (
+            f", ... ({len(names)} in all)" if len(names) > MAX_LISTED_VALUES else "")
+        session.console.print(f"labels: {shown} (inferred: {record['labels_inferred']})")
     skipped = build.attention_dropout_skipped(session.recipe,
                                               session.built.parts.loaded.config)
     if skipped:
