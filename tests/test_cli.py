@@ -522,6 +522,10 @@ def test_a_recipe_without_labels_infers_them_and_every_command_sees_them(workdir
     done = runner_here("predict", str(run), "so so 100", "--json", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert set(json.loads(done.stdout.splitlines()[-1])["probabilities"]) == {"NA", "bad", "good"}
+    done = runner_here("export", str(run), "--format", "merged", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((run / "export" / "merged" / "config.json").read_text())
+    assert config["id2label"] == {"0": "NA", "1": "bad", "2": "good"}
     # a stopped run whose data now holds another label: resuming would train
     # another head, so the recipe (its inferred labels) differs and is refused
     manifest = json.loads((run / "manifest.json").read_text())
