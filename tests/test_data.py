@@ -596,6 +596,13 @@ def test_utf8_read_as_latin1_is_refused_unless_insisted(load, tmp_path, tokenize
     assert data.stats.train_size == 6
     # "café über" as latin-1 is "cafÃ© Ã¼ber", which the uncased tokenizer folds so
     assert "cafa\u00a9 a\u00bcber gut" in decoded(tokenizer, data.train)
+    # far into a long line: the message shows the character, and the way back to UTF-8
+    long = tmp_path / "long.csv"
+    long.write_text("text,label\n" + "a" * 100 + " caf\u00e9,pos\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"\(line 2: 'a{20} caf\u00e9,pos', which latin-1 reads "
+                                        r"as 'a{20} caf\u00c3\u00a9,pos'\); set encoding = "
+                                        r'"auto" \(UTF-8, the default\)'):
+        data_files._check_not_utf8(long, "latin-1")
     # ASCII only: every encoding reads it alike, nothing to refuse
     plain = write_csv(tmp_path / "plain.csv", ROWS)
     assert load(source=str(plain), encoding="latin-1").stats.train_size == 16

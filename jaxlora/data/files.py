@@ -253,14 +253,15 @@ def _check_not_utf8(file: Path, encoding: str) -> None:
     with file.open("rb") as f:
         head = f.read(first + 64)
     line = head.count(b"\n", 0, first) + 1
-    start = head.rfind(b"\n", 0, first) + 1
+    # from its line's start, or 24 bytes before it (all ASCII: it is the first)
+    start = max(head.rfind(b"\n", 0, first) + 1, first - 24)
     word = head[start:].split(b"\n")[0][:60]
     text = word.decode("utf-8", errors="ignore")
     raise UserError(f"{file}: encoding is {encoding}, but the file is valid UTF-8 with "
                     f"non-ASCII characters (line {line}: {text!r}, which {encoding} reads as "
-                    f"{word.decode(encoding, errors='replace')!r}); remove the encoding "
-                    f"setting (the default, auto, reads UTF-8), or write encoding = "
-                    f"\"{encoding}!\" to read it as {encoding} anyway")
+                    f"{word.decode(encoding, errors='replace')!r}); set encoding = \"auto\" "
+                    f"(UTF-8, the default), or write encoding = \"{encoding}!\" to read it as "
+                    f"{encoding} anyway")
 
 
 def _check_json_lines(file: Path, encoding: str) -> None:
