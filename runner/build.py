@@ -5,6 +5,8 @@ here: `run` and `plan` for training, and `eval`, `predict`, `generate` and
 `export` through `open_run`, which rebuilds a run's trained model.
 
     base_folder       where a recipe's relative sources are read from
+    with_labels       a classifier's recipe with its labels (inferred from the
+                      data when it names none), the same on every process
     model_folder      the local folder of `model.source` (hub, path, pkg://)
     placement_for     the run's device mesh and array layout
     load_pretrained   the base model from its safetensors, placed
@@ -16,6 +18,8 @@ here: `run` and `plan` for training, and `eval`, `predict`, `generate` and
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from flax import nnx
 
 from jaxlora import runtime, sources
 from jaxlora.checkpoint import Checkpointer
+from jaxlora.data import labels_of
 from jaxlora.errors import UserError
 from jaxlora.lora import adapt as adapt_model
 from jaxlora.lora import count_params
@@ -52,6 +57,27 @@ def base_folder(recipe_path: Path) -> Path:
     if run_folder.is_run_dir(folder):
         return manifests.source_folder(manifests.read_manifest(folder), folder)
     return folder
+
+
+def with_labels(recipe: Recipe, base: Path) -> tuple[Recipe, str | None]:
+    """A classification recipe with `data.labels` given: the recipe as it is;
+    without: with the labels inferred from its train split (see
+    `jaxlora.data.labels_of`) written into it, and how they were found (None
+    where nothing was inferred). The filled recipe is the one hashed, recorded
+    in the run folder (recipe.toml) and rebuilt by `open_run`, so eval, predict
+    and export see the same labels; resuming infers them again, and data whose
+    labels changed is a changed recipe. Every process reads the data and
+    infers; they must agree, or all refuse."""
+    if recipe.model.task != "classification" or recipe.data.labels is not None:
+        return recipe, None
+    hosting = runtime.Hosting(1, gather=runtime.gather if jax.process_count() > 1 else None)
+    labels, how = hosting.agree(lambda: labels_of(recipe.data, base_dir=base))
+    digest = hashlib.sha256(json.dumps(labels).encode()).hexdigest()
+    if not all(runtime.every_process(runtime.agree_text(digest) == digest)):
+        raise UserError("data.labels: the processes inferred different labels from "
+                        f"{recipe.data.source}; list them as data.labels in the recipe")
+    data = recipe.data.model_copy(update={"labels": labels})
+    return recipe.model_copy(update={"data": data}), how
 
 
 def model_folder(recipe: Recipe, base: Path) -> Path:

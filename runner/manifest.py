@@ -63,6 +63,8 @@ SHAPE = {
     "data.eval_size": "number",
     "data.target_tokens": "object",
     "data.dropped": "object",
+    "data.empty_texts": "object",
+    "data.labels_inferred": "string",
     "data.truncated": "object",
     "train": "object",
     "train.total_steps": "number",

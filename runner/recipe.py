@@ -66,27 +66,6 @@ class Recipe(BaseModel):
     output: OutputConfig = OutputConfig()  # the run folder
     runtime: RuntimeConfig = RuntimeConfig()  # the devices: mesh axes, multi-host
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _labels_for_classification(cls, document, handler):
-        """`data.labels` is required for classification: reported as a missing
-        field together with every other problem, even when the rest fails (an
-        after-validator would only run once everything else is valid)."""
-        errors, recipe = [], None
-        try:
-            recipe = handler(document)
-        except ValidationError as e:
-            errors = [{"type": err["type"], "loc": err["loc"], "input": err["input"],
-                       **({"ctx": err["ctx"]} if "ctx" in err else {})}
-                      for err in e.errors(include_url=False)]
-        if isinstance(document, dict) and _needs_labels(document) and not any(
-                tuple(err["loc"][:2]) == ("data", "labels") for err in errors):
-            errors.append({"type": "missing", "loc": ("data", "labels"),
-                           "input": document.get("data")})
-        if errors:
-            raise ValidationError.from_exception_data(cls.__name__, errors)
-        return recipe
-
     @model_validator(mode="after")
     def _data_fits_the_task(self) -> "Recipe":
         """[data] settings that make sense for the task: a classifier's, or a
@@ -130,14 +109,6 @@ class Recipe(BaseModel):
 def _given(data: DataConfig, name: str) -> bool:
     """Whether a [data] field holds another value than its default."""
     return getattr(data, name) != type(data).model_fields[name].default
-
-
-def _needs_labels(document: dict) -> bool:
-    """A raw recipe whose task is classification (the default) and whose [data]
-    table has no labels."""
-    model, data = document.get("model"), document.get("data")
-    task = model.get("task", "classification") if isinstance(model, dict) else "classification"
-    return task == "classification" and isinstance(data, dict) and "labels" not in data
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -30,6 +30,10 @@ Mode = Literal["auto", "fresh", "resume"]
 # with `remat = "full"` instead of starting again.
 RESUMABLE = ("runtime", "train.remat")  # a table, or one field
 RESUMABLE_WORDS = "runtime.* (the device layout) and train.remat"
+# Defaults that changed without changing what they do: a run recorded with the
+# old one goes on under the new (data.encoding "utf-8" became "auto", which
+# reads UTF-8 the same way).
+SAME_MEANING = (("data.encoding", "utf-8", "auto"),)  # a tuple: changes hold lists
 
 
 def resume_target(recipe: Recipe, mode: Mode) -> Path | None:
@@ -121,7 +125,9 @@ def require_same_recipe(run_dir: Path, manifest: dict, recipe: Recipe, advice: s
     except where `may_change_on_resume` allows: returns those changes."""
     if manifest.get("recipe_hash") == recipe_hash(recipe):
         return []
-    changes = recipe_changes(as_read_now(manifest.get("recipe", {})), canonical(recipe))
+    changes = [change for change in recipe_changes(as_read_now(manifest.get("recipe", {})),
+                                                   canonical(recipe))
+               if change not in SAME_MEANING]
     if not changes:  # the same recipe, fields added since at their defaults
         return []
     layout, others = [], []
@@ -147,7 +153,9 @@ def require_same_data(run_dir: Path, manifest: dict, stats: dict, advice: str,
     the ones the run recorded, naming what differs (`ignore`: keys that do not
     matter to the caller)."""
     recorded = manifest.get("data")
-    # keys the run did not record (made by an older version) are not compared
+    # keys the run did not record (made by an older version) are not compared;
+    # nor how its labels were found (the recipe's labels, compared with it, say what)
+    ignore = (*ignore, "labels_inferred")
     changed = ", ".join(k for k in sorted(recorded or {})
                         if k not in ignore and recorded[k] != stats.get(k))
     if changed:

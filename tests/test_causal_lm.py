@@ -211,8 +211,9 @@ def _check_exports(root, run, method):
     (lambda t: t.replace('text_column = "text"', 'prompt_column = "prompt"'),
      "give both prompt_column and response_column"),
     (lambda t: t.replace('text_column = "text"', 'text_column = "body"'), "no column 'body'"),
+    # a classifier without labels infers them from label_column, which this data lacks
     (lambda t: t.replace('task = "causal-lm"', 'task = "classification"'),
-     "data.labels: required, but missing"),
+     "no column 'label' (label_column) in split 'train'"),
 ])
 def test_causal_lm_bad_input(tmp_path, edit, expected):
     tiny_decoder_dir(tmp_path / "model", "gpt2")

@@ -323,11 +323,23 @@ BROKEN_DATA = {
     # case: (file bytes, extra [data] lines, what the message must say)
     "missing file": (None, "", r"tweets\.csv: no such file"),
     "not utf-8": ("sentiment,text\npositive,caf\xe9 ol\xe9\n".encode("latin-1"), "",
-                  r"tweets\.csv: cannot decode the file as utf-8"),
+                  r'tweets\.csv: byte 0xe9 at offset 27 \(line 2\) is not UTF-8 .*encoding = '
+                  r'"auto".*latin-1'),
+    "utf-8 read as latin-1": ("sentiment,text\npositive,caf\xe9 ol\xe9\n".encode(),
+                              'encoding = "latin-1"\neval_size = 20\n',
+                              r"tweets\.csv: encoding is latin-1, but the file is valid UTF-8 "
+                              r"with non-ASCII characters \(line 2: 'positive,caf\xe9 ol\xe9', "
+                              r"which latin-1 reads as 'positive,caf\xc3\xa9 .*\"latin-1!\""),
     "empty file": (b"", "", r"tweets\.csv: the file is empty"),
     "missing column": (b"sentiment,body\npositive,hi\n", "", r"no column 'text' \(text_column\)"),
-    "empty text": (b"sentiment,text\npositive,fine\nnegative,\npositive,ok\n", "",
-                   r"column 'text' is empty in 1 row.*data row 2"),
+    "empty text": (b"sentiment,text\npositive,fine\nnegative,\npositive,ok\n",
+                   'empty = "error"\neval_size = 20\n',
+                   r"column 'text' is empty in 1 row.*data row 2 .*line 3 of the file"),
+    # a quoted field holding newlines: the data row and the file line differ
+    "empty text after a quoted newline": (
+        b'sentiment,text\npositive,"two\nlines"\nnegative,\n',
+        'empty = "error"\neval_size = 20\n', r"data row 2 \(1-based, header not counted, line 4 of "
+                                      r"the file\)"),
     "no label in labels": (b"sentiment,text\nhappy,a\nsad,b\n", "",
                            r"no row .* label in \['negative', 'positive'\].*'happy' \(1\)"),
     "one class": (b"sentiment,text\n" + b"positive,good day\n" * 40, "",
@@ -489,3 +501,75 @@ def test_a_gpu_run_says_when_the_fused_kernel_skips_attention_dropout(workdir, m
         assert attention_dropout_skipped(load_recipe(workdir / "tiny.toml", sets), config) == 0.0
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert attention_dropout_skipped(recipe, config) == 0.0
+
+
+def test_a_recipe_without_labels_infers_them_and_every_command_sees_them(workdir):
+    """Issue 25 through `runner`: a class called NA (pandas' missing value) is
+    kept, rows without text are dropped and counted, no `labels` given: the
+    train split's sorted values are printed, recorded and written into the run's
+    recipe.toml, so `eval` and `predict` see the same ones; data whose labels
+    changed refuses the resume, naming them. eval_size is a fraction."""
+    import math
+
+    rows = ["sentiment,text"]
+    for i in range(48):
+        label, words = [("good", "caf\u00e9 great"), ("bad", "awful"), ("NA", "so so")][i % 3]
+        rows.append(f"{label},{words} {i}")
+    rows += ["good,", "bad,  "]  # no text: dropped and counted
+    (workdir / "tweets.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    recipe = (workdir / "tiny.toml").read_text()
+    recipe = recipe.replace('encoding = "latin-1"\n', "").replace(
+        'labels = ["negative", "positive"]\n', "").replace("eval_size = 20", "eval_size = 0.25")
+    (workdir / "tiny.toml").write_text(recipe)
+    done = runner_here("plan", "tiny.toml", "--json", cwd=workdir)  # the head's size: 3 labels
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = runner_here("run", "tiny.toml", "--set", "train.epochs=1", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = " ".join(done.stdout.split())
+    assert ("labels: NA, bad, good (inferred: the sorted distinct values of column "
+            "'sentiment' in split 'train')") in out
+    assert "(2 train rows without text, dropped)" in out
+    (run,) = (workdir / "runs" / "tiny").iterdir()
+    data = json.loads((run / "manifest.json").read_text())["data"]
+    assert data["label_names"] == ["NA", "bad", "good"]
+    assert data["labels_inferred"].startswith("the sorted distinct values")
+    assert data["empty_texts"] == {"train": 2} and data["dropped"] == {}
+    assert data["eval_size"] == math.ceil(0.25 * 48) == 12 and data["train_size"] == 36
+    assert data["label_counts"]["train"]["NA"] + data["label_counts"]["eval"]["NA"] == 16
+    assert 'labels = [\n    "NA",\n    "bad",\n    "good",\n]' in (run / "recipe.toml").read_text()
+    done = runner_here("eval", str(run), cwd=workdir)  # the held-out set: the same data
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = runner_here("predict", str(run), "so so 100", "--json", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(json.loads(done.stdout.splitlines()[-1])["probabilities"]) == {"NA", "bad", "good"}
+    done = runner_here("export", str(run), "--format", "merged", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((run / "export" / "merged" / "config.json").read_text())
+    assert config["id2label"] == {"0": "NA", "1": "bad", "2": "good"}
+    # a stopped run whose data now holds another label: resuming would train
+    # another head, so the recipe (its inferred labels) differs and is refused
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    with (workdir / "tweets.csv").open("a", encoding="utf-8") as f:
+        f.write("meh,whatever\n")
+    done = runner_here("run", "tiny.toml", "--set", "train.epochs=1", cwd=workdir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    message = " ".join(done.stderr.split())
+    assert ("data.labels: ['NA', 'bad', 'good'] -> ['NA', 'bad', 'good', 'meh']" in message
+            and "--fresh" in message), message
+
+
+def test_an_inherited_latin1_does_not_garble_a_utf8_file(workdir):
+    """A recipe extending one for a latin-1 file inherits its encoding; a UTF-8
+    file is then refused, naming the setting that reads it anyway."""
+    (workdir / "tweets.csv").write_text("sentiment,text\npositive,caf\u00e9\n"
+                                        "negative,na\u00efve\n" * 10, encoding="utf-8")
+    (workdir / "child.toml").write_text('extends = "tiny.toml"\n[data]\nsource = "tweets.csv"\n')
+    done = runner_here("run", "child.toml", cwd=workdir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    message = " ".join(done.stderr.split())
+    assert ("tweets.csv: encoding is latin-1, but the file is valid UTF-8 with non-ASCII "
+            "characters (line 2: 'positive,caf\u00e9', which latin-1 reads as "
+            "'positive,caf\u00c3\u00a9')") in message
+    assert 'write encoding = "latin-1!" to read it as latin-1 anyway' in message
+    assert not (workdir / "runs").exists()

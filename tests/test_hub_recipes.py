@@ -93,3 +93,21 @@ def test_hub_recipe_runs_from_a_local_cache_offline(recipe, tmp_path, tiny_bert_
     evals = json.loads((run / "eval.json").read_text())
     assert evals["before"]["examples"] == evals["after"]["examples"] == 24
     assert (run / "loss.png").is_file() and (run / "before_after.png").is_file()
+
+
+def test_a_hub_datasets_classlabel_names_are_the_inferred_labels(tmp_path, monkeypatch):
+    """A classifier without `labels` on a hub dataset takes its ClassLabel's
+    names, in their order (not sorted), through the hub code path offline."""
+    from huggingface_hub import constants
+
+    from jaxlora.data import DataConfig, labels_of
+
+    data = _snapshot(tmp_path / "hub", "datasets", "someone/reviews")
+    for offset, split in enumerate(("train", "test")):
+        _write_split(data / "data" / f"{split}-00000-of-00001.parquet", "text",
+                     ["pos", "neg", "mixed"], 12, offset * 100)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cfg = DataConfig(source="someone/reviews", eval_split="test")
+    assert labels_of(cfg, cache_dir=tmp_path / "datasets-cache") == (
+        ["pos", "neg", "mixed"], "the ClassLabel names of column 'label'")

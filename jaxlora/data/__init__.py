@@ -33,13 +33,16 @@ the same on any devices and processes, so a resumed run sees exactly the
 batches it would have seen, on any layout.
 
 Rules for bad input, each a `UserError` naming the file and the column or row:
-unreadable, undecodable, empty or malformed files; missing columns or splits;
-a missing or blank text in a row whose label is kept (refused, never dropped
-silently: the message gives the count and the first data row);
-no rows left after label filtering; a single-class training set; an
-`eval_size` that leaves no training rows. Rows whose label is not in `labels`
-(say the tweets' `neutral`) are the one thing dropped, and `DataStats` counts
-them.
+unreadable, undecodable, empty or malformed files (a file read as UTF-8 that is
+not, naming the first bad byte; a UTF-8 file read as latin-1, unless insisted);
+missing columns or splits; no rows left after label filtering; a single-class
+training set, or a label of `labels` with no training row; an `eval_size` that
+leaves no training rows. Two things are dropped, and `DataStats` counts them:
+rows whose label is not in `labels` (say the tweets' `neutral`), and rows whose
+text is missing or blank (with `empty = "error"` refused instead, naming the
+data row and the file line). CSV cells are read as written: `NA` or `null` is
+a label like any other, only an empty cell is missing. Without `labels`, a
+classifier's are inferred from the train split (`labels_of`).
 
 `datasets` takes about a second to import, so the functions that need it
 import it themselves: validating a recipe's `DataConfig` stays cheap.
@@ -49,12 +52,14 @@ from jaxlora.data.batches import (ORDER, TOKEN_ARRAYS, Split, held_examples, pac
                                   slot_order)
 from jaxlora.data.config import DataConfig
 from jaxlora.data.files import SUFFIX_FORMATS, TEXT_FORMATS, Format
-from jaxlora.data.prepare import DataStats, PreparedData, chat_template, prepare, prepare_eval
-from jaxlora.data.rows import MAX_LISTED_VALUES
+from jaxlora.data.prepare import (DataStats, PreparedData, chat_template, labels_of, prepare,
+                                  prepare_eval)
+from jaxlora.data.rows import MAX_LISTED_VALUES, MISSING_LABEL, eval_rows
 from jaxlora.data.tokenize import LmFormat, tokenize_batch, tokenize_lm_batch
 from jaxlora.runtime import Hosting
 
-__all__ = ["MAX_LISTED_VALUES", "ORDER", "SUFFIX_FORMATS", "TEXT_FORMATS", "TOKEN_ARRAYS",
-           "DataConfig", "DataStats", "Format", "Hosting", "LmFormat", "PreparedData", "Split",
-           "chat_template", "held_examples", "pack", "prepare", "prepare_eval", "slot_examples", "slot_order",
-           "tokenize_batch", "tokenize_lm_batch"]
+__all__ = ["MAX_LISTED_VALUES", "MISSING_LABEL", "ORDER", "SUFFIX_FORMATS", "TEXT_FORMATS",
+           "TOKEN_ARRAYS", "DataConfig", "DataStats", "Format", "Hosting", "LmFormat",
+           "PreparedData", "Split", "chat_template", "eval_rows", "held_examples", "labels_of",
+           "pack", "prepare", "prepare_eval", "slot_examples", "slot_order", "tokenize_batch",
+           "tokenize_lm_batch"]

@@ -2,8 +2,8 @@
 
 Stage 0 of `jaxlora.data`, below every other: what to read and how to cut it,
 checked when the recipe is validated (unknown keys, repeated labels, an unknown
-text encoding, bad length buckets, prompt without response, not exactly one
-eval source). Imports neither `datasets` nor any other stage, so validating a
+text encoding, an eval_size fraction of 1 or more, bad length buckets, prompt
+without response, not exactly one eval source). Imports neither `datasets` nor any other stage, so validating a
 recipe stays cheap.
 """
 
@@ -31,9 +31,11 @@ class DataConfig(pydantic.BaseModel):
     # Column holding the label (a string, an int, or a ClassLabel index); classification.
     label_column: str = "label"
     # Label names in class-id order; rows with any other label are dropped and counted.
-    # Required for classification. For causal-lm, optional: the answers (the response,
-    # or the last assistant turn) each name one of them; rows whose answer names none
-    # are dropped and counted, and evaluation judges the generated answers by label.
+    # Classification without them: inferred from the data (a ClassLabel column's names,
+    # else the sorted distinct values of the train split; the runner records them).
+    # For causal-lm, optional: the answers (the response, or the last assistant turn)
+    # each name one of them; rows whose answer names none are dropped and counted, and
+    # evaluation judges the generated answers by label.
     labels: list[str] | None = Field(None, min_length=2)
     # causal-lm prompt/response pairs: the two columns (instead of text_column); the
     # loss counts response tokens only.
@@ -64,16 +66,23 @@ class DataConfig(pydantic.BaseModel):
     # causal-lm: pack several training examples into each max_length row (attention
     # and positions stay within each example); evaluation is never packed.
     packing: bool = False
-    # Text encoding of CSV and JSON files (e.g. latin-1); parquet ignores it.
-    encoding: str = "utf-8"
+    # Text encoding of CSV and JSON files; parquet ignores it. auto: UTF-8, and a file
+    # that is not is refused, naming its first bad byte. Another encoding (latin-1,
+    # cp1252) refuses a file that is valid UTF-8 with non-ASCII characters (it would
+    # read "café" as "cafÃ©") unless the name ends in "!" ("latin-1!": read it so anyway).
+    encoding: str = "auto"
+    # Rows whose text is missing or blank: drop them (counted per split), or error
+    # (refuse the run, naming the data row and the file line).
+    empty: Literal["drop", "error"] = "drop"
     # Tokens per example; every example is padded or truncated to it.
     max_length: int = Field(128, gt=0, le=8192)
     # Split to train on (a single file is one split named "train").
     train_split: str = "train"
     # Split to evaluate on; give this or eval_size.
     eval_split: str | None = None
-    # Carve this many random rows out of the train split for eval; give this or eval_split.
-    eval_size: int | None = Field(None, gt=0)
+    # Carve this many random rows out of the train split for eval, or a fraction of its
+    # usable rows (0 < x < 1, rounded up); give this or eval_split.
+    eval_size: int | float | None = Field(None, gt=0)
     # Keep at most this many training rows (a seeded random subset).
     max_train_examples: int | None = Field(None, gt=0)
     # Keep at most this many eval rows (a seeded random subset).
@@ -96,9 +105,23 @@ class DataConfig(pydantic.BaseModel):
             raise ValueError(f"labels must be unique; repeated: {', '.join(repeated)}")
         return labels
 
+    @pydantic.field_validator("eval_size")
+    @classmethod
+    def _count_or_fraction(cls, size: int | float | None) -> int | float | None:
+        if isinstance(size, float) and not size < 1:
+            raise ValueError(f"a fraction of the train split must lie between 0 and 1, a "
+                             f"number of rows is a whole number (got {size})")
+        return size
+
     @pydantic.field_validator("encoding")
     @classmethod
-    def _known_encoding(cls, encoding: str) -> str:
+    def _known_encoding(cls, setting: str) -> str:
+        encoding = setting.removesuffix("!")
+        if encoding == "auto":
+            if setting != encoding:
+                raise ValueError('"auto!" insists on nothing: write "auto", or the '
+                                 'encoding to insist on (e.g. "latin-1!")')
+            return setting
         try:
             codecs.lookup(encoding)
         except LookupError:
@@ -111,7 +134,7 @@ class DataConfig(pydantic.BaseModel):
                              "cp1252)") from None
         except UnicodeError:
             pass  # a text encoding that one byte does not make a character of (utf-16)
-        return encoding
+        return setting
 
     @pydantic.model_validator(mode="after")
     def _buckets_below_max_length(self) -> DataConfig:

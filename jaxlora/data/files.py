@@ -6,7 +6,8 @@ its files). Guarantees that what comes out parsed as the format it claims, or
 else a `UserError` naming the file and what to change: the format told from
 the suffixes (`detect_format`), an empty file, a UTF-16/32 byte-order mark
 under another encoding, a CSV header naming a column twice, bytes that are not
-UTF-8 in JSON (with the line), the first line of a JSON-lines file that is not
+UTF-8 read as UTF-8 (the first one, with its offset and line), a UTF-8 file
+read with a single-byte encoding (unless insisted), the first line of a JSON-lines file that is not
 an object, CSV files of one folder with other columns, the root cause of a
 reader's error, and a missing split (`get_split`). `quiet_datasets` silences
 `datasets`' own bars and logs, as these messages say it better.
@@ -68,28 +69,44 @@ def detect_format(path: Path, fmt: str) -> Format:
     return found.pop()
 
 
-def load(path: Path, fmt: Format, encoding: str, cache_dir: Path | None) -> Any:
+def codec_of(setting: str) -> tuple[str, bool]:
+    """The codec of the `encoding` setting (auto: UTF-8), and whether it is
+    insisted on (a name ending in "!")."""
+    codec = setting.removesuffix("!")
+    return ("utf-8" if codec == "auto" else codec), setting.endswith("!")
+
+
+def load(path: Path, fmt: Format, setting: str, cache_dir: Path | None) -> Any:
     """`datasets.load_dataset` on a file (one split, "train") or a folder (splits
     named by the files, e.g. train.csv / test.csv), with read errors turned into
-    `UserError`s."""
+    `UserError`s. `setting` is the `encoding` of CSV and JSON files (see
+    `codec_of`): auto or UTF-8 refuses bytes that are not UTF-8; another
+    encoding refuses a file that is valid UTF-8 with non-ASCII bytes, unless
+    insisted on. CSV cells are text as written (`NA`, `null` stay strings);
+    only an empty cell is missing."""
     import datasets
     import pyarrow
 
+    encoding, insisted = codec_of(setting)
     if path.is_file() and path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty")
     where = {"data_dir": str(path)} if path.is_dir() else {"data_files": str(path)}
     reader = {"encoding": encoding} if fmt in TEXT_FORMATS else {}
+    if fmt == "csv":  # pandas would read NA, n/a, null, None, nan, ... as missing
+        reader.update(keep_default_na=False, na_values=[""])
     # Checks of the text files the readers below do not make (or make badly):
-    # bytes that are not UTF-8 in JSON, a column named twice in a CSV header.
+    # bytes that are not UTF-8, UTF-8 read as latin-1, a column named twice in a CSV header.
     files = [] if fmt not in TEXT_FORMATS else [path] if path.is_file() else [
         p for p in _data_files(path) if SUFFIX_FORMATS[p.suffix.lower()] == fmt]
     json_files = files if fmt == "json" else []
     for file in files:
         _check_byte_order_mark(file, encoding)
+        if codecs.lookup(encoding).name in _UTF8:
+            _check_utf8(file, setting)
+        elif not insisted:
+            _check_not_utf8(file, encoding)
         if fmt == "csv":
             _check_header(file, encoding)
-        elif codecs.lookup(encoding).name == "utf-8":
-            _check_utf8(file)
     try:
         return datasets.load_dataset(fmt, **where, **reader,
                                      cache_dir=None if cache_dir is None else str(cache_dir))
@@ -175,26 +192,76 @@ def _check_header(file: Path, encoding: str) -> None:
                         "give each column its own name")
 
 
-def _check_utf8(file: Path) -> None:
-    """Refuse bytes that are not UTF-8, naming the line: Arrow's JSON reader
-    takes them into its strings, where they would fail long after loading."""
-    line, carry = 1, b""
+# Bytes read at a time by the encoding checks, so that a big file costs little memory.
+_CHUNK = 1 << 22
+
+
+# Codec names (`codecs.lookup(...).name`) that read UTF-8.
+_UTF8 = ("utf-8", "utf-8-sig")
+
+
+def _check_utf8(file: Path, setting: str) -> None:
+    """Refuse bytes that are not UTF-8, naming the first one, its offset and
+    line, and the setting: read chunk by chunk, cheap on a big file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
     with file.open("rb") as f:
         while True:
-            chunk = f.read(1 << 22)
-            block, carry = carry + chunk, b""
-            if chunk:  # whole lines only, so that no character is cut in two
-                cut = block.rfind(b"\n") + 1
-                block, carry = block[:cut], block[cut:]
+            chunk = f.read(_CHUNK)
             try:
-                block.decode("utf-8")
+                decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
-                line += block.count(b"\n", 0, e.start)
-                raise UserError(f"{file}: line {line} is not valid utf-8 ({e.reason}); set "
-                                "encoding to the file's one, e.g. latin-1 or cp1252") from None
-            line += block.count(b"\n")
+                # the decoder may hold back the first bytes of a character cut by
+                # the chunk: the bad byte's offset counts from what it held
+                held = len(e.object) - len(chunk)
+                at = offset - held + e.start
+                line += chunk.count(b"\n", 0, max(e.start - held, 0))
+                byte = e.object[e.start]
+                raise UserError(f"{file}: byte 0x{byte:02x} at offset {at} (line {line}) is "
+                                f"not UTF-8 ({e.reason}), which encoding = \"{setting}\" "
+                                "reads; set encoding to the file's one, e.g. "
+                                "latin-1 or cp1252") from None
             if not chunk:
                 return
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+
+
+def _check_not_utf8(file: Path, encoding: str) -> None:
+    """Refuse a file read with another `encoding` (latin-1, cp1252, ...) that is
+    valid UTF-8 with non-ASCII characters: it is almost surely UTF-8, and read
+    so every accent would be garbled ("café" as "cafÃ©"). Stops at the first
+    byte that is not UTF-8 (in a real latin-1 file, usually early)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    first, offset = None, 0  # the first non-ASCII byte's offset
+    with file.open("rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError:
+                return  # not UTF-8: the encoding may well be right
+            if first is None:
+                found = next((i for i, b in enumerate(chunk) if b >= 0x80), None) \
+                    if not chunk.isascii() else None
+                first = None if found is None else offset + found
+            if not chunk:
+                break
+            offset += len(chunk)
+    if first is None:
+        return  # ASCII only: every such encoding reads it alike
+    with file.open("rb") as f:
+        head = f.read(first + 64)
+    line = head.count(b"\n", 0, first) + 1
+    # from its line's start, or 24 bytes before it (all ASCII: it is the first)
+    start = max(head.rfind(b"\n", 0, first) + 1, first - 24)
+    word = head[start:].split(b"\n")[0][:60]
+    text = word.decode("utf-8", errors="ignore")
+    raise UserError(f"{file}: encoding is {encoding}, but the file is valid UTF-8 with "
+                    f"non-ASCII characters (line {line}: {text!r}, which {encoding} reads as "
+                    f"{word.decode(encoding, errors='replace')!r}); set encoding = \"auto\" "
+                    f"(UTF-8, the default), or write encoding = \"{encoding}!\" to read it as "
+                    f"{encoding} anyway")
 
 
 def _check_json_lines(file: Path, encoding: str) -> None:
@@ -234,3 +301,44 @@ def get_split(splits: Any, name: str, path: Path) -> Any:
     if name not in splits:
         raise UserError(f"{path}: no split {name!r}; splits: {', '.join(splits)}")
     return splits[name]
+
+
+def file_line(path: Path, fmt: str, setting: str, row: int) -> int | None:
+    """The line of file `path` where data row `row` (0-based) begins, for
+    messages: a CSV row counted as the csv module reads it (a quoted field may
+    hold newlines; blank lines hold no row), a JSON-lines row by its line;
+    None for anything else (a folder, parquet, a JSON document)."""
+    if not path.is_file() or fmt not in TEXT_FORMATS:
+        return None
+    encoding = codec_of(setting)[0]
+    with path.open(encoding=encoding, errors="replace", newline="") as f:
+        if fmt == "csv":
+            reader = csv.reader(f)
+            if next(reader, None) is None:  # the header
+                return None
+            start, seen = reader.line_num + 1, 0
+            for record in reader:
+                if record:
+                    if seen == row:
+                        return start
+                    seen += 1
+                start = reader.line_num + 1
+            return None
+        seen = 0
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if seen == 0 and not _json_object(line):
+                return None  # one JSON document, not an object per line
+            if seen == row:
+                return number
+            seen += 1
+    return None
+
+
+def _json_object(line: str) -> bool:
+    """Whether `line` is one JSON object."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False

@@ -20,7 +20,7 @@ import numpy as np
 from jaxlora.data.batches import ORDER, Split
 from jaxlora.data.config import DataConfig
 from jaxlora.data.files import detect_format, get_split, load, quiet_datasets
-from jaxlora.data.rows import SplitRows, label_counts, read_labels, select_rows
+from jaxlora.data.rows import SplitRows, infer_labels, label_counts, read_labels, select_rows
 from jaxlora.data.tokenize import (LmFormat, fitting_rows, tokenize_causal_lm,
                                    tokenize_classification)
 from jaxlora.errors import UserError
@@ -44,6 +44,8 @@ class DataStats:
     packed_rows: int | None = None  # causal-lm with packing: training rows after packing
     # causal-lm: rows dropped because their targets would not fit max_length
     too_long: dict[str, int] = field(default_factory=dict)
+    # rows dropped for a missing or blank text, by split of the source (none: {})
+    empty_texts: dict[str, int] = field(default_factory=dict)
     # How examples become batches (`Split`); a run resumes only with the same.
     order: str = ORDER
 
@@ -107,6 +109,9 @@ def _read(cfg: DataConfig, tokenizer: Any, task: str, base_dir: Path | None,
     with quiet_datasets():
         splits = load(path, fmt, cfg.encoding, cache_dir)
         train_ds = get_split(splits, cfg.train_split, path)
+        if labelled and cfg.labels is None:
+            cfg = cfg.model_copy(update={"labels": infer_labels(
+                train_ds, cfg.label_column, path, cfg.train_split)[0]})
         if not labelled and cfg.pairs and not cfg.chat and tokenizer.eos_token_id is None:
             raise UserError("the tokenizer has no eos token, which ends every response")
         lm = None if labelled else LmFormat.of(cfg, chat_template(cfg, tokenizer, base_dir))
@@ -142,8 +147,23 @@ def _read(cfg: DataConfig, tokenizer: Any, task: str, base_dir: Path | None,
         # causal-lm: the first token of an example is never predicted
         target_tokens={} if labelled else {"train": int(train.loss_mask[:, 1:].sum()),
                                            "eval": int(eval_.loss_mask[:, 1:].sum())},
-        too_long={} if labelled else chosen.too_long)
+        too_long={} if labelled else chosen.too_long, empty_texts=chosen.empty)
     return PreparedData(train=train, eval=eval_, stats=stats, prompts=head)
+
+
+def labels_of(cfg: DataConfig, *, base_dir: Path | None = None,
+              cache_dir: Path | None = None) -> tuple[list[str], str]:
+    """The labels a classification `cfg` trains on: `cfg.labels`, else
+    inferred from its train split (`rows.infer_labels`: a ClassLabel column's
+    names, or the sorted distinct values); and how they were found, in words.
+    Reading the same data gives the same list, on any process."""
+    if cfg.labels is not None:
+        return list(cfg.labels), "the recipe's labels"
+    path = resolve(cfg.source, "dataset", base_dir)
+    with quiet_datasets():
+        splits = load(path, detect_format(path, cfg.format), cfg.encoding, cache_dir)
+        return infer_labels(get_split(splits, cfg.train_split, path), cfg.label_column, path,
+                            cfg.train_split)
 
 
 def chat_template(cfg: DataConfig, tokenizer: Any, base_dir: Path | None) -> str | None:
@@ -187,13 +207,14 @@ def prepare_eval(cfg: DataConfig, tokenizer: Any, source: str, *, split: str | N
         splits = load(path, fmt, cfg.encoding, cache_dir)
         name = split or ("test" if "test" in splits else "train")
         ds = get_split(splits, name, path)
-        ids, dropped = read_labels(ds, cfg, path, name)
+        ids, dropped, empty = read_labels(ds, cfg, path, name)
         rows = np.flatnonzero(ids >= 0)
         examples, cut = tokenize_classification(SplitRows(ds, rows, ids, name), tokenizer,
                                               cfg, path)
     return examples, {"source": str(path), "split": name, "rows": len(examples),
                       "label_counts": label_counts(examples.labels, cfg.labels),
-                      "dropped": dict(sorted(dropped.items())), "truncated": cut}
+                      "dropped": dict(sorted(dropped.items())),
+                      **({"empty_texts": empty} if empty else {}), "truncated": cut}
 
 
 def _summed(hosting: Hosting | None, *counts: int) -> list[int]:

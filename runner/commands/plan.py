@@ -43,6 +43,7 @@ def build_as_run(recipe, recipe_path: Path):
     # As `runner run` does: on a pod every host plans, and the mesh spans them all.
     runtime.initialize(recipe.runtime)
     placement = build.placement_for(recipe)
+    recipe = build.with_labels(recipe, build.base_folder(recipe_path))[0]  # the head's size
     model_dir = build.model_folder(recipe, build.base_folder(recipe_path))
     # each weight straight into its shard, as the run loads it: a model that fits
     # the devices only sharded can be planned too

@@ -28,7 +28,7 @@ from rich.console import Console
 
 from jaxlora import runtime
 from jaxlora.checkpoint import Checkpointer, CheckpointWriteError
-from jaxlora.data import prepare
+from jaxlora.data import MAX_LISTED_VALUES, prepare
 from jaxlora.errors import UserError
 from jaxlora.train import Diverged, TrainState, init_state, step_batch, step_counts
 from runner import build, libraries, run_folder, xla_cache
@@ -80,6 +80,9 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
         target = runtime.agree_path(lambda: _locked(held, run_dir or resume_target(recipe, mode)))
         cache = xla_cache.snapshot()
         placement = build.placement_for(recipe)
+        # labels inferred from the data (none given) become the recipe's: hashed,
+        # recorded, compared on resume
+        recipe, inferred = build.with_labels(recipe, build.base_folder(recipe_path))
         stopped = check_resumable(target, recipe) if target is not None else None
         evals = _evaluated(stopped)
         base = stopped.base if stopped else build.base_folder(recipe_path)
@@ -90,6 +93,8 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
         tokenizer = build.load_tokenizer(model_dir)
         # 2. the data: each process reads and tokenizes its own batch rows' examples
         data, record, shares = _prepared_data(recipe, tokenizer, base, placement, stopped)
+        if inferred:  # how, for the manifest (not compared on resume)
+            record = {**record, "labels_inferred": inferred}
         parts = build.adapt(recipe, loaded, placement)  # 1. the method
         built = Built(placement, base, model_dir, parts, fingerprint, tokenizer, data, record,
                       shares)
@@ -231,12 +236,20 @@ def _write_before_training(run_dir: Path, write: Callable[[], None]) -> None:
 def _opened(session: Session) -> None:
     """What the run starts with, in two lines (and a note where a setting is not applied)."""
     record = session.built.data_record
-    long = record.get("too_long") or {}
-    dropped = (f" ({long['train']} train / {long['eval']} eval rows too long for max_length, "
-               "dropped)" if any(long.values()) else "")
+    long, empty = record.get("too_long") or {}, record.get("empty_texts") or {}
+    dropped = ([f"{long['train']} train / {long['eval']} eval rows too long for max_length"]
+               if any(long.values()) else [])
+    dropped += [f"{', '.join(f'{n} {split}' for split, n in empty.items())} rows without "
+                "text"] if empty else []
+    dropped = f" ({'; '.join(dropped)}, dropped)" if dropped else ""
     session.console.print(f"data: {record['train_size']} train / {record['eval_size']} eval "
                           f"examples{dropped}; trainable parameters: "
                           f"{session.manifest['model']['trainable_params']:,}")
+    if record.get("labels_inferred"):
+        names = record["label_names"]
+        shown = ", ".join(names[:MAX_LISTED_VALUES]) + (
+            f", ... ({len(names)} in all)" if len(names) > MAX_LISTED_VALUES else "")
+        session.console.print(f"labels: {shown} (inferred: {record['labels_inferred']})")
     skipped = build.attention_dropout_skipped(session.recipe,
                                               session.built.parts.loaded.config)
     if skipped:
