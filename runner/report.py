@@ -268,6 +268,9 @@ def _data_section(stats: dict, shown: dict) -> list[str]:
     if any(stats.get("too_long", {}).values()):
         long = ", ".join(f"{split} {n}" for split, n in stats["too_long"].items())
         out += ["", f"Rows dropped as their targets would not fit max_length: {long}."]
+    if any(stats.get("empty_texts", {}).values()):
+        empty = ", ".join(f"{split} {n}" for split, n in stats["empty_texts"].items())
+        out += ["", f"Rows dropped as their text is empty or missing: {empty}."]
     if shown.get("exact_match_examples"):
         out += ["", f"Greedy answers judged: the first {shown['exact_match_examples']} eval "
                     "examples" + (f"; {shown[COUNT]} of them named no label"

@@ -534,6 +534,10 @@ def test_a_recipe_without_labels_infers_them_and_every_command_sees_them(workdir
     assert data["label_names"] == ["NA", "bad", "good"]
     assert data["labels_inferred"].startswith("the sorted distinct values")
     assert data["empty_texts"] == {"train": 2} and data["dropped"] == {}
+    assert "Rows dropped as their text is empty or missing: train 2." in (
+        run / "report.md").read_text()
+    done = runner_here("validate", "tiny.toml", cwd=workdir)
+    assert "labels inferred from the data" in done.stdout, done.stdout
     assert data["eval_size"] == math.ceil(0.25 * 48) == 12 and data["train_size"] == 36
     assert data["label_counts"]["train"]["NA"] + data["label_counts"]["eval"]["NA"] == 16
     assert 'labels = [\n    "NA",\n    "bad",\n    "good",\n]' in (run / "recipe.toml").read_text()

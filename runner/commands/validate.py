@@ -42,7 +42,8 @@ def summary(recipe: Recipe, provenance: dict[str, str], path: str) -> list[str]:
     data, adapter, train, ev = recipe.data, recipe.adapter, recipe.train, recipe.eval
     held_out = (f"eval on split {data.eval_split!r}" if data.eval_split is not None
                 else f"{data.eval_size} rows held out for eval")
-    labels = f"labels {', '.join(data.labels)}; " if data.labels else ""
+    labels = (f"labels {', '.join(data.labels)}; " if data.labels else
+              "labels inferred from the data; " if recipe.model.task == "classification" else "")
     if adapter.method == "full":
         method = "full: every weight trained"
     else:
