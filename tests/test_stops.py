@@ -268,3 +268,27 @@ def test_a_changed_recipe_starts_a_new_run_and_resume_insists_on_the_same(
     assert json.loads((runs[1] / "manifest.json").read_text())["recipe"]["train"][
         "learning_rate"] == 0.02
     assert {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file()} == kept
+
+
+# -- one message, not a traceback ----------------------------------------------------
+
+
+def test_a_generation_config_that_is_not_utf8_is_one_message(tmp_path):
+    from tiny_models import qa_rows, tiny_decoder_dir
+
+    tiny_decoder_dir(tmp_path / "model", "llama-gqa-rope3")
+    config = tmp_path / "model" / "generation_config.json"
+    config.write_bytes(b'{"eos_token_id": 2, "note": "caf\xe9"}')  # latin-1
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in qa_rows(10)) + "\n")
+    (tmp_path / "r.toml").write_text(
+        '[model]\nsource = "model"\ntask = "causal-lm"\n[data]\nsource = "x.jsonl"\n'
+        'prompt_column = "prompt"\nresponse_column = "response"\neval_size = 2\n'
+        'max_length = 16\n[adapter]\ntargets = ["q_proj", "v_proj"]\n')
+    for args in (["generate", "r.toml", "--prompt", "the cat", "--max-new-tokens", "3"],
+                 ["run", "r.toml"]):  # training reads it for its exact-match answers
+        done = _runner(*args, cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        message = " ".join(done.stderr.split())
+        assert message.startswith("error:") and "model/generation_config.json: not a JSON " \
+            "file in UTF-8 ('utf-8' codec can't decode byte 0xe9" in message, message
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made

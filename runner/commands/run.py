@@ -32,6 +32,7 @@ from jaxlora import runtime
 from jaxlora.checkpoint import Checkpointer, CheckpointWriteError
 from jaxlora.data import MAX_LISTED_VALUES, prepare
 from jaxlora.errors import UserError
+from jaxlora.generate import stop_ids
 from jaxlora.train import Diverged, TrainState, init_state, step_batch, step_counts
 from runner import build, libraries, run_folder, xla_cache
 from runner import manifest as manifests
@@ -97,6 +98,8 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
         loaded = build.load_pretrained(recipe, model_dir, placement, train=True)
         fingerprint = _fingerprint(loaded, model_dir, stopped)
         tokenizer = build.load_tokenizer(model_dir)
+        if recipe.model.task == "causal-lm" and recipe.data.answered:  # what "eval" reads
+            stop_ids(tokenizer, model_dir, chat=recipe.data.chat)  # refused before any write
         # 2. the data: each process reads and tokenizes its own batch rows' examples
         data, record, shares = _prepared_data(recipe, tokenizer, base, placement, stopped)
         if inferred:  # how, for the manifest (not compared on resume)
