@@ -35,10 +35,11 @@ train.checkpoint_every steps and at the end.
 
 Resuming: when the newest run of the recipe did not finish and holds a
 checkpoint (stopped by SIGTERM/Ctrl-C, killed, preempted), `runner run RECIPE`
-goes on from that checkpoint, after checking that the recipe, the base model
-and the data are unchanged. --fresh always starts a new run folder; --resume
-insists on resuming (exit 2 if there is nothing to resume). `runner run
-RUN_DIR` resumes that run folder.
+goes on from that checkpoint, after checking that the base model and the data
+are unchanged; a changed recipe (an edit, another --set) starts a new run
+instead, and says which run it did not resume. --fresh always starts a new
+run folder; --resume insists on resuming (exit 2 if there is nothing to
+resume or the recipe differs). `runner run RUN_DIR` resumes that run folder.
 """
 
 

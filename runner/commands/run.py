@@ -6,11 +6,12 @@ the five steps.
       -> the report
 
 A run can stop and go on. `runner run RECIPE` resumes the newest run of that
-recipe when it did not finish and holds a checkpoint (`resume_target`), after
-checking that nothing it depends on changed: the recipe (hash), the base model
-(fingerprint) and the data (sizes and label counts). SIGTERM or Ctrl-C during
-training writes a checkpoint at the next step boundary and raises
-`Interrupted`; a resumed run then replays nothing it had done: it reuses the
+recipe when it did not finish, holds a checkpoint and was made with the same
+recipe (`resume_target`; a changed recipe is a new run), after checking that
+nothing else it depends on changed: the base model (fingerprint) and the data
+(sizes and label counts). SIGTERM or Ctrl-C during training writes a
+checkpoint at the next step boundary and raises `Interrupted` (a second one
+raises it at once, or as the checkpoint being written ends); a resumed run then replays nothing it had done: it reuses the
 "before" evaluation, keeps the metrics lines up to the checkpoint and goes on
 from the checkpoint's step with the same batches and dropout keys.
 """
