@@ -119,6 +119,11 @@ class StopSignals:
         self._raised = True
         return Interrupted(self._stopping or self.signum or signal.SIGTERM)
 
+    def ended(self) -> None:
+        """The command has ended (its message is being printed): from now on
+        signals change nothing."""
+        self._raised = True
+
     @contextlib.contextmanager
     def guarded(self) -> Iterator[None]:
         """A block that must end whole (a checkpoint write): a signal that would
