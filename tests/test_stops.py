@@ -27,11 +27,11 @@ from test_cli import runner_here as _runner
 from test_resume import _loss_lines, _meta, _workdir
 
 # `python signals_at.py ARGS...` is `runner ARGS...`, except that the process
-# sends itself SIG when POINT is reached the N-th time, for each POINT:N:SIG of
+# sends itself SIG (SIGINT: INT) when POINT is reached the N-th time, for each POINT:N:SIG of
 # the environment variable SIGNALS_AT (comma-separated, in order; two entries
 # at the same point and count send two signals, the handler running between).
 SIGNALS_AT = r'''
-import asyncio, os, signal, sys
+import asyncio, os, signal, sys, threading, time
 import jax._src.compiler as compiler
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity, deleter
@@ -44,8 +44,8 @@ PLAN = [entry.split(":") for entry in os.environ["SIGNALS_AT"].split(",")]
 COUNTS, TRAINING = {}, []
 
 
-def settle():  # a Python call: the handler of a signal just sent runs by its end
-    return None
+def settle():  # the handler of a signal just sent to the main thread runs by the end
+    time.sleep(0.01)
 
 
 def fire(point):
@@ -56,7 +56,8 @@ def fire(point):
     for name, n, sig in PLAN:
         if name == point and int(n) == COUNTS[point]:
             try:  # a second signal is sent while the first one's stop is on its way
-                os.kill(os.getpid(), getattr(signal, "SIG" + sig))
+                # to the main thread, where Python runs handlers: delivered at once
+                signal.pthread_kill(threading.main_thread().ident, getattr(signal, "SIG" + sig))
                 settle()
             except BaseException as e:
                 stop = stop or e
