@@ -1,6 +1,6 @@
 """A stop is a stop everywhere: Ctrl-C and SIGTERM, once or twice, at many
-points of a run (loading the model, evaluating, compiling, mid-step, each
-phase of a checkpoint write), through the real `runner` command; each stop
+points of a run (loading the model, reading a checkpoint back, evaluating,
+compiling, mid-step, each phase of a checkpoint write), through the real `runner` command; each stop
 exits 130/143 with "stopped: ...", the manifest says `interrupted` with the
 latest complete checkpoint, and the run then finishes equal to a run never
 stopped. Also: a changed recipe starts a new run instead of being refused,
@@ -89,6 +89,7 @@ atomicity.AtomicRenameTemporaryPath.create = before("tmp", atomicity.AtomicRenam
 atomicity.AtomicRenameTemporaryPath.finalize = before(
     "rename", atomicity.AtomicRenameTemporaryPath.finalize)
 deleter.StandardCheckpointDeleter.delete = before("delete", deleter.StandardCheckpointDeleter.delete)
+ocp.CheckpointManager.restore = before("restore", ocp.CheckpointManager.restore)
 ocp.CheckpointManager.wait_until_finished = before(
     "wait", ocp.CheckpointManager.wait_until_finished)
 evaluate = session.evaluate
@@ -108,6 +109,7 @@ STOPS = [
     ("eval before:1:TERM", 143, None),  # evaluating the base model: nothing to resume
     ("compile:1:INT", 130, 1),  # deferred: a checkpoint at the first step boundary
     ("log:1:INT,log:1:INT", 130, 1),  # twice mid-step: at once, no checkpoint written
+    ("restore:1:INT", 130, 1),  # reading the checkpoint back: a stop, not a damaged one
     ("log:1:INT,save:1:INT", 130, 2),  # the second during a checkpoint write: it ends first
     ("log:1:INT,tmp:1:INT", 130, 4),
     ("log:1:INT,rename:1:INT", 130, 6),
@@ -155,7 +157,9 @@ def test_a_stop_at_any_point_once_or_twice_then_the_run_finishes_as_if_never_sto
         steps = checkpoint_steps(run)
         assert (steps or [None])[-1] == kept, f"{plan}: {steps}"
         assert not list((run / "checkpoints").glob("*tmp*")), plan  # no write left half-done
-        if kept is None:
+        if plan.startswith("restore"):  # before the session began: the folder as it was
+            assert said.endswith("stopped: interrupted by SIGINT"), said
+        elif kept is None:
             assert "`runner run tiny.toml --set train.checkpoint_every=4` starts again" in said
         else:
             assert f"checkpoint at step {kept} saved" in said, plan
