@@ -55,9 +55,10 @@ def resume_target(recipe: Recipe, mode: Mode,
     newest = run_folder.newest_run(Path(recipe.output.dir), recipe.name)
     steps = run_folder.checkpoint_steps(newest) if newest is not None else []
     if steps:
-        manifest = manifests.read_manifest(newest)
-        if manifest.get("status") != "finished":
-            others = recipe_differences(manifest, recipe)[1] if mode == "auto" else []
+        if run_folder.read_json(newest / "manifest.json").get("status") != "finished":
+            # (read whole only now: a finished run's damaged manifest is not this run's concern)
+            others = (recipe_differences(manifests.read_manifest(newest), recipe)[1]
+                      if mode == "auto" else [])
             if not others:
                 return newest
             say(f"not resuming the unfinished run {newest} (checkpoint at step {steps[-1]}): "
