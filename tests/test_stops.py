@@ -1,9 +1,9 @@
 """A stop is a stop everywhere: Ctrl-C and SIGTERM, once or twice, at many
 points of a run (loading the model, reading a checkpoint back, evaluating,
-compiling, mid-step, each phase of a checkpoint write), through the real `runner` command; each stop
-exits 130/143 with "stopped: ...", the manifest says `interrupted` with the
-latest complete checkpoint, and the run then finishes equal to a run never
-stopped. Also: a changed recipe starts a new run instead of being refused,
+compiling, mid-step, each phase of a checkpoint write), through the real
+`runner` command; each stop exits 130/143 with "stopped: ...", the manifest
+says `interrupted` with the latest complete checkpoint, and the run then
+finishes equal to a run never stopped. Also: a changed recipe starts a new run instead of being refused,
 and a broken generation_config.json is one message.
 
 The signals are sent deterministically: the process runs `runner` through
@@ -65,7 +65,7 @@ def fire(point):
         raise stop
 
 
-def before(point, original, method=True):
+def before(point, original):
     if asyncio.iscoroutinefunction(original):
         async def wrapped(*args, **kwargs):
             fire(point)
@@ -85,10 +85,10 @@ fit = session.fit
 session.fit = lambda *a, **k: (TRAINING.append(1), fit(*a, **k))[1]
 session.Session.log = before("log", session.Session.log)
 Checkpointer.save = before("save", Checkpointer.save)
-atomicity.AtomicRenameTemporaryPath.create = before("tmp", atomicity.AtomicRenameTemporaryPath.create)
-atomicity.AtomicRenameTemporaryPath.finalize = before(
-    "rename", atomicity.AtomicRenameTemporaryPath.finalize)
-deleter.StandardCheckpointDeleter.delete = before("delete", deleter.StandardCheckpointDeleter.delete)
+TemporaryPath, Deleter = atomicity.AtomicRenameTemporaryPath, deleter.StandardCheckpointDeleter
+TemporaryPath.create = before("tmp", TemporaryPath.create)  # the temporary folder
+TemporaryPath.finalize = before("rename", TemporaryPath.finalize)  # renamed into place
+Deleter.delete = before("delete", Deleter.delete)  # the checkpoint beyond keep_checkpoints
 ocp.CheckpointManager.restore = before("restore", ocp.CheckpointManager.restore)
 ocp.CheckpointManager.wait_until_finished = before(
     "wait", ocp.CheckpointManager.wait_until_finished)

@@ -11,9 +11,10 @@ recipe (`resume_target`; a changed recipe is a new run), after checking that
 nothing else it depends on changed: the base model (fingerprint) and the data
 (sizes and label counts). SIGTERM or Ctrl-C during training writes a
 checkpoint at the next step boundary and raises `Interrupted` (a second one
-raises it at once, or as the checkpoint being written ends); a resumed run then replays nothing it had done: it reuses the
-"before" evaluation, keeps the metrics lines up to the checkpoint and goes on
-from the checkpoint's step with the same batches and dropout keys.
+raises it at once, or as the checkpoint being written ends); a resumed run
+then replays nothing it had done: it reuses the "before" evaluation, keeps
+the metrics lines up to the checkpoint and goes on from the checkpoint's step
+with the same batches and dropout keys.
 """
 
 from __future__ import annotations
