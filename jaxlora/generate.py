@@ -146,7 +146,8 @@ def stop_ids(tokenizer, model_dir: Path | None = None, *, chat: bool = False) ->
     the model folder's generation_config.json `eos_token_id` (a list for e.g.
     Llama-3 Instruct's <|eot_id|>), as transformers' `generate` uses them; for
     `chat`, also the end-of-turn token of the template's kind (`END_OF_TURN`,
-    or the one a GGUF file names)."""
+    or the one a GGUF file names). A generation_config.json that is not JSON
+    in UTF-8 is a UserError naming it."""
     ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     if chat:
         vocab = tokenizer.get_vocab()
@@ -157,9 +158,11 @@ def stop_ids(tokenizer, model_dir: Path | None = None, *, chat: bool = False) ->
     path = None if model_dir is None else Path(model_dir) / "generation_config.json"
     if path is not None and path.is_file():
         try:
-            found = json.loads(path.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, AttributeError):
-            found = None
+            config = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: not a JSON file in UTF-8 ({e}); fix it, or remove it "
+                            "(it only names the ids that end a completion)") from None
+        found = config.get("eos_token_id") if isinstance(config, dict) else None
         for value in found if isinstance(found, list) else [found]:
             if isinstance(value, int) and value not in ids:
                 ids.append(value)

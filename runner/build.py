@@ -43,7 +43,6 @@ from runner import manifest as manifests
 from runner import run_folder
 from runner.recipe import Recipe, load_recipe
 from runner.resume import check_fingerprint, require_checkpoint, require_same_recipe
-from runner.signals import Interrupted
 
 # The stream of the recipe's seed that initialises the adapters.
 ADAPTER_STREAM = 2
@@ -104,8 +103,6 @@ def load_tokenizer(model_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True,
                                              trust_remote_code=False)
-    except Interrupted:
-        raise
     except Exception as e:  # noqa: BLE001 - a malformed tokenizer file fails in many ways
         # (a list for tokenizer_config.json, a vocab.txt that is not UTF-8, a
         # tokenizer.json without a key: AttributeError, tokenizers' Exception, KeyError)

@@ -35,10 +35,11 @@ train.checkpoint_every steps and at the end.
 
 Resuming: when the newest run of the recipe did not finish and holds a
 checkpoint (stopped by SIGTERM/Ctrl-C, killed, preempted), `runner run RECIPE`
-goes on from that checkpoint, after checking that the recipe, the base model
-and the data are unchanged. --fresh always starts a new run folder; --resume
-insists on resuming (exit 2 if there is nothing to resume). `runner run
-RUN_DIR` resumes that run folder.
+goes on from that checkpoint, after checking that the base model and the data
+are unchanged; a changed recipe (an edit, another --set) starts a new run
+instead, and says which run it did not resume. --fresh always starts a new
+run folder; --resume insists on resuming (exit 2 if there is nothing to
+resume or the recipe differs). `runner run RUN_DIR` resumes that run folder.
 """
 
 
@@ -212,14 +213,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with StopSignals() as stop:
-            return importlib.import_module(COMMANDS[args.command]).main(args, console, stop)
-    except UserError as e:
-        errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-        return EXIT_BAD_INPUT
-    except Interrupted as e:
-        errors.print(f"[bold red]stopped[/]: {escape(str(e))}", highlight=False)
-        return e.exit_code
-    except KeyboardInterrupt:
+            try:
+                return importlib.import_module(COMMANDS[args.command]).main(args, console, stop)
+            except UserError as e:
+                code, said = EXIT_BAD_INPUT, f"[bold red]error:[/] {escape(str(e))}"
+            except Interrupted as e:
+                code, said = e.exit_code, f"[bold red]stopped[/]: {escape(str(e))}"
+            stop.ended()  # a signal while the message is printed changes nothing
+            errors.print(said, highlight=False)
+            return code
+    except KeyboardInterrupt:  # before the handlers were installed
         errors.print("[bold red]interrupted[/]: the run folder keeps what was written so far")
         return EXIT_INTERRUPTED
 

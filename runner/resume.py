@@ -4,11 +4,14 @@ resumes a stopped run, and `open_run` before it rebuilds a run's model.
 A run goes on only with everything it depends on unchanged: the recipe (its
 hash; the device layout and `train.remat` may change, `RESUMABLE`), the
 base model (the fingerprint of its files) and the data (sizes and label
-counts), and only from a complete checkpoint.
+counts), and only from a complete checkpoint. `runner run RECIPE` with a
+changed recipe does not resume the recipe's unfinished run: it is a new run
+(`resume_target`); `--resume` and `runner run RUN_DIR` refuse the change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,24 +39,37 @@ RESUMABLE_WORDS = "runtime.* (the device layout) and train.remat"
 SAME_MEANING = (("data.encoding", "utf-8", "auto"),)  # a tuple: changes hold lists
 
 
-def resume_target(recipe: Recipe, mode: Mode) -> Path | None:
+def resume_target(recipe: Recipe, mode: Mode,
+                  say: Callable[[str], None] = lambda line: None) -> Path | None:
     """The run folder `runner run` goes on with, or None for a new run.
 
-    auto: the newest run of this recipe, if it did not finish and holds a
-    checkpoint. resume: the same, and an error when there is none. fresh: None.
+    auto: the newest run of this recipe, if it did not finish, holds a
+    checkpoint and was made with the same recipe (the fields `RESUMABLE`
+    allows aside); a changed recipe is a new run, and `say` tells which run
+    it did not resume and why, in one line. resume: the newest unfinished run
+    with a checkpoint, and an error when there is none (a changed recipe is
+    refused later, field by field). fresh: None.
     """
     if mode == "fresh":
         return None
     newest = run_folder.newest_run(Path(recipe.output.dir), recipe.name)
-    if newest is not None and run_folder.checkpoint_steps(newest):
+    steps = run_folder.checkpoint_steps(newest) if newest is not None else []
+    if steps:
         if run_folder.read_json(newest / "manifest.json").get("status") != "finished":
-            return newest
+            # (read whole only now: a finished run's damaged manifest is not this run's concern)
+            others = (recipe_differences(manifests.read_manifest(newest), recipe)[1]
+                      if mode == "auto" else [])
+            if not others:
+                return newest
+            say(f"not resuming the unfinished run {newest} (checkpoint at step {steps[-1]}): "
+                f"its recipe differs ({'; '.join(others)}); this is a new run (`runner run "
+                f"{newest}` goes on with that one)")
+            return None
     if mode == "resume":
         where = Path(recipe.output.dir) / recipe.name
         raise UserError(f"--resume: no unfinished run with a checkpoint to resume: the newest "
                         f"run under {where} is {newest or 'missing'}"
-                        + (" and it finished" if newest and run_folder.checkpoint_steps(newest)
-                           else ""))
+                        + (" and it finished" if steps else ""))
     return None
 
 
@@ -120,22 +136,28 @@ def may_change_on_resume(field: str) -> bool:
     return any(field == f or field.startswith(f"{f}.") for f in RESUMABLE)
 
 
-def require_same_recipe(run_dir: Path, manifest: dict, recipe: Recipe, advice: str) -> list[str]:
-    """Refuse a recipe that differs from the run's, naming each changed field,
-    except where `may_change_on_resume` allows: returns those changes."""
+def recipe_differences(manifest: dict, recipe: Recipe) -> tuple[list[str], list[str]]:
+    """How `recipe` differs from the run's recorded one, as "field: old -> new":
+    (the changes `may_change_on_resume` allows, the others)."""
     if manifest.get("recipe_hash") == recipe_hash(recipe):
-        return []
+        return [], []
+    # fields added since the run was made are compared at their defaults
     changes = [change for change in recipe_changes(as_read_now(manifest.get("recipe", {})),
                                                    canonical(recipe))
                if change not in SAME_MEANING]
-    if not changes:  # the same recipe, fields added since at their defaults
-        return []
     layout, others = [], []
     for field, old, new in changes:
         (layout if may_change_on_resume(field) else others).append(f"{field}: {old!r} -> {new!r}")
-    if others or not layout:
+    return layout, others
+
+
+def require_same_recipe(run_dir: Path, manifest: dict, recipe: Recipe, advice: str) -> list[str]:
+    """Refuse a recipe that differs from the run's, naming each changed field,
+    except where `may_change_on_resume` allows: returns those changes."""
+    layout, others = recipe_differences(manifest, recipe)
+    if others:
         raise UserError(f"{run_dir}: the recipe differs from the one this run was made with "
-                        f"({'; '.join(others) or 'its hash differs'}); {advice}")
+                        f"({'; '.join(others)}); {advice}")
     return layout
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from runner import run_folder, xla_cache
 from runner.build import ModelParts
 from runner.recipe import Recipe
 from runner.report import scalars, write_report
-from runner.signals import Interrupted, StopSignals
+from runner.signals import StopSignals
 from runner.tensorboard import EventLog
 from runner.terminal import progress_bars
 
@@ -245,9 +244,12 @@ class Session:
             self.log_evaluation(step, self.evaluate(trainable, f"eval at step {step}",
                                                     during_training=True))
 
+        def save(state: TrainState) -> None:  # a stop during a write waits for its end
+            with self.stop.guarded():
+                checkpoints.save(state, extra)
+
         hooks = Hooks(log=self.log,
-                      checkpoint=Hook(lambda s: checkpoints.save(s, extra),
-                                      every=recipe.train.checkpoint_every),
+                      checkpoint=Hook(save, every=recipe.train.checkpoint_every),
                       evaluate=Hook(evaluate_during, every=recipe.eval.every_steps),
                       stop=self.stop.at_step_boundary, progress=self._files["progress"])
         with self.stop.deferred():
@@ -261,7 +263,7 @@ class Session:
         self.record_timings()
         # during training, or (one process) just as it ended
         if result.stopped or (self.stop.requested() and not self.stop.joined):
-            raise Interrupted(self.stop.signum or signal.SIGTERM)  # joined: another's notice
+            raise self.stop.interrupted()  # joined: maybe another's notice, as a SIGTERM
         # on disk before "eval after": a run stopped there and resumed keeps them
         runtime.agree_check(lambda: manifests.write(self.run_dir, self.manifest))
         return result
@@ -294,7 +296,8 @@ class Session:
             # last: a run whose report could not be written is not "finished" on
             # disk, so `runner run RUN_DIR` goes on to write it
             manifests.write(self.run_dir, self.manifest)
-        runtime.agree_check(write)
+        with self.stop.guarded():  # the finished run's files, all of them or none
+            runtime.agree_check(write)
 
     # -- when it fails ---------------------------------------------------------------
 

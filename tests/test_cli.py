@@ -551,12 +551,19 @@ def test_a_recipe_without_labels_infers_them_and_every_command_sees_them(workdir
     config = json.loads((run / "export" / "merged" / "config.json").read_text())
     assert config["id2label"] == {"0": "NA", "1": "bad", "2": "good"}
     # a stopped run whose data now holds another label: resuming would train
-    # another head, so the recipe (its inferred labels) differs and is refused
+    # another head, so the recipe (its inferred labels) differs: --resume refuses
+    # it (without --resume it is a new run, as any changed recipe)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    # with the same data the labels inferred again are the run's: it goes on
+    done = runner_here("run", "tiny.toml", "--set", "train.epochs=1", cwd=workdir)
+    assert done.returncode == 0 and "resuming" in done.stdout, done.stdout[-3000:]
+    assert "not resuming" not in done.stdout
     manifest = json.loads((run / "manifest.json").read_text())
     (run / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
     with (workdir / "tweets.csv").open("a", encoding="utf-8") as f:
         f.write("meh,whatever\n")
-    done = runner_here("run", "tiny.toml", "--set", "train.epochs=1", cwd=workdir)
+    done = runner_here("run", "tiny.toml", "--resume", "--set", "train.epochs=1", cwd=workdir)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     message = " ".join(done.stderr.split())
     assert ("data.labels: ['NA', 'bad', 'good'] -> ['NA', 'bad', 'good', 'meh']" in message

@@ -294,7 +294,7 @@ def test_refusals_leave_the_stopped_run_as_it_was(tmp_path, tiny_bert_dir):
 
     recipe = workdir / "tiny.toml"
     recipe.write_text(LONG.replace("learning_rate = 1e-3", "learning_rate = 2e-3"))
-    refused("run", "tiny.toml", expected="train.learning_rate: 0.001 -> 0.002")
+    refused("run", "tiny.toml", "--resume", expected="train.learning_rate: 0.001 -> 0.002")
     recipe.write_text(LONG)
 
     edited = run / "recipe.toml"

@@ -6,13 +6,15 @@ the five steps.
       -> the report
 
 A run can stop and go on. `runner run RECIPE` resumes the newest run of that
-recipe when it did not finish and holds a checkpoint (`resume_target`), after
-checking that nothing it depends on changed: the recipe (hash), the base model
-(fingerprint) and the data (sizes and label counts). SIGTERM or Ctrl-C during
-training writes a checkpoint at the next step boundary and raises
-`Interrupted`; a resumed run then replays nothing it had done: it reuses the
-"before" evaluation, keeps the metrics lines up to the checkpoint and goes on
-from the checkpoint's step with the same batches and dropout keys.
+recipe when it did not finish, holds a checkpoint and was made with the same
+recipe (`resume_target`; a changed recipe is a new run), after checking that
+nothing else it depends on changed: the base model (fingerprint) and the data
+(sizes and label counts). SIGTERM or Ctrl-C during training writes a
+checkpoint at the next step boundary and raises `Interrupted` (a second one
+raises it at once, or as the checkpoint being written ends); a resumed run
+then replays nothing it had done: it reuses the "before" evaluation, keeps
+the metrics lines up to the checkpoint and goes on from the checkpoint's step
+with the same batches and dropout keys.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shlex
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from jaxlora import runtime
 from jaxlora.checkpoint import Checkpointer, CheckpointWriteError
 from jaxlora.data import MAX_LISTED_VALUES, prepare
 from jaxlora.errors import UserError
+from jaxlora.generate import stop_ids
 from jaxlora.train import Diverged, TrainState, init_state, step_batch, step_counts
 from runner import build, libraries, run_folder, xla_cache
 from runner import manifest as manifests
@@ -62,27 +67,31 @@ def main(args, console: Console, stop: StopSignals) -> int:
         recipe, run_dir, recipe_path = load_recipe(target, args.set), None, target
     libraries.set_up()
     mode = "fresh" if args.fresh else "resume" if args.resume else "auto"
-    run(recipe, recipe_path, console, mode=mode, run_dir=run_dir, stop=stop)
+    run(recipe, recipe_path, console, mode=mode, run_dir=run_dir, stop=stop, sets=args.set)
     return 0
 
 
 def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "auto",
-        run_dir: Path | None = None, stop: StopSignals | None = None) -> Path:
+        run_dir: Path | None = None, stop: StopSignals | None = None,
+        sets: list[str] = ()) -> Path:
     """Run a validated recipe end to end (or go on with `run_dir`); returns the
     run folder. `stop` is the caller's installed `StopSignals` (the CLI's);
-    without one, signals keep their default behaviour."""
+    without one, signals keep their default behaviour. `sets`: the --set
+    assignments given, which the stop message's command repeats."""
     stop = _joined(recipe, stop or StopSignals())
     if not runtime.primary():  # process 0 speaks for all of them
         console = Console(quiet=True)
     with contextlib.ExitStack() as held:  # the run folder's lock, released however we leave
         # process 0 picks the run folder to go on with (or none) and locks it, for
         # every process: a folder in use stops them all, not process 0 alone
-        target = runtime.agree_path(lambda: _locked(held, run_dir or resume_target(recipe, mode)))
+        # labels inferred from the data (none given) become the recipe's: hashed,
+        # recorded, compared on resume (so before the run to go on with is chosen)
+        recipe, inferred = build.with_labels(recipe, build.base_folder(recipe_path))
+        say = lambda line: console.print(escape(line), highlight=False)  # noqa: E731
+        target = runtime.agree_path(
+            lambda: _locked(held, run_dir or resume_target(recipe, mode, say)))
         cache = xla_cache.snapshot()
         placement = build.placement_for(recipe)
-        # labels inferred from the data (none given) become the recipe's: hashed,
-        # recorded, compared on resume
-        recipe, inferred = build.with_labels(recipe, build.base_folder(recipe_path))
         stopped = check_resumable(target, recipe) if target is not None else None
         evals = _evaluated(stopped)
         base = stopped.base if stopped else build.base_folder(recipe_path)
@@ -91,6 +100,8 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
         loaded = build.load_pretrained(recipe, model_dir, placement, train=True)
         fingerprint = _fingerprint(loaded, model_dir, stopped)
         tokenizer = build.load_tokenizer(model_dir)
+        if recipe.model.task == "causal-lm" and recipe.data.answered:  # what "eval" reads
+            stop_ids(tokenizer, model_dir, chat=recipe.data.chat)  # refused before any write
         # 2. the data: each process reads and tokenizes its own batch rows' examples
         data, record, shares = _prepared_data(recipe, tokenizer, base, placement, stopped)
         if inferred:  # how, for the manifest (not compared on resume)
@@ -107,7 +118,8 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
         session = Session(recipe, recipe_path, console, stop, built, run_dir, manifest, state,
                           evals, cache)
         _opened(session)
-        return _fine_tune_and_evaluate(session)  # steps 5, 4, 5 and the report
+        # steps 5, 4, 5 and the report
+        return _fine_tune_and_evaluate(session, _command(recipe_path, sets))
 
 
 def _joined(recipe: Recipe, stop: StopSignals) -> StopSignals:
@@ -258,10 +270,17 @@ def _opened(session: Session) -> None:
                               'model.attention = "xla" applies it')
 
 
-def _fine_tune_and_evaluate(session: Session) -> Path:
-    """Steps 5, 4, 5 and the report; any failure on the way is one message, and
-    the run folder keeps what lets it go on."""
-    with _failures_reported(session):
+def _command(recipe_path: Path, sets: list[str]) -> str:
+    """`runner run RECIPE --set ...`: the command that runs the same recipe again."""
+    return shlex.join(["runner", "run", str(recipe_path),
+                       *(word for s in sets for word in ("--set", s))])
+
+
+def _fine_tune_and_evaluate(session: Session, again: str) -> Path:
+    """Steps 5, 4, 5 and the report; any failure on the way is
+    one message, and the run folder keeps what lets it go on (`again`: the
+    command that runs the recipe again, for the stop message)."""
+    with _failures_reported(session, again):
         with session.open_files():
             before = session.evaluate_before()  # 5. the base model
             result = session.train()  # 4. fine-tune
@@ -271,7 +290,7 @@ def _fine_tune_and_evaluate(session: Session) -> Path:
 
 
 @contextlib.contextmanager
-def _failures_reported(session: Session) -> Iterator[None]:
+def _failures_reported(session: Session, again: str) -> Iterator[None]:
     """Training's failures as one message each, with the run marked in its
     manifest: diverged, a checkpoint or a file that could not be written, a
     signal."""
@@ -313,8 +332,7 @@ def _failures_reported(session: Session) -> Iterator[None]:
         steps = run_folder.checkpoint_steps(run_dir)
         session.mark("interrupted", {"signal": e.name, "at": manifests.now(),
                                      "checkpoint_step": (steps or [None])[-1]})
-        raise Interrupted(e.signum, _interrupted_message(e, run_dir, session.recipe_path)) \
-            from None
+        raise Interrupted(e.signum, _interrupted_message(e, run_dir, again)) from None
 
 
 def _before_loss(run_dir: Path) -> float | None:
@@ -324,11 +342,12 @@ def _before_loss(run_dir: Path) -> float | None:
     return before.get("loss")
 
 
-def _interrupted_message(e: Interrupted, run_dir: Path, recipe_path: Path) -> str:
+def _interrupted_message(e: Interrupted, run_dir: Path, again: str) -> str:
+    """What a stop says: the checkpoint kept, and the commands that go on from
+    it (`again`, the command with its --set flags, resumes as well)."""
     steps = run_folder.checkpoint_steps(run_dir)
     if not steps:
-        return (f"interrupted by {e.name} before the first checkpoint; `runner run "
-                f"{recipe_path}` starts again")
+        return f"interrupted by {e.name} before the first checkpoint; `{again}` starts again"
     return (f"interrupted by {e.name}: checkpoint at step {steps[-1]} saved in "
             f"{run_dir / run_folder.CHECKPOINTS / str(steps[-1])}; to go on: `runner run "
-            f"{run_dir}`, or `runner run {recipe_path}` (without --fresh)")
+            f"{shlex.quote(str(run_dir))}`, or `{again}` (without --fresh)")
