@@ -7,19 +7,13 @@ from pathlib import Path
 
 import pytest
 
+import test_recipe
 from test_cli import runner_here
 
 SHIPPED = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT = str(SHIPPED / "bert-sentiment.toml")
 
-BASE = """
-[model]
-source = "some/model"
-[data]
-source = "data.csv"
-labels = ["neg", "pos"]
-eval_size = 10
-[eval]
+BASE = test_recipe.BASE + """[eval]
 every_steps = 100
 """
 
