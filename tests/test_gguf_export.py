@@ -111,11 +111,12 @@ def _logits_transformers(path: Path, ids):
         return model(torch.tensor([ids])).logits.numpy()
 
 
-def _check_close(got, expected, quant, what):
-    """Within the type's bound; returns the largest difference measured."""
+def _check_close(got, expected, quant, what, compute: float = 0.0):
+    """Within the type's bound (and `compute`, what float32 arithmetic in
+    another framework adds); returns the largest difference measured."""
     worst = float(np.abs(got - expected).max())
     scale = 1.0 if quant == "f32" else float(expected.max() - expected.min())
-    assert worst <= BOUNDS[quant] * scale, (what, quant, worst, scale)
+    assert worst <= BOUNDS[quant] * scale + compute, (what, quant, worst, scale)
     return worst
 
 
@@ -386,11 +387,13 @@ def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
     from runner.build import open_run
     from runner.commands.export import export
 
+    import time
+    started = time.perf_counter()
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-tweets-chat.toml"
-    done = runner("run", str(recipe), "--set", "train.max_steps=1", "--set",
-                  "data.max_train_examples=16", "--set", "data.max_eval_examples=4",
-                  "--set", "eval.before=false", "--set", "eval.exact_match_examples=2",
-                  cwd=tmp_path)
+    short = ["train.max_steps=1", "train.batch_size=4", "data.max_train_examples=4",
+             "data.max_eval_examples=4", "data.length_buckets=[]", "eval.batch_size=4",
+             "eval.before=false", "eval.exact_match_examples=0"]  # one compile each
+    done = runner("run", str(recipe), *(a for s in short for a in ("--set", s)), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = (tmp_path / "runs" / "smollm2-tweets-chat").iterdir()
     opened = open_run(run)
@@ -400,20 +403,28 @@ def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
     [ids] = _ids(opened.tokenizer, [prompt])
     ours = _logits_ours(opened.model(), ids)
     quiet = Console(file=open("/dev/null", "w"))
+    import time
+    print(f"run and open {time.perf_counter() - started:.1f} s")
     for quant in QUANTS:
+        started = time.perf_counter()
         path = export(opened, "gguf", tmp_path / quant / "smol.gguf", quiet, quant=quant)
         found = gguf.open_gguf(path)
         assert found.metadata["tokenizer.ggml.pre"] == "smollm"
         assert found.metadata["tokenizer.chat_template"] == opened.tokenizer.chat_template
-        theirs = _check_close(_logits_transformers(path, ids), ours, quant, "transformers")
+        # PyTorch's float32 and ours differ by up to 2e-4 through 30 layers on the
+        # same weights (tests/models/test_gguf.py), before any rounding of a type
+        theirs = _check_close(_logits_transformers(path, ids), ours, quant, "transformers",
+                              compute=2e-4)
         mine = None
         if quant in ("f32", "q8_0"):
+            # and the adapter beside its weight (ours) or folded into it (the
+            # file) sums float32 in another order: 1e-4 through 30 layers
             mine = _check_close(_logits_ours(load_model(path, task="causal-lm",
                                                         attention="xla").model, ids),
-                                ours, quant, "our reader")
+                                ours, quant, "our reader", compute=2e-4)
             assert _ids(gguf.tokenizer(path), [prompt]) == [ids]
         print(f"SmolLM2 {quant}: transformers {theirs:.2e}, ours {mine}, "
-              f"range {np.ptp(ours):.2f}")
+              f"range {np.ptp(ours):.2f}, {time.perf_counter() - started:.1f} s")
         path.unlink()  # hundreds of MB each
     card = yaml.safe_load((tmp_path / "f32" / "README.md").read_text().split("---\n")[1])
     assert card["license"] == "apache-2.0" and "base_model" not in card
