@@ -17,9 +17,10 @@ llama.cpp, Ollama and LM Studio load. The inverse of the reader
                                           model's own GGUF file where it was one, else
                                           derived from the fast tokenizer
 
-Supported: Llama, Mistral (llama.cpp's `llama` architecture) and Qwen2 with a
+Supported: Llama, Mistral (llama.cpp's `llama` architecture), Qwen2 and GPT-2
+(`gpt2`, its Conv1D weights transposed as llama.cpp's converter does) with a
 byte-level BPE vocabulary whose pre-tokenizer llama.cpp names
-(`gguf.PRE_TOKENIZERS`). Refused with the reason: GPT-2, SentencePiece-style
+(`gguf.PRE_TOKENIZERS`). Refused with the reason: SentencePiece-style
 vocabularies (Llama 2, Mistral's own), rope scaling other than linear.
 """
 
@@ -42,7 +43,9 @@ DEFAULT_QUANT = "f16"
 FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
               "f32": "ALL_F32"}
 # transformers model type -> llama.cpp architecture
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+# GPT-2's Conv1D weights, (in, out) in its checkpoints: llama.cpp's converter transposes them
+CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 NORMAL, UNUSED = 1, 5  # llama.cpp's token types (with reader.CONTROL, reader.USER_DEFINED)
 
 
@@ -69,13 +72,11 @@ def architecture(config) -> str:
     """The llama.cpp architecture the model is written as; a UserError with the
     reason for a model this writer does not take."""
     kind = getattr(config, "model_type", None)
-    if kind == "gpt2":
-        raise UserError("GGUF export of GPT-2 models is not supported yet (llama.cpp's gpt2 "
-                        "architecture has no reader here to check it against); supported: "
-                        "Llama, Mistral, Qwen2")
     if kind not in ARCHITECTURES:
         raise UserError(f"GGUF export of {kind!r} models is not supported; supported: "
-                        "Llama, Mistral, Qwen2")
+                        "Llama, Mistral, Qwen2, GPT-2")
+    if kind == "gpt2":
+        return "gpt2"
     rope = _rope(config)
     if rope.get("rope_type", "default") not in ("default", "linear"):
         raise UserError(f"GGUF export: rope scaling {rope['rope_type']!r} is not written "
@@ -131,6 +132,15 @@ def write(path: Path, model: GgufModel, quant: str) -> None:
 
 def _write_config(writer, config) -> None:
     """The architecture's hyperparameters, as llama.cpp's converter writes them."""
+    if architecture(config) == "gpt2":
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
+        writer.add_vocab_size(config.vocab_size)
+        return
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = _rope(config)
@@ -188,6 +198,8 @@ def _write_tensors(writer, arch: str, model: GgufModel, quant: str) -> None:
         heads = reader.rotary_heads(arch, name, config)
         if heads is not None:
             data = reader.permute(data, heads)
+        if arch == "gpt2" and name.endswith(CONV1D):
+            data = np.ascontiguousarray(data.T)
         kind = tensor_type(name, data.shape, quant)
         if kind == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, data)

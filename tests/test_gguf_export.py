@@ -187,13 +187,16 @@ def _library_names(arch: str, layers: int):
     return tensors, keys
 
 
-@pytest.mark.parametrize("kind, arch", [("Mistral", "llama"), ("Qwen2", "qwen2")])
-def test_mistral_and_qwen2_are_written_as_llama_cpp_names_them(tmp_path, kind, arch):
-    """A Mistral (llama.cpp's llama architecture) and a Qwen2 (with its query,
-    key and value biases, rows not interleaved) written from their Hugging
-    Face folders, f32: transformers and our reader give the model's logits
-    within 1e-5, and every tensor name and metadata key of the file is one
-    of the `gguf` package's tables for the architecture."""
+@pytest.mark.parametrize("kind, arch", [("Mistral", "llama"), ("Qwen2", "qwen2"),
+                                        ("GPT2", "gpt2")])
+def test_mistral_qwen2_and_gpt2_are_written_as_llama_cpp_names_them(tmp_path, kind, arch):
+    """A Mistral (llama.cpp's llama architecture), a Qwen2 (with its query,
+    key and value biases, rows not interleaved) and a GPT-2 (Conv1D weights
+    transposed) written from their Hugging Face folders, f32: transformers
+    gives the model's logits within 1e-5, and so does our reader (which
+    refuses GPT-2 files, naming the architecture); every tensor name and
+    metadata key of the file is one of the `gguf` package's tables for the
+    architecture, and the tokenizer gives the folder's ids."""
     from jaxlora import gguf_export
     from jaxlora.export import merged_tensors
     from jaxlora.models import family, gguf, load_model
@@ -212,18 +215,32 @@ def test_mistral_and_qwen2_are_written_as_llama_cpp_names_them(tmp_path, kind, a
     [ids] = _ids(hf_tokenizer, ["hello there , how are you today ?"])
     ours = _logits_ours(loaded.model, ids)
     _check_close(_logits_transformers(path, ids), ours, "f32", "transformers")
-    _check_close(_logits_ours(load_model(path, task="causal-lm", attention="xla").model, ids),
-                 ours, "f32", "our reader")
+    from transformers import AutoTokenizer
 
-    found = gguf.open_gguf(path)
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    strings = _strings(100)
+    assert _ids(theirs, strings) == _ids(hf_tokenizer, strings)
+    if kind == "GPT2":
+        from jaxlora.errors import UserError
+
+        with pytest.raises(UserError, match="GGUF architecture 'gpt2' is not supported"):
+            load_model(path, task="causal-lm")
+    else:
+        _check_close(_logits_ours(load_model(path, task="causal-lm", attention="xla").model,
+                                  ids), ours, "f32", "our reader")
+
+    import gguf as package
+
+    found = package.GGUFReader(path)
+    metadata = {k: f.contents() for k, f in found.fields.items()}
     # transformers builds a Qwen2 folder's tokenizer with Qwen2's own split and NFC
-    assert found.architecture == arch and found.metadata["tokenizer.ggml.pre"] == \
-        {"Mistral": "gpt2", "Qwen2": "qwen2"}[kind]
-    tensors, keys = _library_names(arch, loaded.config.num_layers)
-    names = {t.name for t in found.reader.tensors}
+    assert metadata["general.architecture"] == arch and metadata["tokenizer.ggml.pre"] == \
+        {"Mistral": "gpt2", "Qwen2": "qwen2", "GPT2": "gpt2"}[kind]
+    tensors, keys = _library_names(arch, loaded.hf_config.num_hidden_layers)
+    names = {t.name for t in found.tensors}
     assert names <= tensors and "token_embd.weight" in names
     assert ("blk.0.attn_q.bias" in names) == (kind == "Qwen2")
-    written = {k for k in found.metadata if not k.startswith("GGUF.")}
+    written = {k for k in metadata if not k.startswith("GGUF.")}
     assert written <= keys, written - keys
 
 

@@ -208,15 +208,16 @@ def tensors(path: Path, config) -> dict[str, np.ndarray]:
 
 def tensor_names(architecture: str, layers: int) -> dict[str, str]:
     """GGUF tensor name -> Hugging Face checkpoint name for a decoder of the
-    `architecture` ("llama", "qwen2") with `layers` blocks: the `gguf`
+    `architecture` ("llama", "qwen2"; "gpt2" for the writer only) with `layers` blocks: the `gguf`
     package's own table (`gguf.TensorNameMap`), which the reader and the
     writer (`jaxlora.gguf_export`) both read."""
     import gguf
 
-    arch = gguf.MODEL_ARCH.QWEN2 if architecture == "qwen2" else gguf.MODEL_ARCH.LLAMA
+    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "gpt2": gguf.MODEL_ARCH.GPT2}.get(
+        architecture, gguf.MODEL_ARCH.LLAMA)
     names = gguf.TensorNameMap(arch, layers)
     out = {}
-    for hf in _hf_names(layers):
+    for hf in (_gpt2_hf_names(layers) if architecture == "gpt2" else _hf_names(layers)):
         mapped = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if mapped is not None:
             out[mapped] = hf
@@ -246,6 +247,17 @@ def _hf_names(layers: int) -> list[str]:
     for i in range(layers):
         for module in block:
             names += [f"model.layers.{i}.{module}.weight", f"model.layers.{i}.{module}.bias"]
+    return names
+
+
+def _gpt2_hf_names(layers: int) -> list[str]:
+    """The Hugging Face checkpoint names of a GPT-2 (its Conv1D weights and biases)."""
+    block = ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"]
+    names = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+             "transformer.ln_f.bias", "lm_head.weight"]
+    for i in range(layers):
+        for module in block:
+            names += [f"transformer.h.{i}.{module}.weight", f"transformer.h.{i}.{module}.bias"]
     return names
 
 
