@@ -168,6 +168,17 @@ def _where_the_base_is(source: str) -> list[str]:
     return []
 
 
+def check(run_dir: Path, manifest: dict) -> dict:
+    """The run's eval.json ({} before its first evaluation), once it and the
+    manifest hold what the card reads (the report's needs); a UserError naming
+    the file and the key otherwise."""
+    path = Path(run_dir) / "eval.json"
+    evals = run_folder.read_json(path) if path.is_file() else {}
+    manifests.check_report_files(Path(run_dir), manifest, evals,
+                                 partial=manifest.get("status") != "finished")
+    return evals
+
+
 def model_card(run_dir: Path, manifest: dict, exported: Exported) -> str:
     """README.md of an export of the run in `run_dir` (`manifest`: its
     manifest.json, read and checked): front matter, then what the model is
@@ -175,10 +186,7 @@ def model_card(run_dir: Path, manifest: dict, exported: Exported) -> str:
     training, the recipe (TOML), its hash and the package versions."""
     run_dir = Path(run_dir)
     recipe = manifest["recipe"]
-    evals_path = run_dir / "eval.json"
-    evals = run_folder.read_json(evals_path) if evals_path.is_file() else {}
-    manifests.check_report_files(run_dir, manifest, evals,
-                                 partial=manifest.get("status") != "finished")
+    evals = check(run_dir, manifest)
     before, after = evals.get("before"), evals.get("after")
     task = report.task_of(manifest)
     kind = {"peft": "LoRA adapter", "merged": "merged model",

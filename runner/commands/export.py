@@ -36,6 +36,7 @@ from runner import libraries
 from runner import manifest as manifests
 from runner.build import OpenedRun, open_run
 from runner.model_card import Exported, model_card, one_line
+from runner.model_card import check as check_card
 
 FORMATS = ("peft", "merged", "gguf")
 CARD = "README.md"
@@ -64,6 +65,7 @@ def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console,
     """Write the export (a folder; for gguf the .gguf file and its card beside
     it); returns its path."""
     check_format(fmt, quant)
+    check_card(opened.run_dir, opened.manifest)  # what the model card reads is there
     method = opened.recipe.adapter.method
     if fmt == "peft" and method == "full":
         raise UserError(f"{opened.run_dir}: method 'full' trains every weight, so there is no "
