@@ -124,8 +124,7 @@ def _publish(tmp: Path) -> None:
 
 def _said(console: Console, opened: OpenedRun, exported: Exported, card: Path) -> None:
     """Where the export went, its notes, its card, and one line on using it."""
-    console.print(f"exported {exported.fmt}"
-                  + (f" ({exported.quant})" if exported.quant else "")
+    console.print(f"exported {exported.fmt}" + (f" {exported.quant}" if exported.quant else "")
                   + f" ({opened.recipe.adapter.method}, step {opened.step}) to "
                     f"[bold]{exported.path}[/]", soft_wrap=True)
     for note in exported.notes:
