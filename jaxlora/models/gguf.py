@@ -42,7 +42,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {  # name: (split regex or None for GPT-2's, digits one by one)
-    "gpt2": (_GPT2_SPLIT, False),
+    "gpt-2": (_GPT2_SPLIT, False),  # llama.cpp's name, which the writer writes
+    "gpt2": (_GPT2_SPLIT, False),  # read too: files written by other tools say so
     "smollm": (_GPT2_SPLIT, True),  # llama.cpp: \p{N}, then GPT-2's regex
     "llama-bpe": (_LLAMA3_SPLIT, False), "llama3": (_LLAMA3_SPLIT, False),
     "qwen2": (_QWEN2_SPLIT, False),
