@@ -358,13 +358,21 @@ def test_model_cards_are_drawn_from_the_run_folder(chat_run):
     assert "PeftModel.from_pretrained(base" in cards["peft"]
 
 
-def test_the_front_matter_names_hub_ids_and_the_license():
+def test_the_front_matter_names_hub_ids_and_the_license(tmp_path):
     """A hub base model and hub data are named (`base_model`, `datasets`), the
-    license is the base model's; the YAML reads back as written, quotes and
-    all."""
+    license is the base model's (its card's front matter, else its config);
+    the YAML reads back as written, quotes and all."""
     import yaml
 
-    from runner.model_card import front_matter, yaml_block
+    from runner.model_card import base_license, front_matter, yaml_block
+
+    (tmp_path / "README.md").write_text("---\nlanguage: en\nlicense: 'mit'\n---\n# a model\n")
+    (tmp_path / "config.json").write_text('{"license": "other"}')
+    assert base_license(tmp_path) == "mit"
+    (tmp_path / "README.md").write_text("# no front matter\nlicense: gpl\n")
+    assert base_license(tmp_path) == "other"
+    (tmp_path / "config.json").unlink()
+    assert base_license(tmp_path) is None
 
     manifest = {"recipe": {"model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct",
                                      "task": "causal-lm"},
