@@ -157,9 +157,9 @@ def test_a_runs_gguf_export_reads_back_as_its_merged_model(chat_run, quant, tmp_
 
     root, run, opened = chat_run
     if quant == "f16":
-        done = runner("export", str(run), "--format", "gguf", cwd=root)
+        path = tmp_path / "cli" / "chat-f16.gguf"
+        done = runner("export", str(run), "--format", "gguf", "--out", str(path), cwd=root)
         assert done.returncode == 0, done.stderr[-2000:]
-        path = run / "export" / "gguf-f16" / "chat-f16.gguf"
         said = " ".join(done.stdout.split())
         assert "dequantized NF4" in said and f"use it: llama-cli -m {path}" in said
     else:
@@ -329,11 +329,10 @@ def test_model_cards_are_drawn_from_the_run_folder(chat_run):
     manifest = json.loads((run / "manifest.json").read_text())
     evals = json.loads((run / "eval.json").read_text())
     cards = {fmt: (run / "export" / fmt / "README.md").read_text() for fmt in ("peft", "merged")}
-    gguf_card = run / "export" / "gguf-f16" / "README.md"
-    if not gguf_card.is_file():  # unless the round-trip test exported it in this process
-        done = runner("export", str(run), "--format", "gguf", cwd=root)
-        assert done.returncode == 0, done.stderr[-2000:]
-    cards["gguf"] = gguf_card.read_text()
+    done = runner("export", str(run), "--format", "gguf", cwd=root)  # the default place
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "export" / "gguf-f16" / "chat-f16.gguf").is_file()
+    cards["gguf"] = (run / "export" / "gguf-f16" / "README.md").read_text()
     for fmt, card in cards.items():
         assert card.startswith("---\n")
         meta = yaml.safe_load(card.split("---\n")[1])
