@@ -131,18 +131,27 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", metavar="TEXT", help="a system turn before the conversation")
     _sampling_arguments(chat, max_new_tokens=256)
     export = commands.add_parser(
-        "export", help="write a run's weights for PyTorch: PEFT adapter or merged model",
+        "export", help="write a run's model for other tools: PEFT adapter, merged model, GGUF",
         description="peft: adapter_config.json + adapter_model.safetensors, loadable with "
                     "peft.PeftModel.from_pretrained(base_model, folder). merged: a Hugging "
                     "Face model folder with the adapter merged into the base weights, "
                     "loadable with transformers.AutoModelForSequenceClassification (task "
                     "classification) or transformers.AutoModelForCausalLM (task causal-lm, "
-                    "with a generation_config.json naming every end-of-sequence id). "
-                    "Default folder: RUN_DIR/export/FORMAT; an existing one is never "
-                    "overwritten; a temporary folder left by a killed export is removed.")
+                    "with a generation_config.json naming every end-of-sequence id). gguf "
+                    "(causal-lm: Llama, Mistral, Qwen2): the merged model as one GGUF file "
+                    "for llama.cpp, Ollama and LM Studio, its weights as --quant says. "
+                    "Each export holds a model card (README.md). Default: "
+                    "RUN_DIR/export/FORMAT (gguf: RUN_DIR/export/gguf-QUANT/NAME-QUANT.gguf); "
+                    "nothing existing is ever overwritten; a temporary folder left by a "
+                    "killed export is removed.")
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    export.add_argument("--format", required=True, metavar="peft|merged")
-    export.add_argument("--out", type=Path, help="the folder to write (must not exist)")
+    export.add_argument("--format", required=True, metavar="peft|merged|gguf")
+    export.add_argument("--quant", metavar="f16|bf16|q8_0|f32",
+                        help="gguf only: the type of the 2-D weights (default f16; norms "
+                             "stay f32)")
+    export.add_argument("--out", type=Path,
+                        help="the folder to write (must not exist or be empty); gguf: the "
+                             ".gguf file, its README.md written beside it")
     planned = commands.add_parser(
         "plan", help="per-device memory of a recipe on the devices seen, before running it",
         description="Load the base model and adapters as the run would, lay them out on "

@@ -189,14 +189,14 @@ def markdown_report(manifest: dict, evals: dict, images: list[str] = (),
         out += [partial_note(manifest, run_dir, records), ""]
     if manifest["recipe"].get("description"):
         out += [manifest["recipe"]["description"], ""]
-    out += _comparison_section(before, after, baseline, task)
+    out += comparison_section(before, after, baseline, task)
     out += _confusion_section(after or before, "after" if after else "before")
     captions = {charts.LOSS_PNG: "train and eval loss", charts.BARS_PNG: "before and after"}
     if images:
         out += ["", "## Charts", ""] + [f"![{captions[name]}]({name})" for name in images]
-    out += _data_section(manifest["data"], after or before or {})
-    out += _model_section(manifest)
-    out += _training_section(manifest)
+    out += data_section(manifest["data"], after or before or {})
+    out += model_section(manifest)
+    out += training_section(manifest)
     return "\n".join(out + [""])
 
 
@@ -216,7 +216,7 @@ def partial_note(manifest: dict, run_dir: Path | None, records: list[dict]) -> s
             f"folder holds so far" + (f". {again}." if status != "running" and again else "."))
 
 
-def _comparison_section(before, after, baseline, task) -> list[str]:
+def comparison_section(before, after, baseline, task) -> list[str]:
     shown = after or before
     if shown is None:
         return ["## Before and after fine-tuning", "", "No evaluation yet."]
@@ -246,7 +246,7 @@ def _confusion_section(metrics: dict | None, which: str) -> list[str]:
     return out
 
 
-def _data_section(stats: dict, shown: dict) -> list[str]:
+def data_section(stats: dict, shown: dict) -> list[str]:
     """The data: label counts per split (or examples and target tokens), what was dropped."""
     out = ["", "## Data", "", f"Source: `{stats['source']}`", ""]
     if stats["label_names"]:
@@ -304,7 +304,7 @@ def hyperparameters(recipe: dict) -> str:
     return "; ".join(parts + [batch])
 
 
-def _model_section(manifest: dict) -> list[str]:
+def model_section(manifest: dict) -> list[str]:
     model = manifest["model"]
     return ["", "## Model and method", "",
             f"- base model: `{manifest['recipe']['model']['source']}` "
@@ -331,7 +331,7 @@ def _times(timings: dict, train: dict) -> str:
                      if isinstance(value, (int, float))) or "not recorded"
 
 
-def _training_section(manifest: dict) -> list[str]:
+def training_section(manifest: dict) -> list[str]:
     """Steps, timings summed over every session of the run, its stops and
     resumes, peak memory and devices."""
     train = manifest.get("train", {})

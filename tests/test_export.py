@@ -114,6 +114,12 @@ def test_export_refusals(runs, tmp_path):
     assert done.returncode == 2 and "--format: 'onnx' is not an export format" in done.stderr
     done = _runner("export", str(runs["full"]), "--format", "peft", cwd=root)
     assert done.returncode == 2 and "no adapter" in done.stderr
+    assert not (runs["full"] / "export" / "peft").exists()
+    # a classifier's head has no place in GGUF: refused, nothing written
+    done = _runner("export", str(run), "--format", "gguf", "--quant", "q8_0", cwd=root)
+    assert done.returncode == 2 and "classification head, which GGUF (llama.cpp) does not " \
+        "carry" in " ".join(done.stderr.split()), done.stderr
+    assert not (run / "export" / "gguf-q8_0").exists() and "Traceback" not in done.stderr
     done = _runner("export", str(runs["qlora"]), "--format", "peft", cwd=root)
     assert done.returncode == 0 and "trained against NF4-quantized base weights" in done.stdout
     assert (runs["qlora"] / "export" / "peft" / "adapter_model.safetensors").is_file()

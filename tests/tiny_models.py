@@ -148,20 +148,26 @@ def chat_tokenizer(folder=None, template: str = CHATML, vocab_size: int = 320):
     return fast
 
 
-def chat_decoder_dir(folder, template: str = CHATML, tie: bool = False):
-    """A tiny random Llama with the chat tokenizer's vocabulary, saved by transformers."""
+def chat_decoder_dir(folder, template: str = CHATML, tie: bool = False, kind: str = "Llama"):
+    """A tiny random decoder (`kind`: Llama, Mistral, Qwen2 or GPT2) with the chat
+    tokenizer's vocabulary, saved by transformers."""
     import torch
     import transformers
 
     tokenizer = chat_tokenizer(folder, template)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**dict(TINY, vocab_size=len(tokenizer),
-                                             max_position_embeddings=256),
-                                      num_key_value_heads=2, tie_word_embeddings=tie,
-                                      bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id)
-    model = transformers.LlamaForCausalLM(config)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if kind == "GPT2":  # 1024 positions: transformers' GGUF loader reads no other count
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2,
+                                         n_head=4, n_positions=1024, **ids)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        extra = {"sliding_window": None} if kind == "Mistral" else {}
+        config = getattr(transformers, f"{kind}Config")(
+            **dict(TINY, vocab_size=len(tokenizer), max_position_embeddings=256),
+            num_key_value_heads=2, tie_word_embeddings=tie, **ids, **extra)
+        model = getattr(transformers, f"{kind}ForCausalLM")(config)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))

@@ -42,7 +42,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {  # name: (split regex or None for GPT-2's, digits one by one)
-    "gpt2": (_GPT2_SPLIT, False),
+    "gpt-2": (_GPT2_SPLIT, False),  # llama.cpp's name, which the writer writes
+    "gpt2": (_GPT2_SPLIT, False),  # read too: files written by other tools say so
     "smollm": (_GPT2_SPLIT, True),  # llama.cpp: \p{N}, then GPT-2's regex
     "llama-bpe": (_LLAMA3_SPLIT, False), "llama3": (_LLAMA3_SPLIT, False),
     "qwen2": (_QWEN2_SPLIT, False),
@@ -186,14 +187,7 @@ def tensors(path: Path, config) -> dict[str, np.ndarray]:
     import gguf
 
     found = open_gguf(Path(path))
-    layers = config.num_hidden_layers
-    arch = gguf.MODEL_ARCH.QWEN2 if found.architecture == "qwen2" else gguf.MODEL_ARCH.LLAMA
-    names = gguf.TensorNameMap(arch, layers)
-    hf_names = {}
-    for hf in _hf_names(layers):
-        mapped = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if mapped is not None:
-            hf_names[mapped] = hf
+    hf_names = tensor_names(found.architecture, config.num_hidden_layers)
     out = {}
     for tensor in found.reader.tensors:
         hf = hf_names.get(tensor.name)
@@ -208,13 +202,41 @@ def tensors(path: Path, config) -> dict[str, np.ndarray]:
                             f"({_first_line(e)})") from None
         values = np.asarray(values, np.float32).reshape(tuple(int(n) for n in
                                                               reversed(tensor.shape)))
-        if found.architecture == "llama" and tensor.name.endswith(("attn_q.weight",
-                                                                   "attn_k.weight")):
-            heads = (config.num_attention_heads if tensor.name.endswith("attn_q.weight")
-                     else config.num_key_value_heads)
-            values = _unpermute(values, heads)
-        out[hf] = values
+        heads = rotary_heads(found.architecture, tensor.name, config)
+        out[hf] = values if heads is None else _unpermute(values, heads)
     return out
+
+
+def tensor_names(architecture: str, layers: int) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face checkpoint name for a decoder of the
+    `architecture` ("llama", "qwen2"; "gpt2" for the writer only) with `layers` blocks: the `gguf`
+    package's own table (`gguf.TensorNameMap`), which the reader and the
+    writer (`jaxlora.gguf_export`) both read."""
+    import gguf
+
+    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "gpt2": gguf.MODEL_ARCH.GPT2}.get(
+        architecture, gguf.MODEL_ARCH.LLAMA)
+    names = gguf.TensorNameMap(arch, layers)
+    out = {}
+    for hf in (_gpt2_hf_names(layers) if architecture == "gpt2" else _hf_names(layers)):
+        mapped = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if mapped is not None:
+            out[mapped] = hf
+    return out
+
+
+def rotary_heads(architecture: str, name: str, config) -> int | None:
+    """How many heads a GGUF tensor's rows are interleaved over for llama.cpp's
+    rotary layout: the query and key projections (weights and biases) of the
+    Llama architecture; None for every other tensor (Qwen2 keeps Hugging
+    Face's order: llama.cpp rotates its halves, NeoX-style)."""
+    if architecture != "llama":
+        return None
+    if name.endswith(("attn_q.weight", "attn_q.bias")):
+        return config.num_attention_heads
+    if name.endswith(("attn_k.weight", "attn_k.bias")):
+        return config.num_key_value_heads
+    return None
 
 
 def _hf_names(layers: int) -> list[str]:
@@ -229,12 +251,32 @@ def _hf_names(layers: int) -> list[str]:
     return names
 
 
+def _gpt2_hf_names(layers: int) -> list[str]:
+    """The Hugging Face checkpoint names of a GPT-2 (its Conv1D weights and biases)."""
+    block = ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"]
+    names = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+             "transformer.ln_f.bias", "lm_head.weight"]
+    for i in range(layers):
+        for module in block:
+            names += [f"transformer.h.{i}.{module}.weight", f"transformer.h.{i}.{module}.bias"]
+    return names
+
+
 def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
     """The rows of a query or key projection in Hugging Face's order: llama.cpp
     stores each head's rotary pairs interleaved, (head, dim/2, 2) where
     transformers has (head, 2, dim/2)."""
     dim = weights.shape[0] // heads // 2
     return (weights.reshape(heads, dim, 2, *weights.shape[1:]).swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+def permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of `_unpermute`: a query or key projection's rows (or bias)
+    from Hugging Face's order, (head, 2, dim/2), to llama.cpp's interleaved
+    rotary pairs, (head, dim/2, 2), as its converter writes them."""
+    dim = weights.shape[0] // heads // 2
+    return (weights.reshape(heads, 2, dim, *weights.shape[1:]).swapaxes(1, 2)
             .reshape(weights.shape))
 
 

@@ -1,12 +1,15 @@
-"""`runner export RUN_DIR --format peft|merged [--out FOLDER]`: a finished
-run's weights as a folder PyTorch users load (see `jaxlora.export` for the
-formats).
+"""`runner export RUN_DIR --format peft|merged|gguf [--quant TYPE] [--out PATH]`:
+a finished run's model for the tools people run it with (see
+`jaxlora.export` for the PyTorch formats, `jaxlora.gguf_export` for GGUF),
+each with its model card (`runner.model_card`).
 
-The folder is written under a hidden temporary name beside the target
-(`.NAME.tmp-HOST-PID-XXXX`) and renamed into place when complete; an
-existing folder is never overwritten. An export killed outright (SIGKILL)
-leaves its temporary folder: the next export to the same place removes it,
-once its writer (HOST, PID) is gone, never a live export's.
+A folder export is written under a hidden temporary name beside the target
+(`.NAME.tmp-HOST-PID-XXXX`) and renamed into place when complete; a GGUF
+export is written in such a folder too, and its two files (the .gguf and its
+README.md) renamed beside each other, the .gguf last. Nothing existing is
+ever overwritten. An export killed outright (SIGKILL) leaves its temporary
+folder: the next export to the same place removes it, once its writer
+(HOST, PID) is gone, never a live export's.
 """
 
 from __future__ import annotations
@@ -22,58 +25,67 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from jaxlora import gguf_export
+from jaxlora.data import chat_template
 from jaxlora.errors import UserError
 from jaxlora.export import (generation_config, merged_tensors, peft_config, peft_tensors,
                             write_safetensors)
 from jaxlora.generate import stop_ids
-from jaxlora.models import family
+from jaxlora.models import family, gguf
 from runner import libraries
+from runner import manifest as manifests
 from runner.build import OpenedRun, open_run
+from runner.model_card import Exported, model_card, one_line
+from runner.model_card import check as check_card
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "gguf")
+CARD = "README.md"
 
 
 def main(args, console, stop) -> int:
-    check_format(args.format)
+    check_format(args.format, args.quant)
     libraries.set_up()
-    export(open_run(args.run_dir), args.format, args.out, console)
+    export(open_run(args.run_dir), args.format, args.out, console, quant=args.quant)
     return 0
 
 
-def check_format(fmt: str) -> None:
+def check_format(fmt: str, quant: str | None = None) -> None:
+    """The format and --quant: known, and --quant with gguf only."""
     if fmt not in FORMATS:
         raise UserError(f"--format: {fmt!r} is not an export format; choose one of "
                         f"{', '.join(FORMATS)}")
+    if quant is not None and fmt != "gguf":
+        raise UserError(f"--quant: only for --format gguf (the {fmt} export is float32)")
+    if quant is not None:
+        gguf_export.check_quant(quant)
 
 
-def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console) -> Path:
-    """Write the export folder; returns its path."""
-    check_format(fmt)
+def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console,
+           quant: str | None = None) -> Path:
+    """Write the export (a folder; for gguf the .gguf file and its card beside
+    it); returns its path."""
+    check_format(fmt, quant)
+    check_card(opened.run_dir, opened.manifest)  # what the model card reads is there
     method = opened.recipe.adapter.method
     if fmt == "peft" and method == "full":
         raise UserError(f"{opened.run_dir}: method 'full' trains every weight, so there is no "
                         "adapter to export; use --format merged")
+    if fmt == "gguf":
+        return _export_gguf(opened, out, console, quant or gguf_export.DEFAULT_QUANT)
     out = Path(out) if out else opened.run_dir / "export" / fmt
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists; remove it or pass --out to another folder")
-    above = next((p for p in out.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UserError(f"{out}: {above} is a file, not a folder; pass --out to a folder path")
+    _check_above(out)
     fam = family(opened.model_dir)
     model = opened.model()
     notes = _notes(opened, fmt)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(out)
-        # A fresh hidden folder beside the target, renamed into place when complete.
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_tmp_prefix(out)))
-    except OSError as e:
-        raise UserError(f"{out}: cannot create the folder: {e.strerror}") from None
+    tmp = _temporary(out)
     try:
         _write(tmp, opened, fmt, fam, model, notes)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is not
+        (tmp / CARD).write_text(model_card(opened.run_dir, opened.manifest,
+                                           Exported(fmt, out, opened.step, notes=notes)),
+                                encoding="utf-8")
+        _publish(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
@@ -81,10 +93,114 @@ def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console) -> P
         raise UserError(f"{out}: cannot write the export: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
-    console.print(f"exported {fmt} ({method}, step {opened.step}) to [bold]{out}[/]")
-    for note in notes:
-        console.print(f"note: {note}")
+    _said(console, opened, Exported(fmt, out, opened.step, notes=notes), out / CARD)
     return out
+
+
+def _check_above(out: Path) -> None:
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{out}: {above} is a file, not a folder; pass --out to a folder path")
+
+
+def _temporary(out: Path) -> Path:
+    """A fresh hidden folder beside `out` (stale ones of killed exports removed first)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        return Path(tempfile.mkdtemp(dir=out.parent, prefix=_tmp_prefix(out)))
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the folder: {e.strerror}") from None
+
+
+def _publish(tmp: Path) -> None:
+    """mkdtemp makes the folder private; the export is not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for path in tmp.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _said(console: Console, opened: OpenedRun, exported: Exported, card: Path) -> None:
+    """Where the export went, its notes, its card, and one line on using it."""
+    console.print(f"exported {exported.fmt}" + (f" {exported.quant}" if exported.quant else "")
+                  + f" ({opened.recipe.adapter.method}, step {opened.step}) to "
+                    f"[bold]{exported.path}[/]", soft_wrap=True)
+    for note in exported.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+    console.print(f"model card: {card}", soft_wrap=True)
+    console.print(f"use it: {one_line(opened.manifest, exported)}", soft_wrap=True,
+                  markup=False, highlight=False)
+
+
+def _export_gguf(opened: OpenedRun, out: Path | None, console: Console, quant: str) -> Path:
+    """The merged causal LM as one GGUF file, its model card beside it; refused
+    for a classifier and for what the writer does not take, before anything
+    is written."""
+    if opened.recipe.model.task != "causal-lm":
+        raise UserError(f"{opened.run_dir}: --format gguf: a {opened.recipe.model.task} run's "
+                        "model has a classification head, which GGUF (llama.cpp) does not "
+                        "carry; use --format merged or peft")
+    gguf_export.architecture(opened.loaded.hf_config)
+    name = opened.recipe.name
+    out = Path(out) if out else opened.run_dir / "export" / f"gguf-{quant}" / f"{name}-{quant}.gguf"
+    if out.suffix.lower() != gguf.SUFFIX:
+        raise UserError(f"--out: {out} must name a .gguf file")
+    for path in (out, out.parent / CARD):
+        if path.exists() or path.is_symlink():
+            raise UserError(f"{path}: already exists; remove it or pass --out to a file in "
+                            "another folder (a GGUF export writes the file and its README.md)")
+    _check_above(out)
+    notes = _notes(opened, "gguf") + gguf_export.notes(opened.loaded.hf_config)
+    exported = Exported("gguf", out, opened.step, quant=quant, notes=notes)
+    tmp = _temporary(out)
+    try:
+        gguf_export.write(tmp / out.name, _gguf_model(opened, notes), quant)
+        (tmp / CARD).write_text(model_card(opened.run_dir, opened.manifest, exported),
+                                encoding="utf-8")
+        _publish(tmp)
+        for part in (CARD, out.name):  # the .gguf last: there, the export is complete
+            _place(tmp / part, out.parent / part)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the export: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _said(console, opened, exported, out.parent / CARD)
+    return out
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Move a finished file into place, never over an existing one (a hard
+    link fails where the name is taken; a file system without links gets a
+    rename after the check made before writing)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise UserError(f"{dst}: appeared while the export was written; nothing was "
+                        "overwritten") from None
+    except OSError:
+        src.rename(dst)
+
+
+def _gguf_model(opened: OpenedRun, notes: list[str]) -> gguf_export.GgufModel:
+    """What the GGUF file holds: the merged weights (float32 before their
+    --quant rounding), the config, the tokenizer and the chat template the run
+    trained with, and a description saying how it was made."""
+    recipe = opened.recipe
+    base = manifests.source_folder(opened.manifest, opened.run_dir)
+    merged = ("every weight trained" if recipe.adapter.method == "full"
+              else "the adapter merged into the base weights")
+    description = (f"{recipe.description + ': ' if recipe.description else ''}fine-tuned "
+                   f"from {recipe.model.source} by jaxlora (method {recipe.adapter.method}, "
+                   f"step {opened.step}), {merged}" + "".join(f"; {note}" for note in notes))
+    tensors = merged_tensors(opened.model(), family(opened.model_dir), np.float32,
+                             task="causal-lm")
+    return gguf_export.GgufModel(
+        name=recipe.name, description=description, tensors=tensors,
+        config=opened.loaded.hf_config, tokenizer=opened.tokenizer,
+        chat_template=chat_template(recipe.data, opened.tokenizer, base),
+        source=opened.model_dir if gguf.is_gguf(opened.model_dir) else None)
 
 
 def _host() -> str:
@@ -141,7 +257,6 @@ def _write(tmp: Path, opened: OpenedRun, fmt: str, fam, model, notes: list[str])
                                        stop_ids(opened.tokenizer, opened.model_dir, chat=chat))
             (tmp / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
     opened.tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(_readme(opened, fmt, notes))
 
 
 def _base_generation(model_dir: Path) -> dict:
@@ -174,19 +289,6 @@ def _hf_config(opened: OpenedRun, fam):
     return config
 
 
-def _where_the_base_is(source: str) -> list[str]:
-    """A line for the README where the base model's name is not a hub id to
-    load as is: a pkg:// source, or a path relative to the recipe's folder."""
-    if source.startswith("pkg://"):
-        package, _, inside = source.removeprefix("pkg://").partition("/")
-        return [f"The base model `{source}` is the folder `{inside}` of the installed Python "
-                f"package `{package}`: pass that folder's path below.", ""]
-    if Path(source).expanduser().is_absolute() or source.startswith("."):
-        return [f"The base model `{source}` is a local folder (relative paths are relative to "
-                "the recipe's folder).", ""]
-    return []
-
-
 def _notes(opened: OpenedRun, fmt: str) -> list[str]:
     notes = []
     if not opened.finished:
@@ -194,7 +296,7 @@ def _notes(opened: OpenedRun, fmt: str) -> list[str]:
                      + (f" of {opened.total_steps}" if opened.total_steps else ""))
     if opened.recipe.adapter.method == "qlora":
         quant = opened.recipe.adapter.quant
-        if fmt == "merged":
+        if fmt in ("merged", "gguf"):
             notes.append(f"QLoRA: the adapter was merged into the dequantized "
                          f"{quant.type.upper()} (block {quant.block_size}) base weights it was "
                          "trained against, not into the original full-precision weights")
@@ -203,24 +305,3 @@ def _notes(opened: OpenedRun, fmt: str) -> list[str]:
                          f"base weights (block {quant.block_size}); on the full-precision base "
                          "its outputs differ slightly")
     return notes
-
-
-def _readme(opened: OpenedRun, fmt: str, notes: list[str]) -> str:
-    labels = list(opened.recipe.data.labels or [])
-    classify = opened.recipe.model.task == "classification"
-    auto = "AutoModelForSequenceClassification" if classify else "AutoModelForCausalLM"
-    extra = f", num_labels={len(labels)}" if classify else ""
-    lines = [f"# {opened.recipe.name} ({fmt} export)", "",
-             f"Exported by jaxlora from run `{opened.run_dir}` at step {opened.step}; "
-             f"task `{opened.recipe.model.task}`; method `{opened.recipe.adapter.method}`"
-             + (f"; labels {labels} (class id = position)." if classify else "."), ""]
-    if fmt == "peft":
-        lines += _where_the_base_is(opened.recipe.model.source)
-        lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}",
-                  "", f"base = {auto}.from_pretrained({_base_name(opened)!r}{extra})",
-                  "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()", "```"]
-    else:
-        lines += ["```python", f"from transformers import {auto}",
-                  f"model = {auto}.from_pretrained('THIS_FOLDER')", "```"]
-    lines += [""] + [f"Note: {note}" for note in notes]
-    return "\n".join(lines) + "\n"

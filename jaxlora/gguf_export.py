@@ -1,0 +1,318 @@
+"""A causal LM written as one GGUF file, llama.cpp's format, with the `gguf`
+package's writer: what `runner export --format gguf` writes, and what
+llama.cpp, Ollama and LM Studio load. The inverse of the reader
+(`jaxlora.models.gguf`), sharing its tables:
+
+    state dict (HF names, float32,    -> tensors under the package's names for the
+    adapters merged: `export.merged_      architecture (`gguf.TensorNameMap`); Llama's
+    tensors`)                             query/key rows interleaved for llama.cpp's
+                                          rotary layout (`gguf.permute`, the inverse
+                                          of the reader's); 2-D weights in the chosen
+                                          type, norms and biases in F32
+    transformers config               -> `{arch}.*` keys as llama.cpp's converter
+                                          writes them (`gguf.Keys`)
+    tokenizer                         -> tokens, merges, token types, BOS/EOS/padding
+                                          ids, add_bos_token, the pre-tokenizer's name
+                                          and the chat template: copied from the base
+                                          model's own GGUF file where it was one, else
+                                          derived from the fast tokenizer
+
+Supported: Llama, Mistral (llama.cpp's `llama` architecture), Qwen2 and GPT-2
+(`gpt2`, its Conv1D weights transposed as llama.cpp's converter does) with a
+byte-level BPE vocabulary whose pre-tokenizer llama.cpp names
+(`gguf.PRE_TOKENIZERS`). Refused with the reason: SentencePiece-style
+vocabularies (Llama 2, Mistral's own), rope scaling other than linear.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlora.errors import UserError
+from jaxlora.models import gguf as reader
+
+# --quant -> the GGML type of the 2-D weights (norms and biases stay F32).
+QUANTS = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "f32": "F32"}
+DEFAULT_QUANT = "f16"
+# --quant -> general.file_type (`gguf.LlamaFileType`: the type of most tensors)
+FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "f32": "ALL_F32"}
+# transformers model type -> llama.cpp architecture
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+# GPT-2's Conv1D weights, (in, out) in its checkpoints: llama.cpp's converter transposes them
+CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+NORMAL, UNUSED = 1, 5  # llama.cpp's token types (with reader.CONTROL, reader.USER_DEFINED)
+
+
+@dataclass(frozen=True)
+class GgufModel:
+    """What one GGUF file holds: a merged causal LM and its tokenizer."""
+
+    name: str  # general.name
+    description: str  # general.description: what it is, how it was made
+    tensors: dict[str, np.ndarray]  # Hugging Face names, float32, adapters merged
+    config: Any  # the transformers config of the model
+    tokenizer: Any  # its fast tokenizer
+    chat_template: str | None  # the template it was trained with (None: the tokenizer's)
+    source: Path | None = None  # the base model's GGUF file, whose tokenizer is copied
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise UserError(f"--quant: {quant!r} is not a GGUF type written here; choose one of "
+                        f"{', '.join(QUANTS)}")
+
+
+def architecture(config) -> str:
+    """The llama.cpp architecture the model is written as; a UserError with the
+    reason for a model this writer does not take."""
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHITECTURES:
+        raise UserError(f"GGUF export of {kind!r} models is not supported; supported: "
+                        "Llama, Mistral, Qwen2, GPT-2")
+    if kind == "gpt2":
+        return "gpt2"
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise UserError(f"GGUF export: rope scaling {rope['rope_type']!r} is not written "
+                        "(llama.cpp needs a rope_freqs tensor for it, which the reader here "
+                        "refuses); supported: none or linear")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if ARCHITECTURES[kind] == "qwen2" and head_dim * heads != config.hidden_size:
+        raise UserError("GGUF export: a Qwen2 model whose head_dim is not hidden_size / heads "
+                        "is not supported")
+    return ARCHITECTURES[kind]
+
+
+def _rope(config) -> dict:
+    """The config's rope parameters (transformers 5 keeps theta among them)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return dict(params) if isinstance(params, dict) else {}
+
+
+def notes(config) -> list[str]:
+    """What the file cannot carry of the model, said in the export's output."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "model_type", None) == "mistral" and window and \
+            window < config.max_position_embeddings:
+        return [f"Mistral is written as llama.cpp's llama architecture, which attends to the "
+                f"whole context: the sliding window of {window} tokens is not kept (outputs "
+                f"are the same for sequences up to {window} tokens)"]
+    return []
+
+
+def write(path: Path, model: GgufModel, quant: str) -> None:
+    """Write `model` as the GGUF file `path`, its 2-D weights as `quant`."""
+    import gguf
+
+    check_quant(quant)
+    arch = architecture(model.config)
+    tokenizer_fields = _tokenizer_fields(model)  # refusals before anything is written
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type("model")
+    writer.add_name(model.name)
+    writer.add_description(model.description)
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[quant]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_config(writer, model.config)
+    for key, (value, vtype, sub_type) in tokenizer_fields.items():
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+    _write_tensors(writer, arch, model, quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_config(writer, config) -> None:
+    """The architecture's hyperparameters, as llama.cpp's converter writes them."""
+    if architecture(config) == "gpt2":
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
+        writer.add_vocab_size(config.vocab_size)
+        return
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = _rope(config)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.num_key_value_heads or heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta",
+                                                                   10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    if architecture(config) == "llama":
+        writer.add_rope_dimension_count(head_dim)
+        if head_dim * heads != config.hidden_size:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+    if rope.get("rope_type") == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def tensor_type(name: str, shape: tuple[int, ...], quant: str):
+    """The GGML type a tensor is written in: norms, biases (every 1-D tensor) in
+    F32, as llama.cpp's converter does; 2-D weights in `quant`, Q8_0 falling
+    back to F16 where a row is not a whole number of its 32-value blocks."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType[QUANTS[quant]]
+    if len(shape) < 2:
+        return gguf.GGMLQuantizationType.F32
+    block, _ = gguf.GGML_QUANT_SIZES[kind]
+    if shape[-1] % block:
+        return gguf.GGMLQuantizationType.F16
+    return kind
+
+
+def _write_tensors(writer, arch: str, model: GgufModel, quant: str) -> None:
+    """Every weight under the package's GGUF name, in its type; a tied model
+    carries no output.weight (llama.cpp then uses the token embeddings)."""
+    import gguf
+
+    config = model.config
+    names = {hf: name for name, hf in reader.tensor_names(arch, config.num_hidden_layers).items()}
+    for hf, data in model.tensors.items():
+        if hf == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if hf not in names:
+            raise ValueError(f"no GGUF name for the weight {hf}")
+        name = names[hf]
+        data = np.ascontiguousarray(data, np.float32)
+        heads = reader.rotary_heads(arch, name, config)
+        if heads is not None:
+            data = reader.permute(data, heads)
+        if arch == "gpt2" and name.endswith(CONV1D):
+            data = np.ascontiguousarray(data.T)
+        kind = tensor_type(name, data.shape, quant)
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+
+
+# -- the tokenizer -----------------------------------------------------------------
+
+def _tokenizer_fields(model: GgufModel) -> dict[str, tuple]:
+    """The `tokenizer.*` keys as (value, value type, array item type): the base
+    GGUF file's own, else derived from the fast tokenizer; the chat template
+    the model was trained with either way."""
+    import gguf
+
+    if model.source is not None and reader.is_gguf(model.source):
+        fields = _copied_fields(model.source)
+    else:
+        fields = _derived_fields(model.tokenizer, model.config.vocab_size)
+    template = model.chat_template or getattr(model.tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = (template, gguf.GGUFValueType.STRING, None)
+    return fields
+
+
+def _copied_fields(source: Path) -> dict[str, tuple]:
+    """The tokenizer keys of the base model's GGUF file, value types as they were
+    (its pre-tokenizer's name included), and its license."""
+    import gguf
+
+    found = reader.open_gguf(source)
+    out = {}
+    for key, field in found.reader.fields.items():
+        if key.startswith("tokenizer.") or key == gguf.Keys.General.LICENSE:
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            out[key] = (found.metadata[key], field.types[0], sub)
+    return out
+
+
+def _derived_fields(tokenizer, vocab_size: int) -> dict[str, tuple]:
+    """The tokenizer keys of a Hugging Face fast tokenizer: byte-level BPE only,
+    with a pre-tokenizer llama.cpp names; a UserError naming what it is
+    otherwise. Ids the vocabulary leaves free up to the embedding's rows are
+    `[PAD<id>]` tokens of type unused, as llama.cpp's converter writes them."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or \
+            (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise UserError("GGUF export: the tokenizer is not a byte-level BPE vocabulary "
+                        f"(its model is {model.get('type')!r}); SentencePiece-style "
+                        "vocabularies (Llama 2, Mistral) are not written yet; byte-level BPE "
+                        "ones (Llama 3, SmolLM, Qwen2) are")
+    pre = pre_tokenizer_name(spec)
+    if pre is None:
+        raise UserError("GGUF export: the tokenizer's pre-tokenizer is none that llama.cpp "
+                        f"names here ({', '.join(reader.PRE_TOKENIZERS)}); it cannot be written "
+                        "so that llama.cpp splits text the same way")
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise UserError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())}, "
+                        f"beyond the model's {vocab_size} embedding rows")
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, NORMAL
+    for i, added in tokenizer.added_tokens_decoder.items():
+        types[i] = reader.CONTROL if added.special else reader.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    K = gguf.Keys.Tokenizer
+    out = {K.MODEL: ("gpt2", T.STRING, None), K.PRE: (pre, T.STRING, None),
+           K.LIST: (tokens, T.ARRAY, T.STRING), K.TOKEN_TYPE: (types, T.ARRAY, T.INT32),
+           K.MERGES: (merges, T.ARRAY, T.STRING)}
+    for key, value in ((K.BOS_ID, tokenizer.bos_token_id), (K.EOS_ID, tokenizer.eos_token_id),
+                       (K.UNK_ID, tokenizer.unk_token_id), (K.PAD_ID, tokenizer.pad_token_id)):
+        if value is not None:
+            out[key] = (int(value), T.UINT32, None)
+    ids = tokenizer("a")["input_ids"]  # what the tokenizer adds on its own
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out[K.ADD_BOS] = (bool(bos is not None and ids[:1] == [bos]), T.BOOL, None)
+    out[K.ADD_EOS] = (bool(eos is not None and eos != bos and ids[-1:] == [eos]), T.BOOL, None)
+    return out
+
+
+def pre_tokenizer_name(spec: dict) -> str | None:
+    """llama.cpp's name for how a tokenizer.json (`spec`) splits text before
+    BPE, found from its structure against the reader's table
+    (`gguf.PRE_TOKENIZERS`: the split regex, digits one by one, NFC, merges
+    ignored for whole words); None when it is none of them. (llama.cpp's
+    converter recognises a tokenizer by hashing its ids on a test text; this
+    reads the same facts from the file.)"""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = list(pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+    digits = bool(steps) and steps[0].get("type") == "Digits" and \
+        bool(steps[0].get("individual_digits"))
+    steps = steps[1:] if digits else steps
+    if any(step.get("type") == "ByteLevel" and step.get("add_prefix_space") for step in steps):
+        return None
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        split = None
+    elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and \
+            steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+        split = (steps[0].get("pattern") or {}).get("Regex")
+    else:
+        return None
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        return None
+    ignore = bool((spec.get("model") or {}).get("ignore_merges"))
+    for name, (regex, by_digit) in reader.PRE_TOKENIZERS.items():
+        if (regex, by_digit) == (split, digits) and (name in reader.NFC) == \
+                (normalizer == "NFC") and (name in reader.IGNORE_MERGES) == ignore:
+            return name
+    return None

