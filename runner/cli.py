@@ -33,7 +33,7 @@ evaluate before, train, evaluate after, and write a run folder under
 output.dir/<name>/<timestamp>/. Checkpoints are written every
 train.checkpoint_every steps and at the end.
 
-Resuming: when the newest run of the recipe did not finish and holds a
+Resuming: when the newest run made with the same recipe did not finish and holds a
 checkpoint (stopped by SIGTERM/Ctrl-C, killed, preempted), `runner run RECIPE`
 goes on from that checkpoint, after checking that the base model and the data
 are unchanged; a changed recipe (an edit, another --set) starts a new run
@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--fresh", action="store_true",
                      help="start a new run folder even if an unfinished run could resume")
     how.add_argument("--resume", action="store_true",
-                     help="resume the newest unfinished run of the recipe; exit 2 if none")
+                     help="resume the newest unfinished run of the recipe (one made with the same "
+                          "recipe first); exit 2 if none")
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a recipe field (repeatable), e.g. --set adapter.rank=16; "
                           "validated like the file")

@@ -43,34 +43,56 @@ def resume_target(recipe: Recipe, mode: Mode,
                   say: Callable[[str], None] = lambda line: None) -> Path | None:
     """The run folder `runner run` goes on with, or None for a new run.
 
-    auto: the newest run of this recipe, if it did not finish, holds a
-    checkpoint and was made with the same recipe (the fields `RESUMABLE`
-    allows aside); a changed recipe is a new run, and `say` tells which run
-    it did not resume and why, in one line. resume: the newest unfinished run
-    with a checkpoint, and an error when there is none (a changed recipe is
+    auto: the runs of this recipe's name are looked at newest first, those
+    made with another recipe (the fields `RESUMABLE` allows aside) passed
+    over: the newest made with this recipe decides; it goes on if it did not
+    finish and holds a checkpoint, else this is a new run. When no unfinished
+    run goes on and a newer one was passed over, `say` tells which and why, in
+    one line. resume: the newest unfinished run with a checkpoint (one of this
+    recipe first), and an error when there is none (a changed recipe is
     refused later, field by field). fresh: None.
     """
     if mode == "fresh":
         return None
-    newest = run_folder.newest_run(Path(recipe.output.dir), recipe.name)
-    steps = run_folder.checkpoint_steps(newest) if newest is not None else []
-    if steps:
-        if run_folder.read_json(newest / "manifest.json").get("status") != "finished":
-            # (read whole only now: a finished run's damaged manifest is not this run's concern)
-            others = (recipe_differences(manifests.read_manifest(newest), recipe)[1]
-                      if mode == "auto" else [])
-            if not others:
-                return newest
-            say(f"not resuming the unfinished run {newest} (checkpoint at step {steps[-1]}): "
-                f"its recipe differs ({'; '.join(others)}); this is a new run (`runner run "
-                f"{newest}` goes on with that one)")
-            return None
+    runs = run_folder.runs_of(Path(recipe.output.dir), recipe.name)
+    passed_over: tuple[Path, int, list[str]] | None = None  # the newest unfinished other
+    for run in reversed(runs):
+        steps = run_folder.checkpoint_steps(run)
+        others = _differences(run, recipe, newest=run == runs[-1])
+        if others is None:
+            continue  # a manifest that cannot be read: not this recipe's concern
+        finished = run_folder.read_json(run / "manifest.json").get("status") == "finished"
+        if not others:
+            if steps and not finished:
+                return run
+            break  # the newest run of this recipe finished (or has no checkpoint)
+        if steps and not finished and passed_over is None:
+            passed_over = (run, steps[-1], others)
     if mode == "resume":
+        if passed_over is not None:
+            return passed_over[0]  # refused field by field by `check_resumable`
         where = Path(recipe.output.dir) / recipe.name
-        raise UserError(f"--resume: no unfinished run with a checkpoint to resume: the newest "
-                        f"run under {where} is {newest or 'missing'}"
-                        + (" and it finished" if steps else ""))
+        raise UserError(f"--resume: no unfinished run with a checkpoint to resume under {where}")
+    if passed_over is not None:
+        run, step, others = passed_over
+        say(f"not resuming the unfinished run {run} (checkpoint at step {step}): its recipe "
+            f"differs ({'; '.join(others)}); this is a new run (`runner run {run}` goes on "
+            "with that one)")
     return None
+
+
+def _differences(run: Path, recipe: Recipe, newest: bool) -> list[str] | None:
+    """How `recipe` differs from the run's (the changes a resume may not
+    make), or None for an older run whose manifest cannot be read (the
+    newest run's damage is reported, as it would be when it is resumed)."""
+    try:
+        return recipe_differences(manifests.read_manifest(run), recipe)[1]
+    except UserError:
+        if not newest or not run_folder.checkpoint_steps(run):
+            return None
+        if run_folder.read_json(run / "manifest.json").get("status") == "finished":
+            return None  # a finished run's damage is not this run's concern
+        raise
 
 
 @dataclass(frozen=True)

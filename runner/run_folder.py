@@ -137,13 +137,18 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").is_file()
 
 
-def newest_run(root: Path, name: str) -> Path | None:
-    """The most recent run folder of recipe `name` under `root` (folder names
-    are UTC timestamps, so they sort in time order)."""
+def runs_of(root: Path, name: str) -> list[Path]:
+    """The run folders of recipe `name` under `root`, oldest first (folder
+    names are UTC timestamps, so they sort in time order)."""
     base = root / name
     if not base.is_dir():
-        return None
-    runs = sorted((p for p in base.iterdir() if is_run_dir(p)), key=stamp_order)
+        return []
+    return sorted((p for p in base.iterdir() if is_run_dir(p)), key=stamp_order)
+
+
+def newest_run(root: Path, name: str) -> Path | None:
+    """The most recent run folder of recipe `name` under `root`."""
+    runs = runs_of(root, name)
     return runs[-1] if runs else None
 
 

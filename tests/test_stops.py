@@ -274,6 +274,14 @@ def test_a_changed_recipe_starts_a_new_run_and_resume_insists_on_the_same(
         "learning_rate"] == 0.02
     assert {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file()} == kept
 
+    # the first recipe again goes on with its own unfinished run, past the newer variant
+    done = _runner("run", "tiny.toml", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _runs(workdir) == runs and "not resuming" not in done.stdout
+    assert json.loads((unfinished / "manifest.json").read_text())["status"] == "finished"
+    done = _runner("run", "tiny.toml", "--resume", cwd=workdir)  # nothing left to go on with
+    assert done.returncode == 2 and "no unfinished run with a checkpoint" in done.stderr
+
 
 # -- one message, not a traceback ----------------------------------------------------
 

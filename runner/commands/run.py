@@ -5,9 +5,9 @@ the five steps.
       -> 5. evaluate before -> 4. train (checkpoints) -> 5. evaluate after
       -> the report
 
-A run can stop and go on. `runner run RECIPE` resumes the newest run of that
-recipe when it did not finish, holds a checkpoint and was made with the same
-recipe (`resume_target`; a changed recipe is a new run), after checking that
+A run can stop and go on. `runner run RECIPE` resumes the newest run made with
+the same recipe when it did not finish and holds a checkpoint
+(`resume_target`; a changed recipe is a new run), after checking that
 nothing else it depends on changed: the base model (fingerprint) and the data
 (sizes and label counts). SIGTERM or Ctrl-C during training writes a
 checkpoint at the next step boundary and raises `Interrupted` (a second one
