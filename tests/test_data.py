@@ -562,6 +562,12 @@ def test_na_like_csv_labels_are_labels_and_only_empty_cells_are_missing(load, tm
     # a text that reads "NA" is a text, not a missing one
     texts = write_csv(tmp_path / "na-text.csv", ROWS[:20] + [("NA", "pos"), ("null", "neg")])
     assert load(source=str(texts)).stats.empty_texts == {}
+    # numbers as written: 01 is not 1, 1.50 not 1.5, and a text of digits is a text
+    rows = [(f"{i:03d}", label) for i, label in enumerate(["01", "02", "1.50"] * 6)]
+    data = load(source=str(write_csv(tmp_path / "numbers.csv", rows)),
+                labels=["01", "02", "1.50"], eval_size=3)
+    assert sum(data.stats.label_counts["train"].values()) == 15 and data.stats.dropped == {}
+    assert data.stats.empty_texts == {}
 
 
 @pytest.mark.parametrize("writer", ["jsonl", "parquet"])

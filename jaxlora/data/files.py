@@ -107,6 +107,8 @@ def load(path: Path, fmt: Format, setting: str, cache_dir: Path | None) -> Any:
             _check_not_utf8(file, encoding)
         if fmt == "csv":
             _check_header(file, encoding)
+    if files and fmt == "csv":
+        reader.update(_as_written(files[0], encoding))
     try:
         return datasets.load_dataset(fmt, **where, **reader,
                                      cache_dir=None if cache_dir is None else str(cache_dir))
@@ -150,6 +152,19 @@ def _csv_header(file: Path, encoding: str) -> list[str] | None:
             return next(csv.reader(f), [])
     except (UnicodeError, csv.Error):
         return None
+
+
+def _as_written(file: Path, encoding: str) -> dict:
+    """The CSV reader's setting that keeps every cell a string as written
+    (pandas would read 01 and 1.50 as the numbers 1 and 1.5): every column of
+    the header typed as a string (`datasets` hands the types to pandas). None
+    where a column has no name (pandas names it itself)."""
+    import datasets
+
+    header = _csv_header(file, encoding)
+    if not header or not all(name.strip() for name in header):
+        return {}
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
 
 
 def _check_same_columns(folder: Path, files: list[Path], encoding: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,9 @@ def infer_labels(ds: Any, column: str, path: Path, split: str) -> tuple[list[str
     for value, name in zip(raw, label_values(ds, column)):
         if value is not None and name.strip() and name not in named:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            named[name] = (0, value, "") if number else (1, 0, name)
+            if not number and re.fullmatch(r"[-+]?\d+(\.\d+)?", name.strip()):
+                number, value = True, float(name)  # a CSV cell of digits, kept as written
+            named[name] = (0, value, name) if number else (1, 0, name)
     labels = sorted(named, key=named.__getitem__)
     if len(labels) < 2:
         found = f"only {labels[0]!r}" if labels else "no label"
