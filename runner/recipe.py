@@ -377,7 +377,7 @@ def parse_override(item: str) -> tuple[str, object]:
     nested: object = value
     for part in reversed(key.split(".")):
         nested = {part: nested}
-    _check_depth(nested, f"--set {key}")
+    _check_depth(nested, "--set" if len(key) > 60 else f"--set {key}")  # the key shown cut
     return key, value
 
 
@@ -428,13 +428,13 @@ def format_errors(path: Path, error: ValidationError,
         where, holder = _locate(err["loc"])
         if err["type"] == "union_tag_invalid":
             where = f"{where}.method"
-        source = _source(where, given, path)
+        msg = _message(err, where, holder)
+        source = _source(where, given, path, msg)
         if (err["type"] == "string_type" and re.fullmatch(r"data\.labels\[\d+\]", where)
                 and not isinstance(err["input"], str)):
             unquoted.setdefault(source, []).append(err["input"])  # one message for them all
             continue
         found = messages.setdefault((source, where or "(top level)"), [])
-        msg = _message(err, where, holder)
         if msg not in found:  # union members repeat the same complaint
             found.append(msg)
     data = (document or {}).get("data")
@@ -445,18 +445,25 @@ def format_errors(path: Path, error: ValidationError,
                      for (source, where), msgs in messages.items())
 
 
-def _source(where: str, provenance: dict[str, str], path: Path) -> str:
+def _source(where: str, provenance: dict[str, str], path: Path, msg: str = "") -> str:
     """Where the value a problem is about was given: the field's own entry
     (an item of an array, `data.labels[0]`, is its array's), else the nearest
-    table above it that was given whole, else (an unknown key in a table that
-    `--set` filled) the entries below it, `--set` first; else the recipe."""
+    table above it that was given whole. A problem of a table (two fields that
+    disagree) is blamed on where the fields its message names were given; an
+    unknown key in a table that only `--set` filled on `--set`; else the
+    recipe."""
     key = re.sub(r"\[\d+\]", "", where)
     parts = key.split(".")
     for n in range(len(parts), 0, -1):
         if ".".join(parts[:n]) in provenance:
             return provenance[".".join(parts[:n])]
-    below = [source for field, source in provenance.items() if field.startswith(f"{key}.")]
-    return "--set" if "--set" in below else (below[0] if below else str(path))
+    below = {field.removeprefix(f"{key}."): source for field, source in provenance.items()
+             if field.startswith(f"{key}.")}
+    named = [source for field, source in below.items()
+             if re.search(rf"\b{re.escape(field.split('.')[0])}\b", msg)]
+    if named:
+        return " and ".join(dict.fromkeys(named))
+    return "--set" if below and set(below.values()) == {"--set"} else str(path)
 
 
 # What a strict type check expected, in the recipe's words.

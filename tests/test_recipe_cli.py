@@ -88,6 +88,22 @@ def test_errors_in_set_values_are_blamed_on_set(tmp_path, item, expected):
     assert "bert-sentiment.toml:" not in message
 
 
+def test_a_tables_problem_is_blamed_on_where_its_fields_were_given(tmp_path):
+    """Two fields that disagree: the files (or --set) that gave the fields the
+    message names, never --set only because it set another field."""
+    (tmp_path / "mine.toml").write_text('extends = "bert-sentiment"\n[data]\nmax_length = 16\n')
+    _refused(runner_here("validate", "mine.toml", cwd=tmp_path),
+             "error: mine.toml and ", "bert-sentiment.toml: data: length_buckets must be")
+    (tmp_path / "both.toml").write_text(
+        'extends = "bert-sentiment"\n[data]\nlength_buckets = [32]\nmax_length = 16\n')
+    message = _refused(runner_here("validate", "both.toml", "--set", "data.seed=1", cwd=tmp_path),
+                       "error: both.toml: data: length_buckets must be")
+    assert "--set" not in message
+    (tmp_path / "unset.toml").write_text('extends = "bert-sentiment"\nunset = ["data.eval_size"]\n')
+    _refused(runner_here("validate", "unset.toml", cwd=tmp_path),
+             "error: unset.toml: data: give exactly one of eval_split")
+
+
 def test_an_inline_table_in_set_merges_into_the_table(tmp_path):
     (tmp_path / "r.toml").write_text(BASE)
     done = runner_here("validate", "r.toml", "--full", "--set", "eval={batch_size=2}",
@@ -129,8 +145,10 @@ def test_a_dotted_key_thousands_of_levels_deep_is_one_message(tmp_path):
     _refused(runner_here("validate", "deep.toml", cwd=tmp_path),
              "error: deep.toml: x.a.a.a...: tables nested more than 16 levels deep")
     (tmp_path / "r.toml").write_text(BASE)
-    _refused(runner_here("validate", "r.toml", "--set", "x" + ".a" * 3000 + "=1", cwd=tmp_path),
-             "error: --set x.a.a.a", "tables nested more than 16 levels deep")
+    message = _refused(runner_here("validate", "r.toml", "--set", "x" + ".a" * 3000 + "=1",
+                                   cwd=tmp_path),
+                       "error: --set: x.a.a.a...: tables nested more than 16 levels deep")
+    assert len(message) < 200  # the key is not echoed whole
 
 
 # -- validate: a summary by default, --full for every field --------------------------
