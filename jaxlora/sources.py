@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import re
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -85,6 +86,8 @@ def _find_without_importing(name: str):
     search, spec = None, None  # None: sys.path
     for depth in range(1, len(parts) + 1):
         spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), search)
+        if spec is None and depth == 1:  # an editable install's finder (setuptools'), say:
+            spec = _from_meta_path(parts[0])  # finders locate, they run no module code
         if spec is None:
             return None
         if depth < len(parts):
@@ -92,6 +95,22 @@ def _find_without_importing(name: str):
                 raise ValueError(f"{spec.name!r} is a module, not a package")
             search = list(spec.submodule_search_locations)
     return spec
+
+
+def _from_meta_path(name: str):
+    """The spec of the top-level NAME from the import system's other finders
+    (`sys.meta_path`), or None: asked where it is, a finder runs no module."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if finder is importlib.machinery.PathFinder or find is None:
+            continue
+        try:
+            spec = find(name, None)
+        except Exception:  # a third-party finder's own trouble: not found by it
+            continue
+        if spec is not None and (spec.origin or spec.submodule_search_locations):
+            return spec
+    return None
 
 
 def _from_hub(repo_id: str, kind: Literal["model", "dataset"], patterns: list[str]) -> Path:

@@ -119,3 +119,27 @@ def test_pkg_runs_no_packages_code_not_even_a_parents(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="'this' is a module, not a package"):
         resolve_package_path("pkg://this.x/model")
     assert not marker.exists() and "evil" not in sys.modules and "this" not in sys.modules
+
+
+def test_pkg_finds_a_package_that_only_an_import_finder_knows(tmp_path, monkeypatch):
+    """An editable install (setuptools' finder mode, as `pip install -e` makes
+    for jaxlora itself) is known to a finder of `sys.meta_path`, not to any
+    folder of sys.path: asked where it is, that finder runs no module code."""
+    import importlib.util
+
+    marker = tmp_path / "imported"
+    package = tmp_path / "elsewhere" / "mapped"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+
+    class Mapped:  # what setuptools' editable finder does: a name -> its folder
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "mapped":
+                return None
+            return importlib.util.spec_from_file_location(
+                name, package / "__init__.py", submodule_search_locations=[str(package)])
+
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, Mapped()])
+    assert resolve_package_path("pkg://mapped/model") == (package / "model").resolve()
+    assert not marker.exists() and "mapped" not in sys.modules
