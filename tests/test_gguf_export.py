@@ -315,6 +315,26 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it():
         _derived_fields(fake, 10)
 
 
+def test_a_weight_without_a_gguf_name_is_refused_naming_it():
+    """A weight the architecture has no GGUF name for: a UserError naming it
+    (found before the writer opens its file); a tied head is left out."""
+    from types import SimpleNamespace
+
+    from jaxlora.errors import UserError
+    from jaxlora.gguf_export import GgufModel, _tensor_names
+
+    config = SimpleNamespace(num_hidden_layers=1, tie_word_embeddings=True)
+    one = np.zeros((2, 2), np.float32)
+    model = GgufModel(name="m", description="d", config=config, tokenizer=None,
+                      chat_template=None, tensors={"model.embed_tokens.weight": one,
+                                                   "lm_head.weight": one})
+    assert _tensor_names("llama", model) == {"model.embed_tokens.weight": "token_embd.weight"}
+    odd = dataclasses.replace(model, tensors={"model.layers.0.extra.weight": one})
+    with pytest.raises(UserError, match="'model.layers.0.extra.weight' has no name in "
+                                        "llama.cpp's 'llama' architecture"):
+        _tensor_names("llama", odd)
+
+
 def test_model_cards_are_drawn_from_the_run_folder(chat_run):
     """The README.md of the peft, merged and gguf exports: YAML front matter as
     the hub reads it, each field from the run folder; the before/after table
