@@ -20,8 +20,15 @@ llama.cpp, Ollama and LM Studio load. The inverse of the reader
 Supported: Llama, Mistral (llama.cpp's `llama` architecture), Qwen2 and GPT-2
 (`gpt2`, its Conv1D weights transposed as llama.cpp's converter does) with a
 byte-level BPE vocabulary whose pre-tokenizer llama.cpp names
-(`gguf.PRE_TOKENIZERS`). Refused with the reason: SentencePiece-style
-vocabularies (Llama 2, Mistral's own), rope scaling other than linear.
+(`gguf.PRE_TOKENIZERS`): Llama 3.0-style and SmolLM Llamas, Qwen2, GPT-2, and
+Mistral-architecture models with such a vocabulary. Refused with the reason,
+by `check` before the weights are merged: SentencePiece-style vocabularies
+(Llama 2, Mistral AI's own releases), rope scaling other than linear (Llama
+3.1 and 3.2's `llama3`).
+
+A chat model whose end-of-turn token (`GgufModel.end_of_turn`: the first stop
+id of `jaxlora.generate.stop_ids`, chat, that its template writes) is not its
+EOS gets `tokenizer.ggml.eot_token_id`, as llama.cpp's converter writes it.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class GgufModel:
     tokenizer: Any  # its fast tokenizer
     chat_template: str | None  # the template it was trained with (None: the tokenizer's)
     source: Path | None = None  # the base model's GGUF file, whose tokenizer is copied
+    end_of_turn: int | None = None  # a chat model's end-of-turn id, where it is not EOS
 
 
 def check_quant(quant: str) -> None:
@@ -90,6 +98,17 @@ def architecture(config) -> str:
     return ARCHITECTURES[kind]
 
 
+def check(config, tokenizer, source: Path | None = None) -> str:
+    """What `write` refuses of a model, found from its config and tokenizer
+    alone (before its weights are merged): the llama.cpp architecture it is
+    written as; a UserError with the reason otherwise. `source`: the base
+    model's GGUF file, whose tokenizer keys are copied as they are."""
+    arch = architecture(config)
+    if source is None or not reader.is_gguf(source):
+        _derived_fields(tokenizer, config.vocab_size)
+    return arch
+
+
 def _rope(config) -> dict:
     """The config's rope parameters (transformers 5 keeps theta among them)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
@@ -114,25 +133,26 @@ def write(path: Path, model: GgufModel, quant: str) -> None:
     check_quant(quant)
     arch = architecture(model.config)
     tokenizer_fields = _tokenizer_fields(model)  # refusals before anything is written
+    names = _tensor_names(arch, model)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type("model")
     writer.add_name(model.name)
     writer.add_description(model.description)
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[quant]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_config(writer, model.config)
+    _write_config(writer, model.config, arch)
     for key, (value, vtype, sub_type) in tokenizer_fields.items():
         writer.add_key_value(key, value, vtype, sub_type=sub_type)
-    _write_tensors(writer, arch, model, quant)
+    _write_tensors(writer, arch, model, quant, names)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
-def _write_config(writer, config) -> None:
+def _write_config(writer, config, arch: str) -> None:
     """The architecture's hyperparameters, as llama.cpp's converter writes them."""
-    if architecture(config) == "gpt2":
+    if arch == "gpt2":
         writer.add_context_length(config.n_positions)
         writer.add_embedding_length(config.n_embd)
         writer.add_block_count(config.n_layer)
@@ -154,7 +174,7 @@ def _write_config(writer, config) -> None:
                                                                    10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    if architecture(config) == "llama":
+    if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
         if head_dim * heads != config.hidden_size:
             writer.add_key_length(head_dim)
@@ -181,19 +201,32 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str):
     return kind
 
 
-def _write_tensors(writer, arch: str, model: GgufModel, quant: str) -> None:
-    """Every weight under the package's GGUF name, in its type; a tied model
-    carries no output.weight (llama.cpp then uses the token embeddings)."""
+def _tensor_names(arch: str, model: GgufModel) -> dict[str, str]:
+    """The GGUF name of each weight written (Hugging Face name -> GGUF name); a
+    tied model's lm_head.weight is left out (llama.cpp then uses the token
+    embeddings). A UserError naming a weight the architecture has no name for,
+    before anything is written."""
+    config = model.config
+    known = {hf: name for name, hf in reader.tensor_names(arch, config.num_hidden_layers).items()}
+    out = {}
+    for hf in model.tensors:
+        if hf == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if hf not in known:
+            raise UserError(f"GGUF export: the weight {hf!r} has no name in llama.cpp's "
+                            f"{arch!r} architecture; this model cannot be written as GGUF")
+        out[hf] = known[hf]
+    return out
+
+
+def _write_tensors(writer, arch: str, model: GgufModel, quant: str,
+                   names: dict[str, str]) -> None:
+    """Every weight under its GGUF name (`names`), in its type."""
     import gguf
 
     config = model.config
-    names = {hf: name for name, hf in reader.tensor_names(arch, config.num_hidden_layers).items()}
-    for hf, data in model.tensors.items():
-        if hf == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if hf not in names:
-            raise ValueError(f"no GGUF name for the weight {hf}")
-        name = names[hf]
+    for hf, name in names.items():
+        data = model.tensors[hf]
         data = np.ascontiguousarray(data, np.float32)
         heads = reader.rotary_heads(arch, name, config)
         if heads is not None:
@@ -219,6 +252,9 @@ def _tokenizer_fields(model: GgufModel) -> dict[str, tuple]:
         fields = _copied_fields(model.source)
     else:
         fields = _derived_fields(model.tokenizer, model.config.vocab_size)
+    if model.end_of_turn is not None:  # as llama.cpp's converter writes it
+        fields[gguf.Keys.Tokenizer.EOT_ID] = (int(model.end_of_turn), gguf.GGUFValueType.UINT32,
+                                              None)
     template = model.chat_template or getattr(model.tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = (template, gguf.GGUFValueType.STRING, None)

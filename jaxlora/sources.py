@@ -9,9 +9,11 @@ installed Python package.
                                 not leave the package's folder)
     ./local/path, /abs/path     a local file or folder
     org/name                    a Hugging Face hub repository; only
-                                safetensors, configs and tokenizer files are
-                                fetched (honours HF_HUB_OFFLINE and the local
-                                Hugging Face cache)
+                                safetensors, configs, tokenizer files and (for
+                                the license an export's model card states) the
+                                model's own README.md are fetched, those the
+                                repository has (honours HF_HUB_OFFLINE and the
+                                local Hugging Face cache)
 
 `resolve(location, kind)` returns a local `Path`; every failure is a
 `UserError` naming the location.
@@ -31,11 +33,13 @@ PKG_SCHEME = "pkg://"
 # A hub repo id: "name" or "org/name" of letters, digits, '-', '_', '.'.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-# Files a model needs; pickle weights (*.bin, *.pt) are never fetched.
+# Files a model needs (allow_patterns: a repository without one of them is
+# fine), and its card, whose front matter states the license that an export's
+# model card repeats; pickle weights (*.bin, *.pt) are never fetched.
 MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "vocab.txt", "vocab.json", "merges.txt", "*.model",
-               "generation_config.json", "added_tokens.json"]
+               "generation_config.json", "added_tokens.json", "README.md"]
 # A location ending like a file is a local file that is missing, not a hub id.
 LOCAL_SUFFIXES = {".csv", ".json", ".jsonl", ".parquet", ".txt", ".tsv", ".safetensors",
                   ".gguf"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from runner import report, run_folder
 
 PIPELINES = {"causal-lm": "text-generation", "classification": "text-classification"}
 LIBRARIES = {"peft": "peft", "merged": "transformers", "gguf": "gguf"}
+COUNTED = ("dropped", "too_long", "empty_texts", "truncated")  # what counts_line says
 _LICENSE = re.compile(r"^license:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
 
 
@@ -115,7 +117,7 @@ def usage(manifest: dict, exported: Exported) -> list[str]:
     extra = f", num_labels={len(labels)}" if task == "classification" else ""
     path = str(exported.path)
     if exported.fmt == "gguf":
-        return ["```bash", f"llama-cli -m {path}", "```", "",
+        return ["```bash", f"llama-cli -m {shlex.quote(path)}", "```", "",
                 "Ollama: a Modelfile with `FROM ./" + exported.path.name + "`, then `ollama "
                 "create NAME -f Modelfile`; LM Studio: import the file."]
     if exported.fmt == "merged":
@@ -205,9 +207,12 @@ def model_card(run_dir: Path, manifest: dict, exported: Exported) -> str:
     if exported.fmt == "peft":
         out += _where_the_base_is(recipe["model"]["source"])
     out += usage(manifest, exported)
-    out += [""] + [f"Note: {note}." for note in exported.notes]
+    if exported.notes:
+        out += [""] + [f"Note: {note}." for note in exported.notes]
     out += [""] + report.model_section(manifest)[1:]
-    out += report.data_section(manifest["data"], after or before or {})
+    # the rows dropped and examples cut once, zeros included: in counts_line
+    data = {k: v for k, v in manifest["data"].items() if k not in COUNTED}
+    out += report.data_section(data, after or before or {})
     out += ["", counts_line(manifest["data"])]
     out += [""] + report.comparison_section(before, after, report.baseline_of(manifest, evals),
                                             task)

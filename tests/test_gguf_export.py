@@ -315,6 +315,26 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it():
         _derived_fields(fake, 10)
 
 
+def test_a_weight_without_a_gguf_name_is_refused_naming_it():
+    """A weight the architecture has no GGUF name for: a UserError naming it
+    (found before the writer opens its file); a tied head is left out."""
+    from types import SimpleNamespace
+
+    from jaxlora.errors import UserError
+    from jaxlora.gguf_export import GgufModel, _tensor_names
+
+    config = SimpleNamespace(num_hidden_layers=1, tie_word_embeddings=True)
+    one = np.zeros((2, 2), np.float32)
+    model = GgufModel(name="m", description="d", config=config, tokenizer=None,
+                      chat_template=None, tensors={"model.embed_tokens.weight": one,
+                                                   "lm_head.weight": one})
+    assert _tensor_names("llama", model) == {"model.embed_tokens.weight": "token_embd.weight"}
+    odd = dataclasses.replace(model, tensors={"model.layers.0.extra.weight": one})
+    with pytest.raises(UserError, match="'model.layers.0.extra.weight' has no name in "
+                                        "llama.cpp's 'llama' architecture"):
+        _tensor_names("llama", odd)
+
+
 def test_model_cards_are_drawn_from_the_run_folder(chat_run):
     """The README.md of the peft, merged and gguf exports: YAML front matter as
     the hub reads it, each field from the run folder; the before/after table
@@ -359,7 +379,10 @@ def test_model_cards_are_drawn_from_the_run_folder(chat_run):
         assert f"| jax | {manifest['environment']['packages']['jax']} |" in card
         assert f"- peak memory: {manifest['train']['peak_memory_mb']:.0f} MiB" in card
         assert f"| train | {manifest['data']['train_size']} |" in card
-        assert "Rows dropped: 0 for labels outside `labels`" in card
+        # counts_line reads these keys (0 where one is missing): they must be there
+        assert {"dropped", "too_long", "empty_texts", "truncated"} <= set(manifest["data"])
+        assert "Rows dropped: 0 for labels outside `labels`, 0 as too long" in card
+        assert card.count("Rows dropped") == 1 and "\n\n\n" not in card
     assert "PeftModel.from_pretrained(base" in cards["peft"]
 
 
@@ -392,10 +415,11 @@ def test_the_front_matter_names_hub_ids_and_the_license(tmp_path):
     assert yaml.safe_load("\n".join(yaml_block(odd)[1:-1])) == odd
 
 
-def test_gguf_export_refusals_leave_nothing_behind(chat_run, tmp_path):
+def test_gguf_export_refusals_leave_nothing_behind(chat_run, tmp_path, monkeypatch):
     """An existing file (or a README.md beside it), an unknown type, --quant
     with another format, --out not a .gguf, a tokenizer the writer does not
-    take: one message, exit 2, and nothing written or left half-written."""
+    take (refused before the model is merged): one message, exit 2, and
+    nothing written or left half-written."""
     from rich.console import Console
 
     from jaxlora.errors import UserError
@@ -423,10 +447,119 @@ def test_gguf_export_refusals_leave_nothing_behind(chat_run, tmp_path):
     word_level = save_word_tokenizer(tmp_path / "w", True)
     word_level.chat_template = CHATML
     words = dataclasses.replace(opened, tokenizer=word_level)
+
+    def merged(*args, **kwargs):
+        raise AssertionError("the model was merged before the tokenizer was refused")
+
+    monkeypatch.setattr("runner.commands.export.merged_tensors", merged)
     with pytest.raises(UserError, match="not a byte-level BPE vocabulary"):
         export(words, "gguf", tmp_path / "sub" / "w.gguf", Console(file=open("/dev/null", "w")))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "sub", "taken.gguf", "w"]
-    assert not list((tmp_path / "sub").iterdir())  # its temporary folder removed
+    # refused before its folder, or a temporary one, was made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "taken.gguf", "w"]
+
+
+def test_a_gguf_that_appears_meanwhile_leaves_no_card_alone(chat_run, tmp_path, monkeypatch):
+    """The .gguf's name taken while the export was written (after the checks):
+    refused with one message, the other's file untouched, and the card, moved
+    into place before the .gguf, removed again: no README.md without its file."""
+    from jaxlora import gguf_export
+
+    root, run, _ = chat_run
+    out = tmp_path / "late" / "chat.gguf"
+    real = gguf_export.write
+
+    def write_then_taken(path, model, quant):
+        real(path, model, quant)
+        out.write_bytes(b"theirs")
+
+    monkeypatch.setattr(gguf_export, "write", write_then_taken)
+    done = runner("export", str(run), "--format", "gguf", "--out", str(out), cwd=root)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "chat.gguf: appeared while the export was written" in " ".join(done.stderr.split())
+    assert [p.name for p in out.parent.iterdir()] == ["chat.gguf"]  # no card, no temporary
+    assert out.read_bytes() == b"theirs"
+
+
+def test_a_chat_models_end_of_turn_id_is_written_where_it_is_not_eos(chat_run, tmp_path):
+    """A chat run whose end-of-turn token (<|im_end|>) is not its EOS gets
+    tokenizer.ggml.eot_token_id, as llama.cpp's converter writes it, and our
+    reader reads it back (a stop id of `runner chat` on the file); where EOS is
+    the end-of-turn token (the tiny run as made), the key is not written."""
+    from rich.console import Console
+
+    from jaxlora.generate import stop_ids
+    from jaxlora.models import gguf
+    from runner.build import load_tokenizer
+    from runner.commands.export import export
+
+    root, run, opened = chat_run
+    quiet = Console(file=open("/dev/null", "w"))
+    tokenizer = load_tokenizer(opened.model_dir)
+    tokenizer.eos_token = "<|endoftext|>"
+    vocab = tokenizer.get_vocab()
+    eot, eos = vocab["<|im_end|>"], vocab["<|endoftext|>"]
+    assert tokenizer.eos_token_id == eos != eot
+    path = export(dataclasses.replace(opened, tokenizer=tokenizer), "gguf",
+                  tmp_path / "eot" / "chat.gguf", quiet, quant="f32")
+    meta = gguf.open_gguf(path).metadata
+    assert (meta["tokenizer.ggml.eot_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (eot, eos)
+    back = gguf.tokenizer(path)
+    assert back.end_of_turn_id == eot and back.eos_token_id == eos
+    assert stop_ids(back, chat=True)[:2] == [eos, eot]  # the one the file names first
+
+    assert opened.tokenizer.eos_token_id == eot
+    path = export(opened, "gguf", tmp_path / "same" / "chat.gguf", quiet, quant="f32")
+    assert "tokenizer.ggml.eot_token_id" not in gguf.open_gguf(path).metadata
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory, tiny_bert_dir):
+    """A finished tiny LoRA classification run (tests/test_cli.py's recipe:
+    two labels, the data's third label's rows dropped), made by the CLI."""
+    import shutil
+
+    from test_cli import TINY_RECIPE, _tweets_csv
+
+    root = tmp_path_factory.mktemp("classifier-card")
+    shutil.copytree(tiny_bert_dir, root / "model")
+    _tweets_csv(root / "tweets.csv")
+    (root / "tiny.toml").write_text(TINY_RECIPE)
+    done = runner("run", "tiny.toml", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = (root / "runs" / "tiny").iterdir()
+    return root, run
+
+
+def test_a_classifiers_cards_name_its_task_and_labels(classifier_run):
+    """The peft and merged exports of a classification run: pipeline_tag
+    text-classification, each label's counts, the adapter's usage line with
+    num_labels; the rows dropped for labels outside `labels` (not zero here)
+    said once, with their count."""
+    import yaml
+
+    root, run = classifier_run
+    manifest = json.loads((run / "manifest.json").read_text())
+    labels = manifest["recipe"]["data"]["labels"]
+    dropped = sum(manifest["data"]["dropped"].values())
+    assert len(labels) == 2 and dropped > 0
+    for fmt in ("peft", "merged"):
+        done = runner("export", str(run), "--format", fmt, cwd=root)
+        assert done.returncode == 0, done.stderr[-2000:]
+        card = (run / "export" / fmt / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert meta["pipeline_tag"] == "text-classification"
+        assert meta["library_name"] == {"peft": "peft", "merged": "transformers"}[fmt]
+        assert meta["tags"][:2] == ["jaxlora", "lora"]
+        for name in labels:
+            counts = manifest["data"]["label_counts"]
+            assert f"| {name} | {counts['train'].get(name, 0)} | {counts['eval'].get(name, 0)} |" \
+                in card
+        assert f"Rows dropped: {dropped} for labels outside `labels`" in card
+        assert card.count("Rows dropped") == 1
+        assert "AutoModelForSequenceClassification.from_pretrained(" in card
+        usage = card.split("## How to use it")[1].split("```", 2)[1]
+        assert (f"num_labels={len(labels)})" in usage) == (fmt == "peft")
+        assert f"num_labels={len(labels)}" in done.stdout or fmt == "merged"
 
 
 @pytest.mark.slow
@@ -446,8 +579,6 @@ def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
     from runner.build import open_run
     from runner.commands.export import export
 
-    import time
-    started = time.perf_counter()
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-tweets-chat.toml"
     short = ["train.max_steps=1", "train.batch_size=4", "data.max_train_examples=4",
              "data.max_eval_examples=4", "data.length_buckets=[]", "eval.batch_size=4",
@@ -462,10 +593,7 @@ def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
     [ids] = _ids(opened.tokenizer, [prompt])
     ours = _logits_ours(opened.model(), ids)
     quiet = Console(file=open("/dev/null", "w"))
-    import time
-    print(f"run and open {time.perf_counter() - started:.1f} s")
     for quant in QUANTS:
-        started = time.perf_counter()
         path = export(opened, "gguf", tmp_path / quant / "smol.gguf", quiet, quant=quant)
         found = gguf.open_gguf(path)
         assert found.metadata["tokenizer.ggml.pre"] == "smollm"
@@ -496,7 +624,7 @@ def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
                                              if quant == "q8_0" else None),
                            ours, quant, "llama.cpp", compute=2e-4)
         print(f"SmolLM2 {quant}: transformers {theirs:.2e}, llama.cpp {cpp:.2e}, ours {mine}, "
-              f"range {np.ptp(ours):.2f}, {time.perf_counter() - started:.1f} s")
+              f"range {np.ptp(ours):.2f}")
         path.unlink()  # hundreds of MB each
     card = yaml.safe_load((tmp_path / "f32" / "README.md").read_text().split("---\n")[1])
     assert card["license"] == "apache-2.0" and "base_model" not in card

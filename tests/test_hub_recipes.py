@@ -111,3 +111,50 @@ def test_a_hub_datasets_classlabel_names_are_the_inferred_labels(tmp_path, monke
     cfg = DataConfig(source="someone/reviews", eval_split="test")
     assert labels_of(cfg, cache_dir=tmp_path / "datasets-cache") == (
         ["pos", "neg", "mixed"], "the ClassLabel names of column 'label'")
+
+
+def test_a_hub_base_models_license_reaches_the_model_card(tmp_path, monkeypatch):
+    """A hub model fetch asks for the repository's README.md (a pattern, so a
+    repository without one is fine); from a local cache laid out as the hub's,
+    offline, the resolved folder holds it and an export's card states the
+    license of its front matter (hub config.json files state none); a cached
+    repository without README.md resolves too, and its card states none."""
+    import fnmatch
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from jaxlora import sources
+    from runner.model_card import front_matter
+
+    asked = {}
+
+    def recorded(repo_id, repo_type, allow_patterns):
+        asked[repo_id] = allow_patterns
+        return str(tmp_path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(huggingface_hub, "snapshot_download", recorded)
+        sources.resolve("someone/model", "model")
+    patterns = asked["someone/model"]
+    assert any(fnmatch.fnmatch("README.md", p) for p in patterns)
+    assert not any(fnmatch.fnmatch(name, p) for p in patterns
+                   for name in ("pytorch_model.bin", "docs/README.md"))
+
+    cache = tmp_path / "hub"
+    with_card = _snapshot(cache, "models", "someone/llama")
+    (with_card / "config.json").write_text('{"model_type": "llama"}')
+    (with_card / "README.md").write_text("---\nlanguage: en\nlicense: llama3\n---\n# Llama\n")
+    without = _snapshot(cache, "models", "someone/bare")
+    (without / "config.json").write_text('{"model_type": "llama"}')
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for repo, license in (("someone/llama", "llama3"), ("someone/bare", None)):
+        folder = sources.resolve(repo, "model")
+        assert (folder / "README.md").is_file() == (license is not None)
+        manifest = {"recipe": {"model": {"source": repo, "task": "causal-lm"},
+                               "data": {"source": "data.jsonl"},
+                               "adapter": {"method": "lora"}},
+                    "model": {"source": str(folder)}}
+        fields = front_matter(manifest, "gguf", "f16")
+        assert fields["base_model"] == repo and fields.get("license") == license

@@ -6,8 +6,9 @@ each with its model card (`runner.model_card`).
 A folder export is written under a hidden temporary name beside the target
 (`.NAME.tmp-HOST-PID-XXXX`) and renamed into place when complete; a GGUF
 export is written in such a folder too, and its two files (the .gguf and its
-README.md) renamed beside each other, the .gguf last. Nothing existing is
-ever overwritten. An export killed outright (SIGKILL) leaves its temporary
+README.md) moved beside each other, the .gguf last: there, the export is
+complete; where its move fails, the README.md just moved is removed again, so
+that no card is left without its file. Nothing existing is ever overwritten. An export killed outright (SIGKILL) leaves its temporary
 folder: the next export to the same place removes it, once its writer
 (HOST, PID) is gone, never a live export's.
 """
@@ -136,13 +137,14 @@ def _said(console: Console, opened: OpenedRun, exported: Exported, card: Path) -
 
 def _export_gguf(opened: OpenedRun, out: Path | None, console: Console, quant: str) -> Path:
     """The merged causal LM as one GGUF file, its model card beside it; refused
-    for a classifier and for what the writer does not take, before anything
+    for a classifier and for what the writer does not take (its config and
+    tokenizer, `gguf_export.check`), before the model is merged or anything
     is written."""
     if opened.recipe.model.task != "causal-lm":
         raise UserError(f"{opened.run_dir}: --format gguf: a {opened.recipe.model.task} run's "
                         "model has a classification head, which GGUF (llama.cpp) does not "
                         "carry; use --format merged or peft")
-    gguf_export.architecture(opened.loaded.hf_config)
+    gguf_export.check(opened.loaded.hf_config, opened.tokenizer, _gguf_source(opened))
     name = opened.recipe.name
     out = Path(out) if out else opened.run_dir / "export" / f"gguf-{quant}" / f"{name}-{quant}.gguf"
     if out.suffix.lower() != gguf.SUFFIX:
@@ -160,14 +162,46 @@ def _export_gguf(opened: OpenedRun, out: Path | None, console: Console, quant: s
         (tmp / CARD).write_text(model_card(opened.run_dir, opened.manifest, exported),
                                 encoding="utf-8")
         _publish(tmp)
-        for part in (CARD, out.name):  # the .gguf last: there, the export is complete
-            _place(tmp / part, out.parent / part)
+        _place_both(tmp, out)
     except OSError as e:
         raise UserError(f"{out}: cannot write the export: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _said(console, opened, exported, out.parent / CARD)
     return out
+
+
+def _place_both(tmp: Path, out: Path) -> None:
+    """The card, then the .gguf (there, the export is complete) moved from
+    `tmp` into place; the card removed again where the .gguf's move fails."""
+    card = out.parent / CARD
+    _place(tmp / CARD, card)
+    try:
+        _place(tmp / out.name, out)
+    except BaseException:
+        card.unlink(missing_ok=True)  # ours: _place never takes an existing name
+        raise
+
+
+def _gguf_source(opened: OpenedRun) -> Path | None:
+    """The base model's GGUF file, whose tokenizer keys are copied (None: a folder)."""
+    return opened.model_dir if gguf.is_gguf(opened.model_dir) else None
+
+
+def _end_of_turn(opened: OpenedRun, template: str | None) -> int | None:
+    """A chat run's end-of-turn id, for tokenizer.ggml.eot_token_id: the first
+    of its stop ids (`stop_ids`, chat: EOS, then the end-of-turn tokens) that
+    its chat template writes, where that is not EOS; None where it is EOS, or
+    no stop token is in the template (a vocabulary may hold several kinds'
+    end-of-turn tokens: the template says which ends a turn)."""
+    if not opened.recipe.data.chat or not isinstance(template, str):
+        return None
+    tokenizer = opened.tokenizer
+    for token_id in stop_ids(tokenizer, opened.model_dir, chat=True):
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(token, str) and token and token in template:
+            return None if token_id == tokenizer.eos_token_id else token_id
+    return None
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -196,11 +230,13 @@ def _gguf_model(opened: OpenedRun, notes: list[str]) -> gguf_export.GgufModel:
                    f"step {opened.step}), {merged}" + "".join(f"; {note}" for note in notes))
     tensors = merged_tensors(opened.model(), family(opened.model_dir), np.float32,
                              task="causal-lm")
+    template = chat_template(recipe.data, opened.tokenizer, base)
     return gguf_export.GgufModel(
         name=recipe.name, description=description, tensors=tensors,
-        config=opened.loaded.hf_config, tokenizer=opened.tokenizer,
-        chat_template=chat_template(recipe.data, opened.tokenizer, base),
-        source=opened.model_dir if gguf.is_gguf(opened.model_dir) else None)
+        config=opened.loaded.hf_config, tokenizer=opened.tokenizer, chat_template=template,
+        source=_gguf_source(opened),
+        end_of_turn=_end_of_turn(opened, template or getattr(opened.tokenizer, "chat_template",
+                                                             None)))
 
 
 def _host() -> str:
