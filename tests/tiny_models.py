@@ -128,6 +128,16 @@ CHAT_CORPUS = ("the cat sat on the mat . what is the dog ? the dog ran . hello t
                "negative positive system user assistant you are a helpful bot . 0123456789")
 
 
+def varied_strings(n: int = 300, seed: int = 0) -> list[str]:
+    """Varied texts for tokenizer comparisons: the corpus's words, digits,
+    punctuation, spacing, unicode, the chat tokens."""
+    rng = np.random.default_rng(seed)
+    words = CHAT_CORPUS.split() + ["café", "naïve", "😀", "日本", "  ", "\n", "\t", "1234567",
+                                   "<|im_start|>", "<|im_end|>", "don't", "I'm", "HELLO"]
+    return ["".join(rng.choice(["", " "]) + words[rng.integers(len(words))]
+                    for _ in range(rng.integers(1, 12))) for _ in range(n)]
+
+
 def chat_tokenizer(folder=None, template: str = CHATML, vocab_size: int = 320):
     """A small byte-level BPE tokenizer (GPT-2's kind, trained here) with the chat
     special tokens and `template`; saved to `folder` when given."""

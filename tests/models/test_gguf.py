@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiny_models import CHAT_CORPUS, chat_decoder_dir, write_gguf
+from tiny_models import chat_decoder_dir, varied_strings, write_gguf
 
 QUANTS = ["F32", "F16", "Q8_0", "Q4_0"]
 
@@ -26,16 +26,6 @@ def tiny(tmp_path_factory):
     model, tokenizer = chat_decoder_dir(root / "hf")
     files = {q: write_gguf(root / f"tiny-{q}.gguf", model, tokenizer, q) for q in QUANTS}
     return root, model, tokenizer, files
-
-
-def _strings(n: int = 300, seed: int = 0) -> list[str]:
-    """Varied texts: the corpus's words, digits, punctuation, spacing, unicode,
-    the chat tokens."""
-    rng = np.random.default_rng(seed)
-    words = CHAT_CORPUS.split() + ["café", "naïve", "😀", "日本", "  ", "\n", "\t", "1234567",
-                                   "<|im_start|>", "<|im_end|>", "don't", "I'm", "HELLO"]
-    return ["".join(rng.choice(["", " "]) + words[rng.integers(len(words))]
-                    for _ in range(rng.integers(1, 12))) for _ in range(n)]
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -71,7 +61,7 @@ def test_the_gguf_tokenizer_equals_transformers_and_the_original(tiny):
     root, _, original, files = tiny
     ours = gguf.tokenizer(files["F32"])
     reference = AutoTokenizer.from_pretrained(str(root), gguf_file=files["F32"].name)
-    for text in _strings():
+    for text in varied_strings():
         ids = ours(text)["input_ids"]
         assert ids == reference(text)["input_ids"] == original(text)["input_ids"], text
         assert ours.decode(ids) == text
@@ -207,7 +197,7 @@ def test_smollm2_instruct_matches_transformers_and_generates_alike(tmp_path):
     assert [tokenizer.decode([t]) for t in digits][-4:] == ["2", "0", "2", "6"]
     # without digits (split one by one here, as the file's pre-tokenizer says, and
     # not by transformers' GGUF tokenizer) the ids are transformers'
-    for text in _strings(300, seed=1):
+    for text in varied_strings(300, seed=1):
         if not any(c.isdigit() for c in text):
             assert tokenizer(text)["input_ids"] == their_tokenizer(text)["input_ids"], text
 
