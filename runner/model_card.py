@@ -129,13 +129,18 @@ def usage(manifest: dict, exported: Exported) -> list[str]:
 
 
 def _base_args(manifest: dict) -> str:
-    """from_pretrained's arguments for the base model: the recipe's source as
-    written, or a GGUF file's folder and name (transformers dequantizes it)."""
+    """from_pretrained's arguments for the base model: a hub id as the recipe
+    wrote it; a local folder or a `pkg://` source as the folder it was on the
+    exporting machine (transformers reads neither the scheme nor a path
+    relative to the recipe); a GGUF file's folder and name (transformers
+    dequantizes it)."""
     source = manifest["recipe"]["model"]["source"]
+    resolved = Path(manifest["model"]["source"])
     if source.lower().endswith(gguf.SUFFIX):
-        resolved = Path(manifest["model"]["source"])
         return f"{str(resolved.parent)!r}, gguf_file={resolved.name!r}"
-    return repr(source)
+    from_hub = not source.startswith("pkg://") and any(
+        part.startswith("models--") for part in resolved.parts)  # the hub cache's folders
+    return repr(source if from_hub else str(resolved))
 
 
 def one_line(manifest: dict, exported: Exported) -> str:

@@ -22,6 +22,7 @@ adds (PyTorch's against ours; the adapter beside its weight against folded in).
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -550,6 +551,14 @@ def test_a_classifiers_cards_name_its_task_and_labels(classifier_run):
         usage = card.split("## How to use it")[1].split("```", 2)[1]
         assert (f"num_labels={len(labels)})" in usage) == (fmt == "peft")
         assert f"num_labels={len(labels)}" in done.stdout or fmt == "merged"
+        # the card's code runs as written, from any folder (the base model is a local
+        # folder: the card names where it is, not the recipe's relative path)
+        elsewhere = root / "elsewhere"
+        elsewhere.mkdir(exist_ok=True)
+        with contextlib.chdir(elsewhere):
+            scope: dict = {}
+            exec(usage.removeprefix("python\n"), scope)
+        assert scope["model"].config.num_labels == len(labels)
 
 
 @pytest.mark.slow
