@@ -90,6 +90,7 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
         say = lambda line: console.print(escape(line), highlight=False)  # noqa: E731
         target = runtime.agree_path(
             lambda: _locked(held, run_dir or resume_target(recipe, mode, say)))
+        held.enter_context(_says_how_to_go_on(target, _command(recipe_path, sets)))
         cache = xla_cache.snapshot()
         placement = build.placement_for(recipe)
         stopped = check_resumable(target, recipe) if target is not None else None
@@ -130,6 +131,19 @@ def _joined(recipe: Recipe, stop: StopSignals) -> StopSignals:
     if agreement is not None:
         stop.join_processes(agreement.at_boundary, agreement.notify)
     return stop
+
+
+@contextlib.contextmanager
+def _says_how_to_go_on(run_dir: Path | None, again: str):
+    """A stop of a stopped run going on, before its session began (loading,
+    reading the checkpoint back): the stop says, as the session's stops do,
+    the checkpoint kept and the commands that go on from it."""
+    try:
+        yield
+    except Interrupted as e:
+        if run_dir is None or str(e) != f"interrupted by {e.name}":
+            raise  # a new run's, or a stop that says it already
+        raise Interrupted(e.signum, _interrupted_message(e, run_dir, again)) from None
 
 
 def _locked(held: contextlib.ExitStack, run_dir: Path | None) -> Path | None:
