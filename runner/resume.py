@@ -58,10 +58,11 @@ def resume_target(recipe: Recipe, mode: Mode,
     passed_over: tuple[Path, int, list[str]] | None = None  # the newest unfinished other
     for run in reversed(runs):
         steps = run_folder.checkpoint_steps(run)
-        others = _differences(run, recipe, newest=run == runs[-1])
-        if others is None:
+        recorded = _recorded(run, steps, newest=run == runs[-1])
+        if recorded is None:
             continue  # a manifest that cannot be read: not this recipe's concern
-        finished = run_folder.read_json(run / "manifest.json").get("status") == "finished"
+        others = recipe_differences(recorded, recipe)[1]
+        finished = recorded.get("status") == "finished"
         if not others:
             if steps and not finished:
                 return run
@@ -81,17 +82,17 @@ def resume_target(recipe: Recipe, mode: Mode,
     return None
 
 
-def _differences(run: Path, recipe: Recipe, newest: bool) -> list[str] | None:
-    """How `recipe` differs from the run's (the changes a resume may not
-    make), or None for an older run whose manifest cannot be read (the
-    newest run's damage is reported, as it would be when it is resumed)."""
+def _recorded(run: Path, steps: list[int], newest: bool) -> dict | None:
+    """The run's manifest, or None where it cannot be read: an older run's, or
+    a finished one's (the newest unfinished run's damage is reported, as it
+    would be when it is resumed)."""
     try:
-        return recipe_differences(manifests.read_manifest(run), recipe)[1]
+        return manifests.read_manifest(run)
     except UserError:
-        if not newest or not run_folder.checkpoint_steps(run):
+        if not newest or not steps:
             return None
         if run_folder.read_json(run / "manifest.json").get("status") == "finished":
-            return None  # a finished run's damage is not this run's concern
+            return None
         raise
 
 
