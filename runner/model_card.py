@@ -51,11 +51,10 @@ class Exported:
 def front_matter(manifest: dict, fmt: str, quant: str | None = None) -> dict:
     """The card's YAML fields, in the order written (absent ones left out)."""
     recipe = manifest["recipe"]
-    base_dir = Path(manifest["base_dir"]) if manifest.get("base_dir") else None
     source, data = recipe["model"]["source"], recipe["data"].get("source", "")
     method = recipe["adapter"]["method"]
     fields: dict = {}
-    if sources.where_from(source, base_dir) == "hub":
+    if _from_hub(source, manifest):
         fields["base_model"] = source
     fields["library_name"] = LIBRARIES[fmt]
     fields["pipeline_tag"] = PIPELINES[report.task_of(manifest)]
@@ -63,12 +62,19 @@ def front_matter(manifest: dict, fmt: str, quant: str | None = None) -> dict:
     tags += ["gguf", quant] if fmt == "gguf" and quant else []
     fields["tags"] = tags + ([] if fmt == "peft" or method in ("full", "none")
                              else ["merged"])
-    if data and sources.where_from(data, base_dir) == "hub":
+    if data and _from_hub(data, manifest):
         fields["datasets"] = [data]
     found = base_license(Path(manifest["model"]["source"]))
     if found:
         fields["license"] = found
     return fields
+
+
+def _from_hub(location: str, manifest: dict) -> bool:
+    """Whether a recipe source is a Hugging Face hub id (as the run resolved
+    it: relative paths from the recipe's folder)."""
+    base_dir = Path(manifest["base_dir"]) if manifest.get("base_dir") else None
+    return sources.where_from(location, base_dir) == "hub"
 
 
 def base_license(model_source: Path) -> str | None:
@@ -138,9 +144,7 @@ def _base_args(manifest: dict) -> str:
     resolved = Path(manifest["model"]["source"])
     if source.lower().endswith(gguf.SUFFIX):
         return f"{str(resolved.parent)!r}, gguf_file={resolved.name!r}"
-    from_hub = not source.startswith("pkg://") and any(
-        part.startswith("models--") for part in resolved.parts)  # the hub cache's folders
-    return repr(source if from_hub else str(resolved))
+    return repr(source if _from_hub(source, manifest) else str(resolved))
 
 
 def one_line(manifest: dict, exported: Exported) -> str:
