@@ -9,14 +9,18 @@ reader, numpy only; no PyTorch).
                  package's own table), dequantized to float32 (`gguf.quants`), the
                  query and key rows of Llama put back in Hugging Face's order
                  (llama.cpp's converter interleaves them for its rotary layout)
-    tokenizer -> a fast tokenizer rebuilt from the vocabulary, merges and token
-                 types, with the chat template and the BOS/EOS/padding ids
+    rope_freqs -> the per-frequency rope factors (Llama 3.1/3.2) in the config
+                 (`FREQUENCY_FACTORS`), which our Llama applies as llama.cpp does
+    tokenizer -> a fast tokenizer rebuilt from the vocabulary, merges (byte-level
+                 BPE) or scores (SentencePiece) and token types, with the chat
+                 template and the BOS/EOS/padding ids
 
 The family code then loads the weights as it loads safetensors (`weights.build`),
 so a GGUF model is checked the same way: every weight present, of its shape.
 Supported: the Llama architecture (Llama, Mistral, SmolLM) and Qwen2, with a
-byte-level BPE vocabulary (`tokenizer.ggml.model = "gpt2"`); anything else is
-refused, naming what the file says.
+byte-level BPE vocabulary (`tokenizer.ggml.model = "gpt2"`) or a
+SentencePiece one (`"llama"`: Llama 2, Mistral 7B, TinyLlama); anything else
+is refused, naming what the file says.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ PRE_TOKENIZERS = {  # name: (split regex or None for GPT-2's, digits one by one)
 IGNORE_MERGES = ("llama-bpe", "llama3")
 NFC = ("qwen2",)
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types that are added tokens
+ROPE_FREQS = "rope_freqs.weight"  # what each rotary frequency is divided by (Llama 3.1 on)
+# The transformers config attribute the file's rope_freqs go into, which
+# `jaxlora.models.llama` applies as llama.cpp does (transformers ignores it).
+FREQUENCY_FACTORS = "rope_frequency_factors"
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,9 +141,6 @@ def hf_config(path: Path):
     found = open_gguf(Path(path))
     kind = model_type(path)
     tensors = {t.name for t in found.reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise UserError(f"{path}: rope frequency factors (rope_freqs.weight, Llama 3.1 and "
-                        "later) are not supported yet; use the model's safetensors folder")
     scaling = found.get("rope.scaling.type")
     if scaling not in (None, "none", "linear"):
         raise UserError(f"{path}: rope scaling {scaling!r} is not supported; supported: linear")
@@ -161,6 +166,8 @@ def hf_config(path: Path):
     if scaling == "linear":
         fields["rope_scaling"] = {"rope_type": "linear",
                                   "factor": float(found.get("rope.scaling.factor"))}
+    if ROPE_FREQS in tensors:
+        fields[FREQUENCY_FACTORS] = _rope_factors(found, fields.get("head_dim"), scaling)
     if kind == "mistral":  # MistralConfig's own default window is not the file's
         window = found.get("attention.sliding_window")
         fields["sliding_window"] = int(window) if window else None
@@ -169,6 +176,25 @@ def hf_config(path: Path):
         return getattr(transformers, classes[kind])(**fields)
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: its metadata make no {kind} config ({_first_line(e)})") from None
+
+
+def _rope_factors(found: GgufFile, head_dim: int | None, scaling) -> list[float]:
+    """The file's rope_freqs tensor: one factor per rotary frequency (head_dim / 2
+    of them), each a positive number; a UserError naming the file otherwise."""
+    import gguf
+
+    if scaling == "linear":
+        raise UserError(f"{found.path}: rope_freqs with linear rope scaling is not supported")
+    [tensor] = [t for t in found.reader.tensors if t.name == ROPE_FREQS]
+    factors = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                         np.float64).reshape(-1)
+    rotary = head_dim or _number(found, "embedding_length") // _number(
+        found, "attention.head_count")
+    if factors.size != rotary // 2 or not np.all(np.isfinite(factors) & (factors > 0)):
+        raise UserError(f"{found.path}: {ROPE_FREQS} must hold {rotary // 2} positive factors "
+                        f"(one per rotary frequency), not {factors.size} values such as "
+                        f"{factors[:3].tolist()}")
+    return factors.tolist()
 
 
 def _number(found: GgufFile, key: str) -> int:
@@ -190,6 +216,8 @@ def tensors(path: Path, config) -> dict[str, np.ndarray]:
     hf_names = tensor_names(found.architecture, config.num_hidden_layers)
     out = {}
     for tensor in found.reader.tensors:
+        if tensor.name == ROPE_FREQS:  # in the config (`hf_config`), not a weight
+            continue
         hf = hf_names.get(tensor.name)
         if hf is None:
             raise UserError(f"{path}: tensor {tensor.name!r} is not a weight of a "
@@ -286,26 +314,59 @@ def fingerprint_files(path: Path) -> list[Path]:
 
 
 def tokenizer(path: Path):
-    """The file's tokenizer as a transformers fast tokenizer: byte-level BPE from
-    its vocabulary and merges, split as its pre-tokenizer says, its control and
-    user-defined tokens added whole, BOS added where the file says so, and its
-    chat template."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, processors
+    """The file's tokenizer as a transformers fast tokenizer: byte-level BPE
+    (`gpt2`) or SentencePiece-style BPE (`llama`) from its vocabulary, its
+    control and user-defined tokens added whole, BOS added where the file says
+    so, and its chat template."""
+    from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
     found = open_gguf(Path(path))
     meta = found.metadata
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    builders = {"gpt2": _byte_level_backend, "llama": _sentencepiece_backend}
+    if kind not in builders:
         raise UserError(f"{path}: tokenizer model {kind!r} is not supported; supported: gpt2 "
-                        "(byte-level BPE)")
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise UserError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: "
-                        f"{', '.join(PRE_TOKENIZERS)}")
+                        "(byte-level BPE), llama (SentencePiece)")
     tokens = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", ())]
+    backend = builders[kind](found, tokens)
+    types = list(meta.get("tokenizer.ggml.token_type", ()))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind_ in zip(tokens, types) if kind_ == CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind_ in zip(tokens, types) if kind_ == USER_DEFINED])
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[index] if isinstance(index, (int, np.integer)) and \
+            0 <= index < len(tokens) else None
+
+    bos = token("bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
+        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=token("eos_token_id"),
+        unk_token=token("unknown_token_id"), pad_token=token("padding_token_id"),
+        chat_template=meta.get("tokenizer.chat_template"), clean_up_tokenization_spaces=False)
+    eot = meta.get("tokenizer.ggml.eot_token_id")  # the end of a chat turn, where named
+    fast.end_of_turn_id = int(eot) if isinstance(eot, (int, np.integer)) else None
+    return fast
+
+
+def _byte_level_backend(found: GgufFile, tokens: list[str]):
+    """Byte-level BPE from the vocabulary and merges, split as the file's
+    pre-tokenizer says."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import processors
+
+    pre = found.metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise UserError(f"{found.path}: pre-tokenizer {pre!r} is not supported; supported: "
+                        f"{', '.join(PRE_TOKENIZERS)}")
+    merges = [tuple(merge.split(" ", 1))
+              for merge in found.metadata.get("tokenizer.ggml.merges", ())]
     backend = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges,
                                    fuse_unk=False, byte_fallback=False,
                                    ignore_merges=pre in IGNORE_MERGES))
@@ -320,28 +381,35 @@ def tokenizer(path: Path):
                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
-    types = list(meta.get("tokenizer.ggml.token_type", ()))
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, kind_ in zip(tokens, types) if kind_ == CONTROL])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, kind_ in zip(tokens, types) if kind_ == USER_DEFINED])
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend
 
-    def token(key: str) -> str | None:
-        index = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[index] if isinstance(index, (int, np.integer)) and \
-            0 <= index < len(tokens) else None
 
-    bos = token("bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    else:
-        backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=token("eos_token_id"),
-        unk_token=token("unknown_token_id"), pad_token=token("padding_token_id"),
-        chat_template=meta.get("tokenizer.chat_template"), clean_up_tokenization_spaces=False)
-    eot = meta.get("tokenizer.ggml.eot_token_id")  # the end of a chat turn, where named
-    fast.end_of_turn_id = int(eot) if isinstance(eot, (int, np.integer)) else None
-    return fast
+def _sentencepiece_backend(found: GgufFile, tokens: list[str]):
+    """SentencePiece-style BPE (byte fallback, "▁" for a space) as transformers'
+    Llama tokenizer builds it: merges rebuilt from the scores (a pair of tokens
+    that makes a token, the higher its score the sooner, transformers' own
+    `generate_merges`: llama.cpp merges by the same rule), "▁" put before the
+    start of the text where the file's add_space_prefix says so (llama.cpp
+    also puts it after every special token; transformers 5, as here, does
+    not)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.tokenization_utils_base import generate_merges
+
+    meta = found.metadata
+    scores = list(meta.get("tokenizer.ggml.scores", ()))
+    if len(scores) != len(tokens):
+        raise UserError(f"{found.path}: a SentencePiece vocabulary needs one score per token "
+                        f"(tokenizer.ggml.scores): {len(scores)} for {len(tokens)} tokens")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = generate_merges(vocab, dict(zip(tokens, scores)))
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    backend = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True,
+                                   unk_token=tokens[unk] if isinstance(unk, (int, np.integer))
+                                   and 0 <= unk < len(tokens) else None))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return backend

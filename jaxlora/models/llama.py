@@ -11,7 +11,8 @@
 
 The variants differ only by configuration, read from config.json:
 grouped-query attention (num_key_value_heads), RoPE with Llama-3 (or linear)
-frequency scaling, q/k/v biases (Qwen2, or `attention_bias`), MLP biases,
+frequency scaling (or explicit per-frequency factors, a GGUF file's
+`rope_freqs` tensor), q/k/v biases (Qwen2, or `attention_bias`), MLP biases,
 sliding-window attention (Mistral's `sliding_window`; Qwen2's per layer), tied
 or untied embeddings, an explicit head_dim.
 """
@@ -27,10 +28,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlora.errors import UserError
 from jaxlora.models import weights
+from jaxlora.models.gguf import FREQUENCY_FACTORS
 from jaxlora.models.layers import (AttentionImpl, AttentionSpec, CausalLMHead, Embed, Linear,
                                    RMSNorm, attention, cached_attention, resolve_attention, rotary,
                                    split_key, stack_layers)
@@ -82,6 +85,7 @@ class LlamaConfig:
     mlp_bias: bool
     windows: tuple  # per layer: None or the sliding-window size
     attention_dropout: float
+    rope_factors: tuple | None = None  # explicit per-frequency RoPE divisors (a GGUF's)
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> LlamaConfig:
@@ -97,6 +101,10 @@ class LlamaConfig:
         if rope_type not in SUPPORTED_ROPE:
             raise UserError(f"rope type {rope_type!r} is not supported; supported: "
                             f"{', '.join(SUPPORTED_ROPE)}")
+        factors = c.get(FREQUENCY_FACTORS)
+        if factors is not None and rope_type != "default":
+            raise UserError(f"{FREQUENCY_FACTORS} with rope type {rope_type!r} is not "
+                            "supported: the factors are the whole scaling")
         try:
             heads, layers = c["num_attention_heads"], c["num_hidden_layers"]
             window = c.get("sliding_window")
@@ -118,7 +126,9 @@ class LlamaConfig:
                        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
                        qkv_bias=bias or model_type == "qwen2", o_bias=bias,
                        mlp_bias=bool(c.get("mlp_bias", False)), windows=windows,
-                       attention_dropout=c.get("attention_dropout", 0.0) or 0.0)
+                       attention_dropout=c.get("attention_dropout", 0.0) or 0.0,
+                       rope_factors=None if factors is None else
+                       tuple(float(f) for f in factors))
         except KeyError as e:
             raise UserError(f"the {model_type} config has no {e.args[0]!r}") from None
 
@@ -127,19 +137,30 @@ class LlamaConfig:
         d = self.head_dim
         inv = 1.0 / (self.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
         rope = dict(self.rope)
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind == "linear":
+        if rope.get("rope_type", rope.get("type", "default")) == "linear":
             return inv / rope["factor"]
-        if kind == "llama3":
-            factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-            old = rope["original_max_position_embeddings"]
-            wavelen = 2 * math.pi / inv
-            scaled = jnp.where(wavelen > old / low, inv / factor, inv)
-            smooth = (old / wavelen - low) / (high - low)
-            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-            medium = (wavelen >= old / high) & (wavelen <= old / low)
-            return jnp.where(medium, smoothed, scaled)
-        return inv
+        factors = self.frequency_factors()
+        return inv if factors is None else inv / jnp.asarray(factors, jnp.float32)
+
+    def frequency_factors(self) -> np.ndarray | None:
+        """What each rotary frequency is divided by, as llama.cpp's `rope_freqs`
+        tensor holds it: the explicit factors, or Llama 3's (`llama3`: 1 for
+        wavelengths under original_max_position_embeddings / high_freq_factor,
+        `factor` above original / low_freq_factor, interpolated between), as
+        transformers and llama.cpp's converter compute them; None without
+        per-frequency scaling (default, linear)."""
+        if self.rope_factors is not None:
+            return np.asarray(self.rope_factors, np.float32)
+        rope = dict(self.rope)
+        if rope.get("rope_type", rope.get("type", "default")) != "llama3":
+            return None
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old = rope["original_max_position_embeddings"]
+        d = self.head_dim
+        wavelen = 2 * math.pi * self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+        # 0 above old / low, 1 under old / high: there the factor is `factor` and 1
+        smooth = np.clip((old / wavelen - low) / (high - low), 0.0, 1.0)
+        return (1.0 / ((1 - smooth) / factor + smooth)).astype(np.float32)
 
 
 Config = LlamaConfig
