@@ -11,20 +11,34 @@ llama.cpp, Ollama and LM Studio load. The inverse of the reader
                                           type, norms and biases in F32
     transformers config               -> `{arch}.*` keys as llama.cpp's converter
                                           writes them (`gguf.Keys`)
-    tokenizer                         -> tokens, merges, token types, BOS/EOS/padding
+    Llama 3.1/3.2 rope (`llama3`)     -> the `rope_freqs` tensor: what each rotary
+                                          frequency is divided by, as llama.cpp's
+                                          converter computes it (no metadata key)
+    tokenizer                         -> tokens, merges (byte-level BPE) or scores
+                                          (SentencePiece), token types, BOS/EOS/padding
                                           ids, add_bos_token, the pre-tokenizer's name
                                           and the chat template: copied from the base
                                           model's own GGUF file where it was one, else
                                           derived from the fast tokenizer
 
 Supported: Llama, Mistral (llama.cpp's `llama` architecture), Qwen2 and GPT-2
-(`gpt2`, its Conv1D weights transposed as llama.cpp's converter does) with a
-byte-level BPE vocabulary whose pre-tokenizer llama.cpp names
-(`gguf.PRE_TOKENIZERS`): Llama 3.0-style and SmolLM Llamas, Qwen2, GPT-2, and
-Mistral-architecture models with such a vocabulary. Refused with the reason,
-by `check` before the weights are merged: SentencePiece-style vocabularies
-(Llama 2, Mistral AI's own releases), rope scaling other than linear (Llama
-3.1 and 3.2's `llama3`).
+(`gpt2`, its Conv1D weights transposed as llama.cpp's converter does) with
+either vocabulary llama.cpp's converter writes from a Hugging Face folder:
+
+- byte-level BPE (`tokenizer.ggml.model = "gpt2"`) whose pre-tokenizer
+  llama.cpp names (`gguf.PRE_TOKENIZERS`): Llama 3.x-style and SmolLM Llamas,
+  Qwen2, GPT-2, Mistral-architecture models with such a vocabulary;
+- SentencePiece-style BPE (`"llama"`: byte fallback, "▁" for a space, a
+  space put before the text or not): Llama 2, TinyLlama, Mistral 7B. llama.cpp
+  merges the pair whose result scores highest where transformers merges the
+  pair listed first, so each token's score is minus the rank of the first
+  merge that makes it (SentencePiece's own scores follow that order; llama.cpp's
+  converter, given no tokenizer.model, writes -1000 for all and so merges
+  left to right).
+
+Refused with the reason, by `check` before the weights are merged: other
+vocabularies and pre-tokenizers, rope scaling other than linear and `llama3`
+(and `llama3` outside the llama architecture).
 
 A chat model whose end-of-turn token (`GgufModel.end_of_turn`: the first stop
 id of `jaxlora.generate.stop_ids`, chat, that its template writes) is not its
@@ -34,6 +48,7 @@ EOS gets `tokenizer.ggml.eot_token_id`, as llama.cpp's converter writes it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +68,9 @@ FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
 # GPT-2's Conv1D weights, (in, out) in its checkpoints: llama.cpp's converter transposes them
 CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
-NORMAL, UNUSED = 1, 5  # llama.cpp's token types (with reader.CONTROL, reader.USER_DEFINED)
+NORMAL, UNUSED, BYTE = 1, 5, 6  # llama.cpp's token types (and reader.CONTROL, USER_DEFINED)
+# the score llama.cpp's converter gives added and padding tokens of a SentencePiece vocabulary
+ADDED_SCORE = -1000.0
 
 
 @dataclass(frozen=True)
@@ -85,11 +102,14 @@ def architecture(config) -> str:
                         "Llama, Mistral, Qwen2, GPT-2")
     if kind == "gpt2":
         return "gpt2"
-    rope = _rope(config)
-    if rope.get("rope_type", "default") not in ("default", "linear"):
-        raise UserError(f"GGUF export: rope scaling {rope['rope_type']!r} is not written "
-                        "(llama.cpp needs a rope_freqs tensor for it, which the reader here "
-                        "refuses); supported: none or linear")
+    rope = _rope(config).get("rope_type", "default")
+    if rope not in ("default", "linear", "llama3"):
+        raise UserError(f"GGUF export: rope scaling {rope!r} is not written; supported: none, "
+                        "linear, llama3 (Llama 3.1 and 3.2)")
+    if ARCHITECTURES[kind] != "llama" and rope_factors(config) is not None:
+        raise UserError(f"GGUF export: per-frequency rope factors ({rope!r}) are written for "
+                        "llama.cpp's llama architecture only, not for "
+                        f"{ARCHITECTURES[kind]!r}")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     if ARCHITECTURES[kind] == "qwen2" and head_dim * heads != config.hidden_size:
@@ -115,15 +135,32 @@ def _rope(config) -> dict:
     return dict(params) if isinstance(params, dict) else {}
 
 
-def notes(config) -> list[str]:
-    """What the file cannot carry of the model, said in the export's output."""
+def rope_factors(config) -> np.ndarray | None:
+    """The `rope_freqs` tensor of a Llama-family config: what each rotary
+    frequency is divided by (Llama 3.1/3.2's `llama3` rope, or the factors a
+    GGUF base model's file gave); None where the rope has none."""
+    from jaxlora.models import llama
+
+    return llama.LlamaConfig.from_hf(config).frequency_factors()
+
+
+def notes(config, tokenizer=None) -> list[str]:
+    """What the file cannot carry of the model and its tokenizer, said in the
+    export's output."""
+    out = []
     window = getattr(config, "sliding_window", None)
     if getattr(config, "model_type", None) == "mistral" and window and \
             window < config.max_position_embeddings:
-        return [f"Mistral is written as llama.cpp's llama architecture, which attends to the "
-                f"whole context: the sliding window of {window} tokens is not kept (outputs "
-                f"are the same for sequences up to {window} tokens)"]
-    return []
+        out.append(f"Mistral is written as llama.cpp's llama architecture, which attends to the "
+                   f"whole context: the sliding window of {window} tokens is not kept (outputs "
+                   f"are the same for sequences up to {window} tokens)")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if tokenizer is not None else {}
+    if sentencepiece_prefix(spec) == "first":
+        out.append("llama.cpp puts a space before every piece of text, its start and what "
+                   "follows each special token (SentencePiece's rule); this tokenizer puts one "
+                   "before the start only, unless the text begins with a space: there (after "
+                   "each special token of a chat template) llama.cpp's ids differ by a \u2581")
+    return out
 
 
 def write(path: Path, model: GgufModel, quant: str) -> None:
@@ -221,7 +258,8 @@ def _tensor_names(arch: str, model: GgufModel) -> dict[str, str]:
 
 def _write_tensors(writer, arch: str, model: GgufModel, quant: str,
                    names: dict[str, str]) -> None:
-    """Every weight under its GGUF name (`names`), in its type."""
+    """Every weight under its GGUF name (`names`), in its type, and the rope
+    frequency factors where the model has them."""
     import gguf
 
     config = model.config
@@ -238,6 +276,9 @@ def _write_tensors(writer, arch: str, model: GgufModel, quant: str,
             writer.add_tensor(name, data)
         else:
             writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    factors = None if arch == "gpt2" else rope_factors(config)
+    if factors is not None:  # F32, as llama.cpp's converter writes it
+        writer.add_tensor(reader.ROPE_FREQS, factors)
 
 
 # -- the tokenizer -----------------------------------------------------------------
@@ -276,49 +317,135 @@ def _copied_fields(source: Path) -> dict[str, tuple]:
 
 
 def _derived_fields(tokenizer, vocab_size: int) -> dict[str, tuple]:
-    """The tokenizer keys of a Hugging Face fast tokenizer: byte-level BPE only,
-    with a pre-tokenizer llama.cpp names; a UserError naming what it is
-    otherwise. Ids the vocabulary leaves free up to the embedding's rows are
-    `[PAD<id>]` tokens of type unused, as llama.cpp's converter writes them."""
+    """The tokenizer keys of a Hugging Face fast tokenizer: byte-level BPE with a
+    pre-tokenizer llama.cpp names, or SentencePiece-style BPE; a UserError
+    naming what it is otherwise. Ids the vocabulary leaves free up to the
+    embedding's rows are `[PAD<id>]` tokens of type unused, as llama.cpp's
+    converter writes them."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise UserError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())}, "
+                        f"beyond the model's {vocab_size} embedding rows")
+    if _byte_level(spec):
+        fields = _byte_level_fields(spec, tokenizer, vocab_size)
+    elif (prefix := sentencepiece_prefix(spec)) is not None:
+        fields = _sentencepiece_fields(spec, tokenizer, vocab_size, prefix != "never")
+    else:
+        model = spec.get("model") or {}
+        raise UserError("GGUF export: the tokenizer is neither a byte-level BPE vocabulary "
+                        "(Llama 3, SmolLM, Qwen2) nor a SentencePiece-style one (Llama 2, "
+                        f"Mistral: BPE with byte fallback and \"\u2581\" for a space); its "
+                        f"model is {model.get('type')!r}")
+    return {**fields, **_special_fields(tokenizer)}
+
+
+def _byte_level(spec: dict) -> bool:
+    model = spec.get("model") or {}
+    return model.get("type") == "BPE" and not model.get("byte_fallback") and \
+        (spec.get("decoder") or {}).get("type") == "ByteLevel"
+
+
+def _byte_level_fields(spec: dict, tokenizer, vocab_size: int) -> dict[str, tuple]:
+    """A byte-level BPE vocabulary (`gpt2`): its tokens, types, merges and the
+    pre-tokenizer's name."""
     import gguf
 
-    T = gguf.GGUFValueType
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or \
-            (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise UserError("GGUF export: the tokenizer is not a byte-level BPE vocabulary "
-                        f"(its model is {model.get('type')!r}); SentencePiece-style "
-                        "vocabularies (Llama 2, Mistral) are not written yet; byte-level BPE "
-                        "ones (Llama 3, SmolLM, Qwen2) are")
+    T, K = gguf.GGUFValueType, gguf.Keys.Tokenizer
     pre = pre_tokenizer_name(spec)
     if pre is None:
         raise UserError("GGUF export: the tokenizer's pre-tokenizer is none that llama.cpp "
                         f"names here ({', '.join(reader.PRE_TOKENIZERS)}); it cannot be written "
                         "so that llama.cpp splits text the same way")
-    vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise UserError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())}, "
-                        f"beyond the model's {vocab_size} embedding rows")
+    tokens, types = _tokens_and_types(tokenizer, vocab_size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    return {K.MODEL: ("gpt2", T.STRING, None), K.PRE: (pre, T.STRING, None),
+            K.LIST: (tokens, T.ARRAY, T.STRING), K.TOKEN_TYPE: (types, T.ARRAY, T.INT32),
+            K.MERGES: (merges, T.ARRAY, T.STRING)}
+
+
+def _sentencepiece_fields(spec: dict, tokenizer, vocab_size: int,
+                          prefix: bool) -> dict[str, tuple]:
+    """A SentencePiece-style vocabulary (`llama`), as llama.cpp's converter writes
+    one: its tokens (a user-defined token's "▁" as a space), scores, types
+    (byte tokens `<0xXX>` of type byte) and whether a space goes before the
+    text. A token's score is minus the rank (from 1) of the first merge that
+    makes it (below every merge for a token no merge makes, -1000 for added
+    and padding tokens), so that llama.cpp, merging the pair whose result
+    scores highest, merges in transformers' order."""
+    import gguf
+
+    T, K = gguf.GGUFValueType, gguf.Keys.Tokenizer
+    tokens, types = _tokens_and_types(tokenizer, vocab_size)
+    vocab = spec["model"].get("vocab") or {}
+    merges = spec["model"].get("merges") or []
+    unmade = -float(len(merges) + 1)  # below every merge (a character's is never used)
+    scores = [unmade if types[i] == NORMAL else ADDED_SCORE for i in range(vocab_size)]
+    for rank, merge in reversed(list(enumerate(merges))):  # the first rank written last
+        made = "".join(merge.split(" ", 1) if isinstance(merge, str) else merge)
+        if made in vocab and types[vocab[made]] == NORMAL:
+            scores[vocab[made]] = -float(rank + 1)
+    for i, token in enumerate(tokens):
+        if types[i] == NORMAL and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types[i] = BYTE
+        elif types[i] == reader.USER_DEFINED:
+            tokens[i] = token.replace("\u2581", " ")  # as llama.cpp's converter does
+    return {K.MODEL: ("llama", T.STRING, None), K.PRE: ("default", T.STRING, None),
+            K.LIST: (tokens, T.ARRAY, T.STRING), K.SCORES: (scores, T.ARRAY, T.FLOAT32),
+            K.TOKEN_TYPE: (types, T.ARRAY, T.INT32), K.ADD_PREFIX: (prefix, T.BOOL, None)}
+
+
+def _tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Every id's token and llama.cpp token type: the vocabulary's normal, its
+    added tokens control (special) or user-defined, `[PAD<id>]` unused."""
     tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
-    for token, i in vocab.items():
+    for token, i in tokenizer.get_vocab().items():
         tokens[i], types[i] = token, NORMAL
     for i, added in tokenizer.added_tokens_decoder.items():
         types[i] = reader.CONTROL if added.special else reader.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    K = gguf.Keys.Tokenizer
-    out = {K.MODEL: ("gpt2", T.STRING, None), K.PRE: (pre, T.STRING, None),
-           K.LIST: (tokens, T.ARRAY, T.STRING), K.TOKEN_TYPE: (types, T.ARRAY, T.INT32),
-           K.MERGES: (merges, T.ARRAY, T.STRING)}
+    return tokens, types
+
+
+def _special_fields(tokenizer) -> dict[str, tuple]:
+    """BOS/EOS/UNK/padding ids, and whether the tokenizer adds BOS and EOS on
+    its own (found by tokenizing a letter)."""
+    import gguf
+
+    T, K = gguf.GGUFValueType, gguf.Keys.Tokenizer
+    out = {}
     for key, value in ((K.BOS_ID, tokenizer.bos_token_id), (K.EOS_ID, tokenizer.eos_token_id),
                        (K.UNK_ID, tokenizer.unk_token_id), (K.PAD_ID, tokenizer.pad_token_id)):
         if value is not None:
             out[key] = (int(value), T.UINT32, None)
-    ids = tokenizer("a")["input_ids"]  # what the tokenizer adds on its own
+    ids = tokenizer("a")["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     out[K.ADD_BOS] = (bool(bos is not None and ids[:1] == [bos]), T.BOOL, None)
     out[K.ADD_EOS] = (bool(eos is not None and eos != bos and ids[-1:] == [eos]), T.BOOL, None)
     return out
+
+
+def sentencepiece_prefix(spec: dict) -> str | None:
+    """How a SentencePiece-style tokenizer.json (`spec`: BPE with byte fallback,
+    spaces as "▁") puts "▁" before the text, as tokenizers' Metaspace names it:
+    "always" (before every piece of text, after each special token too: what
+    llama.cpp does, and the `Prepend` normalizer of older Llama files), "first"
+    (before the start of the text only: transformers 5's Llama tokenizer),
+    "never"; None where `spec` is no such tokenizer."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    decoders = [step.get("type") for step in (spec.get("decoder") or {}).get("decoders") or []]
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or \
+            "ByteFallback" not in decoders:
+        return None
+    normalizer = spec.get("normalizer")
+    if pre.get("type") == "Metaspace" and normalizer is None and \
+            pre.get("replacement") == "\u2581" and not pre.get("split", True):
+        return pre.get("prepend_scheme", "always")
+    steps = [(step.get("type"), step.get("prepend") or (step.get("pattern") or {}).get("String"),
+              step.get("content")) for step in (normalizer or {}).get("normalizers") or []]
+    space = ("Replace", " ", "\u2581")
+    if not pre and steps in ([("Prepend", "\u2581", None), space], [space]):
+        return "always" if len(steps) == 2 else "never"
+    return None
 
 
 def pre_tokenizer_name(spec: dict) -> str | None:

@@ -73,6 +73,10 @@ def export(opened: OpenedRun, fmt: str, out: Path | None, console: Console,
                         "adapter to export; use --format merged")
     if fmt == "gguf":
         return _export_gguf(opened, out, console, quant or gguf_export.DEFAULT_QUANT)
+    if fmt == "merged" and getattr(opened.loaded.hf_config, gguf.FREQUENCY_FACTORS, None):
+        raise UserError(f"{opened.run_dir}: --format merged: the base model's rope frequency "
+                        "factors (its GGUF file's rope_freqs) have no place in a transformers "
+                        "config (transformers would rotate without them); use --format gguf")
     out = Path(out) if out else opened.run_dir / "export" / fmt
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists; remove it or pass --out to another folder")
@@ -154,7 +158,7 @@ def _export_gguf(opened: OpenedRun, out: Path | None, console: Console, quant: s
             raise UserError(f"{path}: already exists; remove it or pass --out to a file in "
                             "another folder (a GGUF export writes the file and its README.md)")
     _check_above(out)
-    notes = _notes(opened, "gguf") + gguf_export.notes(opened.loaded.hf_config)
+    notes = _notes(opened, "gguf") + gguf_export.notes(opened.loaded.hf_config, opened.tokenizer)
     exported = Exported("gguf", out, opened.step, quant=quant, notes=notes)
     tmp = _temporary(out)
     try:
