@@ -21,10 +21,12 @@ adds (PyTorch's against ours; the adapter beside its weight against folded in).
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import copy
+import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -266,11 +268,195 @@ def test_mistral_qwen2_and_gpt2_are_written_as_llama_cpp_names_them(tmp_path, ki
     assert written <= keys, written - keys
 
 
+def _write_gguf(path: Path, folder: Path, quant: str = "f32", loaded=None, tokenizer=None):
+    """The model folder (or `loaded` with `tokenizer`) written as the GGUF file `path`."""
+    from jaxlora import gguf_export
+    from jaxlora.export import merged_tensors
+    from jaxlora.models import family, load_model
+    from runner.build import load_tokenizer
+
+    loaded = loaded or load_model(folder, task="causal-lm", attention="xla")
+    tokenizer = tokenizer or load_tokenizer(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gguf_export.write(path, gguf_export.GgufModel(
+        name="tiny", description="test", config=loaded.hf_config, tokenizer=tokenizer,
+        tensors=merged_tensors(loaded.model, family(folder), task="causal-lm"),
+        chat_template=None), quant)
+    return loaded, tokenizer
+
+
+def _as_llama_cpp_splits(tokenizer, text: str) -> list[int]:
+    """The ids llama.cpp gives `text` with a SentencePiece vocabulary, from
+    `tokenizer`'s: its special tokens whole, and a space put before every piece
+    of text between them (its start too), each piece tokenized alone."""
+    added = tokenizer.added_tokens_encoder
+    ids = []
+    for part in re.split("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True)))
+                         + ")", text):
+        if part in added:
+            ids.append(added[part])
+        elif part:
+            ids += tokenizer(" " + part, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def spm_llama(tmp_path_factory):
+    """A tiny Llama-2-style model: a SentencePiece-style vocabulary (byte
+    fallback, "▁"; transformers' Llama tokenizer) and a ChatML template."""
+    from tiny_models import sentencepiece_tokenizer
+
+    folder = tmp_path_factory.mktemp("spm") / "hf"
+    chat_decoder_dir(folder, vocabulary=sentencepiece_tokenizer)
+    return folder
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_a_sentencepiece_llama_reads_back_everywhere(spm_llama, quant, tmp_path):
+    """A SentencePiece-vocabulary Llama, f16 and q8_0: written as llama.cpp's
+    converter writes one (tokenizer.ggml.model llama, scores, byte tokens of
+    type byte, add_space_prefix); transformers, llama.cpp and our reader give
+    its logits within the type's bound; transformers' and our tokenizers give
+    its ids on 300 strings and its chat template's text; llama.cpp's gives them
+    by its own rule (a space before every piece of text, after special tokens
+    too: `_as_llama_cpp_splits`), which is the tokenizer's on text without
+    special tokens or a leading space; the export says so in a note."""
+    from transformers import AutoTokenizer
+
+    from jaxlora import gguf_export
+    from jaxlora.models import gguf, load_model
+
+    path = tmp_path / f"spm-{quant}.gguf"
+    loaded, tokenizer = _write_gguf(path, spm_llama, quant)
+    meta = gguf.open_gguf(path).metadata
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("llama", "default")
+    assert meta["tokenizer.ggml.add_space_prefix"] and meta["tokenizer.ggml.add_bos_token"]
+    assert types[tokens.index("<0x0A>")] == 6 and types[tokens.index("<|im_start|>")] == 3
+    scores = dict(zip(tokens, meta["tokenizer.ggml.scores"]))
+    assert scores["\u2581the"] > scores["\u2581there"]  # made by an earlier merge
+
+    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    [ids] = _ids(tokenizer, [text])
+    ours = _logits_ours(loaded.model, ids)
+    _check_close(_logits_transformers(path, ids), ours, quant, "transformers")
+    _check_close(_logits_ours(load_model(path, task="causal-lm", attention="xla").model, ids),
+                 ours, quant, "our reader")
+    _check_close(_logits_llama_cpp(path, ids), ours, quant, "llama.cpp")
+    if quant != "q8_0":
+        return
+    strings = varied_strings()
+    expected = _ids(tokenizer, strings)
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    mine = gguf.tokenizer(path)
+    assert _ids(theirs, strings) == expected and _ids(mine, strings) == expected
+    for reader in (theirs, mine):
+        assert reader.apply_chat_template(CONVERSATION, tokenize=False) == text
+        assert reader("a")["input_ids"][0] == tokenizer.bos_token_id
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+    try:
+        cpp = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in strings]
+    finally:
+        llm.close()
+    assert cpp == [_as_llama_cpp_splits(tokenizer, t) for t in strings]
+    plain = [i for i, t in enumerate(strings) if "<|" not in t and not t.startswith(" ")]
+    assert len(plain) > 100 and all(cpp[i] == expected[i] for i in plain)
+    assert any(cpp[i] != expected[i] for i in range(len(strings)))  # the rule matters
+    [note] = gguf_export.notes(loaded.hf_config, tokenizer)
+    assert "llama.cpp puts a space before every piece of text" in note
+
+
+def test_llama3_rope_is_written_as_rope_freqs(tmp_path):
+    """A Llama with Llama 3.1/3.2's rope (original_max_position_embeddings 16,
+    so that the factors matter on a 78-token prompt): the file holds
+    rope_freqs, the factors llama.cpp's converter computes (1 for short
+    wavelengths, `factor` for long ones, interpolated between); llama.cpp and
+    our reader give the model's logits within 1e-5, and so does the file our
+    reader's model is written back to. transformers' GGUF loader ignores
+    rope_freqs: its logits are off by far more (why the export says to read
+    the file with llama.cpp)."""
+    import gguf as package
+
+    from jaxlora.models import gguf, load_model
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    chat_decoder_dir(tmp_path / "hf", rope=rope)
+    path = tmp_path / "out" / "rope.gguf"
+    loaded, tokenizer = _write_gguf(path, tmp_path / "hf")
+    [factors] = [t for t in package.GGUFReader(path).tensors if t.name == "rope_freqs.weight"]
+    assert factors.tensor_type == package.GGMLQuantizationType.F32
+    # head_dim 8, theta 1e4: wavelengths 2 pi (1, 10, 100, 1000) against 16 / 4 and 16 / 1
+    smooth = (16 / (2 * np.pi) - 1) / 3
+    np.testing.assert_allclose(factors.data, [1 / ((1 - smooth) / 8 + smooth), 8, 8, 8],
+                               rtol=1e-6)
+    [ids] = _ids(tokenizer, ["the cat sat on the mat . what is the dog ? the dog ran . hello "
+                             "there , how are you today ? " * 2])
+    assert len(ids) > 64
+    ours = _logits_ours(loaded.model, ids)
+    _check_close(_logits_llama_cpp(path, ids), ours, "f32", "llama.cpp")
+    back = load_model(path, task="causal-lm", attention="xla")
+    np.testing.assert_allclose(getattr(back.hf_config, gguf.FREQUENCY_FACTORS), factors.data)
+    _check_close(_logits_ours(back.model, ids), ours, "f32", "our reader")
+    again = tmp_path / "again" / "rope.gguf"
+    _write_gguf(again, tmp_path / "hf", loaded=back, tokenizer=tokenizer)
+    _check_close(_logits_llama_cpp(again, ids), ours, "f32", "llama.cpp, written back")
+    assert np.abs(_logits_transformers(path, ids) - ours).max() > 1e-2
+
+
+def test_rope_scaling_is_written_or_refused_by_name(chat_run, tmp_path):
+    """Llama 3.2 1B's own config (the shipped QLoRA recipe's model) is written
+    with its 32 rope factors; a rope the file cannot state is refused naming
+    it (yarn; llama3 outside llama.cpp's llama architecture), and so is a
+    merged export of a model whose factors came from a GGUF file."""
+    import transformers
+    from rich.console import Console
+
+    from jaxlora.errors import UserError
+    from jaxlora.gguf_export import architecture, rope_factors
+    from jaxlora.models import gguf
+    from runner.commands.export import export
+
+    llama32 = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                   head_dim=64, num_hidden_layers=16, intermediate_size=8192,
+                   vocab_size=128256, max_position_embeddings=131072,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                    "factor": 32.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192})
+    config = transformers.LlamaConfig(**llama32)
+    assert architecture(config) == "llama"
+    factors = rope_factors(config)
+    assert factors.shape == (32,) and factors[0] == 1.0 and factors[-1] == 32.0
+    yarn = transformers.LlamaConfig(**dict(llama32, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+        "original_max_position_embeddings": 8192}))
+    with pytest.raises(UserError, match="rope scaling 'yarn' is not written"):
+        architecture(yarn)
+    qwen2 = transformers.Qwen2Config(**dict(llama32, head_dim=None))
+    with pytest.raises(UserError, match="for llama.cpp's llama architecture only, not for "
+                                        "'qwen2'"):
+        architecture(qwen2)
+
+    _, _, opened = chat_run
+    factored = copy.deepcopy(opened.loaded.hf_config)
+    setattr(factored, gguf.FREQUENCY_FACTORS, [1.0] * 4)
+    loaded = dataclasses.replace(opened.loaded, hf_config=factored)
+    from_gguf = dataclasses.replace(opened, parts=dataclasses.replace(opened.parts,
+                                                                      loaded=loaded))
+    with pytest.raises(UserError, match="rope frequency factors .* use --format gguf"):
+        export(from_gguf, "merged", tmp_path / "merged", Console(file=open("/dev/null", "w")))
+    assert not (tmp_path / "merged").exists()
+
+
 def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it():
     """llama.cpp's pre-tokenizer names found from a tokenizer.json's structure:
     GPT-2's, SmolLM's (digits one by one), Llama 3's, Qwen2's; anything else
-    (a SentencePiece-style vocabulary, a prefix space) is refused with the
-    reason."""
+    (a Metaspace, a prefix space) has none; a tokenizer neither byte-level nor
+    SentencePiece-style is refused with the reason."""
     from types import SimpleNamespace
 
     from jaxlora.errors import UserError
@@ -299,11 +485,43 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it():
     ]
     for spec, name in cases:
         assert pre_tokenizer_name(spec) == name, spec
-    spm = json.dumps({"model": {"type": "BPE", "byte_fallback": True},
+    # byte fallback without its decoder: neither kind
+    odd = json.dumps({"model": {"type": "BPE", "byte_fallback": True, "vocab": {"a": 0}},
                       "decoder": {"type": "Sequence"}, "pre_tokenizer": None})
-    fake = SimpleNamespace(backend_tokenizer=SimpleNamespace(to_str=lambda: spm))
-    with pytest.raises(UserError, match="SentencePiece-style vocabularies"):
+    fake = SimpleNamespace(backend_tokenizer=SimpleNamespace(to_str=lambda: odd),
+                           get_vocab=lambda: {"a": 0})
+    with pytest.raises(UserError, match="neither a byte-level BPE vocabulary .* nor a "
+                                        "SentencePiece-style one"):
         _derived_fields(fake, 10)
+
+
+def test_how_a_sentencepiece_tokenizer_puts_a_space_first():
+    """Where a SentencePiece-style tokenizer.json puts "▁" before the text,
+    from its structure: transformers 5's Metaspace (first, always, never), an
+    older Llama file's Prepend + Replace normalizer (always; Replace alone:
+    never); anything else, or without byte fallback, is none."""
+    from jaxlora.gguf_export import sentencepiece_prefix
+
+    spm = {"model": {"type": "BPE", "byte_fallback": True},
+           "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}]}}
+
+    def metaspace(scheme, split=False):
+        return {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme,
+                "split": split}
+
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    prepend = {"type": "Prepend", "prepend": "\u2581"}
+    cases = [({"pre_tokenizer": metaspace("first")}, "first"),
+             ({"pre_tokenizer": metaspace("always")}, "always"),
+             ({"pre_tokenizer": metaspace("never")}, "never"),
+             ({"pre_tokenizer": metaspace("first", split=True)}, None),  # words apart
+             ({"normalizer": {"type": "Sequence", "normalizers": [prepend, replace]}}, "always"),
+             ({"normalizer": {"type": "Sequence", "normalizers": [replace]}}, "never"),
+             ({"normalizer": {"type": "NFKC"}, "pre_tokenizer": metaspace("first")}, None)]
+    for extra, scheme in cases:
+        assert sentencepiece_prefix({**spm, **extra}) == scheme, extra
+    no_fallback = dict(spm, model={"type": "BPE"}, pre_tokenizer=metaspace("first"))
+    assert sentencepiece_prefix(no_fallback) is None
 
 
 def test_a_weight_without_a_gguf_name_is_refused_naming_it():
@@ -443,7 +661,7 @@ def test_gguf_export_refusals_leave_nothing_behind(chat_run, tmp_path, monkeypat
         raise AssertionError("the model was merged before the tokenizer was refused")
 
     monkeypatch.setattr("runner.commands.export.merged_tensors", merged)
-    with pytest.raises(UserError, match="not a byte-level BPE vocabulary"):
+    with pytest.raises(UserError, match="neither a byte-level BPE vocabulary"):
         export(words, "gguf", tmp_path / "sub" / "w.gguf", Console(file=open("/dev/null", "w")))
     # refused before its folder, or a temporary one, was made
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "taken.gguf", "w"]

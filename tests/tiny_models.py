@@ -158,13 +158,43 @@ def chat_tokenizer(folder=None, template: str = CHATML, vocab_size: int = 320):
     return fast
 
 
-def chat_decoder_dir(folder, template: str = CHATML, tie: bool = False, kind: str = "Llama"):
+def sentencepiece_tokenizer(folder=None, template: str = CHATML, vocab_size: int = 400):
+    """A small SentencePiece-style tokenizer (Llama 2's kind: BPE with byte
+    fallback, <0x00>..<0xFF> byte tokens, "▁" for a space), trained here on
+    words, its merges every pair that makes a token (in the tokens' order),
+    as transformers converts a tokenizer.model; with <unk>, <s>, </s>, the
+    ChatML tokens as special tokens and `template`, as transformers'
+    LlamaTokenizer (BOS added, "▁" before the start of the text); saved to
+    `folder` when given."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    words = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    words.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    words.train_from_iterator([CHAT_CORPUS] * 50, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, limit_alphabet=40))
+    vocab = words.get_vocab()
+    learned = {token: -i for token, i in vocab.items() if token not in specials}
+    fast = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, learned),
+                          unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                          pad_token="<unk>", chat_template=template, add_bos_token=True)
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    if folder is not None:
+        fast.save_pretrained(folder)
+    return fast
+
+
+def chat_decoder_dir(folder, template: str = CHATML, tie: bool = False, kind: str = "Llama",
+                     vocabulary=None, rope: dict | None = None):
     """A tiny random decoder (`kind`: Llama, Mistral, Qwen2 or GPT2) with the chat
-    tokenizer's vocabulary, saved by transformers."""
+    tokenizer's vocabulary (or `vocabulary`'s: a function like `chat_tokenizer`)
+    and `rope` (rope parameters), saved by transformers."""
     import torch
     import transformers
 
-    tokenizer = chat_tokenizer(folder, template)
+    tokenizer = (vocabulary or chat_tokenizer)(folder, template)
     torch.manual_seed(0)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
@@ -174,6 +204,7 @@ def chat_decoder_dir(folder, template: str = CHATML, tie: bool = False, kind: st
         model = transformers.GPT2LMHeadModel(config)
     else:
         extra = {"sliding_window": None} if kind == "Mistral" else {}
+        extra.update({"rope_parameters": rope} if rope else {})
         config = getattr(transformers, f"{kind}Config")(
             **dict(TINY, vocab_size=len(tokenizer), max_position_embeddings=256),
             num_key_value_heads=2, tie_word_embeddings=tie, **ids, **extra)
