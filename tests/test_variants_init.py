@@ -100,3 +100,136 @@ def test_lora_plus_is_refused_with_full_fine_tuning(tmp_path, tiny_bert_dir):
     assert done.returncode == 2
     assert "train.lr_ratio_b" in done.stderr and 'method "full"' in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+# -- PiSSA and the other inits: the adapted model at the start --------------------
+
+
+def _family_model(name: str, tiny_bert_dir, tmp_path):
+    """Our model and the same checkpoint in transformers (float32, eval mode):
+    the tiny BERT classifier or the tiny Llama (grouped-query attention)."""
+    import transformers
+    from tiny_models import tiny_decoder_dir
+
+    if name == "bert":
+        ours = load_model(tiny_bert_dir, task="classification", num_labels=2, attention="xla",
+                          seed=0)
+        theirs = transformers.BertForSequenceClassification.from_pretrained(
+            str(tiny_bert_dir), num_labels=2)
+    else:
+        folder = tiny_decoder_dir(tmp_path / "llama", "llama-gqa-rope3")
+        ours = load_model(folder, task="causal-lm", attention="xla", seed=0)
+        theirs = transformers.LlamaForCausalLM.from_pretrained(str(folder))
+    return ours, theirs.eval()
+
+
+def _logits(model, vocab: int) -> np.ndarray:
+    ids = np.random.default_rng(0).integers(4, vocab, (2, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    return np.asarray(model(ids, mask), np.float32)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_pissa_starts_at_the_base_model_with_peft_factors(family, tiny_bert_dir, tmp_path):
+    """PiSSA's adapted model is the base model (1e-4) and its factors are
+    PEFT's `init_lora_weights="pissa"` of the same weights. Each singular
+    vector is defined up to its sign, so A and B are compared through the
+    product s A B (the rank-r approximation, unique for distinct singular
+    values, as those of random weights are) and through the residual; two
+    float32 SVDs (LAPACK's in torch, XLA's here) of matrices with entries
+    ~0.1 agree to about 1e-6, so 1e-5 leaves room and still catches a wrong
+    split of S (sqrt(S) on each side vs S on one: ~0.1 off) or a missing 1/s."""
+    import peft
+    import torch
+    from flax import nnx
+
+    from jaxlora.lora import adapter_factors, without_adapters
+
+    loaded, hf = _family_model(family, tiny_bert_dir, tmp_path)
+    vocab = loaded.config.vocab_size
+    base = _logits(loaded.model, vocab)
+    cfg = LoraConfig(rank=4, alpha=8, targets="all-linear", init="pissa")
+    graphdef, trainable, frozen, paths = adapt(loaded.model, cfg, loaded.lora_targets,
+                                               jax.random.key(1))
+    start = _logits(nnx.merge(graphdef, trainable, frozen), vocab)
+    assert np.abs(base).max() > 0.01
+    np.testing.assert_allclose(start, base, atol=1e-4, rtol=0)
+
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=paths, init_lora_weights="pissa"))
+    modules = {name.removeprefix("base_model.model."): m for name, m in theirs.named_modules()
+               if isinstance(m, peft.tuners.lora.Linear)}
+    linears = nnx.merge(graphdef, trainable, frozen).linear_layers()
+    assert sorted(modules) == sorted(paths)
+    for path, (a, b) in adapter_factors(loaded.model).items():
+        with torch.no_grad():
+            lora_a = modules[path].lora_A["default"].weight.numpy()
+            lora_b = modules[path].lora_B["default"].weight.numpy()
+            residual = modules[path].base_layer.weight.numpy()
+        np.testing.assert_allclose(2.0 * a @ b, 2.0 * (lora_b @ lora_a).T, atol=1e-5, rtol=0,
+                                   err_msg=path)
+        np.testing.assert_allclose(np.asarray(linears[path].kernel[...]), residual.T,
+                                   atol=1e-5, rtol=0, err_msg=path)
+
+    # a trained state reset to where it started is the base model again; B
+    # zeroed alone would leave the residuals, far from it
+    trained = jax.tree_util.tree_map_with_path(  # as if trained: the factors moved
+        lambda path, x: x + 0.05 if "lora" in jax.tree_util.keystr(path) else x, trainable)
+    back = _logits(nnx.merge(graphdef, without_adapters(trained, trainable), frozen), vocab)
+    np.testing.assert_allclose(back, base, atol=1e-4, rtol=0)
+    residual_only = _logits(nnx.merge(graphdef, without_adapters(trained), frozen), vocab)
+    assert np.abs(residual_only - base).max() > 1e-2
+
+
+def test_gaussian_init_is_peft_gaussian(tiny_bert_dir):
+    """"gaussian": A ~ normal(0, std 1/r) (PEFT's nn.init.normal_(std=1/r)), B
+    zero, so the model starts exactly at the base model; "default" draws
+    kaiming-uniform A (|A| <= 1/sqrt(in))."""
+    from flax import nnx
+
+    from jaxlora.lora import adapter_factors
+
+    stats = {}
+    for init in ("gaussian", "default"):
+        loaded = load_model(tiny_bert_dir, task="classification", num_labels=2,
+                            attention="xla", seed=0)
+        base = _logits(loaded.model, 30522)
+        cfg = LoraConfig(rank=4, targets="all-linear", init=init)
+        graphdef, trainable, frozen, _ = adapt(loaded.model, cfg, bert.LORA_TARGETS,
+                                               jax.random.key(1))
+        np.testing.assert_array_equal(_logits(nnx.merge(graphdef, trainable, frozen), 30522),
+                                      base)
+        factors = adapter_factors(loaded.model).values()
+        assert all(not b.any() for _, b in factors)
+        a = np.concatenate([a.ravel() for a, _ in factors])
+        stats[init] = (a.std(), np.abs(a).max())
+    std, _ = stats["gaussian"]
+    assert abs(std - 1 / 4) < 0.01, std  # ~12,000 draws: the std within 1%
+    assert stats["default"][1] <= 1 / np.sqrt(32)  # the smallest fan-in is 32
+
+
+def test_qlora_pissa_quantizes_the_residual(tiny_bert_dir):
+    """QLoRA + PiSSA quantizes W0 - s A B, not W0: its 4-bit kernels are
+    exactly those of the residual LoRA + PiSSA leaves, and differ from the
+    4-bit original's. Layers without adapters keep their plain quantization."""
+    from jaxlora.lora import QLoraConfig
+    from jaxlora.quant import QuantConfig, QuantizedKernel
+
+    def kernels(cfg):
+        loaded = load_model(tiny_bert_dir, task="classification", num_labels=2,
+                            attention="xla", seed=0)
+        adapt(loaded.model, cfg, bert.LORA_TARGETS, jax.random.key(1))
+        return loaded.model.linear_layers()
+
+    settings = dict(rank=4, targets=["query", "value"], init="pissa")
+    residuals = kernels(LoraConfig(**settings))
+    quantized = kernels(QLoraConfig(**settings))
+    plain = kernels(QLoraConfig(rank=4, targets=["query", "value"]))
+    for path, layer in quantized.items():
+        ours = np.asarray(layer.kernel.dequantize_out_in(jax.numpy.float32))
+        expected = QuantizedKernel(residuals[path].kernel[...], QuantConfig())
+        np.testing.assert_array_equal(ours, np.asarray(expected.dequantize_out_in(
+            jax.numpy.float32)), err_msg=path)
+        original = np.asarray(plain[path].kernel.dequantize_out_in(jax.numpy.float32))
+        assert (layer.lora is not None) == (not np.array_equal(ours, original)), path
