@@ -2,6 +2,8 @@
 (`train.lr_ratio_b`) and PiSSA (`adapter.init = "pissa"`), against their
 definitions and PEFT's own code, through training, resuming and export."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -38,9 +40,11 @@ def _adam_moments(opt_state) -> dict[str, list[bytes]]:
 # -- LoRA+ -----------------------------------------------------------------------
 
 
-def _lora_plus_steps(folder, ratio, steps: int):
-    """`steps` steps of the tiny BERT classifier (LoRA on query/value) with
-    lr_ratio_b = `ratio`: the state before and after."""
+@functools.cache
+def _lora_plus_steps(folder, ratio) -> list:
+    """The tiny BERT classifier (LoRA on query/value) with lr_ratio_b = `ratio`:
+    its trainable weights at the start and after each of 3 steps (on the host),
+    and the optimizer state after the last. Cached: each ratio compiles once."""
     model = load_model(folder, task="classification", num_labels=2, attention="xla",
                        seed=0).model
     graphdef, trainable, frozen, _ = adapt(
@@ -50,19 +54,20 @@ def _lora_plus_steps(folder, ratio, steps: int):
                       weight_decay=0.0, lr_ratio_b=ratio)
     tx = make_optimizer(cfg, 10)
     step = build_train_step(graphdef, tx, classification_step_loss)
-    start = jax.tree.map(np.array, trainable)
+    states = [jax.tree.map(np.array, trainable)]
     opt_state = tx.init(trainable)
-    for i, batch in enumerate(_toy_split(n=8 * steps).batches(8, shuffle=True, seed=0, epoch=0)):
+    for i, batch in enumerate(_toy_split(n=24).batches(8, shuffle=True, seed=0, epoch=0)):
         trainable, opt_state, _ = step(trainable, frozen, opt_state, batch, jax.random.key(i))
-    return start, trainable, opt_state
+        states.append(jax.tree.map(np.array, trainable))
+    return states, jax.tree.map(np.array, opt_state)
 
 
 def test_lora_plus_with_ratio_one_is_plain_lora_bit_for_bit(tiny_bert_dir):
     """The partition itself changes nothing: with ratio 1 three steps give the
     same weights and the same Adam moments, bit for bit; unset, the optimizer
     state has no partition at all (today's step)."""
-    _, plain, plain_state = _lora_plus_steps(tiny_bert_dir, None, 3)
-    _, ones, ones_state = _lora_plus_steps(tiny_bert_dir, 1.0, 3)
+    (*_, plain), plain_state = _lora_plus_steps(tiny_bert_dir, None)
+    (*_, ones), ones_state = _lora_plus_steps(tiny_bert_dir, 1.0)
     assert _bytes(plain) == _bytes(ones)
     assert _adam_moments(plain_state) == _adam_moments(ones_state)
     assert len(_adam_moments(plain_state)["mu"]) == len(jax.tree.leaves(plain))
@@ -77,8 +82,8 @@ def test_lora_plus_moves_b_sixteen_times_as_far_on_the_first_step(tiny_bert_dir)
     head's is not. So with ratio 16 B moves exactly 16 times as far (16 is a
     power of two: the products are exact) and everything else as far as with
     ratio 1."""
-    start, one, _ = _lora_plus_steps(tiny_bert_dir, 1.0, 1)
-    _, sixteen, _ = _lora_plus_steps(tiny_bert_dir, 16.0, 1)
+    (start, one, *_), _ = _lora_plus_steps(tiny_bert_dir, 1.0)
+    (_, sixteen, *_), _ = _lora_plus_steps(tiny_bert_dir, 16.0)
     flat = jax.tree_util.tree_flatten_with_path
     b_moves = 0
     for (path, before), ratio1, ratio16 in zip(flat(start)[0], jax.tree.leaves(one),
@@ -233,3 +238,125 @@ def test_qlora_pissa_quantizes_the_residual(tiny_bert_dir):
             jax.numpy.float32)), err_msg=path)
         original = np.asarray(plain[path].kernel.dequantize_out_in(jax.numpy.float32))
         assert (layer.lora is not None) == (not np.array_equal(ours, original)), path
+
+
+# -- a PiSSA run: before, exports, resume --------------------------------------------
+
+PISSA_RECIPE = (TINY_RECIPE
+                .replace('rank = 4\ntargets = ["query", "value"]',
+                         'rank = 12\ntargets = ["query", "value", "output"]\ninit = "pissa"\n'
+                         'alpha = 12')
+                .replace("epochs = 3", "max_steps = 6\ncheckpoint_every = 3\nkeep_checkpoints = 5\n"
+                                       "lr_ratio_b = 4.0"))
+
+
+@pytest.fixture(scope="module")
+def pissa_run(tmp_path_factory, tiny_bert_dir):
+    """A finished tiny PiSSA run (with LoRA+, whose partitioned optimizer state
+    is checkpointed too), made by the real CLI, and its folder's parent."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("pissa")
+    shutil.copytree(tiny_bert_dir, root / "model")
+    _tweets_csv(root / "tweets.csv")
+    (root / "tiny.toml").write_text(PISSA_RECIPE)
+    done = _runner("run", "tiny.toml", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return next((root / "runs" / "tiny").iterdir()), root
+
+
+@pytest.fixture()
+def no_svd(monkeypatch):
+    """Whatever rebuilds a PiSSA run's model must take the factors the run kept,
+    never a new SVD (not bit-reproducible on another machine)."""
+    import jaxlora.lora
+
+    def refuse(*args):
+        raise AssertionError("a PiSSA model was rebuilt by a new SVD")
+
+    monkeypatch.setattr(jaxlora.lora, "_principal", refuse)
+
+
+def test_a_pissa_run_evaluates_the_base_model_before(pissa_run):
+    """"before" is the base model (with the run's fresh head): the same figures
+    as a default-init LoRA run's, whose adapters start at zero (the PiSSA start
+    is W0 - s A B + s A B, equal up to rounding); the report names the settings."""
+    import json
+
+    run, root = pissa_run
+    (root / "plain.toml").write_text(TINY_RECIPE.replace("epochs = 3", "max_steps = 1"))
+    done = _runner("run", "plain.toml", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain = next((root / "runs" / "plain").iterdir())
+    ours = json.loads((run / "eval.json").read_text())["before"]
+    base = json.loads((plain / "eval.json").read_text())["before"]
+    assert ours["confusion"] == base["confusion"]
+    # the tiny head's logits are ~0.01, so the loss moves little: the residuals
+    # alone (B zeroed) move it by ~3e-6 here, the PiSSA start by float rounding
+    assert abs(ours["loss"] - base["loss"]) < 2e-7
+    report = (run / "report.md").read_text()
+    assert "init `pissa`" in report and "LoRA+: B at 4.0x the learning rate" in report
+    assert (run / "pissa.safetensors").is_file()
+
+
+def test_pissa_exports_load_onto_the_untouched_base_model(pissa_run, no_svd):
+    """The PEFT export is a plain rank-2r LoRA for the original weights (PEFT's
+    own PiSSA-to-LoRA conversion): loaded onto the untouched base model it
+    gives our logits (1e-4), as the merged model (residual + s A B) does."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from test_export import TEXTS, _jaxlora_logits
+
+    run, root = pissa_run
+    _, enc, ours = _jaxlora_logits(run, TEXTS)
+    assert np.abs(ours).max() > 0.01
+    inputs = dict(input_ids=torch.tensor(enc["input_ids"]),
+                  attention_mask=torch.tensor(enc["attention_mask"]))
+    for fmt in ("peft", "merged"):
+        done = _runner("export", str(run), "--format", fmt, cwd=root)
+        assert done.returncode == 0, done.stderr[-2000:]
+    folder = run / "export" / "peft"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (24, 24, True)
+    base = AutoModelForSequenceClassification.from_pretrained(str(root / "model"), num_labels=2)
+    models = [PeftModel.from_pretrained(base, str(folder)),
+              AutoModelForSequenceClassification.from_pretrained(str(run / "export" / "merged"))]
+    for model in models:
+        with torch.no_grad():
+            theirs = model.eval()(**inputs).logits.numpy()
+        np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_a_stopped_pissa_run_resumes_bit_for_bit(pissa_run, tmp_path, no_svd):
+    """The run as if stopped after its checkpoint of step 3 goes on from the
+    factors it kept to exactly the finished run's weights; without the file
+    (or with another one) it is refused, naming the file."""
+    import json
+    import shutil
+
+    from runner.build import open_run
+
+    run, root = pissa_run
+    stopped = tmp_path / run.name
+    shutil.copytree(run, stopped, ignore=shutil.ignore_patterns("export"))
+    shutil.rmtree(stopped / "checkpoints" / "6")
+    manifest = json.loads((stopped / "manifest.json").read_text())
+    (stopped / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+
+    kept = (stopped / "pissa.safetensors").read_bytes()
+    (stopped / "pissa.safetensors").unlink()
+    refused = _runner("run", str(stopped), cwd=root)
+    assert refused.returncode == 2 and "pissa.safetensors: missing" in refused.stderr
+    (stopped / "pissa.safetensors").write_bytes(kept[:-8])
+    refused = _runner("eval", str(stopped), cwd=root)
+    assert refused.returncode == 2 and "pissa.safetensors: not a valid safetensors" in refused.stderr
+    (stopped / "pissa.safetensors").write_bytes(kept)
+
+    resumed = _runner("run", str(stopped), cwd=root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from its checkpoint at step 3" in resumed.stdout
+    assert _bytes(open_run(stopped).trainable) == _bytes(open_run(run).trainable)
