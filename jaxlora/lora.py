@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from jaxlora.errors import UserError
 from jaxlora.models.layers import BaseWeight, HeadParam, Linear, dropout
 from jaxlora.quant import QuantConfig, Sharding, quantize_linears
-from jaxlora.runtime import whole
+from jaxlora.runtime import to_host, whole
 
 ALL_LINEAR = "all-linear"
 
@@ -156,8 +156,8 @@ def _principal(kernel: jax.Array, rank: int, scale: float) -> tuple[jax.Array, j
 def _residual(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float,
               sharding: Sharding | None) -> jax.Array:
     """W0 - s A B in float32, cast back to the kernel's dtype (in `sharding`).
-    The product at full float32 precision: a GPU's default (TF32) would leave
-    the start 1e-3 away from the base."""
+    The product at full float32 precision: a GPU's default may round float32
+    products to TF32 (10 mantissa bits), far coarser than the start needs."""
     product = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
     residual = (kernel.astype(jnp.float32) - scale * product).astype(kernel.dtype)
     if sharding is None:
@@ -178,13 +178,14 @@ def pissa(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig,
         smallest = min(layer.in_features, layer.out_features)
         if cfg.rank > smallest:
             raise UserError(f"adapter.rank: {cfg.rank} is more than the {smallest} singular "
-                            f'values of {path}, whose top rank ones adapter.init = "pissa" '
-                            "takes")
+                            f'values {path} has; adapter.init = "pissa" takes the top rank '
+                            "of them")
+        # on the host, whole (a sharded kernel's SVD may come out spread over processes)
         a, b = (initial[path] if initial is not None else
-                _principal(layer.kernel[...], cfg.rank, scale))
+                to_host(_principal(layer.kernel[...], cfg.rank, scale)))
         layer.kernel[...] = _residual(layer.kernel[...], jnp.asarray(a), jnp.asarray(b),
                                       scale, sharding)
-        factors[path] = (np.asarray(a, np.float32), np.asarray(b, np.float32))
+        factors[path] = (a, b)
     return factors
 
 
@@ -282,8 +283,8 @@ def adapt(model: nnx.Module, cfg, table: dict[str, str], key: jax.Array,
     linears = model.linear_layers()
     paths = ([] if cfg.method == "full" or not attach else
              select_targets(cfg.targets, linears, table))
-    factors = pissa(linears, paths, cfg, initial, sharding) if cfg.method != "full" and (
-        cfg.init == "pissa") else None
+    principal = cfg.method != "full" and cfg.init == "pissa"
+    factors = pissa(linears, paths, cfg, initial, sharding) if principal else None
     if cfg.method == "qlora":
         quantize_linears(linears, cfg.quant, sharding)
     apply_lora(linears, paths, cfg, key, factors)
@@ -293,6 +294,5 @@ def adapt(model: nnx.Module, cfg, table: dict[str, str], key: jax.Array,
 
 def adapter_factors(model: nnx.Module) -> Factors:
     """Every adapter's A (in, r) and B (r, out), float32 on the host, by layer path."""
-    return {path: (np.asarray(layer.lora.lora_a[...], np.float32),
-                   np.asarray(layer.lora.lora_b[...], np.float32))
+    return {path: to_host((layer.lora.lora_a[...], layer.lora.lora_b[...]))
             for path, layer in model.linear_layers().items() if layer.lora is not None}
