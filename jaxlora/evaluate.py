@@ -1,7 +1,8 @@
 """Evaluation: one jit'd eval step, used before and after fine-tuning alike.
 
-The "before" figure is the base model with the fresh task head and adapters
-disabled (`jaxlora.lora.without_adapters`), the "after" figure the trained
+The "before" figure is the base model with the fresh task head and the
+adapters as they start (B zero, or PiSSA's factors over their residuals: see
+`jaxlora.lora`), the "after" figure the trained
 weights; both go through the same compiled function, so any difference comes
 from the weights alone. Eval batches are fixed-shape; the last one is padded
 and its padding rows carry weight 0, so every example counts exactly once.

@@ -13,6 +13,13 @@ lora_alpha / r, as ours. `target_modules` lists the adapted modules by full
 path (without the task prefix), because suffixes are ambiguous in BERT:
 `output.dense` also ends `attention.output.dense`.
 
+A PiSSA adapter (trained over the residual W0 - s A0 B0) is exported for the
+original base weights, as PEFT's own conversion does
+(`save_pretrained(path_initial_model_for_weight_conversion=...)`): the
+update since the start, s (A B - A0 B0), is the rank-2r adapter
+A' = [A | A0], B' = [B ; -B0] (lora_A rows and lora_B columns concatenated),
+with lora_alpha doubled so that alpha / r stays s.
+
 Merged (`transformers.AutoModelForSequenceClassification.from_pretrained`):
 every linear weight becomes W0 + (alpha / r) * A B, transposed to torch's
 (out, in); the other base weights are written back through the family's
@@ -31,6 +38,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxlora.lora import Factors, adapter_factors
 from jaxlora.models.layers import BaseWeight, HeadParam, Linear
 from jaxlora.models.weights import rule_for_path
 
@@ -57,15 +65,17 @@ def lora_delta_out_in(linear: Linear) -> np.ndarray | None:
     return (linear.lora.scale * (a @ b)).T
 
 
-def peft_tensors(model, family) -> dict[str, np.ndarray]:
-    """PEFT's adapter_model.safetensors contents for an adapted task model."""
+def peft_tensors(model, family, start: Factors | None = None) -> dict[str, np.ndarray]:
+    """PEFT's adapter_model.safetensors contents for an adapted task model;
+    with PiSSA's `start` (the factors the adapters started from), the
+    adapter of the update since then, for the original base weights."""
     tensors = {}
-    for path, linear in model.linear_layers().items():
-        if linear.lora is not None:
-            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = np.asarray(
-                linear.lora.lora_a[...], np.float32).T.copy()
-            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = np.asarray(
-                linear.lora.lora_b[...], np.float32).T.copy()
+    for path, (a, b) in adapter_factors(model).items():
+        if start is not None:
+            a0, b0 = start[path]
+            a, b = np.concatenate([a, a0], axis=1), np.concatenate([b, -b0], axis=0)
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.T.copy()
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.T.copy()
     for key, value in _head_tensors(model, family).items():
         tensors[PEFT_PREFIX + key] = value
     return tensors
@@ -82,14 +92,19 @@ def peft_config(cfg, model, family, *, task: str, base_model: str | None) -> dic
     prefix = _prefix(family, task)
     targets = [path.removeprefix(prefix) for path, linear in model.linear_layers().items()
                if linear.lora is not None]
-    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    # PiSSA's converted adapter has rank 2r; alpha doubles with it (see above)
+    doubled = 2 if cfg.init == "pissa" else 1
+    alpha = doubled * cfg.alpha
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
     classify = task == "classification"
     return {"peft_type": "LORA", "task_type": "SEQ_CLS" if classify else "CAUSAL_LM",
-            "base_model_name_or_path": base_model, "r": cfg.rank, "lora_alpha": alpha,
+            "base_model_name_or_path": base_model, "r": doubled * cfg.rank,
+            "lora_alpha": alpha,
             "lora_dropout": cfg.dropout, "target_modules": targets,
             "modules_to_save": [_head_module(family)] if classify else None,
             "bias": "none", "fan_in_fan_out": getattr(family, "FAN_IN_FAN_OUT", False),
-            "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "use_rslora": False, "use_dora": False,
+            "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
             "inference_mode": True, "revision": None}
 
 

@@ -9,9 +9,22 @@ update:
     │                      (+) ──► y
     └─► dropout ─► A ─► B ─┘  × alpha/r
 
-A is drawn like PEFT's (kaiming-uniform, bound 1/sqrt(in)); B starts at zero,
-so the adapted model starts exactly equal to the base model. A and B are
-`nnx.LoRAParam` in float32 whatever the base dtype. PEFT stores
+How A and B start (`init`), each as PEFT's `init_lora_weights` of that name:
+
+    default    A kaiming-uniform (bound 1/sqrt(in)), B zero: the adapted model
+               starts exactly equal to the base model
+    gaussian   A ~ normal(0, std 1/r), B zero: the same, exactly
+    pissa      PiSSA (Meng et al. 2024): W0 = U S V^T (full SVD, float32);
+               A = U_r sqrt(S_r / s), B = sqrt(S_r / s) V_r^T (s = alpha / r)
+               take the r principal singular values and vectors, and the
+               frozen weight becomes the residual W0 - s A B (cast back to its
+               dtype), so the model starts equal to the base up to rounding.
+               For QLoRA the residual is what gets quantized. The SVD is not
+               bit-reproducible across machines: whoever rebuilds the model
+               passes the factors it started from (`adapt(initial=...)`) and
+               gets the same residual again
+
+A and B are `nnx.LoRAParam` in float32 whatever the base dtype. PEFT stores
 `lora_A.weight` as (r, in) and `lora_B.weight` as (out, r): export transposes.
 
 Which weights train is decided by variable *type* (`trainable_filter`), once,
@@ -30,19 +43,21 @@ that matches no layer, is an error that lists the model's linear layers.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Annotated, Any, Literal, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from jaxlora.errors import UserError
 from jaxlora.models.layers import BaseWeight, HeadParam, Linear, dropout
-from jaxlora.quant import QuantConfig, quantize_linears
-from jaxlora.runtime import whole
+from jaxlora.quant import QuantConfig, Sharding, quantize_linears
+from jaxlora.runtime import to_host, whole
 
 ALL_LINEAR = "all-linear"
 
@@ -59,6 +74,9 @@ class LoraConfig(BaseModel):
     # layer names, or all-linear; unset: the model family's default (PEFT's: BERT
     # query/value, GPT-2 c_attn, Llama/Mistral/Qwen2 q_proj/v_proj)
     targets: Union[Literal["all-linear"], list[str], None] = None
+    # how A and B start: default (kaiming-uniform A, zero B), gaussian (normal A,
+    # std 1/rank, zero B), or pissa (W's principal singular vectors; W becomes the residual)
+    init: Literal["default", "gaussian", "pissa"] = "default"
 
     @field_validator("targets")
     @classmethod
@@ -101,10 +119,8 @@ class LoRAAdapter(nnx.Module):
     """The low-rank update `(alpha / r) * dropout(x) A B` of one linear layer."""
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
-                 dropout_rate: float, key: jax.Array):
-        bound = 1.0 / math.sqrt(in_features)  # PEFT: kaiming_uniform_(a=sqrt(5))
-        self.lora_a = nnx.LoRAParam(
-            jax.random.uniform(key, (in_features, rank), jnp.float32, -bound, bound))
+                 dropout_rate: float, key: jax.Array, init: str = "default"):
+        self.lora_a = nnx.LoRAParam(_fresh_a(init, key, in_features, rank))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), jnp.float32))
         self.scale = alpha / rank
         self.dropout_rate = dropout_rate
@@ -112,6 +128,65 @@ class LoRAAdapter(nnx.Module):
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         x = dropout(x, self.dropout_rate, rng).astype(jnp.float32)
         return (x @ whole(self.lora_a[...])) @ whole(self.lora_b[...]) * self.scale
+
+
+def _fresh_a(init: str, key: jax.Array, in_features: int, rank: int) -> jax.Array:
+    """A freshly drawn A (in, r): PEFT's "gaussian" (std 1/r), else its default
+    (kaiming_uniform_(a=sqrt(5)): bound 1/sqrt(in)); PiSSA's replace it."""
+    if init == "gaussian":
+        return jax.random.normal(key, (in_features, rank), jnp.float32) / rank
+    bound = 1.0 / math.sqrt(in_features)
+    return jax.random.uniform(key, (in_features, rank), jnp.float32, -bound, bound)
+
+
+Factors = dict[str, tuple[np.ndarray, np.ndarray]]  # layer path -> (A (in, r), B (r, out))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _principal(kernel: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
+    """PEFT's `pissa_init` ("pissa": full SVD) on our (in, out) kernel, which is
+    PEFT's (out, in) weight transposed: A = U_r sqrt(S_r / s) is PEFT's lora_A
+    transposed, B = sqrt(S_r / s) V_r^T its lora_B transposed."""
+    u, s, vh = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+    root = jnp.sqrt(s[:rank] / scale)
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _residual(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float,
+              sharding: Sharding | None) -> jax.Array:
+    """W0 - s A B in float32, cast back to the kernel's dtype (in `sharding`).
+    The product at full float32 precision: a GPU's default may round float32
+    products to TF32 (10 mantissa bits), far coarser than the start needs."""
+    product = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    residual = (kernel.astype(jnp.float32) - scale * product).astype(kernel.dtype)
+    if sharding is None:
+        return residual
+    return jax.lax.with_sharding_constraint(residual, sharding(residual.shape))
+
+
+def pissa(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig,
+          initial: Factors | None = None, sharding: Sharding | None = None) -> Factors:
+    """PiSSA on the layers `paths`, in place: each kernel becomes its residual;
+    returns the factors A, B each adapter starts from. They are computed (SVD)
+    unless `initial` gives them (a model rebuilt: the same residual as when it
+    was first built, bit for bit on the same machine)."""
+    factors: Factors = {}
+    scale = cfg.alpha / cfg.rank
+    for path in paths:
+        layer = linears[path]
+        smallest = min(layer.in_features, layer.out_features)
+        if cfg.rank > smallest:
+            raise UserError(f"adapter.rank: {cfg.rank} is more than the {smallest} singular "
+                            f'values {path} has; adapter.init = "pissa" takes the top rank '
+                            "of them")
+        # on the host, whole (a sharded kernel's SVD may come out spread over processes)
+        a, b = (initial[path] if initial is not None else
+                to_host(_principal(layer.kernel[...], cfg.rank, scale)))
+        layer.kernel[...] = _residual(layer.kernel[...], jnp.asarray(a), jnp.asarray(b),
+                                      scale, sharding)
+        factors[path] = (a, b)
+    return factors
 
 
 def _matches(path: str, suffix: str) -> bool:
@@ -144,15 +219,17 @@ def select_targets(targets, linears: dict[str, Linear], table: dict[str, str]) -
     return [p for p in linears if p in chosen]  # model order
 
 
-def apply_lora(linears: dict[str, Linear], cfg: LoraConfig, table: dict[str, str],
-               key: jax.Array) -> list[str]:
-    """Attach a fresh `LoRAAdapter` to every targeted layer; returns their paths."""
-    paths = select_targets(cfg.targets, linears, table)
+def apply_lora(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig, key: jax.Array,
+               factors: Factors | None = None) -> None:
+    """Attach a fresh `LoRAAdapter` to every layer of `paths`; PiSSA's `factors`
+    (see `pissa`) replace the drawn A and zero B where given."""
     for path, k in zip(paths, jax.random.split(key, len(paths))):
         layer = linears[path]
         layer.lora = LoRAAdapter(layer.in_features, layer.out_features, rank=cfg.rank,
-                                 alpha=cfg.alpha, dropout_rate=cfg.dropout, key=k)
-    return paths
+                                 alpha=cfg.alpha, dropout_rate=cfg.dropout, key=k,
+                                 init=cfg.init)
+        if factors:
+            layer.lora.lora_a[...], layer.lora.lora_b[...] = map(jnp.asarray, factors[path])
 
 
 def trainable_filter(method: Literal["lora", "qlora", "full"]):
@@ -167,12 +244,21 @@ def count_params(state) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(state))
 
 
-def without_adapters(trainable):
-    """`trainable` with every LoRA B set to zero: the adapted model then computes
-    exactly the base model (used for the "before" evaluation)."""
-    flat = [(path, var.replace(jnp.zeros_like(var[...])) if path[-1] == "lora_b" else var)
-            for path, var in nnx.to_flat_state(trainable)]
-    return nnx.from_flat_state(flat)
+def without_adapters(trainable, start=None):
+    """`trainable` with every adapter back where it started, so that the adapted
+    model computes the base model (the "before" evaluation): the LoRA factors
+    of `start`, the trainable state as `adapt` made it (PiSSA's: its factors
+    add up with the residual to the base weight again, within float rounding);
+    without `start`, B set to zero (the base model for every init but PiSSA)."""
+    started = dict(nnx.to_flat_state(start)) if start is not None else {}
+
+    def reset(path, var):
+        if path in started and path[-1] in ("lora_a", "lora_b"):
+            return var.replace(started[path][...])
+        return var.replace(jnp.zeros_like(var[...])) if path[-1] == "lora_b" else var
+
+    return nnx.from_flat_state([(path, reset(path, var))
+                                for path, var in nnx.to_flat_state(trainable)])
 
 
 class Adapted(NamedTuple):
@@ -185,15 +271,28 @@ class Adapted(NamedTuple):
 
 
 def adapt(model: nnx.Module, cfg, table: dict[str, str], key: jax.Array,
-          sharding=None, *, attach: bool = True) -> Adapted:
-    """Step 1, the method: quantize the linear weights (QLoRA; their codes and
-    scales computed straight into `sharding`, see `quant.Sharding`), attach
-    adapters (LoRA, QLoRA; not without `attach`: the base model as the method
-    holds it), and split the model once into (graphdef, trainable, frozen) by
-    variable type; also gives the adapted layer paths."""
-    if cfg.method == "qlora":
-        quantize_linears(model.linear_layers(), cfg.quant, sharding)
+          sharding: Sharding | None = None, *, attach: bool = True,
+          initial: Factors | None = None) -> Adapted:
+    """Step 1, the method: PiSSA's residuals (`cfg.init`; from the factors
+    `initial` gives, else by SVD), then quantize the linear weights (QLoRA;
+    their codes and scales computed straight into `sharding`, see
+    `quant.Sharding`), attach adapters (LoRA, QLoRA; not without `attach`: the
+    base model as the method holds it), and split the model once into
+    (graphdef, trainable, frozen) by variable type; also gives the adapted
+    layer paths."""
+    linears = model.linear_layers()
     paths = ([] if cfg.method == "full" or not attach else
-             apply_lora(model.linear_layers(), cfg, table, key))
+             select_targets(cfg.targets, linears, table))
+    principal = cfg.method != "full" and cfg.init == "pissa"
+    factors = pissa(linears, paths, cfg, initial, sharding) if principal else None
+    if cfg.method == "qlora":
+        quantize_linears(linears, cfg.quant, sharding)
+    apply_lora(linears, paths, cfg, key, factors)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.method), ...)
     return Adapted(graphdef, trainable, frozen, paths)
+
+
+def adapter_factors(model: nnx.Module) -> Factors:
+    """Every adapter's A (in, r) and B (r, out), float32 on the host, by layer path."""
+    return {path: to_host((layer.lora.lora_a[...], layer.lora.lora_b[...]))
+            for path, layer in model.linear_layers().items() if layer.lora is not None}

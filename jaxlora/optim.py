@@ -2,7 +2,9 @@
 
     make_optimizer          clip_by_global_norm (max_grad_norm) -> AdamW
                             (weight decay on matrices only), its learning rate
-                            from `learning_rate_schedule`
+                            from `learning_rate_schedule`; with `lr_ratio_b`
+                            (LoRA+) the LoRA B factors get their own AdamW at
+                            that multiple of the learning rate
     learning_rate_schedule  linear warmup from 0, then linear / cosine decay to
                             0, or constant
     global_norm             the L2 norm of a whole tree of arrays, shared by the
@@ -32,6 +34,7 @@ class OptimSettings(Protocol):
     adam_b2: float
     adam_eps: float
     max_grad_norm: float
+    lr_ratio_b: float | None
 
 
 def learning_rate_schedule(cfg: OptimSettings, steps: int) -> optax.Schedule:
@@ -98,14 +101,42 @@ def joins_small_leaves(placement) -> bool:
     return placement is None or not placement.shard_trainable
 
 
+def is_lora_b(path) -> bool:
+    """Whether a pytree path (`jax.tree_util` keys) leads to a LoRA B factor."""
+    return any(getattr(key, "key", None) == "lora_b" for key in path)
+
+
+def _lora_plus_groups(params):
+    """LoRA+'s partition of the trainable tree: "b" for the LoRA B factors,
+    "rest" for everything else (A factors, a head)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "b" if is_lora_b(path) else "rest", params)
+
+
+def _adamw(cfg: OptimSettings, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW at `learning_rate`, weight decay on matrices only (not biases/norms)."""
+    return optax.adamw(learning_rate, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                       weight_decay=cfg.weight_decay,
+                       mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+
+
 def make_optimizer(cfg: OptimSettings, steps: int, placement=None
                    ) -> optax.GradientTransformation:
     """Gradient clipping then AdamW; weight decay only on matrices (not biases/norms).
-    `placement`: the mesh the step runs on, if any (it decides how the global
-    norm is summed, see `global_norm`)."""
-    adamw = optax.adamw(learning_rate_schedule(cfg, steps), b1=cfg.adam_b1, b2=cfg.adam_b2,
-                        eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    With `cfg.lr_ratio_b` (LoRA+, Hayou et al. 2024) the parameters are
+    partitioned (`optax.multi_transform`): the LoRA B factors follow the same
+    schedule at `lr_ratio_b` times the learning rate, everything else the
+    learning rate itself; unset, there is no partition. `placement`: the
+    mesh the step runs on, if any (it decides how the global norm is
+    summed, see `global_norm`)."""
+    schedule = learning_rate_schedule(cfg, steps)
+    if cfg.lr_ratio_b is None:
+        adamw = _adamw(cfg, schedule)
+    else:
+        ratio = cfg.lr_ratio_b
+        adamw = optax.multi_transform(
+            {"rest": _adamw(cfg, schedule),
+             "b": _adamw(cfg, lambda count: ratio * schedule(count))}, _lora_plus_groups)
     if cfg.max_grad_norm == 0:
         return adamw
     return optax.chain(clip_by_global_norm(cfg.max_grad_norm,

@@ -12,6 +12,8 @@ here: `run` and `plan` for training, and `eval`, `predict`, `generate` and
     load_pretrained   the base model from its safetensors, placed
     load_tokenizer    the model folder's fast tokenizer
     adapt             step 1, the method: LoRA / QLoRA / full on the model
+                      (PiSSA: from the factors a run folder kept, where given)
+    keep_start        PiSSA: the adapters' initial factors into the run folder
     open_run          a run folder's model: the base, adapted, with its
                       latest checkpoint's trained weights
 """
@@ -25,17 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxlora import runtime, sources
 from jaxlora.checkpoint import Checkpointer
 from jaxlora.data import labels_of
 from jaxlora.errors import UserError
+from jaxlora.export import write_safetensors
+from jaxlora.lora import Factors, adapter_factors, count_params, select_targets
 from jaxlora.lora import adapt as adapt_model
-from jaxlora.lora import count_params
 from jaxlora.models import gguf, load_model
 from jaxlora.models.layers import resolve_attention, set_remat
-from jaxlora.models.weights import LoadedModel
+from jaxlora.models.weights import LoadedModel, read_safetensors_file
 from jaxlora.optim import make_optimizer
 from jaxlora.quant import bits_per_parameter, footprint
 from jaxlora.train import TrainState
@@ -147,6 +151,7 @@ class ModelParts:
     frozen: Any
     layers: list[str]  # the adapted linear layers' paths
     base_params: int  # the base model's parameters, counted before any 4-bit packing
+    start: Factors | None = None  # PiSSA: the factors the adapters start from
 
     @property
     def total_params(self) -> int:
@@ -164,19 +169,64 @@ class ModelParts:
 
 
 def adapt(recipe: Recipe, loaded: LoadedModel, placement: runtime.Placement | None = None,
-          *, adapters: bool = True) -> ModelParts:
+          *, adapters: bool = True, run_dir: Path | None = None) -> ModelParts:
     """Step 1, the method, on the loaded model (in place): LoRA adapters, 4-bit
     frozen weights (QLoRA; computed straight into their sharding on
     `placement`), or every weight trainable; the adapters drawn from the
-    recipe's seed. Without `adapters`: the base model as the method holds it
-    (4-bit for QLoRA), no adapter attached and no target checked."""
+    recipe's seed. With PiSSA the frozen weights are residuals: computed (SVD)
+    for a new run, or, given the `run_dir` of a run that started already,
+    rebuilt from the factors it kept (`keep_start`), exactly as it had them.
+    Without `adapters`: the base model as the method holds it (4-bit for
+    QLoRA), no adapter attached and no target checked."""
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing
     key = jax.random.fold_in(jax.random.key(recipe.train.seed), ADAPTER_STREAM)
+    pissa = adapters and getattr(recipe.adapter, "init", None) == "pissa"
+    kept = _kept_start(run_dir, recipe, loaded) if pissa and run_dir is not None else None
     graphdef, trainable, frozen, layers = adapt_model(
         loaded.model, recipe.adapter, loaded.lora_targets, key,
         sharding=placement.frozen_sharding if placement is not None else None,
-        attach=adapters)
-    return ModelParts(loaded, graphdef, trainable, frozen, layers, base_params)
+        attach=adapters, initial=kept)
+    start = adapter_factors(loaded.model) if pissa else None
+    return ModelParts(loaded, graphdef, trainable, frozen, layers, base_params, start)
+
+
+def keep_start(run_dir: Path, parts: ModelParts) -> None:
+    """PiSSA: the factors the adapters start from, into RUN_DIR/pissa.safetensors
+    (`<layer>.lora_a` (in, r), `<layer>.lora_b` (r, out), float32), written
+    whole; nothing for the other inits."""
+    if parts.start is None:
+        return
+    tensors = {f"{path}.{name}": factor for path, pair in parts.start.items()
+               for name, factor in zip(("lora_a", "lora_b"), pair)}
+    run_folder.replace_whole(run_dir / run_folder.PISSA,
+                             lambda tmp: write_safetensors(tmp, tensors))
+
+
+def _kept_start(run_dir: Path, recipe: Recipe, loaded: LoadedModel) -> Factors:
+    """The factors a PiSSA run kept (`keep_start`), checked against the layers
+    the recipe adapts: a UserError naming the file if it is missing or holds
+    anything else."""
+    path = run_dir / run_folder.PISSA
+    if not path.is_file():
+        raise UserError(f"{path}: missing; a PiSSA run's frozen weights are rebuilt from the "
+                        "base model and the adapters' initial factors kept there. Restore it, "
+                        "or start the recipe again with --fresh")
+    tensors = read_safetensors_file(path)
+    linears, rank = loaded.model.linear_layers(), recipe.adapter.rank
+    layers = select_targets(recipe.adapter.targets, linears, loaded.lora_targets)
+    wanted = {}
+    for layer in layers:
+        wanted[f"{layer}.lora_a"] = (linears[layer].in_features, rank)
+        wanted[f"{layer}.lora_b"] = (rank, linears[layer].out_features)
+    found = {name: tuple(t.shape) for name, t in tensors.items() if t.dtype == np.float32}
+    if found != wanted:
+        odd = sorted(set(found.items()) ^ set(wanted.items()))[0][0]
+        raise UserError(f"{path}: not the initial factors of this run's adapters ({odd!r} "
+                        f"is missing, unexpected or of another shape or dtype; expected float32 "
+                        f"<layer>.lora_a (in, {rank}) and <layer>.lora_b ({rank}, out) for "
+                        f"{len(wanted) // 2} layers). Restore it, or start the recipe again "
+                        "with --fresh")
+    return {layer: (tensors[f"{layer}.lora_a"], tensors[f"{layer}.lora_b"]) for layer in layers}
 
 
 def attention_dropout_skipped(recipe: Recipe, config) -> float:
@@ -241,7 +291,7 @@ def open_run(run_dir: Path) -> OpenedRun:
     model_dir = model_folder(recipe, manifests.source_folder(manifest, run_dir))
     loaded = load_pretrained(recipe, model_dir)
     check_fingerprint(model_dir, loaded.fingerprint, manifest, run_dir)
-    parts = adapt(recipe, loaded)
+    parts = adapt(recipe, loaded, run_dir=run_dir)
     state = _latest_state(run_dir, recipe, parts)
     return OpenedRun(run_dir=run_dir, recipe=recipe, manifest=manifest, model_dir=model_dir,
                      parts=parts, trainable=state.trainable, step=state.step,

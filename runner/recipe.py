@@ -67,6 +67,15 @@ class Recipe(BaseModel):
     runtime: RuntimeConfig = RuntimeConfig()  # the devices: mesh axes, multi-host
 
     @model_validator(mode="after")
+    def _lr_ratio_b_needs_adapters(self) -> "Recipe":
+        """LoRA+ (`train.lr_ratio_b`) speeds up LoRA B factors: full fine-tuning has none."""
+        if self.adapter.method == "full" and self.train.lr_ratio_b is not None:
+            raise ValueError('train.lr_ratio_b: LoRA+ sets the learning rate of the LoRA B '
+                             'factors; method "full" has no adapters (use lora or qlora, or '
+                             'leave lr_ratio_b unset)')
+        return self
+
+    @model_validator(mode="after")
     def _data_fits_the_task(self) -> "Recipe":
         """[data] settings that make sense for the task: a classifier's, or a
         causal LM's (labels only with answers; the chat settings with chat)."""

@@ -290,11 +290,15 @@ def hyperparameters(recipe: dict) -> str:
         parts += [f"rank {adapter.get('rank')}", f"alpha {adapter.get('alpha')}",
                   "targets " + (", ".join(f"`{t}`" for t in targets)
                                 if isinstance(targets, list) else f"`{targets or 'default'}`")]
+        if adapter.get("init", "default") != "default":  # runs before inits existed: default
+            parts.append(f"init `{adapter['init']}`")
     if adapter.get("method") == "qlora" and isinstance(adapter.get("quant"), dict):
         parts.append(f"4-bit `{adapter['quant'].get('type')}` (block "
                      f"{adapter['quant'].get('block_size')})")
     parts.append(f"learning rate {train.get('learning_rate')} ({train.get('schedule')}, "
                  f"warmup {train.get('warmup_ratio')})")
+    if train.get("lr_ratio_b") is not None:
+        parts.append(f"LoRA+: B at {train['lr_ratio_b']}x the learning rate")
     epochs = train.get("epochs")
     parts.append(f"max {train['max_steps']} steps" if train.get("max_steps")
                  else f"{epochs} epoch" + ("" if epochs == 1 else "s"))

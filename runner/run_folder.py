@@ -15,6 +15,9 @@ listed, read and compared without starting a device.
       before_after.png the headline metrics before and after, as bars
       tensorboard/     TensorBoard events, when output.tensorboard = true
       checkpoints/     <step>/ (jaxlora.checkpoint)
+      pissa.safetensors  adapter.init = "pissa": the factors A, B the adapters
+                       started from, from which the frozen residual W0 - s A B is
+                       rebuilt exactly (an SVD is not bit-reproducible elsewhere)
       evals/           <timestamp>.json, one per `runner eval`
       .lock            held while a process trains in the folder
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from jaxlora.errors import UserError
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
+PISSA = "pissa.safetensors"
 
 
 # -- writing -------------------------------------------------------------------
@@ -44,9 +48,15 @@ METRICS = "metrics.jsonl"
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a killed process never leaves a
     half-written file in place of a good one."""
+    replace_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` writes the file at a temporary path, renamed to `path` once
+    complete (as `write_atomic`, for files that are not text)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: the old file stays as it was

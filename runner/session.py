@@ -36,7 +36,6 @@ from jaxlora.data import PreparedData
 from jaxlora.answers import judge
 from jaxlora.evaluate import Bar, build_eval_step, evaluate, greedy_answers
 from jaxlora.generate import stop_ids
-from jaxlora.lora import without_adapters
 from jaxlora.tasks import STEP_LOSSES, majority_baseline
 from jaxlora.train import Hook, Hooks, TrainResult, TrainState, fit
 from runner import manifest as manifests
@@ -211,8 +210,9 @@ class Session:
         return metrics
 
     def evaluate_before(self) -> dict | None:
-        """Step 5 on the base model (adapters off), unless the stopped run did
-        it already or the recipe says not to; written to eval.json at once."""
+        """Step 5 on the base model (the adapters as they start), unless the
+        stopped run did it already or the recipe says not to; written to
+        eval.json at once."""
         before = self.evals.get("before")
         # process 0's copy (`evals`) decides whether it is due (every process's
         # work): on a network filesystem another host may not see the file yet
@@ -220,8 +220,10 @@ class Session:
         if not self.recipe.eval.before or done:
             return before
         placement = self.built.placement
-        base = placement.put(without_adapters(self.built.parts.trainable),
-                             placement.shard_trainable)
+        # the trainable weights as `adapt` made them, with which the model is the
+        # base model: B zero, or PiSSA's factors over their residuals (zeroing B
+        # there would leave the residuals alone; see `jaxlora.lora.without_adapters`)
+        base = placement.put(self.built.parts.trainable, placement.shard_trainable)
         before = self.evaluate(base, "eval before")
 
         def log_before() -> None:

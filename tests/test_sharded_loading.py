@@ -39,8 +39,9 @@ class Recorded(np.ndarray):
         return out
 
 
-plain_read = weights._read_file
-weights._read_file = lambda path: {k: v.view(Recorded) for k, v in plain_read(path).items()}
+plain_read = weights.read_safetensors_file
+weights.read_safetensors_file = lambda path: {k: v.view(Recorded)
+                                             for k, v in plain_read(path).items()}
 
 placement = runtime.make_placement(runtime.RuntimeConfig(data=2, fsdp=FSDP),
                                    full_fine_tuning=False)

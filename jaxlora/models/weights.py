@@ -322,14 +322,14 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     """
     tensors: dict[str, np.ndarray] = {}
     for path in weight_files(model_dir):
-        for name, tensor in _read_file(path).items():
+        for name, tensor in read_safetensors_file(path).items():
             if name in tensors:
                 raise UserError(f"{path}: tensor {name!r} is also in another shard")
             tensors[name] = tensor
     return tensors
 
 
-def _read_file(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
     """One safetensors file's tensors, by name, memory-mapped, its header checked first."""
     # The format: an 8-byte little-endian header size, a JSON header mapping each
     # name to {dtype, shape, data_offsets}, then the raw little-endian bytes.

@@ -279,8 +279,8 @@ def remove_stale(out: Path) -> list[Path]:
 
 def _write(tmp: Path, opened: OpenedRun, fmt: str, fam, model, notes: list[str]) -> None:
     if fmt == "peft":
-        write_safetensors(tmp / "adapter_model.safetensors", peft_tensors(model, fam),
-                          {"format": "pt"})
+        write_safetensors(tmp / "adapter_model.safetensors",
+                          peft_tensors(model, fam, opened.parts.start), {"format": "pt"})
         config = peft_config(opened.recipe.adapter, model, fam, task=opened.recipe.model.task,
                              base_model=_base_name(opened))
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -334,6 +334,10 @@ def _notes(opened: OpenedRun, fmt: str) -> list[str]:
     if not opened.finished:
         notes.append(f"the run has not finished: this is its checkpoint at step {opened.step}"
                      + (f" of {opened.total_steps}" if opened.total_steps else ""))
+    if fmt == "peft" and opened.parts.start is not None:
+        notes.append(f"PiSSA: converted, as PEFT's path_initial_model_for_weight_conversion "
+                     f"does, to a plain LoRA adapter of rank {2 * opened.recipe.adapter.rank} "
+                     "for the original base weights (the update since the start of training)")
     if opened.recipe.adapter.method == "qlora":
         quant = opened.recipe.adapter.quant
         if fmt in ("merged", "gguf"):

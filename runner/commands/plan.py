@@ -153,7 +153,9 @@ def memory_plan(recipe, recipe_path: Path, console: Console) -> dict:
     limit = runtime.device_memory()
 
     mesh = placement.mesh.shape
-    console.print(f"[bold]{recipe.name}[/]: {recipe.adapter.method}, "
+    init = getattr(recipe.adapter, "init", "default")
+    method = recipe.adapter.method + ("" if init == "default" else f" (init {init})")
+    console.print(f"[bold]{recipe.name}[/]: {method}, "
                   f"{len(parts.layers)} adapted layers; mesh data {mesh['data']} x fsdp "
                   f"{mesh['fsdp']} over {placement.devices} of the {jax.device_count()} "
                   f"{jax.default_backend()} devices seen ({jax.process_count()} process(es))")

@@ -107,7 +107,9 @@ def run(recipe: Recipe, recipe_path: Path, console: Console, *, mode: Mode = "au
         data, record, shares = _prepared_data(recipe, tokenizer, base, placement, stopped)
         if inferred:  # how, for the manifest (not compared on resume)
             record = {**record, "labels_inferred": inferred}
-        parts = build.adapt(recipe, loaded, placement)  # 1. the method
+        # 1. the method (a stopped PiSSA run's residuals from the factors it kept)
+        parts = build.adapt(recipe, loaded, placement,
+                            run_dir=stopped.run_dir if stopped else None)
         built = Built(placement, base, model_dir, parts, fingerprint, tokenizer, data, record,
                       shares)
         fresh = init_state(parts.trainable, recipe.train, data.train)
@@ -199,6 +201,7 @@ def _start(recipe: Recipe, recipe_path: Path, built: Built, held: contextlib.Exi
     runtime.agree_path(lambda: _locked(held, run_dir))
     _write_before_training(run_dir, lambda: run_folder.write_atomic(run_dir / "recipe.toml",
                                                                     to_toml(recipe)))
+    _write_before_training(run_dir, lambda: build.keep_start(run_dir, built.parts))
     manifest = manifests.begin(canonical(recipe), recipe_hash(recipe), recipe_path.resolve(),
                                built.base, manifests.runtime_record(built.placement, built.shares))
     manifest["model"] = built.parts.record(built.model_dir, built.fingerprint)
