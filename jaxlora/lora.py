@@ -3,23 +3,44 @@
 For a frozen linear layer W0 (stored (in, out)) LoRA adds a trainable low-rank
 update:
 
-    y = x W0 + b + (alpha / r) * dropout(x) A B        A: (in, r)   B: (r, out)
+    y = x W0 + b + s * dropout(x) A B        A: (in, r)   B: (r, out)   s = alpha / r
 
     x ──► W0 ──────────────┐
     │                      (+) ──► y
-    └─► dropout ─► A ─► B ─┘  × alpha/r
+    └─► dropout ─► A ─► B ─┘  × s
+
+Variants, as PEFT has them (`use_rslora`, `use_dora`):
+
+    rsLoRA (scaling = "rslora")  the scale is alpha / sqrt(r), not alpha / r
+                                 (Kalajdzievski 2023: the update's size then
+                                 does not shrink as the rank grows)
+    DoRA   (dora = true)         y = m / ||W0 + s A B|| * x (W0 + s A B) + b
+                                 (Liu et al. 2024), the norm per output feature
+                                 (over W0's input axis), m a trained magnitude
+                                 per output feature starting at ||W0||, the
+                                 bias not scaled. The norm is a constant in the
+                                 gradient (PEFT detaches it: the paper's 4.3).
+                                 W0 is the weight the layer computes with (the
+                                 dequantized 4-bit one under qlora).
+
+DoRA keeps ||W0||^2 per output feature as a frozen `DoraNorm` and computes the
+norm of W0 + s A B from it and two rank-r products (`_sq_norm_gain`), never
+forming W0 + s A B: no weight-sized temporary per layer, and with B = 0 the
+norm is exactly the initial magnitude, so the model is exactly the base model.
+With dropout in training the rescaled base term sees the dropped-out input,
+as in PEFT (one more x W0 product per layer).
 
 A is drawn like PEFT's (kaiming-uniform, bound 1/sqrt(in)); B starts at zero,
 so the adapted model starts exactly equal to the base model. A and B are
-`nnx.LoRAParam` in float32 whatever the base dtype. PEFT stores
+`nnx.LoRAParam` in float32 whatever the base dtype (and so is DoRA's m). PEFT stores
 `lora_A.weight` as (r, in) and `lora_B.weight` as (out, r): export transposes.
 
 Which weights train is decided by variable *type* (`trainable_filter`), once,
 by `nnx.split` before compiling:
 
     method   trainable                     frozen
-    lora     nnx.LoRAParam + HeadParam     BaseWeight
-    qlora    nnx.LoRAParam + HeadParam     QuantState (4-bit linears) + BaseWeight
+    lora     nnx.LoRAParam + HeadParam     BaseWeight (+ DoraNorm)
+    qlora    nnx.LoRAParam + HeadParam     QuantState (4-bit linears) + BaseWeight (+ DoraNorm)
     full     BaseWeight + HeadParam        -
 
 Targets are names of linear layers inside each transformer block, as the
@@ -40,7 +61,7 @@ from flax import nnx
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from jaxlora.errors import UserError
-from jaxlora.models.layers import BaseWeight, HeadParam, Linear, dropout
+from jaxlora.models.layers import BaseWeight, FrozenKernel, HeadParam, Linear, dropout
 from jaxlora.quant import QuantConfig, quantize_linears
 from jaxlora.runtime import whole
 
@@ -56,6 +77,9 @@ class LoraConfig(BaseModel):
     rank: int = Field(8, gt=0, le=4096)  # r, the inner dimension of A and B
     alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the adapter's input (train only)
+    # the update's scale: alpha / rank, or rsLoRA's alpha / sqrt(rank) (rank-stabilized)
+    scaling: Literal["standard", "rslora"] = "standard"
+    dora: bool = False  # DoRA: a trained magnitude per output feature times the normalized W + BA
     # layer names, or all-linear; unset: the model family's default (PEFT's: BERT
     # query/value, GPT-2 c_attn, Llama/Mistral/Qwen2 q_proj/v_proj)
     targets: Union[Literal["all-linear"], list[str], None] = None
@@ -66,6 +90,11 @@ class LoraConfig(BaseModel):
         if isinstance(v, list) and (not v or len(set(v)) != len(v)):
             raise ValueError("must list at least one layer name, each once")
         return v
+
+    @property
+    def scale(self) -> float:
+        """The factor of the update B A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.scaling == "rslora" else self.rank)
 
 
 class QLoraConfig(LoraConfig):
@@ -83,6 +112,13 @@ class FullConfig(BaseModel):
     method: Literal["full"] = "full"
 
 
+def variant_names(adapter: dict) -> list[str]:
+    """The LoRA variants an [adapter] table as data (a manifest's recipe, a
+    `model_dump()`) turns on, by their papers' names."""
+    return (["rsLoRA"] if adapter.get("scaling") == "rslora" else []) + \
+        (["DoRA"] if adapter.get("dora") else [])
+
+
 def _method(value) -> str | None:
     """The discriminator: `method`, which defaults to "lora" when left out."""
     if isinstance(value, dict):
@@ -98,20 +134,67 @@ AdapterConfig = Annotated[Union[Annotated[LoraConfig, Tag("lora")],
 
 
 class LoRAAdapter(nnx.Module):
-    """The low-rank update `(alpha / r) * dropout(x) A B` of one linear layer."""
+    """The low-rank update `scale * dropout(x) A B` of one linear layer."""
 
-    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
+    def __init__(self, in_features: int, out_features: int, *, rank: int, scale: float,
                  dropout_rate: float, key: jax.Array):
         bound = 1.0 / math.sqrt(in_features)  # PEFT: kaiming_uniform_(a=sqrt(5))
         self.lora_a = nnx.LoRAParam(
             jax.random.uniform(key, (in_features, rank), jnp.float32, -bound, bound))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), jnp.float32))
-        self.scale = alpha / rank
+        self.scale = scale
         self.dropout_rate = dropout_rate
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None, kernel: FrozenKernel,
+                 base: jax.Array) -> jax.Array:
+        """What the layer adds to `base` = x W (+ bias); `kernel` unused here."""
         x = dropout(x, self.dropout_rate, rng).astype(jnp.float32)
         return (x @ whole(self.lora_a[...])) @ whole(self.lora_b[...]) * self.scale
+
+
+class DoraNorm(nnx.Variable):
+    """||W||^2 per output feature of a DoRA layer's frozen weight (frozen)."""
+
+
+class DoRAAdapter(LoRAAdapter):
+    """DoRA: the layer becomes `m / ||W + s A B|| * x (W + s A B) + bias`, with
+    the norm per output feature, `m` trained, and the norm a constant in the
+    gradient (see the module docstring); it returns what that adds to `base`."""
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, scale: float,
+                 dropout_rate: float, key: jax.Array, sq_norm: jax.Array):
+        super().__init__(in_features, out_features, rank=rank, scale=scale,
+                         dropout_rate=dropout_rate, key=key)
+        self.sq_norm = DoraNorm(sq_norm)
+        # the same square root as `__call__` takes of sq_norm + 0 while B = 0
+        self.magnitude = nnx.LoRAParam(jnp.sqrt(sq_norm))
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None, kernel: FrozenKernel,
+                 base: jax.Array) -> jax.Array:
+        a, b = whole(self.lora_a[...]), whole(self.lora_b[...])
+        gain = jax.lax.stop_gradient(_sq_norm_gain(a, b, kernel, self.scale))
+        ratio = whole(self.magnitude[...]) / jnp.sqrt(whole(self.sq_norm[...]) + gain)
+        if rng is not None and self.dropout_rate > 0:
+            # as PEFT: with dropout in training, the rescaled base term sees the
+            # dropped-out input too (the layer's own x W + bias keeps the whole x)
+            x = dropout(x, self.dropout_rate, rng)
+            base = kernel.apply(x)
+        update = (x.astype(jnp.float32) @ a) @ b * self.scale
+        return (ratio - 1.0) * base.astype(jnp.float32) + ratio * update
+
+
+def _sq_norm_gain(a: jax.Array, b: jax.Array, kernel: FrozenKernel, scale: float) -> jax.Array:
+    """||W + s A B||^2 - ||W||^2 per output feature j, never forming W + s A B:
+    sum_k B_kj (2 s (A^T W)_kj + s^2 (A^T A B)_kj). Exactly 0 where B is 0."""
+    a_w = jax.lax.dot_general(a.astype(kernel.value.dtype), kernel.value,
+                              (((0,), (kernel.in_axis,)), ((), ())),
+                              preferred_element_type=jnp.float32)  # (r, out)
+    return jnp.sum(b * (2.0 * scale * a_w + scale * scale * ((a.T @ a) @ b)), axis=0)
+
+
+def _sq_norms(kernel: FrozenKernel) -> jax.Array:
+    """||W||^2 per output feature, float32."""
+    return jnp.sum(jnp.square(kernel.value.astype(jnp.float32)), axis=kernel.in_axis)
 
 
 def _matches(path: str, suffix: str) -> bool:
@@ -150,8 +233,10 @@ def apply_lora(linears: dict[str, Linear], cfg: LoraConfig, table: dict[str, str
     paths = select_targets(cfg.targets, linears, table)
     for path, k in zip(paths, jax.random.split(key, len(paths))):
         layer = linears[path]
-        layer.lora = LoRAAdapter(layer.in_features, layer.out_features, rank=cfg.rank,
-                                 alpha=cfg.alpha, dropout_rate=cfg.dropout, key=k)
+        sizes = dict(rank=cfg.rank, scale=cfg.scale, dropout_rate=cfg.dropout, key=k)
+        layer.lora = (DoRAAdapter(layer.in_features, layer.out_features, **sizes,
+                                  sq_norm=_sq_norms(layer.frozen_kernel(jnp.float32)))
+                      if cfg.dora else LoRAAdapter(layer.in_features, layer.out_features, **sizes))
     return paths
 
 
@@ -167,12 +252,22 @@ def count_params(state) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(state))
 
 
-def without_adapters(trainable):
-    """`trainable` with every LoRA B set to zero: the adapted model then computes
+def without_adapters(trainable, frozen):
+    """`trainable` with every LoRA B set to zero and every DoRA magnitude back
+    to its weight's norm (from `frozen`): the adapted model then computes
     exactly the base model (used for the "before" evaluation)."""
-    flat = [(path, var.replace(jnp.zeros_like(var[...])) if path[-1] == "lora_b" else var)
-            for path, var in nnx.to_flat_state(trainable)]
-    return nnx.from_flat_state(flat)
+    sq_norms = {path[:-1]: var for path, var in nnx.to_flat_state(frozen)
+                if isinstance(var, DoraNorm)}
+
+    def reset(path, var):
+        if path[-1] == "lora_b":
+            return var.replace(jnp.zeros_like(var[...]))
+        if path[-1] == "magnitude":
+            return var.replace(jnp.sqrt(sq_norms[path[:-1]][...]))
+        return var
+
+    return nnx.from_flat_state([(path, reset(path, var))
+                                for path, var in nnx.to_flat_state(trainable)])
 
 
 class Adapted(NamedTuple):

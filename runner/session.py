@@ -220,7 +220,7 @@ class Session:
         if not self.recipe.eval.before or done:
             return before
         placement = self.built.placement
-        base = placement.put(without_adapters(self.built.parts.trainable),
+        base = placement.put(without_adapters(self.built.parts.trainable, self.frozen),
                              placement.shard_trainable)
         before = self.evaluate(base, "eval before")
 
