@@ -5,20 +5,24 @@ PEFT (`peft.PeftModel.from_pretrained(base_model, folder)`):
     adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, ...
     adapter_model.safetensors   base_model.model.<module>.lora_A.weight   (r, in)
                                 base_model.model.<module>.lora_B.weight   (out, r)
+                                base_model.model.<module>.lora_magnitude_vector  (out,)  DoRA
                                 base_model.model.classifier.weight        (labels, hidden)
                                 base_model.model.classifier.bias
 
 Our A is (in, r) and B is (r, out), so both are transposed; PEFT's scale is
-lora_alpha / r, as ours. `target_modules` lists the adapted modules by full
+lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`), as ours; DoRA's
+magnitude goes as it is (PEFT loads it over the one it computes from the
+base weights). `target_modules` lists the adapted modules by full
 path (without the task prefix), because suffixes are ambiguous in BERT:
 `output.dense` also ends `attention.output.dense`.
 
 Merged (`transformers.AutoModelForSequenceClassification.from_pretrained`):
-every linear weight becomes W0 + (alpha / r) * A B, transposed to torch's
-(out, in); the other base weights are written back through the family's
-weight table (`WEIGHT_RULES` read in reverse) and the head through
-`HEAD_RULES`. For QLoRA W0 is the dequantized 4-bit weight the adapter was
-trained against, not the original full-precision one.
+every linear weight becomes W0 + scale * A B, transposed to torch's (out, in)
+(DoRA: times m / ||W0 + scale * A B|| per output row); the other base weights
+are written back through the family's weight table (`WEIGHT_RULES` read in
+reverse) and the head through `HEAD_RULES`. For QLoRA W0 is the dequantized
+4-bit weight the adapter was trained against, not the original full-precision
+one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxlora.lora import DoRAAdapter
 from jaxlora.models.layers import BaseWeight, HeadParam, Linear
 from jaxlora.models.weights import rule_for_path
 
@@ -43,18 +48,31 @@ _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
 def kernel_out_in(linear: Linear) -> np.ndarray:
     """The layer's frozen weight as torch stores it, (out, in) float32: the
     kernel transposed, or a quantized kernel dequantized."""
-    if isinstance(linear.kernel, nnx.Variable):
-        return np.asarray(linear.kernel[...], np.float32).T
-    return np.asarray(linear.kernel.dequantize_out_in(jnp.float32))
+    return np.asarray(linear.frozen_kernel(jnp.float32).out_in())
 
 
 def lora_delta_out_in(linear: Linear) -> np.ndarray | None:
-    """(alpha / r) * (A B)^T, (out, in) float32, or None without an adapter."""
+    """scale * (A B)^T, (out, in) float32, or None without an adapter."""
     if linear.lora is None:
         return None
     a = np.asarray(linear.lora.lora_a[...], np.float32)
     b = np.asarray(linear.lora.lora_b[...], np.float32)
     return (linear.lora.scale * (a @ b)).T
+
+
+def merged_out_in(linear: Linear) -> np.ndarray:
+    """The layer's weight with its adapter merged, (out, in) float32:
+    W0 + scale (A B)^T, for DoRA times m / ||that|| per output row (PEFT's
+    merge: the norm of the merged rows, which is the norm DoRA's forward uses)."""
+    weight = kernel_out_in(linear)
+    delta = lora_delta_out_in(linear)
+    if delta is None:
+        return weight
+    weight = weight + delta
+    if isinstance(linear.lora, DoRAAdapter):
+        magnitude = np.asarray(linear.lora.magnitude[...], np.float32)
+        weight = (magnitude / np.linalg.norm(weight, axis=1))[:, None] * weight
+    return weight
 
 
 def peft_tensors(model, family) -> dict[str, np.ndarray]:
@@ -66,6 +84,9 @@ def peft_tensors(model, family) -> dict[str, np.ndarray]:
                 linear.lora.lora_a[...], np.float32).T.copy()
             tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = np.asarray(
                 linear.lora.lora_b[...], np.float32).T.copy()
+            if isinstance(linear.lora, DoRAAdapter):
+                tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = np.asarray(
+                    linear.lora.magnitude[...], np.float32)
     for key, value in _head_tensors(model, family).items():
         tensors[PEFT_PREFIX + key] = value
     return tensors
@@ -89,7 +110,7 @@ def peft_config(cfg, model, family, *, task: str, base_model: str | None) -> dic
             "lora_dropout": cfg.dropout, "target_modules": targets,
             "modules_to_save": [_head_module(family)] if classify else None,
             "bias": "none", "fan_in_fan_out": getattr(family, "FAN_IN_FAN_OUT", False),
-            "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "use_rslora": cfg.scaling == "rslora", "use_dora": cfg.dora, "init_lora_weights": True,
             "inference_mode": True, "revision": None}
 
 
@@ -102,9 +123,7 @@ def merged_tensors(model, family, dtype=np.float32, *,
     prefix = _prefix(family, task)
     top_level = tuple(getattr(family, "UNPREFIXED", ()))  # e.g. Llama's lm_head
     for path, linear in model.linear_layers().items():
-        weight = kernel_out_in(linear)
-        delta = lora_delta_out_in(linear)
-        weight = weight if delta is None else weight + delta
+        weight = merged_out_in(linear)
         # GPT-2's Conv1D keeps (in, out)
         tensors[f"{path}.weight"] = weight.T if getattr(family, "FAN_IN_FAN_OUT", False) else weight
         handled.add(id(linear.kernel))
