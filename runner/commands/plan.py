@@ -26,6 +26,7 @@ from jaxlora.tasks import STEP_LOSSES
 from jaxlora.train import build_train_step, step_batch
 from runner import build, libraries
 from runner.recipe import load_recipe
+from runner.report import method_label
 
 
 def main(args, console, stop) -> int:
@@ -153,7 +154,7 @@ def memory_plan(recipe, recipe_path: Path, console: Console) -> dict:
     limit = runtime.device_memory()
 
     mesh = placement.mesh.shape
-    console.print(f"[bold]{recipe.name}[/]: {recipe.adapter.method}, "
+    console.print(f"[bold]{recipe.name}[/]: {method_label(recipe.adapter.model_dump())}, "
                   f"{len(parts.layers)} adapted layers; mesh data {mesh['data']} x fsdp "
                   f"{mesh['fsdp']} over {placement.devices} of the {jax.device_count()} "
                   f"{jax.default_backend()} devices seen ({jax.process_count()} process(es))")
