@@ -173,14 +173,18 @@ class DoRAAdapter(LoRAAdapter):
                  base: jax.Array) -> jax.Array:
         a, b = whole(self.lora_a[...]), whole(self.lora_b[...])
         gain = jax.lax.stop_gradient(_sq_norm_gain(a, b, kernel, self.scale))
-        ratio = whole(self.magnitude[...]) / jnp.sqrt(whole(self.sq_norm[...]) + gain)
+        norm = jnp.sqrt(whole(self.sq_norm[...]) + gain)
+        magnitude = whole(self.magnitude[...])
+        # m / norm - 1 written so that it is exactly 0 where m is the norm: XLA
+        # turns a division by a square root into a product with rsqrt, not exact
+        excess = (magnitude - norm) / norm
         if rng is not None and self.dropout_rate > 0:
             # as PEFT: with dropout in training, the rescaled base term sees the
             # dropped-out input too (the layer's own x W + bias keeps the whole x)
             x = dropout(x, self.dropout_rate, rng)
             base = kernel.apply(x)
         update = (x.astype(jnp.float32) @ a) @ b * self.scale
-        return (ratio - 1.0) * base.astype(jnp.float32) + ratio * update
+        return excess * base.astype(jnp.float32) + (magnitude / norm) * update
 
 
 def _sq_norm_gain(a: jax.Array, b: jax.Array, kernel: FrozenKernel, scale: float) -> jax.Array:
