@@ -237,10 +237,10 @@ def apply_lora(linears: dict[str, Linear], cfg: LoraConfig, table: dict[str, str
     paths = select_targets(cfg.targets, linears, table)
     for path, k in zip(paths, jax.random.split(key, len(paths))):
         layer = linears[path]
-        sizes = dict(rank=cfg.rank, scale=cfg.scale, dropout_rate=cfg.dropout, key=k)
-        layer.lora = (DoRAAdapter(layer.in_features, layer.out_features, **sizes,
+        shared = dict(rank=cfg.rank, scale=cfg.scale, dropout_rate=cfg.dropout, key=k)
+        layer.lora = (DoRAAdapter(layer.in_features, layer.out_features, **shared,
                                   sq_norm=_sq_norms(layer.frozen_kernel(jnp.float32)))
-                      if cfg.dora else LoRAAdapter(layer.in_features, layer.out_features, **sizes))
+                      if cfg.dora else LoRAAdapter(layer.in_features, layer.out_features, **shared))
     return paths
 
 
