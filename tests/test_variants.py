@@ -95,21 +95,26 @@ def _torch_base(folder, task: str, ours):
 def _peft_reference(folder, task: str, cfg, ours):
     """PEFT's model with the same base weights, config and adapter weights as `ours`."""
     import peft
-    import torch
 
     paths = [p for p, linear in ours.linear_layers().items() if linear.lora is not None]
     model = peft.get_peft_model(_torch_base(folder, task, ours), peft.LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, target_modules=paths, lora_dropout=0.0,
         use_rslora=cfg.scaling == "rslora", use_dora=cfg.dora))
-    with torch.no_grad():
-        for path in paths:
-            lora, theirs = ours.linear_layers()[path].lora, model.base_model.model.get_submodule(path)
-            theirs.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(lora.lora_a[...]).T.copy()))
-            theirs.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(lora.lora_b[...]).T.copy()))
-            if cfg.dora:
-                theirs.lora_magnitude_vector["default"].weight.copy_(
-                    torch.from_numpy(np.asarray(lora.magnitude[...])))
+    for path in paths:
+        _copy_adapter(ours.linear_layers()[path].lora, model.base_model.model.get_submodule(path))
     return model.eval()
+
+
+def _copy_adapter(lora, theirs) -> None:
+    """Our adapter's A, B (and DoRA's magnitude) into PEFT's layer `theirs`."""
+    import torch
+
+    weights = {"lora_A": np.asarray(lora.lora_a[...]).T, "lora_B": np.asarray(lora.lora_b[...]).T}
+    if hasattr(lora, "magnitude"):
+        weights["lora_magnitude_vector"] = np.asarray(lora.magnitude[...])
+    with torch.no_grad():
+        for name, value in weights.items():
+            getattr(theirs, name)["default"].weight.copy_(torch.from_numpy(value.copy()))
 
 
 def _torch_logits(model, ids, mask) -> np.ndarray:
@@ -185,10 +190,7 @@ class TestDoraLayerEqualsPeftInTraining:
         with torch.no_grad():
             theirs.base_layer.weight.copy_(torch.from_numpy(weight))
             theirs.base_layer.bias.copy_(torch.from_numpy(bias))
-            theirs.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(lora.lora_a[...]).T.copy()))
-            theirs.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(lora.lora_b[...]).T.copy()))
-            theirs.lora_magnitude_vector["default"].weight.copy_(
-                torch.from_numpy(np.asarray(lora.magnitude[...])))
+        _copy_adapter(lora, theirs)
         theirs.lora_dropout["default"] = Dropped()
         model.train()
         out = model(torch.from_numpy(x))
@@ -277,7 +279,8 @@ class TestEqualToPeft:
 
 
 DORA_QLORA = (TINY_RECIPE.replace('method = "lora"', 'method = "qlora"\ndora = true\ndropout = 0.1')
-              .replace("epochs = 3", "epochs = 3\nmax_steps = 8\ncheckpoint_every = 4\nkeep_checkpoints = 3"))
+              .replace("epochs = 3", "epochs = 3\nmax_steps = 8\ncheckpoint_every = 4\n"
+                                     "keep_checkpoints = 3"))
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +329,6 @@ class TestDoraQloraRun:
         assert [x.tobytes() for x in again] == [x.tobytes() for x in final]
 
     def test_exports_load_with_equal_logits(self, dora_run):
-        import torch
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 
