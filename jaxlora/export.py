@@ -5,11 +5,14 @@ PEFT (`peft.PeftModel.from_pretrained(base_model, folder)`):
     adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, ...
     adapter_model.safetensors   base_model.model.<module>.lora_A.weight   (r, in)
                                 base_model.model.<module>.lora_B.weight   (out, r)
+                                base_model.model.<module>.lora_magnitude_vector  (out,)  DoRA
                                 base_model.model.classifier.weight        (labels, hidden)
                                 base_model.model.classifier.bias
 
 Our A is (in, r) and B is (r, out), so both are transposed; PEFT's scale is
-lora_alpha / r, as ours. `target_modules` lists the adapted modules by full
+lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`), as ours; DoRA's
+magnitude goes as it is (PEFT loads it over the one it computes from the
+base weights). `target_modules` lists the adapted modules by full
 path (without the task prefix), because suffixes are ambiguous in BERT:
 `output.dense` also ends `attention.output.dense`.
 
@@ -21,15 +24,17 @@ A' = [A | A0], B' = [B ; -B0] (lora_A rows and lora_B columns concatenated),
 with lora_alpha doubled so that alpha / r stays s.
 
 Merged (`transformers.AutoModelForSequenceClassification.from_pretrained`):
-every linear weight becomes W0 + (alpha / r) * A B, transposed to torch's
-(out, in); the other base weights are written back through the family's
-weight table (`WEIGHT_RULES` read in reverse) and the head through
-`HEAD_RULES`. For QLoRA W0 is the dequantized 4-bit weight the adapter was
-trained against, not the original full-precision one.
+every linear weight becomes W0 + scale * A B, transposed to torch's (out, in)
+(DoRA: times m / ||W0 + scale * A B|| per output row); the other base weights
+are written back through the family's weight table (`WEIGHT_RULES` read in
+reverse) and the head through `HEAD_RULES`. For QLoRA W0 is the dequantized
+4-bit weight the adapter was trained against, not the original full-precision
+one.
 """
 
 from __future__ import annotations
 
+import math
 import json
 from pathlib import Path
 
@@ -38,7 +43,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxlora.lora import Factors, adapter_factors
+from jaxlora.lora import DoRAAdapter, Factors, adapter_factors
 from jaxlora.models.layers import BaseWeight, HeadParam, Linear
 from jaxlora.models.weights import rule_for_path
 
@@ -51,13 +56,11 @@ _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
 def kernel_out_in(linear: Linear) -> np.ndarray:
     """The layer's frozen weight as torch stores it, (out, in) float32: the
     kernel transposed, or a quantized kernel dequantized."""
-    if isinstance(linear.kernel, nnx.Variable):
-        return np.asarray(linear.kernel[...], np.float32).T
-    return np.asarray(linear.kernel.dequantize_out_in(jnp.float32))
+    return np.asarray(linear.frozen_kernel(jnp.float32).out_in())
 
 
 def lora_delta_out_in(linear: Linear) -> np.ndarray | None:
-    """(alpha / r) * (A B)^T, (out, in) float32, or None without an adapter."""
+    """scale * (A B)^T, (out, in) float32, or None without an adapter."""
     if linear.lora is None:
         return None
     a = np.asarray(linear.lora.lora_a[...], np.float32)
@@ -65,17 +68,37 @@ def lora_delta_out_in(linear: Linear) -> np.ndarray | None:
     return (linear.lora.scale * (a @ b)).T
 
 
+def merged_out_in(linear: Linear) -> np.ndarray:
+    """The layer's weight with its adapter merged, (out, in) float32:
+    W0 + scale (A B)^T, for DoRA times m / ||that|| per output row (PEFT's
+    merge: the norm of the merged rows, which is the norm DoRA's forward uses)."""
+    weight = kernel_out_in(linear)
+    delta = lora_delta_out_in(linear)
+    if delta is None:
+        return weight
+    weight = weight + delta
+    if isinstance(linear.lora, DoRAAdapter):
+        magnitude = np.asarray(linear.lora.magnitude[...], np.float32)
+        weight = (magnitude / np.linalg.norm(weight, axis=1))[:, None] * weight
+    return weight
+
+
 def peft_tensors(model, family, start: Factors | None = None) -> dict[str, np.ndarray]:
-    """PEFT's adapter_model.safetensors contents for an adapted task model;
-    with PiSSA's `start` (the factors the adapters started from), the
-    adapter of the update since then, for the original base weights."""
+    """PEFT's adapter_model.safetensors contents for an adapted task model
+    (DoRA's magnitudes included); with PiSSA's `start` (the factors the
+    adapters started from), the adapter of the update since then, for the
+    original base weights."""
     tensors = {}
+    linears = model.linear_layers()
     for path, (a, b) in adapter_factors(model).items():
         if start is not None:
             a0, b0 = start[path]
             a, b = np.concatenate([a, a0], axis=1), np.concatenate([b, -b0], axis=0)
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.T.copy()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.T.copy()
+        if isinstance(linears[path].lora, DoRAAdapter):
+            tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = np.asarray(
+                linears[path].lora.magnitude[...], np.float32)
     for key, value in _head_tensors(model, family).items():
         tensors[PEFT_PREFIX + key] = value
     return tensors
@@ -92,9 +115,10 @@ def peft_config(cfg, model, family, *, task: str, base_model: str | None) -> dic
     prefix = _prefix(family, task)
     targets = [path.removeprefix(prefix) for path, linear in model.linear_layers().items()
                if linear.lora is not None]
-    # PiSSA's converted adapter has rank 2r; alpha doubles with it (see above)
+    # PiSSA's converted adapter has rank 2r; alpha grows with it so that the
+    # scale stays (see above): doubled, or times sqrt(2) for rsLoRA's alpha / sqrt(r)
     doubled = 2 if cfg.init == "pissa" else 1
-    alpha = doubled * cfg.alpha
+    alpha = cfg.alpha * (math.sqrt(doubled) if cfg.scaling == "rslora" else doubled)
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     classify = task == "classification"
     return {"peft_type": "LORA", "task_type": "SEQ_CLS" if classify else "CAUSAL_LM",
@@ -103,7 +127,7 @@ def peft_config(cfg, model, family, *, task: str, base_model: str | None) -> dic
             "lora_dropout": cfg.dropout, "target_modules": targets,
             "modules_to_save": [_head_module(family)] if classify else None,
             "bias": "none", "fan_in_fan_out": getattr(family, "FAN_IN_FAN_OUT", False),
-            "use_rslora": False, "use_dora": False,
+            "use_rslora": cfg.scaling == "rslora", "use_dora": cfg.dora,
             "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
             "inference_mode": True, "revision": None}
 
@@ -117,9 +141,7 @@ def merged_tensors(model, family, dtype=np.float32, *,
     prefix = _prefix(family, task)
     top_level = tuple(getattr(family, "UNPREFIXED", ()))  # e.g. Llama's lm_head
     for path, linear in model.linear_layers().items():
-        weight = kernel_out_in(linear)
-        delta = lora_delta_out_in(linear)
-        weight = weight if delta is None else weight + delta
+        weight = merged_out_in(linear)
         # GPT-2's Conv1D keeps (in, out)
         tensors[f"{path}.weight"] = weight.T if getattr(family, "FAN_IN_FAN_OUT", False) else weight
         handled.add(id(linear.kernel))

@@ -3,11 +3,32 @@
 For a frozen linear layer W0 (stored (in, out)) LoRA adds a trainable low-rank
 update:
 
-    y = x W0 + b + (alpha / r) * dropout(x) A B        A: (in, r)   B: (r, out)
+    y = x W0 + b + s * dropout(x) A B        A: (in, r)   B: (r, out)   s = alpha / r
 
     x ──► W0 ──────────────┐
     │                      (+) ──► y
-    └─► dropout ─► A ─► B ─┘  × alpha/r
+    └─► dropout ─► A ─► B ─┘  × s
+
+Variants, as PEFT has them (`use_rslora`, `use_dora`):
+
+    rsLoRA (scaling = "rslora")  the scale is alpha / sqrt(r), not alpha / r
+                                 (Kalajdzievski 2023: the update's size then
+                                 does not shrink as the rank grows)
+    DoRA   (dora = true)         y = m / ||W0 + s A B|| * x (W0 + s A B) + b
+                                 (Liu et al. 2024), the norm per output feature
+                                 (over W0's input axis), m a trained magnitude
+                                 per output feature starting at ||W0||, the
+                                 bias not scaled. The norm is a constant in the
+                                 gradient (PEFT detaches it: the paper's 4.3).
+                                 W0 is the weight the layer computes with (the
+                                 dequantized 4-bit one under qlora).
+
+DoRA keeps ||W0||^2 per output feature as a frozen `DoraNorm` and computes the
+norm of W0 + s A B from it and two rank-r products (`_sq_norm_gain`), never
+forming W0 + s A B: no weight-sized temporary per layer, and with B = 0 the
+norm is exactly the initial magnitude, so the model is exactly the base model.
+With dropout in training the rescaled base term sees the dropped-out input,
+as in PEFT (one more x W0 product per layer).
 
 How A and B start (`init`), each as PEFT's `init_lora_weights` of that name:
 
@@ -15,7 +36,7 @@ How A and B start (`init`), each as PEFT's `init_lora_weights` of that name:
                starts exactly equal to the base model
     gaussian   A ~ normal(0, std 1/r), B zero: the same, exactly
     pissa      PiSSA (Meng et al. 2024): W0 = U S V^T (full SVD, float32);
-               A = U_r sqrt(S_r / s), B = sqrt(S_r / s) V_r^T (s = alpha / r)
+               A = U_r sqrt(S_r / s), B = sqrt(S_r / s) V_r^T (s the scale)
                take the r principal singular values and vectors, and the
                frozen weight becomes the residual W0 - s A B (cast back to its
                dtype), so the model starts equal to the base up to rounding.
@@ -24,15 +45,15 @@ How A and B start (`init`), each as PEFT's `init_lora_weights` of that name:
                passes the factors it started from (`adapt(initial=...)`) and
                gets the same residual again
 
-A and B are `nnx.LoRAParam` in float32 whatever the base dtype. PEFT stores
+A and B are `nnx.LoRAParam` in float32 whatever the base dtype (and so is DoRA's m). PEFT stores
 `lora_A.weight` as (r, in) and `lora_B.weight` as (out, r): export transposes.
 
 Which weights train is decided by variable *type* (`trainable_filter`), once,
 by `nnx.split` before compiling:
 
     method   trainable                     frozen
-    lora     nnx.LoRAParam + HeadParam     BaseWeight
-    qlora    nnx.LoRAParam + HeadParam     QuantState (4-bit linears) + BaseWeight
+    lora     nnx.LoRAParam + HeadParam     BaseWeight (+ DoraNorm)
+    qlora    nnx.LoRAParam + HeadParam     QuantState (4-bit linears) + BaseWeight (+ DoraNorm)
     full     BaseWeight + HeadParam        -
 
 Targets are names of linear layers inside each transformer block, as the
@@ -52,10 +73,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
+                      model_validator)
 
 from jaxlora.errors import UserError
-from jaxlora.models.layers import BaseWeight, HeadParam, Linear, dropout
+from jaxlora.models.layers import BaseWeight, FrozenKernel, HeadParam, Linear, dropout
 from jaxlora.quant import QuantConfig, Sharding, quantize_linears
 from jaxlora.runtime import to_host, whole
 
@@ -71,6 +93,9 @@ class LoraConfig(BaseModel):
     rank: int = Field(8, gt=0, le=4096)  # r, the inner dimension of A and B
     alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the adapter's input (train only)
+    # the update's scale: alpha / rank, or rsLoRA's alpha / sqrt(rank) (rank-stabilized)
+    scaling: Literal["standard", "rslora"] = "standard"
+    dora: bool = False  # DoRA: a trained magnitude per output feature times the normalized W + BA
     # layer names, or all-linear; unset: the model family's default (PEFT's: BERT
     # query/value, GPT-2 c_attn, Llama/Mistral/Qwen2 q_proj/v_proj)
     targets: Union[Literal["all-linear"], list[str], None] = None
@@ -84,6 +109,19 @@ class LoraConfig(BaseModel):
         if isinstance(v, list) and (not v or len(set(v)) != len(v)):
             raise ValueError("must list at least one layer name, each once")
         return v
+
+    @model_validator(mode="after")
+    def _pissa_not_with_dora(self):
+        if self.init == "pissa" and self.dora:
+            raise ValueError('adapter.init = "pissa" with adapter.dora = true: not supported '
+                             "(DoRA's magnitudes start from a weight with B at zero; PiSSA "
+                             "starts B at the principal part); choose one")
+        return self
+
+    @property
+    def scale(self) -> float:
+        """The factor of the update B A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.scaling == "rslora" else self.rank)
 
 
 class QLoraConfig(LoraConfig):
@@ -101,6 +139,15 @@ class FullConfig(BaseModel):
     method: Literal["full"] = "full"
 
 
+def variant_names(adapter: dict) -> list[str]:
+    """The LoRA variants an [adapter] table as data (a manifest's recipe, a
+    `model_dump()`) turns on, by their papers' names."""
+    init = adapter.get("init", "default")
+    return (["rsLoRA"] if adapter.get("scaling") == "rslora" else []) + \
+        (["DoRA"] if adapter.get("dora") else []) + \
+        (["PiSSA"] if init == "pissa" else [f"{init} init"] if init != "default" else [])
+
+
 def _method(value) -> str | None:
     """The discriminator: `method`, which defaults to "lora" when left out."""
     if isinstance(value, dict):
@@ -116,16 +163,18 @@ AdapterConfig = Annotated[Union[Annotated[LoraConfig, Tag("lora")],
 
 
 class LoRAAdapter(nnx.Module):
-    """The low-rank update `(alpha / r) * dropout(x) A B` of one linear layer."""
+    """The low-rank update `scale * dropout(x) A B` of one linear layer."""
 
-    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
+    def __init__(self, in_features: int, out_features: int, *, rank: int, scale: float,
                  dropout_rate: float, key: jax.Array, init: str = "default"):
         self.lora_a = nnx.LoRAParam(_fresh_a(init, key, in_features, rank))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), jnp.float32))
-        self.scale = alpha / rank
+        self.scale = scale
         self.dropout_rate = dropout_rate
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None, kernel: FrozenKernel,
+                 base: jax.Array) -> jax.Array:
+        """What the layer adds to `base` = x W (+ bias); `kernel` unused here."""
         x = dropout(x, self.dropout_rate, rng).astype(jnp.float32)
         return (x @ whole(self.lora_a[...])) @ whole(self.lora_b[...]) * self.scale
 
@@ -172,7 +221,7 @@ def pissa(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig,
     unless `initial` gives them (a model rebuilt: the same residual as when it
     was first built, bit for bit on the same machine)."""
     factors: Factors = {}
-    scale = cfg.alpha / cfg.rank
+    scale = cfg.scale
     for path in paths:
         layer = linears[path]
         smallest = min(layer.in_features, layer.out_features)
@@ -187,6 +236,55 @@ def pissa(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig,
                                       scale, sharding)
         factors[path] = (a, b)
     return factors
+
+
+class DoraNorm(nnx.Variable):
+    """||W||^2 per output feature of a DoRA layer's frozen weight (frozen)."""
+
+
+class DoRAAdapter(LoRAAdapter):
+    """DoRA: the layer becomes `m / ||W + s A B|| * x (W + s A B) + bias`, with
+    the norm per output feature, `m` trained, and the norm a constant in the
+    gradient (see the module docstring); it returns what that adds to `base`."""
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, scale: float,
+                 dropout_rate: float, key: jax.Array, sq_norm: jax.Array):
+        super().__init__(in_features, out_features, rank=rank, scale=scale,
+                         dropout_rate=dropout_rate, key=key)
+        self.sq_norm = DoraNorm(sq_norm)
+        # the same square root as `__call__` takes of sq_norm + 0 while B = 0
+        self.magnitude = nnx.LoRAParam(jnp.sqrt(sq_norm))
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None, kernel: FrozenKernel,
+                 base: jax.Array) -> jax.Array:
+        a, b = whole(self.lora_a[...]), whole(self.lora_b[...])
+        gain = jax.lax.stop_gradient(_sq_norm_gain(a, b, kernel, self.scale))
+        norm = jnp.sqrt(whole(self.sq_norm[...]) + gain)
+        magnitude = whole(self.magnitude[...])
+        # m / norm - 1 written so that it is exactly 0 where m is the norm: XLA
+        # turns a division by a square root into a product with rsqrt, not exact
+        excess = (magnitude - norm) / norm
+        if rng is not None and self.dropout_rate > 0:
+            # as PEFT: with dropout in training, the rescaled base term sees the
+            # dropped-out input too (the layer's own x W + bias keeps the whole x)
+            x = dropout(x, self.dropout_rate, rng)
+            base = kernel.apply(x)
+        update = (x.astype(jnp.float32) @ a) @ b * self.scale
+        return excess * base.astype(jnp.float32) + (magnitude / norm) * update
+
+
+def _sq_norm_gain(a: jax.Array, b: jax.Array, kernel: FrozenKernel, scale: float) -> jax.Array:
+    """||W + s A B||^2 - ||W||^2 per output feature j, never forming W + s A B:
+    sum_k B_kj (2 s (A^T W)_kj + s^2 (A^T A B)_kj). Exactly 0 where B is 0."""
+    a_w = jax.lax.dot_general(a.astype(kernel.value.dtype), kernel.value,
+                              (((0,), (kernel.in_axis,)), ((), ())),
+                              preferred_element_type=jnp.float32)  # (r, out)
+    return jnp.sum(b * (2.0 * scale * a_w + scale * scale * ((a.T @ a) @ b)), axis=0)
+
+
+def _sq_norms(kernel: FrozenKernel) -> jax.Array:
+    """||W||^2 per output feature, float32."""
+    return jnp.sum(jnp.square(kernel.value.astype(jnp.float32)), axis=kernel.in_axis)
 
 
 def _matches(path: str, suffix: str) -> bool:
@@ -225,9 +323,11 @@ def apply_lora(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig, ke
     (see `pissa`) replace the drawn A and zero B where given."""
     for path, k in zip(paths, jax.random.split(key, len(paths))):
         layer = linears[path]
-        layer.lora = LoRAAdapter(layer.in_features, layer.out_features, rank=cfg.rank,
-                                 alpha=cfg.alpha, dropout_rate=cfg.dropout, key=k,
-                                 init=cfg.init)
+        shared = dict(rank=cfg.rank, scale=cfg.scale, dropout_rate=cfg.dropout, key=k,
+                      init=cfg.init)
+        layer.lora = (DoRAAdapter(layer.in_features, layer.out_features, **shared,
+                                  sq_norm=_sq_norms(layer.frozen_kernel(jnp.float32)))
+                      if cfg.dora else LoRAAdapter(layer.in_features, layer.out_features, **shared))
         if factors:
             layer.lora.lora_a[...], layer.lora.lora_b[...] = map(jnp.asarray, factors[path])
 
@@ -244,18 +344,24 @@ def count_params(state) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(state))
 
 
-def without_adapters(trainable, start=None):
+def without_adapters(trainable, frozen, start=None):
     """`trainable` with every adapter back where it started, so that the adapted
-    model computes the base model (the "before" evaluation): the LoRA factors
-    of `start`, the trainable state as `adapt` made it (PiSSA's: its factors
-    add up with the residual to the base weight again, within float rounding);
-    without `start`, B set to zero (the base model for every init but PiSSA)."""
+    model computes the base model: B zero, or the LoRA factors of `start` (the
+    trainable state as `adapt` made it: PiSSA's factors add up with their
+    residual to the base weight again, within float rounding), and every DoRA
+    magnitude back to its weight's norm (from `frozen`)."""
     started = dict(nnx.to_flat_state(start)) if start is not None else {}
+    sq_norms = {path[:-1]: var for path, var in nnx.to_flat_state(frozen)
+                if isinstance(var, DoraNorm)}
 
     def reset(path, var):
         if path in started and path[-1] in ("lora_a", "lora_b"):
             return var.replace(started[path][...])
-        return var.replace(jnp.zeros_like(var[...])) if path[-1] == "lora_b" else var
+        if path[-1] == "lora_b":
+            return var.replace(jnp.zeros_like(var[...]))
+        if path[-1] == "magnitude":
+            return var.replace(jnp.sqrt(sq_norms[path[:-1]][...]))
+        return var
 
     return nnx.from_flat_state([(path, reset(path, var))
                                 for path, var in nnx.to_flat_state(trainable)])

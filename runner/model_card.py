@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jaxlora import sources
+from jaxlora.lora import variant_names
 from jaxlora.models import gguf
 from runner import manifest as manifests
 from runner import report, run_folder
@@ -58,7 +59,8 @@ def front_matter(manifest: dict, fmt: str, quant: str | None = None) -> dict:
         fields["base_model"] = source
     fields["library_name"] = LIBRARIES[fmt]
     fields["pipeline_tag"] = PIPELINES[report.task_of(manifest)]
-    tags = ["jaxlora", method] + (["peft"] if fmt == "peft" else [])
+    tags = ["jaxlora", method] + [v.lower() for v in variant_names(recipe["adapter"])]
+    tags += ["peft"] if fmt == "peft" else []
     tags += ["gguf", quant] if fmt == "gguf" and quant else []
     fields["tags"] = tags + ([] if fmt == "peft" or method in ("full", "none")
                              else ["merged"])
@@ -207,8 +209,9 @@ def model_card(run_dir: Path, manifest: dict, exported: Exported) -> str:
     if recipe.get("description"):
         out += [recipe["description"], ""]
     total = manifest.get("train", {}).get("total_steps")
+    method = report.method_label(recipe["adapter"])
     out += [f"Fine-tuned from `{recipe['model']['source']}` by jaxlora (task `{task}`, method "
-            f"`{recipe['adapter']['method']}`), run `{run_dir.name}` at step {exported.step}"
+            f"`{method}`), run `{run_dir.name}` at step {exported.step}"
             + (f" of {total}" if total else "")
             + ("" if manifest.get("status") == "finished" else
                f" (the run is {manifest.get('status')}: this is its latest checkpoint)") + ".",

@@ -487,6 +487,9 @@ def _message(err: dict, where: str, holder: type[BaseModel] | None) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         key = str(err["loc"][-1])
+        owners = _methods_with(where.rpartition(".")[0], key)
+        if owners:
+            return f"only for method {' or '.join(json.dumps(m) for m in owners)}"
         valid = list(holder.model_fields) if holder else []
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else (
@@ -578,6 +581,20 @@ def _locate(loc: tuple) -> tuple[str, type[BaseModel] | None]:
                 i += 1  # skip the discriminator tag
         i += 1
     return ".".join(parts), None
+
+
+def _methods_with(table: str, key: str) -> list[str]:
+    """The methods whose variant of the recipe's table `table` (dotted, e.g.
+    `adapter`, a union chosen by `method`) has the field `key`: a field that
+    another method's variant declares is not unknown, only misplaced."""
+    variants: list[type[BaseModel]] = [Recipe]
+    for part in table.split(".") if table else []:
+        if len(variants) != 1 or part not in variants[0].model_fields:
+            return []
+        variants = _model_variants(variants[0].model_fields[part].annotation)
+    if len(variants) < 2:
+        return []
+    return [v.model_fields["method"].default for v in variants if key in v.model_fields]
 
 
 def _model_variants(annotation) -> list[type[BaseModel]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from jaxlora.lora import variant_names
 from jaxlora.tasks import majority_baseline
 from runner import charts, run_folder
 
@@ -281,10 +282,17 @@ def data_section(stats: dict, shown: dict) -> list[str]:
     return out
 
 
+def method_label(adapter: dict) -> str:
+    """The [adapter] table's method and the LoRA variants it turns on, e.g.
+    `qlora (DoRA)`: what the plan, reports, cards and exports call it."""
+    variants = variant_names(adapter)
+    return f"{adapter.get('method')}" + (f" ({', '.join(variants)})" if variants else "")
+
+
 def hyperparameters(recipe: dict) -> str:
     """The method and the training settings of a run, in one line."""
     adapter, train = recipe.get("adapter", {}), recipe.get("train", {})
-    parts = [f"method `{adapter.get('method')}`"]
+    parts = [f"method `{method_label(adapter)}`"]
     if adapter.get("method") in ("lora", "qlora"):
         targets = adapter.get("targets")
         parts += [f"rank {adapter.get('rank')}", f"alpha {adapter.get('alpha')}",

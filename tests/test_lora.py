@@ -70,7 +70,7 @@ def test_without_adapters_gives_the_base_model_back(tiny_bert_dir):
     trained = jax.tree.map(lambda x: x + 0.5, trainable)  # as if trained: every B != 0
     _, pooled_trained = nnx.merge(graphdef, trained, frozen).bert(ids, mask)
     assert not np.allclose(np.asarray(pooled_trained), np.asarray(pooled_base))
-    _, pooled = nnx.merge(graphdef, without_adapters(trained), frozen).bert(ids, mask)
+    _, pooled = nnx.merge(graphdef, without_adapters(trained, frozen), frozen).bert(ids, mask)
     np.testing.assert_array_equal(np.asarray(pooled), np.asarray(pooled_base))
 
 

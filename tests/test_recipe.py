@@ -70,7 +70,9 @@ def test_methods_full_and_qlora_slot_in(tmp_path):
      "adapter.quant.blocksize: unknown key; did you mean 'block_size'?"),
     ('[adapter]\nmethod = "qlora"\n[adapter.quant]\nblock_size = 33\n',
      "adapter.quant.block_size: must be even"),
-    ('[adapter]\nmethod = "full"\nrank = 8\n', "adapter.rank: unknown key"),
+    ('[adapter]\nmethod = "full"\nrank = 8\n', 'adapter.rank: only for method "lora" or "qlora"'),
+    ('[adapter]\nmethod = "lora"\n[adapter.quant]\ntype = "nf4"\n',
+     'adapter.quant: only for method "qlora"'),
     ('[train]\nseed = 99999999999999999999\n',
      "train.seed: Input should be less than or equal to 4294967295"),
 ])

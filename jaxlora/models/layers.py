@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,13 +123,32 @@ def _fmix32(h: jax.Array) -> jax.Array:
     return h ^ (h >> 16)
 
 
+class FrozenKernel(NamedTuple):
+    """A linear layer's frozen weight at use, in the compute dtype and laid out
+    as stored: a kernel (in, out), a 4-bit kernel dequantized (out, in). An
+    adapter that needs the weight itself (DoRA's norms) gets this very array:
+    nothing is dequantized or transposed twice."""
+
+    value: jax.Array
+    in_axis: int  # the axis of the input features: 0 for (in, out), 1 for (out, in)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """`x W`: the last axis of `x` contracted with the input axis."""
+        return jax.lax.dot_general(x, self.value, (((x.ndim - 1,), (self.in_axis,)), ((), ())))
+
+    def out_in(self) -> jax.Array:
+        """The weight as PyTorch stores it, (out, in)."""
+        return self.value if self.in_axis == 1 else self.value.T
+
+
 class Linear(nnx.Module):
     """`y = x @ kernel + bias`, kernel stored (in, out) as a `BaseWeight`.
 
     `self.lora` is None until `jaxlora.lora.apply_lora` attaches an adapter;
-    then `y += adapter(x)`. The kernel is cast to the input's dtype (the compute
-    dtype) at use, inside the compiled step; a quantized kernel
-    (`jaxlora.quant.QuantizedKernel`) dequantizes there.
+    then `y += adapter(x, rng, kernel, x @ kernel)` (the weight and the bias-free
+    base output are handed over for DoRA, which rescales them). The kernel is
+    cast to the input's dtype (the compute dtype) at use, inside the compiled
+    step; a quantized kernel (`jaxlora.quant.QuantizedKernel`) dequantizes there.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
@@ -140,16 +159,20 @@ class Linear(nnx.Module):
         self.bias = BaseWeight(jnp.zeros((out_features,), dtype)) if use_bias else None
         self.lora = nnx.data(None)  # an adapter module once LoRA is applied
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    def frozen_kernel(self, dtype) -> FrozenKernel:
+        """The frozen weight in `dtype`, as stored (a quantized one dequantized)."""
         if isinstance(self.kernel, nnx.Variable):
-            y = x @ whole(self.kernel[...]).astype(x.dtype)
-        else:  # quantized: dequantized as stored, (out, in), and contracted as such
-            w = self.kernel.dequantize_out_in(x.dtype)
-            y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+            return FrozenKernel(whole(self.kernel[...]).astype(dtype), 0)
+        return FrozenKernel(self.kernel.dequantize_out_in(dtype), 1)
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        kernel = self.frozen_kernel(x.dtype)
+        y = kernel.apply(x)
+        update = None if self.lora is None else self.lora(x, rng, kernel, y)
         if self.bias is not None:
             y = y + whole(self.bias[...]).astype(x.dtype)
-        if self.lora is not None:
-            y = y + self.lora(x, rng).astype(y.dtype)
+        if update is not None:
+            y = y + update.astype(y.dtype)
         return y
 
 

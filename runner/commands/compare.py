@@ -16,7 +16,7 @@ from rich.table import Table
 from jaxlora.errors import UserError
 from runner import manifest as manifests
 from runner import run_folder
-from runner.report import baseline_of
+from runner.report import baseline_of, method_label
 
 
 def main(args, console, stop) -> int:
@@ -90,7 +90,7 @@ def rows(runs: list[dict]) -> list[list[str]]:
         baseline = run["baseline"] or {}
         out.append([
             f"{m['recipe']['name']}/{run['dir'].name}",
-            m["recipe"]["adapter"]["method"],
+            method_label(m["recipe"]["adapter"]),
             _num(model.get("trainable_params"), ","),
             _num(None if frozen is None else frozen / 2**20, ".1f"),
             _num(model.get("bits_per_quantized_param"), ".3f"),

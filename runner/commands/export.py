@@ -38,6 +38,7 @@ from runner import manifest as manifests
 from runner.build import OpenedRun, open_run
 from runner.model_card import Exported, model_card, one_line
 from runner.model_card import check as check_card
+from runner.report import method_label
 
 FORMATS = ("peft", "merged", "gguf")
 CARD = "README.md"
@@ -129,8 +130,9 @@ def _publish(tmp: Path) -> None:
 
 def _said(console: Console, opened: OpenedRun, exported: Exported, card: Path) -> None:
     """Where the export went, its notes, its card, and one line on using it."""
+    method = method_label(opened.recipe.adapter.model_dump())
     console.print(f"exported {exported.fmt}" + (f" {exported.quant}" if exported.quant else "")
-                  + f" ({opened.recipe.adapter.method}, step {opened.step}) to "
+                  + f" ({method}, step {opened.step}) to "
                     f"[bold]{exported.path}[/]", soft_wrap=True)
     for note in exported.notes:
         console.print(f"note: {note}", soft_wrap=True)
@@ -229,8 +231,9 @@ def _gguf_model(opened: OpenedRun, notes: list[str]) -> gguf_export.GgufModel:
     base = manifests.source_folder(opened.manifest, opened.run_dir)
     merged = ("every weight trained" if recipe.adapter.method == "full"
               else "the adapter merged into the base weights")
+    method = method_label(recipe.adapter.model_dump())
     description = (f"{recipe.description + ': ' if recipe.description else ''}fine-tuned "
-                   f"from {recipe.model.source} by jaxlora (method {recipe.adapter.method}, "
+                   f"from {recipe.model.source} by jaxlora (method {method}, "
                    f"step {opened.step}), {merged}" + "".join(f"; {note}" for note in notes))
     tensors = merged_tensors(opened.model(), family(opened.model_dir), np.float32,
                              task="causal-lm")

@@ -26,6 +26,7 @@ from jaxlora.tasks import STEP_LOSSES
 from jaxlora.train import build_train_step, step_batch
 from runner import build, libraries
 from runner.recipe import load_recipe
+from runner.report import method_label
 
 
 def main(args, console, stop) -> int:
@@ -153,9 +154,7 @@ def memory_plan(recipe, recipe_path: Path, console: Console) -> dict:
     limit = runtime.device_memory()
 
     mesh = placement.mesh.shape
-    init = getattr(recipe.adapter, "init", "default")
-    method = recipe.adapter.method + ("" if init == "default" else f" (init {init})")
-    console.print(f"[bold]{recipe.name}[/]: {method}, "
+    console.print(f"[bold]{recipe.name}[/]: {method_label(recipe.adapter.model_dump())}, "
                   f"{len(parts.layers)} adapted layers; mesh data {mesh['data']} x fsdp "
                   f"{mesh['fsdp']} over {placement.devices} of the {jax.device_count()} "
                   f"{jax.default_backend()} devices seen ({jax.process_count()} process(es))")

@@ -12,6 +12,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from runner.recipe import Recipe, load_with_provenance, provenance_rows, to_toml
+from runner.report import method_label
 
 WIDTH = 80  # a summary line is cut to fit a terminal of this width
 
@@ -50,8 +51,8 @@ def summary(recipe: Recipe, provenance: dict[str, str], path: str) -> list[str]:
         targets = adapter.targets or "the family's default"
         shown = targets if isinstance(targets, str) else ", ".join(targets)
         quant = f" over {adapter.quant.type} weights" if adapter.method == "qlora" else ""
-        method = (f"{adapter.method}{quant}: rank {adapter.rank}, alpha {adapter.alpha:g}, "
-                  f"targets {shown}")
+        method = (f"{method_label(adapter.model_dump())}{quant}: rank {adapter.rank}, "
+                  f"alpha {adapter.alpha:g}, targets {shown}")
     steps = f", at most {train.max_steps} steps" if train.max_steps else ""
     files = list(dict.fromkeys(_short(s) for s in (path, *provenance.values()) if s != "--set"))
     given = [field for field, s in provenance.items() if s == "--set"]
