@@ -34,7 +34,9 @@ either vocabulary llama.cpp's converter writes from a Hugging Face folder:
   pair listed first, so each token's score is minus the rank of the first
   merge that makes it (SentencePiece's own scores follow that order; llama.cpp's
   converter, given no tokenizer.model, writes -1000 for all and so merges
-  left to right).
+  left to right). llama.cpp also merges any pair whose join is a token: a
+  tokenizer whose merges are not all those pairs, in the order of the scores,
+  is refused (`_check_merges`).
 
 Refused with the reason, by `check` before the weights are merged: other
 vocabularies and pre-tokenizers, rope scaling other than linear and `llama3`
@@ -68,7 +70,8 @@ FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
 # GPT-2's Conv1D weights, (in, out) in its checkpoints: llama.cpp's converter transposes them
 CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
-NORMAL, UNUSED, BYTE = 1, 5, 6  # llama.cpp's token types (and reader.CONTROL, USER_DEFINED)
+UNUSED, BYTE = 5, 6  # llama.cpp's token types (and reader.NORMAL, CONTROL, USER_DEFINED)
+NORMAL = reader.NORMAL
 # the score llama.cpp's converter gives added and padding tokens of a SentencePiece vocabulary
 ADDED_SCORE = -1000.0
 
@@ -107,7 +110,9 @@ def architecture(config) -> str:
         raise UserError(f"GGUF export: rope scaling {rope!r} is not written; supported: none, "
                         "linear, llama3 (Llama 3.1 and 3.2)")
     if ARCHITECTURES[kind] != "llama" and rope_factors(config) is not None:
-        raise UserError(f"GGUF export: per-frequency rope factors ({rope!r}) are written for "
+        which = f"rope type {rope!r}" if rope != "default" else \
+            f"{reader.FREQUENCY_FACTORS}, from a GGUF file's rope_freqs"
+        raise UserError(f"GGUF export: per-frequency rope factors ({which}) are written for "
                         "llama.cpp's llama architecture only, not for "
                         f"{ARCHITECTURES[kind]!r}")
     heads = config.num_attention_heads
@@ -155,11 +160,16 @@ def notes(config, tokenizer=None) -> list[str]:
                    f"whole context: the sliding window of {window} tokens is not kept (outputs "
                    f"are the same for sequences up to {window} tokens)")
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if tokenizer is not None else {}
-    if sentencepiece_prefix(spec) == "first":
+    scheme = sentencepiece_prefix(spec)
+    ours = {"first": "before the start only, unless the text begins with a space: there "
+                     "(after each special token of a chat template)",
+            "always": "before every piece too, but none where the piece begins with a space: "
+                      "there"}
+    if scheme in ours and (spec.get("pre_tokenizer") or {}).get("type") == "Metaspace":
+        # (an older file's Prepend normalizer puts one before every piece, as llama.cpp)
         out.append("llama.cpp puts a space before every piece of text, its start and what "
                    "follows each special token (SentencePiece's rule); this tokenizer puts one "
-                   "before the start only, unless the text begins with a space: there (after "
-                   "each special token of a chat template) llama.cpp's ids differ by a \u2581")
+                   f"{ours[scheme]} llama.cpp's ids differ by a \u2581")
     return out
 
 
@@ -372,17 +382,19 @@ def _sentencepiece_fields(spec: dict, tokenizer, vocab_size: int,
     text. A token's score is minus the rank (from 1) of the first merge that
     makes it (below every merge for a token no merge makes, -1000 for added
     and padding tokens), so that llama.cpp, merging the pair whose result
-    scores highest, merges in transformers' order."""
+    scores highest, merges in transformers' order; a tokenizer for which it
+    would not is refused (`_check_merges`)."""
     import gguf
 
     T, K = gguf.GGUFValueType, gguf.Keys.Tokenizer
     tokens, types = _tokens_and_types(tokenizer, vocab_size)
     vocab = spec["model"].get("vocab") or {}
-    merges = spec["model"].get("merges") or []
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+              for m in spec["model"].get("merges") or []]
     unmade = -float(len(merges) + 1)  # below every merge (a character's is never used)
     scores = [unmade if types[i] == NORMAL else ADDED_SCORE for i in range(vocab_size)]
     for rank, merge in reversed(list(enumerate(merges))):  # the first rank written last
-        made = "".join(merge.split(" ", 1) if isinstance(merge, str) else merge)
+        made = "".join(merge)
         if made in vocab and types[vocab[made]] == NORMAL:
             scores[vocab[made]] = -float(rank + 1)
     for i, token in enumerate(tokens):
@@ -390,9 +402,37 @@ def _sentencepiece_fields(spec: dict, tokenizer, vocab_size: int,
             types[i] = BYTE
         elif types[i] == reader.USER_DEFINED:
             tokens[i] = token.replace("\u2581", " ")  # as llama.cpp's converter does
+    _check_merges(merges, tokens, scores, types)
     return {K.MODEL: ("llama", T.STRING, None), K.PRE: ("default", T.STRING, None),
             K.LIST: (tokens, T.ARRAY, T.STRING), K.SCORES: (scores, T.ARRAY, T.FLOAT32),
             K.TOKEN_TYPE: (types, T.ARRAY, T.INT32), K.ADD_PREFIX: (prefix, T.BOOL, None)}
+
+
+def _check_merges(merges: list[tuple[str, str]], tokens: list[str], scores: list[float],
+                  types: list[int]) -> None:
+    """That llama.cpp, merging by the `scores` written, merges as the tokenizer
+    (`merges`, its ranked list) does: llama.cpp merges every pair of tokens
+    whose join is a token (`reader.sentencepiece_merges`, what our reader
+    rebuilds too), so each must be a merge; and it ranks a pair by its token's
+    score, so the merges must come in that order (a token's merges together).
+    A UserError naming the first pair otherwise. (A tokenizer converted from
+    a tokenizer.model has every such pair; one trained by `tokenizers`' BPE
+    trainer, only those it learned.)"""
+    kinds, score = dict(zip(tokens, types)), dict(zip(tokens, scores))
+    listed = set(merges)
+    why = ("so llama.cpp would split text otherwise; a SentencePiece-style tokenizer is "
+           "written only where its merges are every pair of tokens that makes a token, "
+           "ranked by the token")
+    for left, right in reader.sentencepiece_merges(tokens, scores):
+        if kinds[left + right] == NORMAL and (left, right) not in listed:
+            raise UserError(f"GGUF export: ({left!r}, {right!r}) makes {left + right!r} but is "
+                            f"not a merge of the tokenizer, {why}")
+    made = [(pair, "".join(pair)) for pair in merges if kinds.get("".join(pair)) == NORMAL]
+    for (before, earlier), (pair, token) in zip(made, made[1:]):
+        if score[token] > score[earlier]:
+            raise UserError(f"GGUF export: the merge {pair} comes after {before} but makes "
+                            f"{token!r}, which an earlier merge made: llama.cpp ranks a pair by "
+                            f"its token, so it would merge {pair} first, {why}")
 
 
 def _tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:

@@ -33,7 +33,8 @@ import numpy as np
 import pytest
 
 from test_cli import runner_here as runner
-from tiny_models import CHATML, chat_decoder_dir, varied_strings
+from tiny_models import (CHATML, chat_decoder_dir, letters_tokenizer, varied_strings,
+                         write_gguf_keys)
 
 QUANTS = ["f32", "f16", "bf16", "q8_0"]
 # the largest logit difference allowed, as a fraction of the logits' range (f32: absolute)
@@ -410,8 +411,9 @@ def test_llama3_rope_is_written_as_rope_freqs(tmp_path):
 def test_rope_scaling_is_written_or_refused_by_name(chat_run, tmp_path):
     """Llama 3.2 1B's own config (the shipped QLoRA recipe's model) is written
     with its 32 rope factors; a rope the file cannot state is refused naming
-    it (yarn; llama3 outside llama.cpp's llama architecture), and so is a
-    merged export of a model whose factors came from a GGUF file."""
+    it (yarn; llama3 or a GGUF file's factors outside llama.cpp's llama
+    architecture), and so is a merged export of a model whose factors came
+    from a GGUF file."""
     import transformers
     from rich.console import Console
 
@@ -437,19 +439,57 @@ def test_rope_scaling_is_written_or_refused_by_name(chat_run, tmp_path):
     with pytest.raises(UserError, match="rope scaling 'yarn' is not written"):
         architecture(yarn)
     qwen2 = transformers.Qwen2Config(**dict(llama32, head_dim=None))
-    with pytest.raises(UserError, match="for llama.cpp's llama architecture only, not for "
-                                        "'qwen2'"):
+    with pytest.raises(UserError, match="factors \\(rope type 'llama3'\\) are written for "
+                                        "llama.cpp's llama architecture only, not for 'qwen2'"):
+        architecture(qwen2)
+    qwen2 = transformers.Qwen2Config(**dict(llama32, head_dim=None, rope_parameters=None))
+    setattr(qwen2, gguf.FREQUENCY_FACTORS, [1.0] * 32)
+    with pytest.raises(UserError, match="factors \\(rope_frequency_factors, from a GGUF file's "
+                                        "rope_freqs\\) are written for llama.cpp's llama"):
         architecture(qwen2)
 
     _, _, opened = chat_run
+    with pytest.raises(UserError, match="rope frequency factors .* use --format gguf"):
+        export(_on_rope_freqs(opened), "merged", tmp_path / "merged",
+               Console(file=open("/dev/null", "w")))
+    assert not (tmp_path / "merged").exists()
+
+
+def _on_rope_freqs(opened):
+    """`opened` (a run) as if its base were a GGUF file with rope_freqs."""
+    from jaxlora.models import gguf
+
     factored = copy.deepcopy(opened.loaded.hf_config)
     setattr(factored, gguf.FREQUENCY_FACTORS, [1.0] * 4)
     loaded = dataclasses.replace(opened.loaded, hf_config=factored)
-    from_gguf = dataclasses.replace(opened, parts=dataclasses.replace(opened.parts,
-                                                                      loaded=loaded))
-    with pytest.raises(UserError, match="rope frequency factors .* use --format gguf"):
-        export(from_gguf, "merged", tmp_path / "merged", Console(file=open("/dev/null", "w")))
-    assert not (tmp_path / "merged").exists()
+    return dataclasses.replace(opened, parts=dataclasses.replace(opened.parts, loaded=loaded))
+
+
+def test_a_peft_export_over_rope_freqs_says_transformers_loader_drops_them(chat_run, tmp_path):
+    """The adapter of a run whose base GGUF file has rope_freqs is exported, and
+    the output and the model card say that the base their code loads
+    (transformers' GGUF loader) rotates without them; a run without says
+    nothing of it."""
+    import io
+
+    from rich.console import Console
+
+    from runner.commands.export import export
+
+    _, _, opened = chat_run
+    said = {}
+    for name, run in (("factored", _on_rope_freqs(opened)), ("plain", opened)):
+        output = io.StringIO()
+        out = export(run, "peft", tmp_path / name, Console(file=output, width=400))
+        said[name] = (" ".join(output.getvalue().split()),
+                      " ".join((out / "README.md").read_text().split()))
+        assert (out / "adapter_model.safetensors").is_file()
+    note = "GGUF file has rope_freqs (per-frequency rope factors), which transformers' GGUF " \
+           "loader ignores"
+    printed, card = said["factored"]
+    assert f"note: the base model's {note}" in printed and f"Note: the base model's {note}" in card
+    assert "--format gguf for llama.cpp" in printed
+    assert all("rope_freqs" not in text for text in said["plain"])
 
 
 def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it():
@@ -522,6 +562,77 @@ def test_how_a_sentencepiece_tokenizer_puts_a_space_first():
         assert sentencepiece_prefix({**spm, **extra}) == scheme, extra
     no_fallback = dict(spm, model={"type": "BPE"}, pre_tokenizer=metaspace("first"))
     assert sentencepiece_prefix(no_fallback) is None
+
+
+def test_sentencepiece_merges_llama_cpp_would_not_follow_are_refused():
+    """llama.cpp merges every pair of tokens whose join is a token, ranked by
+    the token's score: a tokenizer that lacks such a pair (as `tokenizers`'
+    BPE trainer leaves them: "abc" from a+bc is no merge, so it splits "abc"
+    as a, bc where llama.cpp makes abc) or lists a token's second merge after
+    another token's (a+bc after bc+d: on "abcd" it gives a, bcd where
+    llama.cpp, ranking a+bc by abc's score, gives abc, d) is refused naming the
+    pair. A tokenizer with every pair is written, its user-defined token's "▁"
+    as a space, as llama.cpp's converter writes it."""
+    import gguf
+
+    from jaxlora.errors import UserError
+    from jaxlora.gguf_export import _derived_fields
+
+    incomplete = letters_tokenizer(["a", "b", "c", "bc", "ab", "abc"],
+                                   [("b", "c"), ("a", "b"), ("ab", "c")])
+    with pytest.raises(UserError, match=r"\('a', 'bc'\) makes 'abc' but is not a merge of the "
+                                        "tokenizer"):
+        _derived_fields(incomplete, len(incomplete))
+    late = letters_tokenizer(["a", "b", "c", "d", "ab", "bc", "abc", "bcd"],
+                             [("b", "c"), ("a", "b"), ("ab", "c"), ("bc", "d"), ("a", "bc")])
+    assert late.tokenize("abcd") == ["\u2581", "a", "bcd"]
+    with pytest.raises(UserError, match=r"the merge \('a', 'bc'\) comes after \('bc', 'd'\) "
+                                        "but makes 'abc', which an earlier merge made"):
+        _derived_fields(late, len(late))
+    complete = letters_tokenizer(["a", "b", "c", "bc", "ab", "abc"],
+                                 [("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")])
+    complete.add_tokens(["x\u2581y"])
+    fields = _derived_fields(complete, len(complete))
+    tokens, types = (fields[key][0] for key in (gguf.Keys.Tokenizer.LIST,
+                                                gguf.Keys.Tokenizer.TOKEN_TYPE))
+    assert types[tokens.index("x y")] == 4 and "x\u2581y" not in tokens
+
+
+@pytest.mark.parametrize("form", ["first", "always", "never", "prepend"])
+def test_the_space_note_is_given_where_llama_cpp_splits_otherwise(form, tmp_path):
+    """The note on llama.cpp's space before every piece of text is given
+    exactly where llama.cpp's ids (the file read vocab-only) differ from the
+    tokenizer's on text that begins with a space or follows a special token:
+    Metaspace's "first" and "always" (which puts none before a piece that
+    begins with a space); not "never" (no space put, nor by llama.cpp) nor an
+    older file's Prepend normalizer, which puts one before every piece."""
+    import llama_cpp
+    import transformers
+    from tokenizers import normalizers, pre_tokenizers
+
+    from jaxlora import gguf_export
+
+    tokenizer = letters_tokenizer(["a", "b", "ab"], [("a", "b")])
+    backend = tokenizer.backend_tokenizer
+    if form == "prepend":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                   normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
+                                                         prepend_scheme=form, split=False)
+    path = write_gguf_keys(tmp_path / "vocab.gguf",
+                           gguf_export._derived_fields(tokenizer, len(tokenizer)))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    texts = ["ab b", " ab", "</s>ab", "</s> ab"]
+    try:
+        differ = [llm.tokenize(text.encode(), add_bos=False, special=True)
+                  != tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    finally:
+        llm.close()
+    assert not differ[0]  # plain text: the same
+    notes = gguf_export.notes(transformers.LlamaConfig(), tokenizer)
+    assert bool(notes) == any(differ) == (form in ("first", "always")), (notes, differ)
 
 
 def test_a_weight_without_a_gguf_name_is_refused_naming_it():

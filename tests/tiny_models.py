@@ -186,6 +186,36 @@ def sentencepiece_tokenizer(folder=None, template: str = CHATML, vocab_size: int
     return fast
 
 
+def letters_tokenizer(pieces: list[str], merges: list[tuple[str, str]]):
+    """A SentencePiece-style tokenizer (transformers' LlamaTokenizer: byte
+    fallback, "▁" before the text) of <unk>, <s>, </s>, the 256 byte tokens,
+    "▁" and `pieces`, merging by `merges` only; no BOS added."""
+    from transformers import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    vocab = {token: i for i, token in enumerate(specials + ["\u2581", *pieces])}
+    return LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>",
+                          eos_token="</s>", add_bos_token=False)
+
+
+def write_gguf_keys(path, fields: dict, tensors: dict | None = None):
+    """A GGUF file (llama architecture) of metadata `fields` (key -> (value, value
+    type, item type), as `jaxlora.gguf_export` makes them) and `tensors` (name
+    -> float32 array): a tokenizer alone, which llama.cpp loads vocab-only, or
+    a config."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, kind, sub) in fields.items():
+        writer.add_key_value(key, value, kind, sub_type=sub)
+    for name, values in (tensors or {}).items():
+        writer.add_tensor(name, values)
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
+                  writer.write_tensors_to_file, writer.close):
+        write()
+    return path
+
+
 def chat_decoder_dir(folder, template: str = CHATML, tie: bool = False, kind: str = "Llama",
                      vocabulary=None, rope: dict | None = None):
     """A tiny random decoder (`kind`: Llama, Mistral, Qwen2 or GPT2) with the chat

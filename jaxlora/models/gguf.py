@@ -12,8 +12,9 @@ reader, numpy only; no PyTorch).
     rope_freqs -> the per-frequency rope factors (Llama 3.1/3.2) in the config
                  (`FREQUENCY_FACTORS`), which our Llama applies as llama.cpp does
     tokenizer -> a fast tokenizer rebuilt from the vocabulary, merges (byte-level
-                 BPE) or scores (SentencePiece) and token types, with the chat
-                 template and the BOS/EOS/padding ids
+                 BPE) or scores (SentencePiece: refused where tokens that merges
+                 make share a score, whose order llama.cpp decides by position)
+                 and token types, with the chat template and the BOS/EOS/padding ids
 
 The family code then loads the weights as it loads safetensors (`weights.build`),
 so a GGUF model is checked the same way: every weight present, of its shape.
@@ -56,7 +57,7 @@ PRE_TOKENIZERS = {  # name: (split regex or None for GPT-2's, digits one by one)
 # tokenizer.json says), and those whose text is NFC-normalized first.
 IGNORE_MERGES = ("llama-bpe", "llama3")
 NFC = ("qwen2",)
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types that are added tokens
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp's token types (the last two: added tokens)
 ROPE_FREQS = "rope_freqs.weight"  # what each rotary frequency is divided by (Llama 3.1 on)
 # The transformers config attribute the file's rope_freqs go into, which
 # `jaxlora.models.llama` applies as llama.cpp does (transformers ignores it).
@@ -166,8 +167,8 @@ def hf_config(path: Path):
     if scaling == "linear":
         fields["rope_scaling"] = {"rope_type": "linear",
                                   "factor": float(found.get("rope.scaling.factor"))}
-    if ROPE_FREQS in tensors:
-        fields[FREQUENCY_FACTORS] = _rope_factors(found, fields.get("head_dim"), scaling)
+    if ROPE_FREQS in tensors:  # checked with the rest of the config (`LlamaConfig.from_hf`)
+        fields[FREQUENCY_FACTORS] = _rope_factors(found, scaling)
     if kind == "mistral":  # MistralConfig's own default window is not the file's
         window = found.get("attention.sliding_window")
         fields["sliding_window"] = int(window) if window else None
@@ -178,23 +179,17 @@ def hf_config(path: Path):
         raise UserError(f"{path}: its metadata make no {kind} config ({_first_line(e)})") from None
 
 
-def _rope_factors(found: GgufFile, head_dim: int | None, scaling) -> list[float]:
-    """The file's rope_freqs tensor: one factor per rotary frequency (head_dim / 2
-    of them), each a positive number; a UserError naming the file otherwise."""
+def _rope_factors(found: GgufFile, scaling) -> list[float]:
+    """The values of the file's rope_freqs tensor (how many and what they may be
+    is the model config's check, `LlamaConfig.from_hf`, for every source); a
+    UserError naming the file where they come with linear scaling too."""
     import gguf
 
     if scaling == "linear":
         raise UserError(f"{found.path}: rope_freqs with linear rope scaling is not supported")
     [tensor] = [t for t in found.reader.tensors if t.name == ROPE_FREQS]
-    factors = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
-                         np.float64).reshape(-1)
-    rotary = head_dim or _number(found, "embedding_length") // _number(
-        found, "attention.head_count")
-    if factors.size != rotary // 2 or not np.all(np.isfinite(factors) & (factors > 0)):
-        raise UserError(f"{found.path}: {ROPE_FREQS} must hold {rotary // 2} positive factors "
-                        f"(one per rotary frequency), not {factors.size} values such as "
-                        f"{factors[:3].tolist()}")
-    return factors.tolist()
+    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                      np.float64).reshape(-1).tolist()
 
 
 def _number(found: GgufFile, key: str) -> int:
@@ -385,16 +380,25 @@ def _byte_level_backend(found: GgufFile, tokens: list[str]):
     return backend
 
 
+def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """The merges llama.cpp makes in a SentencePiece vocabulary, as a ranked
+    list: every pair of tokens that makes a token, the pair whose token scores
+    higher first (transformers' own `generate_merges`). What the reader builds
+    its tokenizer from and what the writer checks a tokenizer against."""
+    from transformers.tokenization_utils_base import generate_merges
+
+    return generate_merges({token: i for i, token in enumerate(tokens)},
+                           dict(zip(tokens, scores)))
+
+
 def _sentencepiece_backend(found: GgufFile, tokens: list[str]):
     """SentencePiece-style BPE (byte fallback, "▁" for a space) as transformers'
-    Llama tokenizer builds it: merges rebuilt from the scores (a pair of tokens
-    that makes a token, the higher its score the sooner, transformers' own
-    `generate_merges`: llama.cpp merges by the same rule), "▁" put before the
-    start of the text where the file's add_space_prefix says so (llama.cpp
-    also puts it after every special token; transformers 5, as here, does
-    not)."""
+    Llama tokenizer builds it: merges rebuilt from the scores
+    (`sentencepiece_merges`; a file where they cannot give llama.cpp's order
+    is refused, `_check_distinct_scores`), "▁" put before the start of the
+    text where the file's add_space_prefix says so (llama.cpp also puts it
+    after every special token; transformers 5, as here, does not)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers.tokenization_utils_base import generate_merges
 
     meta = found.metadata
     scores = list(meta.get("tokenizer.ggml.scores", ()))
@@ -402,7 +406,8 @@ def _sentencepiece_backend(found: GgufFile, tokens: list[str]):
         raise UserError(f"{found.path}: a SentencePiece vocabulary needs one score per token "
                         f"(tokenizer.ggml.scores): {len(scores)} for {len(tokens)} tokens")
     vocab = {token: i for i, token in enumerate(tokens)}
-    merges = generate_merges(vocab, dict(zip(tokens, scores)))
+    merges = sentencepiece_merges(tokens, scores)
+    _check_distinct_scores(found, merges, tokens, scores)
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     backend = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True,
                                    unk_token=tokens[unk] if isinstance(unk, (int, np.integer))
@@ -413,3 +418,29 @@ def _sentencepiece_backend(found: GgufFile, tokens: list[str]):
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return backend
+
+
+def _check_distinct_scores(found: GgufFile, merges: list[tuple[str, str]], tokens: list[str],
+                           scores: list[float]) -> None:
+    """That no two normal tokens the merges make share a score. llama.cpp
+    merges the neighbouring pair whose token scores highest and, at equal
+    scores, the leftmost one; a merge list ranks pairs once for all, so it
+    cannot follow position: such a file is refused, naming two of its tokens
+    (llama.cpp's converter writes -1000 for every token of a tokenizer.json
+    without its tokenizer.model)."""
+    types = list(found.metadata.get("tokenizer.ggml.token_type", ()))
+    kinds = dict(zip(tokens, types))
+    score = dict(zip(tokens, scores))
+    first: dict[float, str] = {}
+    for left, right in merges:
+        made = left + right
+        if kinds.get(made, NORMAL) != NORMAL:  # added tokens are split off whole
+            continue
+        other = first.setdefault(score[made], made)
+        if other != made:
+            raise UserError(
+                f"{found.path}: the tokens {other!r} and {made!r} share the score "
+                f"{score[made]} (tokenizer.ggml.scores); llama.cpp merges pairs of equal score "
+                "leftmost first, which a tokenizer's ranked merges cannot reproduce, so its ids "
+                "would differ from llama.cpp's. A SentencePiece file needs distinct scores "
+                "(llama.cpp's converter writes them from tokenizer.model)")

@@ -106,6 +106,9 @@ class LlamaConfig:
             raise UserError(f"{FREQUENCY_FACTORS} with rope type {rope_type!r} is not "
                             "supported: the factors are the whole scaling")
         try:
+            if factors is not None:
+                factors = _frequency_factors(factors, c.get("head_dim") or
+                                             c["hidden_size"] // c["num_attention_heads"])
             heads, layers = c["num_attention_heads"], c["num_hidden_layers"]
             window = c.get("sliding_window")
             if model_type == "qwen2":
@@ -127,8 +130,7 @@ class LlamaConfig:
                        qkv_bias=bias or model_type == "qwen2", o_bias=bias,
                        mlp_bias=bool(c.get("mlp_bias", False)), windows=windows,
                        attention_dropout=c.get("attention_dropout", 0.0) or 0.0,
-                       rope_factors=None if factors is None else
-                       tuple(float(f) for f in factors))
+                       rope_factors=factors)
         except KeyError as e:
             raise UserError(f"the {model_type} config has no {e.args[0]!r}") from None
 
@@ -161,6 +163,21 @@ class LlamaConfig:
         # 0 above old / low, 1 under old / high: there the factor is `factor` and 1
         smooth = np.clip((old / wavelen - low) / (high - low), 0.0, 1.0)
         return (1.0 / ((1 - smooth) / factor + smooth)).astype(np.float32)
+
+
+def _frequency_factors(factors, head_dim: int) -> tuple[float, ...]:
+    """The config's explicit rope factors (a GGUF file's rope_freqs): one
+    positive number per rotary frequency, head_dim / 2 of them; a UserError
+    naming the field otherwise."""
+    try:
+        values = np.asarray(factors, np.float64)
+    except (TypeError, ValueError):
+        values = np.zeros(0)
+    if values.shape != (head_dim // 2,) or not np.all(np.isfinite(values) & (values > 0)):
+        raise UserError(f"{FREQUENCY_FACTORS} (a GGUF file's rope_freqs) must hold "
+                        f"{head_dim // 2} positive factors, one per rotary frequency of head_dim "
+                        f"{head_dim}, not {factors!r:.80}")
+    return tuple(values.tolist())
 
 
 Config = LlamaConfig

@@ -351,4 +351,10 @@ def _notes(opened: OpenedRun, fmt: str) -> list[str]:
             notes.append(f"QLoRA: the adapter was trained against {quant.type.upper()}-quantized "
                          f"base weights (block {quant.block_size}); on the full-precision base "
                          "its outputs differ slightly")
+    if fmt == "peft" and getattr(opened.loaded.hf_config, gguf.FREQUENCY_FACTORS, None):
+        notes.append("the base model's GGUF file has rope_freqs (per-frequency rope factors), "
+                     "which transformers' GGUF loader ignores: the base the code above loads "
+                     "rotates without them, so the adapted model's outputs are wrong there. "
+                     "Use it with jaxlora (`runner generate` / `runner chat` on this run), or "
+                     "export the merged model with --format gguf for llama.cpp")
     return notes

