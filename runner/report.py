@@ -7,6 +7,8 @@ the majority class (always answering the most frequent label of the training
 rows, `jaxlora.tasks.majority_baseline`), for a causal LM the base model
 itself, which is the "before" column. A run that has not finished (running,
 interrupted, failed) gets a partial report, drawn from what its folder holds.
+`read_run` reads a finished run's figures for the comparisons of `runner
+compare` and `runner sweep`.
 """
 
 from __future__ import annotations
