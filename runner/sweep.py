@@ -410,12 +410,13 @@ def summarize(sweep_dir: Path) -> Summary:
     rows, skipped = [], []
     for number, point in enumerate(record["points"], 1):
         run = run_folder.newest_run(sweep_dir, point["folder"])
-        found = read_run(run) if run is not None else {"skipped": "no run yet"}
+        found = read_run(run) if run is not None else {"skipped": "no run folder"}
         if "skipped" in found:
             status = (run_folder.read_json(run / "manifest.json").get("status")
                       if run is not None else None)
-            skipped.append(f"#{number} {point['name']}: " + (f"did not finish (status {status!r})"
-                                                   if status else "not run yet"))
+            skipped.append(f"#{number} {point['name']}: " + (
+                f"did not finish (status {status!r})" if status else
+                "no run folder (not run yet, or refused before its run began)"))
             continue
         rows.append({"number": number, "point": point, "run": found, "figures": figures(found)})
     if not rows:

@@ -92,7 +92,7 @@ def _run_point(folder: Path, point: sweeps.Point, at: tuple[int, int], say, stop
         raise Interrupted(stopped, f"interrupted by {signal.Signals(stopped).name} during point "
                                    f"{n} of {total} ({point.name}); `{again}` goes on: "
                                    "finished points are skipped, this one resumes from its "
-                                   "checkpoint")
+                                   "checkpoint (where it wrote one)")
     if stop.requested():  # the signal came as the point ended
         raise Interrupted(stop.signum, f"interrupted by {signal.Signals(stop.signum).name} "
                                        f"after point {n} of {total}; `{again}` goes on with "
