@@ -584,6 +584,6 @@ def show(summary: Summary, sweep_dir: Path, console: Console, table: bool = True
         for part in tables.fitted(f"sweep {sweep_dir.name}", summary.names, summary.cells,
                                   console.width, summary.left):
             console.print(part)
-    for line in summary.lines:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for line in summary.lines:  # wrapped at the terminal's width
+        console.print(line, markup=False, highlight=False)
     print_path(console, "sweep.md:", sweep_dir / SWEEP_MD)

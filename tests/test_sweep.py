@@ -60,7 +60,7 @@ def swept(tmp_path_factory, tiny_bert_dir):
     return workdir, sweep, done
 
 
-def test_a_grid_runs_each_point_once_capped_by_max_and_compared(swept):
+def test_a_grid_runs_each_point_once_capped_by_max_and_compared(swept, monkeypatch):
     workdir, sweep, (capped, rest, again) = swept
     assert re.fullmatch(r"tiny-sweep-[0-9a-f]{8}", sweep.name)  # the same folder each time
     assert "sweep: 3 of 4 points" in capped.stdout
@@ -110,8 +110,11 @@ def test_a_grid_runs_each_point_once_capped_by_max_and_compared(swept):
     # runner compare SWEEP_DIR writes the same sweep.md again, from the run folders
     (sweep / "sweep.md").unlink()
     (sweep / "sweep.png").unlink()
+    monkeypatch.setenv("COLUMNS", "80")
     compared = _runner("compare", str(sweep), cwd=workdir)
     assert compared.returncode == 0, compared.stderr[-3000:]
+    assert all(len(line) <= 80 for line in compared.stdout.splitlines()), compared.stdout
+    assert all(name in compared.stdout for name in NAMES)  # the table, transposed to fit
     assert (sweep / "sweep.md").read_text() == text and (sweep / "sweep.png").is_file()
     # a point's run folder is an ordinary one
     run = next(_folders(sweep)[0].iterdir())

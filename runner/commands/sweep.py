@@ -33,6 +33,7 @@ from runner import build
 from runner import sweep as sweeps
 from runner.recipe import recipe_named
 from runner.signals import SIGNALS, Interrupted, StopSignals
+from runner.terminal import print_path
 
 EXIT_POINTS_FAILED = 1
 POLL_SECONDS = 0.1  # how often the sweep looks for a signal while a point runs
@@ -57,14 +58,14 @@ def _sweep(args, console: Console, stop: StopSignals, again: str) -> int:
     path = recipe_named(args.recipe)
     chosen = sweeps.plan(path, build.base_folder(path), args.set, args.point)
     folder = args.out or chosen.default_folder()
-    say = lambda line: console.print(escape(line), highlight=False, soft_wrap=True)  # noqa: E731
+    say = lambda line: console.print(escape(line), highlight=False)  # noqa: E731 - wrapped
     for note in chosen.notes:
         say(f"note: {note}")
     sweeps.open_folder(folder, chosen, again)  # nothing is written before this
     todo = chosen.points[:args.max] if args.max else chosen.points
-    say(f"sweep: {len(todo)} of {len(chosen.points)} points in {folder}")
+    print_path(console, f"sweep: {len(todo)} of {len(chosen.points)} points in", folder)
     failed = [f for n, point in enumerate(todo, 1)
-              for f in _run_point(folder, point, (n, len(todo)), say, stop, again)]
+              for f in _run_point(folder, point, (n, len(todo)), console, stop, again)]
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
     sweeps.show(sweeps.write_summary(folder, errors), folder, console)
     if len(todo) < len(chosen.points):
@@ -76,16 +77,17 @@ def _sweep(args, console: Console, stop: StopSignals, again: str) -> int:
     return 0
 
 
-def _run_point(folder: Path, point: sweeps.Point, at: tuple[int, int], say, stop: StopSignals,
-               again: str) -> list[str]:
+def _run_point(folder: Path, point: sweeps.Point, at: tuple[int, int], console: Console,
+               stop: StopSignals, again: str) -> list[str]:
     """Run one point (`at`: n of total), unless it finished already; what
     failed, in words (none or one)."""
     n, total = at
+    say = lambda line: console.print(escape(line), highlight=False)  # noqa: E731
     if sweeps.finished(folder, point):
         say(f"[{n}/{total}] {point.name}: finished already, skipped")
         return []
     recipe = sweeps.recipe_file(folder, point.folder)
-    say(f"[{n}/{total}] {point.name}: runner run {recipe}")
+    print_path(console, f"[{n}/{total}] {point.name}: runner run", recipe)
     code = _child([sys.executable, "-m", "runner.cli", "run", str(recipe)], stop)
     stopped = _stop_signal(code)
     if stopped is not None:
