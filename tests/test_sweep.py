@@ -207,6 +207,17 @@ def test_a_bad_value_is_refused_before_any_point_runs(recipe_dir, args, words):
     assert not (recipe_dir / "runs").exists()  # no sweep folder
 
 
+def test_a_point_that_fails_is_said_and_the_sweep_exits_1(recipe_dir, tmp_path):
+    """The point's own `runner run` refuses its data (exit 2): the sweep says
+    so, compares nothing (no point finished) and exits 1."""
+    done = _runner("sweep", "tiny.toml", "--point", 'bad: data.source="missing.csv"',
+                   "--out", str(tmp_path / "sweep"), cwd=recipe_dir)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "[1/1] bad: failed (exit 2); the sweep goes on" in done.stdout
+    assert "failed: bad (exit 2); the same command runs them again" in done.stderr
+    assert not (tmp_path / "sweep" / "sweep.md").exists()
+
+
 # -- planning ------------------------------------------------------------------------------
 
 

@@ -67,7 +67,8 @@ def _sweep(args, console: Console, stop: StopSignals, again: str) -> int:
     failed = [f for n, point in enumerate(todo, 1)
               for f in _run_point(folder, point, (n, len(todo)), console, stop, again)]
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
-    sweeps.show(sweeps.write_summary(folder, errors), folder, console)
+    if any(sweeps.finished(folder, point) for point in chosen.points):  # else nothing to compare
+        sweeps.show(sweeps.write_summary(folder, errors), folder, console)
     if len(todo) < len(chosen.points):
         say(f"--max {args.max}: {len(chosen.points) - len(todo)} more point(s) not run; the "
             "same command without --max runs them")
