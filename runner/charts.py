@@ -1,20 +1,24 @@
 """Charts of a run: PNG files for report.md (matplotlib) and one-line
-sparklines for the terminal, both from what the run folder holds.
+sparklines for the terminal, both from what the run folder holds; and the
+chart of a sweep.
 
     loss.png           train loss per logged interval, and eval loss before
                        training (step 0), every `eval.every_steps` steps and
                        after training (the last step)
     before_after.png   the headline metrics before and after fine-tuning
+    sweep.png          a sweep's points: score against train time and against
+                       peak memory, one labelled dot per point
 
-Everything is drawn from `metrics.jsonl` and `eval.json`, so `runner report
-RUN_DIR` can draw them again for any run.
+Everything is drawn from `metrics.jsonl` and `eval.json` (a sweep's: from its
+points' run folders), so `runner report RUN_DIR` and `runner compare
+SWEEP_DIR` can draw them again.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-LOSS_PNG, BARS_PNG = "loss.png", "before_after.png"
+LOSS_PNG, BARS_PNG, SWEEP_PNG = "loss.png", "before_after.png", "sweep.png"
 SPARKS = "▁▂▃▄▅▆▇█"
 
 
@@ -140,6 +144,37 @@ def write_pngs(run_dir: Path, train, evals, before: dict | None, after: dict,
     plt.close(fig)
     written.append(BARS_PNG)
     return written
+
+
+def write_sweep_png(path: Path, dots: list[tuple], score: str) -> None:
+    """sweep.png: per point (label, score, train seconds, peak MiB,
+    dominated) a dot of `score` against train time (left) and against peak
+    memory (right), a colour each, named in the legend below; dominated
+    points hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + 0.1 * len(dots)), dpi=110, sharey=True)
+    colours = plt.get_cmap("tab20").colors
+    for ax, column, label in ((axes[0], 2, "train time (s)"), (axes[1], 3, "peak memory (MiB)")):
+        for i, dot in enumerate(dots):
+            if dot[1] is None or dot[column] is None:
+                continue
+            colour = colours[i % len(colours)]
+            ax.scatter(dot[column], dot[1], s=60, edgecolors=colour, linewidths=1.5,
+                       facecolors="none" if dot[4] else colour, label=dot[0])
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{score} after fine-tuning")
+    fig.suptitle(f"sweep: {score} against cost (hollow: dominated)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12 + 0.06 * ((len(dots) + 1) // 2), 1, 1))
+    _save(fig, path)
+    plt.close(fig)
 
 
 def _save(fig, path: Path) -> None:

@@ -1,7 +1,7 @@
 """`runner`: the argument parser and a table from command name to the module
 that runs it (`runner.commands.<name>.main`); no business checks here.
 
-Exit codes: 0 done, 2 bad input (a recipe field, a data file, a model folder,
+Exit codes: 0 done, 1 a sweep with points that failed (the others ran), 2 bad input (a recipe field, a data file, a model folder,
 a run folder: one message naming it, no traceback), 128 + N stopped by signal
 N (130 Ctrl-C, 143 SIGTERM) after saving a checkpoint when training.
 """
@@ -46,7 +46,7 @@ resume or the recipe differs). `runner run RUN_DIR` resumes that run folder.
 # Each command's module, imported when it runs (so that --help is instant).
 COMMANDS = {name: f"runner.commands.{name}" for name in (
     "validate", "run", "eval", "predict", "generate", "chat", "export", "plan", "report",
-    "recipes", "cp", "compare")}
+    "recipes", "cp", "compare", "sweep")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
                     "shipped recipe, write a recipe with extends = \"NAME\" instead.")
     copy.add_argument("name", metavar="NAME", help="a shipped recipe, e.g. bert-sentiment")
     copy.add_argument("dest", type=Path, metavar="DEST", help="the file (or folder) to write")
+    _sweep_parser(commands)
     compare = commands.add_parser(
         "compare", help="finished runs side by side (a table, or --markdown)",
         description="Read finished run folders (manifest.json, eval.json) and print "
@@ -198,12 +199,62 @@ def _parser() -> argparse.ArgumentParser:
                     "quantized parameter, peak memory, step and train time, and accuracy "
                     "and macro-F1 before and after beside the majority-class baseline, as "
                     "a table that fits the terminal. Runs that have not finished are "
-                    "skipped with one line each.")
+                    "skipped with one line each. A sweep folder (`runner sweep`), given "
+                    "alone, gets its sweep.md and sweep.png written again from its points' "
+                    "run folders, and its table shown.")
     compare.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
-                         help="run folders, e.g. runs/bert-sentiment/*")
+                         help="run folders, e.g. runs/bert-sentiment/*; or one sweep folder")
     compare.add_argument("--markdown", action="store_true",
                          help="print a Markdown table instead (one line per run)")
     return parser
+
+
+SWEEP_HELP = """\
+Run RECIPE (a recipe file, or the name of a shipped recipe) at several points,
+one after another, each an ordinary `runner run` in a child process, and
+compare them in SWEEP_DIR/sweep.md and sweep.png (scores, train time, steps/s,
+peak memory, trainable parameters, frozen-weight bytes, checkpoint size; the
+best of each column starred, dominated points named).
+
+  --set FIELD=V1,V2,...   a list of values (commas inside [...], {...} or
+                          quotes do not split); the lists multiply into a grid;
+                          one value applies to every point
+  --point 'NAME: FIELD=V FIELD=V'
+                          a point of its own (NAME optional; 'NAME:' alone is
+                          the recipe as written); every point is run at every
+                          grid position
+
+Values are written as for `runner run --set` (TOML: 16, 2e-4, true, "text",
+["a","b"]; a bare word is a string). A point that switches adapter.method
+drops the adapter fields the new method does not take; points whose recipes
+are equal run once. Every point is validated before anything is written.
+
+SWEEP_DIR (--out; default <output.dir>/<name>-sweep-<hash>) holds sweep.json,
+each point's recipe NN-<point>.toml and its run folder NN-<point>/<timestamp>/.
+The same command again skips finished points and resumes a stopped one.
+SIGTERM/Ctrl-C is passed on to the running point, which checkpoints; exit
+128 + N. A failed point is said and the sweep goes on; then exit 1.
+"""
+
+
+def _sweep_parser(commands) -> None:
+    """`runner sweep`'s arguments."""
+    sweep = commands.add_parser(
+        "sweep", help="run a grid of recipe variations and compare them (sweep.md)",
+        description=SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("recipe", type=Path, metavar="RECIPE",
+                       help="a recipe .toml file, or a shipped recipe's name")
+    sweep.add_argument("--set", action="append", default=[], metavar="FIELD=V1,V2,...",
+                       help="values of a field, one point each (repeatable: a grid), e.g. "
+                            "--set adapter.rank=4,16")
+    sweep.add_argument("--point", action="append", default=[], metavar="'NAME: FIELD=V ...'",
+                       help="a named point (repeatable), e.g. --point 'full: "
+                            'adapter.method="full"\'')
+    sweep.add_argument("--max", type=int, metavar="N",
+                       help="run only the first N points (the same command without --max "
+                            "goes on with the rest)")
+    sweep.add_argument("--out", type=Path, metavar="SWEEP_DIR",
+                       help="the sweep folder (default: <output.dir>/<name>-sweep-<hash>)")
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:

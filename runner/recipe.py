@@ -137,15 +137,36 @@ def load_with_provenance(path: str | Path, overrides: list[str] | tuple[str, ...
     whether it comes from a file or from `--set`. A whole number stands for a
     float (`learning_rate = 1`): that is no conversion from text."""
     path = Path(path)
+    document, provenance = read_document(path)
+    set_fields(document, provenance, [parse_override(item) for item in overrides])
+    return validate_document(path, document, provenance), provenance
+
+
+def read_document(path: Path) -> tuple[dict, dict[str, str]]:
+    """A recipe file's TOML document merged over its `extends` chain, its
+    `name` defaulted to the file's stem, not yet validated; and where each
+    field was given (the files of the chain)."""
     document, provenance = _read_chain(path, (), _confinement(path))
-    for item in overrides:
-        key, value = parse_override(item)
+    document.setdefault("name", path.stem)
+    return document, provenance
+
+
+def set_fields(document: dict, provenance: dict[str, str],
+               assignments: list[tuple[str, object]], source: str = "--set") -> None:
+    """Set (field, value) pairs, as `parse_override` reads them, over the
+    document (an inline table merges into its table); `source` is where the
+    messages of a bad value say it was given."""
+    for key, value in assignments:
         for leaf, leaf_value in _override_leaves(key, value):
             _set(document, leaf, leaf_value)
-            provenance[leaf] = "--set"
-    document.setdefault("name", path.stem)
+            provenance[leaf] = source
+
+
+def validate_document(path: Path, document: dict, provenance: dict[str, str]) -> Recipe:
+    """The recipe a document stands for (strict validation), or a UserError
+    with one line per problem (`format_errors`)."""
     try:
-        return Recipe.model_validate(document, strict=True), provenance
+        return Recipe.model_validate(document, strict=True)
     except ValidationError as e:
         raise UserError(format_errors(path, e, provenance, document)) from None
 
@@ -229,6 +250,16 @@ def shipped_recipe(name: str) -> Path:
         names = ", ".join(p.stem for p in sorted(SHIPPED.glob("*.toml")))
         raise UserError(f"{name!r}: no shipped recipe of that name; shipped: {names}")
     return target
+
+
+def recipe_named(target: Path) -> Path:
+    """A recipe given on the command line: the file at `target`, or, where
+    there is none and `target` looks like no path (no '/', no .toml), the
+    shipped recipe of that name."""
+    text = str(target)
+    if target.exists() or "/" in text or text.endswith(".toml"):
+        return target
+    return shipped_recipe(text)
 
 
 def _confinement(path: Path) -> Path | None:
@@ -575,7 +606,7 @@ def _locate(loc: tuple) -> tuple[str, type[BaseModel] | None]:
         variants = _model_variants(cls.model_fields[item].annotation)
         cls = variants[0] if len(variants) == 1 else None
         if len(variants) > 1 and i + 1 < len(loc):
-            tags = {v.model_fields["method"].default: v for v in variants}
+            tags = _by_method(variants)
             if loc[i + 1] in tags:
                 cls = tags[loc[i + 1]]
                 i += 1  # skip the discriminator tag
@@ -595,6 +626,15 @@ def _methods_with(table: str, key: str) -> list[str]:
     if len(variants) < 2:
         return []
     return [v.model_fields["method"].default for v in variants if key in v.model_fields]
+
+
+def adapter_variants() -> dict[str, type[BaseModel]]:
+    """The [adapter] table's settings model of each `method`."""
+    return _by_method(_model_variants(Recipe.model_fields["adapter"].annotation))
+
+
+def _by_method(variants: list[type[BaseModel]]) -> dict[str, type[BaseModel]]:
+    return {v.model_fields["method"].default: v for v in variants}
 
 
 def _model_variants(annotation) -> list[type[BaseModel]]:

@@ -7,6 +7,8 @@ the majority class (always answering the most frequent label of the training
 rows, `jaxlora.tasks.majority_baseline`), for a causal LM the base model
 itself, which is the "before" column. A run that has not finished (running,
 interrupted, failed) gets a partial report, drawn from what its folder holds.
+`read_run` reads a finished run's figures for the comparisons of `runner
+compare` and `runner sweep`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 
 from rich.table import Table
 
+from jaxlora.errors import UserError
 from jaxlora.lora import variant_names
 from jaxlora.tasks import majority_baseline
 from runner import charts, run_folder
+from runner import manifest as manifests
 
 HEADLINE = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("loss", "eval loss")]
 LM_HEADLINE = [("loss", "eval loss"), ("perplexity", "perplexity"),
@@ -62,6 +66,26 @@ def baseline_of(manifest: dict, evals: dict) -> dict | None:
         return None
     return majority_baseline(counts.get("train", {}), counts.get("eval", {}),
                              data["label_names"])
+
+
+def read_run(run_dir: Path) -> dict:
+    """The manifest and evaluation of one finished run; {"skipped": why} for a
+    run that has not finished; a clear error for what is not a run folder."""
+    if not (run_dir / "manifest.json").is_file():
+        raise UserError(f"{run_dir}: no manifest.json; not a run folder "
+                        "(runs/<name>/<timestamp>/ after `runner run`)")
+    manifest = run_folder.read_json(run_dir / "manifest.json")
+    if manifest.get("status") != "finished":
+        return {"skipped": f"{run_dir}: the run did not finish (status "
+                           f"{manifest.get('status')!r})"}
+    if not (run_dir / "eval.json").is_file():
+        raise UserError(f"{run_dir}: no eval.json, though manifest.json says the run finished")
+    evals = run_folder.read_json(run_dir / "eval.json")
+    manifests.check_after(run_dir, evals)
+    run_folder.check(run_dir / "manifest.json", manifest, manifests.fields(manifests.TO_COMPARE))
+    run_folder.check(run_dir / "eval.json", evals, manifests.eval_fields(evals))
+    return {"dir": run_dir, "manifest": manifest, "eval": evals,
+            "baseline": baseline_of(manifest, evals)}
 
 
 def baseline_note(baseline: dict | None, task: str) -> str | None:
