@@ -247,10 +247,9 @@ class DoRAAdapter(LoRAAdapter):
     the norm per output feature, `m` trained, and the norm a constant in the
     gradient (see the module docstring); it returns what that adds to `base`."""
 
-    def __init__(self, in_features: int, out_features: int, *, rank: int, scale: float,
-                 dropout_rate: float, key: jax.Array, sq_norm: jax.Array):
-        super().__init__(in_features, out_features, rank=rank, scale=scale,
-                         dropout_rate=dropout_rate, key=key)
+    def __init__(self, in_features: int, out_features: int, *, sq_norm: jax.Array,
+                 **lora):
+        super().__init__(in_features, out_features, **lora)
         self.sq_norm = DoraNorm(sq_norm)
         # the same square root as `__call__` takes of sq_norm + 0 while B = 0
         self.magnitude = nnx.LoRAParam(jnp.sqrt(sq_norm))
