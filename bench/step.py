@@ -19,6 +19,11 @@ jaxlora's time over the yardstick's (what the real model costs over a minimal on
                                             #      256 x 128 (LoRA), llama-1b causal LM
                                             #      8 x 1024 (LoRA, QLoRA), bf16
 
+  python bench/step.py --variants           # the LoRA variants on minilm 32 x 128 (CPU) or
+                                            # bert-base 64 x 128 (GPU): plain LoRA, rsLoRA,
+                                            # DoRA, LoRA+ (ratio 16), each against the peer
+                                            # with the same variant (bench/peer_variant.py)
+
 QLoRA rows quantize every linear weight to NF4 with double quantization. The
 peer's QLoRA (bitsandbytes) runs on CUDA only: on CPU the QLoRA row is timed
 against the peer's LoRA step.
@@ -48,6 +53,13 @@ GPU_SHAPES = [dict(model="bert-base", batch=64, seq=128, method="lora"),
               dict(model="bert-base", batch=256, seq=128, method="lora"),
               dict(model="llama-1b", task="clm", batch=8, seq=1024, method="lora"),
               dict(model="llama-1b", task="clm", batch=8, seq=1024, method="qlora")]
+# `--variants`: the same shape with each LoRA variant; "variant" is what
+# bench/peer_variant.py takes, and `_variant_settings` turns into ours
+VARIANTS = [None, "rslora", "dora", "loraplus:16"]
+CPU_VARIANT_SHAPES = [dict(model="minilm", batch=32, seq=128, method="lora", variant=v)
+                      for v in VARIANTS]
+GPU_VARIANT_SHAPES = [dict(model="bert-base", batch=64, seq=128, method="lora", variant=v)
+                      for v in VARIANTS]
 
 
 def run_json(cmd: list[str], timeout: int = 900) -> dict:
@@ -62,7 +74,10 @@ def run_json(cmd: list[str], timeout: int = 900) -> dict:
 def peer(peers: Path, shape: dict, gpu: bool, steps: int, warmup: int) -> dict:
     """The PEFT peer; bitsandbytes QLoRA runs on CUDA only, so on CPU a QLoRA
     shape is compared with the peer's LoRA step."""
-    cmd = [sys.executable, str(peers / "peft_step.py"), "--model", shape["model"],
+    variant = shape.get("variant")
+    script = ([str(REPO / "bench" / "peer_variant.py"), str(peers), variant] if variant else
+              [str(peers / "peft_step.py")])
+    cmd = [sys.executable, *script, "--model", shape["model"],
            "--task", shape.get("task", "cls"),
            "--batch", str(shape["batch"]), "--seq", str(shape["seq"]), "--steps", str(steps),
            "--warmup", str(warmup)]
@@ -120,7 +135,8 @@ def _build(shape: dict, gpu: bool):
         model = llama.LlamaForCausalLM(config, param_dtype=dtype, compute_dtype=dtype,
                                        attention=attention)
         _randomize(model)
-        settings = dict(rank=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"])
+        settings = dict(rank=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"],
+                        **_variant_settings(shape))
         adapter = (QLoraConfig(**settings) if shape["method"] == "qlora"
                    else LoraConfig(**settings))
         graphdef, trainable, frozen, _ = adapt(model, adapter, llama.LORA_TARGETS,
@@ -136,10 +152,36 @@ def _build(shape: dict, gpu: bool):
                                                    param_dtype=dtype, compute_dtype=dtype,
                                                    attention=attention)
         _randomize(model)
-    settings = dict(rank=8, alpha=16.0, dropout=0.0, targets=["query", "value"])
+    settings = dict(rank=8, alpha=16.0, dropout=0.0, targets=["query", "value"],
+                    **_variant_settings(shape))
     adapter = QLoraConfig(**settings) if shape["method"] == "qlora" else LoraConfig(**settings)
     graphdef, trainable, frozen, _ = adapt(model, adapter, bert.LORA_TARGETS, jax.random.key(2))
     return graphdef, trainable, frozen, config.vocab_size
+
+
+def _variant_settings(shape: dict) -> dict:
+    """The [adapter] fields of the shape's LoRA variant (LoRA+ is the optimizer's)."""
+    return {"dora": {"dora": True}, "rslora": {"scaling": "rslora"}}.get(
+        shape.get("variant"), {})
+
+
+def _optimizer(shape: dict):
+    """torch.optim.AdamW's defaults, as the peer (lr 1e-4, weight decay 0.01); for
+    LoRA+ the B factors at the ratio times that, as jaxlora.optim partitions them."""
+    import jax
+    import optax
+
+    from jaxlora.optim import is_lora_b
+
+    variant = shape.get("variant") or ""
+    if not variant.startswith("loraplus:"):
+        return optax.adamw(1e-4, weight_decay=0.01)
+    ratio = float(variant.removeprefix("loraplus:"))
+    return optax.multi_transform(
+        {"rest": optax.adamw(1e-4, weight_decay=0.01),
+         "b": optax.adamw(1e-4 * ratio, weight_decay=0.01)},
+        lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: "b" if is_lora_b(path) else "rest", params))
 
 
 def _randomize(model) -> None:
@@ -162,7 +204,6 @@ def our_step(shape: dict, gpu: bool, loss_fn=None):
     `loss_fn` replaces the task's step loss (bench/profile.py's variants)."""
     import jax
     import numpy as np
-    import optax
 
     from jaxlora.tasks import STEP_LOSSES
     from jaxlora.train import build_train_step
@@ -176,7 +217,7 @@ def our_step(shape: dict, gpu: bool, loss_fn=None):
         "labels": rng.integers(0, 2, (b,), dtype=np.int32),
         "weights": np.ones((b,), np.float32),
         "loss_mask": np.ones((b, t), np.int32)})  # causal LM: every token a target
-    tx = optax.adamw(1e-4, weight_decay=0.01)  # torch.optim.AdamW defaults, as the peer
+    tx = _optimizer(shape)
     task = "causal-lm" if shape.get("task") == "clm" else "classification"
     opt_state = tx.init(trainable)
     # the step as `fit` runs it: over flat lists of arrays (`jaxlora.train.LeafStep`)
@@ -261,6 +302,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="also append the result lines (JSON) to this file")
     p.add_argument("--only", metavar="MODEL", help="run only the shapes of this model "
                                                    "(e.g. tiny-llama)")
+    p.add_argument("--variants", action="store_true",
+                   help="time the LoRA variants (rsLoRA, DoRA, LoRA+) against the peer's")
     p.add_argument("--ours-only", metavar="SHAPE_JSON", help=argparse.SUPPRESS)
     a = p.parse_args()
     gpu = a.device == "gpu"
@@ -268,7 +311,9 @@ def main() -> None:
         print(json.dumps(time_ours(json.loads(a.ours_only), gpu, a.steps, a.warmup)), flush=True)
         return
     rows, peers_seen = [], {}
-    for shape in GPU_SHAPES if gpu else CPU_SHAPES:
+    shapes = ((GPU_VARIANT_SHAPES if gpu else CPU_VARIANT_SHAPES) if a.variants else
+              GPU_SHAPES if gpu else CPU_SHAPES)
+    for shape in shapes:
         if a.only and shape["model"] != a.only:
             continue
         peer_key = json.dumps({**shape, "method": shape["method"] if gpu else "lora"})
@@ -289,7 +334,8 @@ def main() -> None:
         s, ours_ms = r["shape"], r["jaxlora"].get("step_ms_median")
         peer_ms = r["peer"].get("step_ms_median")
         ratio = f"{peer_ms / ours_ms:.2f}x" if ours_ms and peer_ms else "-"
-        label = f"{s['model']} {s.get('task', 'cls')} {s['method']} {s['batch']}x{s['seq']}"
+        method = s.get("variant") or s["method"]
+        label = f"{s['model']} {s.get('task', 'cls')} {method} {s['batch']}x{s['seq']}"
         line = f"{label:<30}{ours_ms or '-':>12}{peer_ms or '-':>10}{ratio:>10}"
         y = r["yardstick"].get("step_ms_median")
         line += f"{y or '-':>14}{(f'{ours_ms / y:.2f}x' if y and ours_ms else '-'):>14}"
