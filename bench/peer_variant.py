@@ -4,9 +4,9 @@
     python bench/peer_variant.py PEERS_DIR VARIANT [peft_step.py's options]
 
 VARIANT is `dora` or `rslora` (PEFT's `LoraConfig(use_dora=True)` /
-`use_rslora=True`), or `loraplus:RATIO` (LoRA+: the peer's AdamW gets two
-parameter groups, the `lora_B` weights at RATIO times the learning rate, as
-`peft.optimizers.create_loraplus_optimizer` makes them). Everything else is
+`use_rslora=True`), or `loraplus:RATIO` (LoRA+: the peer's AdamW is made by
+`peft.optimizers.create_loraplus_optimizer`, the `lora_B` weights and the
+vectors at RATIO times the learning rate). Everything else is
 the peer's own code, run as its own script: the same model, batch, timing
 and JSON line, so that `bench/step.py --variants` compares like with like.
 """
@@ -36,14 +36,12 @@ def _with_variant(variant: str) -> None:
         made["model"] = get_peft_model(model, config, *args, **kwargs)
         return made["model"]
 
-    def two_groups(params, lr, **kwargs):
-        b_ids = {id(p) for name, p in made["model"].named_parameters() if "lora_B" in name}
-        params = list(params)
-        return adamw([{"params": [p for p in params if id(p) not in b_ids], "lr": lr},
-                      {"params": [p for p in params if id(p) in b_ids], "lr": lr * ratio}],
-                     lr=lr, **kwargs)
+    def loraplus(params, lr, **kwargs):  # the peer's trainable parameters: the model's
+        from peft.optimizers import create_loraplus_optimizer
+        return create_loraplus_optimizer(made["model"], adamw, lr=lr, loraplus_lr_ratio=ratio,
+                                         **kwargs)
 
-    peft.get_peft_model, torch.optim.AdamW = remember, two_groups
+    peft.get_peft_model, torch.optim.AdamW = remember, loraplus
 
 
 def main() -> None:

@@ -167,11 +167,12 @@ def _variant_settings(shape: dict) -> dict:
 
 def _optimizer(shape: dict):
     """torch.optim.AdamW's defaults, as the peer (lr 1e-4, weight decay 0.01); for
-    LoRA+ the B factors at the ratio times that, as jaxlora.optim partitions them."""
+    LoRA+ the B factors and vectors at the ratio times that, as jaxlora.optim
+    groups them."""
     import jax
     import optax
 
-    from jaxlora.optim import is_lora_b
+    from jaxlora.optim import lora_plus_group
 
     variant = shape.get("variant") or ""
     if not variant.startswith("loraplus:"):
@@ -180,8 +181,7 @@ def _optimizer(shape: dict):
     return optax.multi_transform(
         {"rest": optax.adamw(1e-4, weight_decay=0.01),
          "b": optax.adamw(1e-4 * ratio, weight_decay=0.01)},
-        lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, _: "b" if is_lora_b(path) else "rest", params))
+        lambda params: jax.tree_util.tree_map_with_path(lora_plus_group, params))
 
 
 def _randomize(model) -> None:

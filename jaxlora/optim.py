@@ -106,11 +106,17 @@ def is_lora_b(path) -> bool:
     return any(getattr(key, "key", None) == "lora_b" for key in path)
 
 
+def lora_plus_group(path, leaf) -> str:
+    """LoRA+'s group of one trainable leaf, as PEFT's `create_loraplus_optimizer`
+    (and the LoRA+ authors' code) groups them: "b", at the ratio times the
+    learning rate, for the LoRA B factors and every vector (DoRA's magnitudes,
+    a head's bias); "rest" for A factors and a head's kernel."""
+    return "b" if is_lora_b(path) or leaf.ndim == 1 else "rest"
+
+
 def _lora_plus_groups(params):
-    """LoRA+'s partition of the trainable tree: "b" for the LoRA B factors,
-    "rest" for everything else (A factors, a head)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "b" if is_lora_b(path) else "rest", params)
+    """LoRA+'s partition of the trainable tree (`lora_plus_group`)."""
+    return jax.tree_util.tree_map_with_path(lora_plus_group, params)
 
 
 def _adamw(cfg: OptimSettings, learning_rate: optax.Schedule) -> optax.GradientTransformation:

@@ -63,8 +63,8 @@ class TrainConfig(BaseModel):
     adam_b2: float = Field(0.999, gt=0.0, lt=1.0)  # AdamW second-moment decay
     adam_eps: float = Field(1e-8, gt=0.0)  # AdamW denominator epsilon
     max_grad_norm: float = Field(1.0, ge=0.0)  # clip the global gradient norm to this (0: off)
-    # LoRA+: the LoRA B factors learn at this multiple of learning_rate, the rest
-    # at learning_rate, same schedule (unset: one learning rate for all)
+    # LoRA+: the LoRA B factors (and vectors, as PEFT's LoRA+) learn at this multiple
+    # of learning_rate, the rest at learning_rate, same schedule (unset: one for all)
     lr_ratio_b: float | None = Field(None, gt=0, le=1e4)
     # seeds the head, the adapters, dropout and the data order
     seed: int = Field(0, ge=0, le=2**32 - 1)

@@ -11,7 +11,7 @@ import pytest
 
 from jaxlora.lora import LoraConfig, adapt
 from jaxlora.models import bert, load_model
-from jaxlora.optim import is_lora_b, make_optimizer
+from jaxlora.optim import lora_plus_group, make_optimizer
 from jaxlora.tasks import classification_step_loss
 from jaxlora.train import TrainConfig, build_train_step
 from test_cli import TINY_RECIPE, _tweets_csv
@@ -80,8 +80,9 @@ def test_lora_plus_moves_b_sixteen_times_as_far_on_the_first_step(tiny_bert_dir)
     B starts at zero but its gradient does not (it is (x A)^T dL/dy, A being
     random); A's gradient is zero there (x^T dL/dy B^T with B = 0), and the
     head's is not. So with ratio 16 B moves exactly 16 times as far (16 is a
-    power of two: the products are exact) and everything else as far as with
-    ratio 1."""
+    power of two: the products are exact), and so does the head's bias (a
+    vector: PEFT's LoRA+ groups vectors with B), everything else as far as
+    with ratio 1."""
     (start, one, *_), _ = _lora_plus_steps(tiny_bert_dir, 1.0)
     (_, sixteen, *_), _ = _lora_plus_steps(tiny_bert_dir, 16.0)
     flat = jax.tree_util.tree_flatten_with_path
@@ -89,13 +90,13 @@ def test_lora_plus_moves_b_sixteen_times_as_far_on_the_first_step(tiny_bert_dir)
     for (path, before), ratio1, ratio16 in zip(flat(start)[0], jax.tree.leaves(one),
                                                 jax.tree.leaves(sixteen)):
         step1, step16 = np.asarray(ratio1) - before, np.asarray(ratio16) - before
-        if is_lora_b(path):
-            assert np.abs(step1).min() > 0  # every B entry had a gradient
+        if lora_plus_group(path, before) == "b":
+            assert np.abs(step1).min() > 0  # every B entry, the bias, had a gradient
             np.testing.assert_allclose(step16, 16 * step1, rtol=1e-6, atol=0)
             b_moves += 1
         else:
             np.testing.assert_array_equal(step16, step1)
-    assert b_moves == 2 * 2  # query and value in both blocks
+    assert b_moves == 2 * 2 + 1  # query and value in both blocks, the head's bias
 
 
 def test_lora_plus_is_refused_with_full_fine_tuning(tmp_path, tiny_bert_dir):
