@@ -48,6 +48,9 @@ def main() -> None:
     peers, variant = Path(sys.argv[1]), sys.argv[2]
     if variant not in ("dora", "rslora") and not variant.startswith("loraplus:"):
         sys.exit(f"unknown variant {variant!r}: dora, rslora or loraplus:RATIO")
+    # the peer's folder first, as when it runs as its own script; not bench/,
+    # whose profile.py would shadow the standard library's (torch imports it)
+    sys.path[0] = str(peers)
     _with_variant(variant)
     script = peers / "peft_step.py"
     sys.argv = [str(script)] + sys.argv[3:]
