@@ -343,29 +343,6 @@ def count_params(state) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(state))
 
 
-def without_adapters(trainable, frozen, start=None):
-    """`trainable` with every adapter back where it started, so that the adapted
-    model computes the base model: B zero, or the LoRA factors of `start` (the
-    trainable state as `adapt` made it: PiSSA's factors add up with their
-    residual to the base weight again, within float rounding), and every DoRA
-    magnitude back to its weight's norm (from `frozen`)."""
-    started = dict(nnx.to_flat_state(start)) if start is not None else {}
-    sq_norms = {path[:-1]: var for path, var in nnx.to_flat_state(frozen)
-                if isinstance(var, DoraNorm)}
-
-    def reset(path, var):
-        if path in started and path[-1] in ("lora_a", "lora_b"):
-            return var.replace(started[path][...])
-        if path[-1] == "lora_b":
-            return var.replace(jnp.zeros_like(var[...]))
-        if path[-1] == "magnitude":
-            return var.replace(jnp.sqrt(sq_norms[path[:-1]][...]))
-        return var
-
-    return nnx.from_flat_state([(path, reset(path, var))
-                                for path, var in nnx.to_flat_state(trainable)])
-
-
 class Adapted(NamedTuple):
     """A model split once by variable type, after `adapt`."""
 

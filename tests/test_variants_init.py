@@ -150,7 +150,7 @@ def test_pissa_starts_at_the_base_model_with_peft_factors(family, tiny_bert_dir,
     import torch
     from flax import nnx
 
-    from jaxlora.lora import adapter_factors, without_adapters
+    from jaxlora.lora import adapter_factors
 
     loaded, hf = _family_model(family, tiny_bert_dir, tmp_path)
     vocab = loaded.config.vocab_size
@@ -177,16 +177,6 @@ def test_pissa_starts_at_the_base_model_with_peft_factors(family, tiny_bert_dir,
                                    err_msg=path)
         np.testing.assert_allclose(np.asarray(linears[path].kernel[...]), residual.T,
                                    atol=1e-5, rtol=0, err_msg=path)
-
-    # a trained state reset to where it started is the base model again; B
-    # zeroed alone would leave the residuals, far from it
-    trained = jax.tree_util.tree_map_with_path(  # as if trained: the factors moved
-        lambda path, x: x + 0.05 if "lora" in jax.tree_util.keystr(path) else x, trainable)
-    back = _logits(nnx.merge(graphdef, without_adapters(trained, frozen, start=trainable),
-                             frozen), vocab)
-    np.testing.assert_allclose(back, base, atol=1e-4, rtol=0)
-    residual_only = _logits(nnx.merge(graphdef, without_adapters(trained, frozen), frozen), vocab)
-    assert np.abs(residual_only - base).max() > 1e-2
 
 
 def test_gaussian_init_is_peft_gaussian(tiny_bert_dir):
