@@ -43,7 +43,10 @@ How A and B start (`init`), each as PEFT's `init_lora_weights` of that name:
                For QLoRA the residual is what gets quantized. The SVD is not
                bit-reproducible across machines: whoever rebuilds the model
                passes the factors it started from (`adapt(initial=...)`) and
-               gets the same residual again
+               gets the same residual again: bit for bit on the same kind of
+               device with the same layout of the frozen weights, elsewhere
+               up to the float32 rounding of the product s A B (a matmul's
+               summation order depends on the backend and the sharding)
 
 A and B are `nnx.LoRAParam` in float32 whatever the base dtype (and so is DoRA's m). PEFT stores
 `lora_A.weight` as (r, in) and `lora_B.weight` as (out, r): export transposes.
@@ -219,7 +222,8 @@ def pissa(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig,
     """PiSSA on the layers `paths`, in place: each kernel becomes its residual;
     returns the factors A, B each adapter starts from. They are computed (SVD)
     unless `initial` gives them (a model rebuilt: the same residual as when it
-    was first built, bit for bit on the same machine)."""
+    was first built, bit for bit on the same kind of device and `sharding`,
+    else up to the rounding of s A B; see the module docstring)."""
     factors: Factors = {}
     scale = cfg.scale
     for path in paths:
