@@ -287,7 +287,9 @@ def test_a_pissa_run_evaluates_the_base_model_before(pissa_run):
     # alone (B zeroed) move it by ~3e-6 here, the PiSSA start by float rounding
     assert abs(ours["loss"] - base["loss"]) < 2e-7
     report = (run / "report.md").read_text()
-    assert "init `pissa`" in report and "LoRA+: B at 4.0x the learning rate" in report
+    [line] = [x for x in report.splitlines() if x.startswith("- hyperparameters:")]
+    assert "method `lora (PiSSA)`" in line and line.lower().count("pissa") == 1
+    assert "LoRA+: B at 4.0x the learning rate" in line
     assert (run / "pissa.safetensors").is_file()
 
 
