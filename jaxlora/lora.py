@@ -278,11 +278,16 @@ class DoRAAdapter(LoRAAdapter):
 
 def _sq_norm_gain(a: jax.Array, b: jax.Array, kernel: FrozenKernel, scale: float) -> jax.Array:
     """||W + s A B||^2 - ||W||^2 per output feature j, never forming W + s A B:
-    sum_k B_kj (2 s (A^T W)_kj + s^2 (A^T A B)_kj). Exactly 0 where B is 0."""
+    sum_k B_kj (2 s (A^T W)_kj + s^2 (A^T A B)_kj). Exactly 0 where B is 0.
+    The products at full float32 precision, as `_residual`'s: a GPU's default
+    rounds float32 inputs to TF32, and they are rank-r (r / tokens of the
+    layer's own x W); bfloat16 inputs are exact products either way."""
+    full = jax.lax.Precision.HIGHEST
     a_w = jax.lax.dot_general(a.astype(kernel.value.dtype), kernel.value,
-                              (((0,), (kernel.in_axis,)), ((), ())),
+                              (((0,), (kernel.in_axis,)), ((), ())), precision=full,
                               preferred_element_type=jnp.float32)  # (r, out)
-    return jnp.sum(b * (2.0 * scale * a_w + scale * scale * ((a.T @ a) @ b)), axis=0)
+    a_a_b = jnp.matmul(jnp.matmul(a.T, a, precision=full), b, precision=full)  # (r, out)
+    return jnp.sum(b * (2.0 * scale * a_w + scale * scale * a_a_b), axis=0)
 
 
 def _sq_norms(kernel: FrozenKernel) -> jax.Array:
