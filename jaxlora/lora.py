@@ -43,7 +43,10 @@ How A and B start (`init`), each as PEFT's `init_lora_weights` of that name:
                For QLoRA the residual is what gets quantized. The SVD is not
                bit-reproducible across machines: whoever rebuilds the model
                passes the factors it started from (`adapt(initial=...)`) and
-               gets the same residual again
+               gets the same residual again: bit for bit on the same kind of
+               device with the same layout of the frozen weights, elsewhere
+               up to the float32 rounding of the product s A B (a matmul's
+               summation order depends on the backend and the sharding)
 
 A and B are `nnx.LoRAParam` in float32 whatever the base dtype (and so is DoRA's m). PEFT stores
 `lora_A.weight` as (r, in) and `lora_B.weight` as (out, r): export transposes.
@@ -219,7 +222,8 @@ def pissa(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig,
     """PiSSA on the layers `paths`, in place: each kernel becomes its residual;
     returns the factors A, B each adapter starts from. They are computed (SVD)
     unless `initial` gives them (a model rebuilt: the same residual as when it
-    was first built, bit for bit on the same machine)."""
+    was first built, bit for bit on the same kind of device and `sharding`,
+    else up to the rounding of s A B; see the module docstring)."""
     factors: Factors = {}
     scale = cfg.scale
     for path in paths:
@@ -274,11 +278,16 @@ class DoRAAdapter(LoRAAdapter):
 
 def _sq_norm_gain(a: jax.Array, b: jax.Array, kernel: FrozenKernel, scale: float) -> jax.Array:
     """||W + s A B||^2 - ||W||^2 per output feature j, never forming W + s A B:
-    sum_k B_kj (2 s (A^T W)_kj + s^2 (A^T A B)_kj). Exactly 0 where B is 0."""
+    sum_k B_kj (2 s (A^T W)_kj + s^2 (A^T A B)_kj). Exactly 0 where B is 0.
+    The products at full float32 precision, as `_residual`'s: a GPU's default
+    rounds float32 inputs to TF32, and they are rank-r (r / tokens of the
+    layer's own x W); bfloat16 inputs are exact products either way."""
+    full = jax.lax.Precision.HIGHEST
     a_w = jax.lax.dot_general(a.astype(kernel.value.dtype), kernel.value,
-                              (((0,), (kernel.in_axis,)), ((), ())),
+                              (((0,), (kernel.in_axis,)), ((), ())), precision=full,
                               preferred_element_type=jnp.float32)  # (r, out)
-    return jnp.sum(b * (2.0 * scale * a_w + scale * scale * ((a.T @ a) @ b)), axis=0)
+    a_a_b = jnp.matmul(jnp.matmul(a.T, a, precision=full), b, precision=full)  # (r, out)
+    return jnp.sum(b * (2.0 * scale * a_w + scale * scale * a_a_b), axis=0)
 
 
 def _sq_norms(kernel: FrozenKernel) -> jax.Array:
@@ -341,29 +350,6 @@ def trainable_filter(method: Literal["lora", "qlora", "full"]):
 def count_params(state) -> int:
     """Number of scalars in an nnx State (or any pytree of arrays)."""
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(state))
-
-
-def without_adapters(trainable, frozen, start=None):
-    """`trainable` with every adapter back where it started, so that the adapted
-    model computes the base model: B zero, or the LoRA factors of `start` (the
-    trainable state as `adapt` made it: PiSSA's factors add up with their
-    residual to the base weight again, within float rounding), and every DoRA
-    magnitude back to its weight's norm (from `frozen`)."""
-    started = dict(nnx.to_flat_state(start)) if start is not None else {}
-    sq_norms = {path[:-1]: var for path, var in nnx.to_flat_state(frozen)
-                if isinstance(var, DoraNorm)}
-
-    def reset(path, var):
-        if path in started and path[-1] in ("lora_a", "lora_b"):
-            return var.replace(started[path][...])
-        if path[-1] == "lora_b":
-            return var.replace(jnp.zeros_like(var[...]))
-        if path[-1] == "magnitude":
-            return var.replace(jnp.sqrt(sq_norms[path[:-1]][...]))
-        return var
-
-    return nnx.from_flat_state([(path, reset(path, var))
-                                for path, var in nnx.to_flat_state(trainable)])
 
 
 class Adapted(NamedTuple):

@@ -175,7 +175,8 @@ def adapt(recipe: Recipe, loaded: LoadedModel, placement: runtime.Placement | No
     `placement`), or every weight trainable; the adapters drawn from the
     recipe's seed. With PiSSA the frozen weights are residuals: computed (SVD)
     for a new run, or, given the `run_dir` of a run that started already,
-    rebuilt from the factors it kept (`keep_start`), exactly as it had them.
+    rebuilt from the factors it kept (`keep_start`): as it had them, bit for
+    bit on the same kind of device and layout, else up to float rounding.
     Without `adapters`: the base model as the method holds it (4-bit for
     QLoRA), no adapter attached and no target checked."""
     base_params = count_params(nnx.state(loaded.model))  # before 4-bit packing

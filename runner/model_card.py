@@ -6,7 +6,8 @@ base model's own card or GGUF metadata).
     base_model: ...             the base's hub id (only where it is one)
     library_name: peft          peft (adapter), transformers (merged), gguf
     pipeline_tag: ...           text-generation (causal-lm), text-classification
-    tags: [...]                 jaxlora, the method, the format (and GGUF type)
+    tags: [...]                 jaxlora, the method, its variants (`hub_tag`),
+                                the format (and GGUF type)
     datasets: [...]             the data's hub id (only where it is one)
     license: ...                where the base model's card or file says it
     ---
@@ -59,7 +60,7 @@ def front_matter(manifest: dict, fmt: str, quant: str | None = None) -> dict:
         fields["base_model"] = source
     fields["library_name"] = LIBRARIES[fmt]
     fields["pipeline_tag"] = PIPELINES[report.task_of(manifest)]
-    tags = ["jaxlora", method] + [v.lower() for v in variant_names(recipe["adapter"])]
+    tags = ["jaxlora", method] + [hub_tag(v) for v in variant_names(recipe["adapter"])]
     tags += ["peft"] if fmt == "peft" else []
     tags += ["gguf", quant] if fmt == "gguf" and quant else []
     fields["tags"] = tags + ([] if fmt == "peft" or method in ("full", "none")
@@ -70,6 +71,12 @@ def front_matter(manifest: dict, fmt: str, quant: str | None = None) -> dict:
     if found:
         fields["license"] = found
     return fields
+
+
+def hub_tag(label: str) -> str:
+    """A label as a hub tag: lower case, each run of other characters than
+    letters and digits one dash (`gaussian init` -> `gaussian-init`)."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
 def _from_hub(location: str, manifest: dict) -> bool:

@@ -322,8 +322,6 @@ def hyperparameters(recipe: dict) -> str:
         parts += [f"rank {adapter.get('rank')}", f"alpha {adapter.get('alpha')}",
                   "targets " + (", ".join(f"`{t}`" for t in targets)
                                 if isinstance(targets, list) else f"`{targets or 'default'}`")]
-        if adapter.get("init", "default") != "default":  # runs before inits existed: default
-            parts.append(f"init `{adapter['init']}`")
     if adapter.get("method") == "qlora" and isinstance(adapter.get("quant"), dict):
         parts.append(f"4-bit `{adapter['quant'].get('type')}` (block "
                      f"{adapter['quant'].get('block_size')})")

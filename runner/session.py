@@ -221,8 +221,8 @@ class Session:
             return before
         placement = self.built.placement
         # the trainable weights as `adapt` made them, with which the model is the
-        # base model: B zero, or PiSSA's factors over their residuals (zeroing B
-        # there would leave the residuals alone; see `jaxlora.lora.without_adapters`)
+        # base model: B zero (DoRA's magnitudes at their norms), or PiSSA's
+        # factors over their residuals (zeroing B there would leave the residuals)
         base = placement.put(self.built.parts.trainable, placement.shard_trainable)
         before = self.evaluate(base, "eval before")
 

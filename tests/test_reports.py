@@ -103,6 +103,27 @@ def test_the_report_says_the_hyperparameters_confusion_matrix_and_timings(run):
     assert f"eval {timings['eval_seconds']:.1f} s" in report
 
 
+def test_lora_variants_show_once_and_tag_the_card_hub_safe():
+    """Each variant once in the hyperparameters line (the init among them, no
+    separate `init` part), and as a hub tag of letters, digits and dashes."""
+    from runner.model_card import front_matter
+    from runner.report import hyperparameters
+
+    recipe = {"model": {"source": "model", "task": "classification"}, "data": {},
+              "adapter": {"method": "lora", "rank": 4, "alpha": 8.0, "scaling": "rslora",
+                          "init": "gaussian"},
+              "train": {"learning_rate": 0.01, "schedule": "constant", "warmup_ratio": 0.0,
+                        "max_steps": 6, "batch_size": 8}}
+    line = hyperparameters(recipe)
+    assert line.startswith("method `lora (rsLoRA, gaussian init)`; rank 4; alpha 8.0")
+    assert line.count("gaussian") == 1
+    recipe["adapter"]["init"] = "pissa"
+    assert hyperparameters(recipe).lower().count("pissa") == 1
+    recipe["adapter"]["init"] = "gaussian"
+    fields = front_matter({"recipe": recipe, "model": {"source": "/nonexistent"}}, "peft")
+    assert fields["tags"] == ["jaxlora", "lora", "rslora", "gaussian-init", "peft"]
+
+
 def test_a_resumed_run_reports_its_stop_its_resume_and_summed_times(run_copy):
     """From the manifest: the interruption, each resume, and the timings of
     every session added up (`Session.record_timings` adds this session's)."""

@@ -6,8 +6,9 @@ tiny BERT and Llama checkpoints, with random non-zero factors and magnitudes,
 over full-precision and over our dequantized 4-bit weights (PEFT is given
 those as its base weights: bitsandbytes is not installed); our PEFT exports
 load in PEFT with equal logits, DoRA's merged weights give the adapted
-model's logits; "before" is exactly the base model; a DoRA QLoRA run through
-the CLI trains and resumes bit for bit; method full refuses the LoRA fields.
+model's logits; the adapted model starts exactly at the base model, so a
+DoRA QLoRA run's "before" is a plain QLoRA run's; such a run through the CLI
+trains and resumes bit for bit; method full refuses the LoRA fields.
 """
 
 import json
@@ -24,7 +25,7 @@ from tiny_models import tiny_decoder_dir
 
 from jaxlora.export import kernel_out_in, merged_tensors, peft_config, peft_tensors, \
     write_safetensors
-from jaxlora.lora import LoraConfig, QLoraConfig, adapt, without_adapters
+from jaxlora.lora import LoraConfig, QLoraConfig, adapt
 from jaxlora.models import bert, family, llama, load_model
 
 BERT_TARGETS = ["query", "value", "attention.output", "output"]
@@ -205,10 +206,10 @@ class TestDoraLayerEqualsPeftInTraining:
                                        atol=1e-4, rtol=1e-5, err_msg=name)
 
 
-class TestDoraBeforeIsTheBaseModel:
-    """`without_adapters` (the "before" evaluation) on a trained DoRA model:
-    B zero and each magnitude back to its norm give exactly the base model
-    (here the 4-bit one, as qlora holds it), compiled."""
+class TestDoraStartsAtTheBaseModel:
+    """The trainable weights as `adapt` builds them (B zero, each magnitude its
+    weight's norm), which the run's "before" evaluation takes, give exactly
+    the base model (here the 4-bit one, as qlora holds it), compiled."""
 
     def test_exact(self, tiny_bert_dir):
         cfg = _config("qlora", targets=BERT_TARGETS, dora=True)
@@ -222,13 +223,12 @@ class TestDoraBeforeIsTheBaseModel:
         model = load_model(tiny_bert_dir, task="classification", num_labels=2, attention="xla",
                            seed=0).model
         graphdef, trainable, frozen, _ = adapt(model, cfg, bert.LORA_TARGETS, jax.random.key(0))
-        trained = nnx.from_flat_state([  # as if trained: every A, B and m moved
+        np.testing.assert_array_equal(np.asarray(forward(graphdef, (trainable, frozen))),
+                                      expected)
+        moved = nnx.from_flat_state([  # the adapters are live: every A, B and m moved
             (path, var.replace(var[...] * 1.5 + 0.1) if "lora" in path else var)
             for path, var in nnx.to_flat_state(trainable)])
-        assert not np.allclose(np.asarray(forward(graphdef, (trained, frozen))), expected)
-        before = np.asarray(forward(graphdef, (without_adapters(trained, frozen), frozen)))
-        np.testing.assert_array_equal(before, expected)
-
+        assert not np.allclose(np.asarray(forward(graphdef, (moved, frozen))), expected)
 
 
 def _merged_logits(folder, task: str, ours, ids, mask) -> np.ndarray:
@@ -327,6 +327,20 @@ class TestDoraQloraRun:
         assert "from its checkpoint at step 4" in resumed.stdout
         _, again = _trained(stopped)
         assert [x.tobytes() for x in again] == [x.tobytes() for x in final]
+
+    def test_before_is_a_plain_qlora_runs(self, dora_run):
+        """"before" evaluates the adapters as `adapt` builds them, with which the
+        DoRA model is the (4-bit) base model: the same figures, bit for bit, as
+        a plain QLoRA run of the same recipe (the same seed: the same head)."""
+        root = dora_run.parents[2]
+        (root / "plain.toml").write_text(DORA_QLORA.replace("dora = true\n", "")
+                                         .replace("max_steps = 8", "max_steps = 1"))
+        done = _runner("run", "plain.toml", cwd=root)
+        assert done.returncode == 0, done.stderr[-3000:]
+        [plain] = list((root / "runs" / "plain").iterdir())
+        dora, base = (json.loads((run / "eval.json").read_text())["before"]
+                      for run in (dora_run, plain))
+        assert base["loss"] > 0 and dora == base
 
     def test_exports_load_with_equal_logits(self, dora_run):
         from peft import PeftModel

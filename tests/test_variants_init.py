@@ -99,6 +99,32 @@ def test_lora_plus_moves_b_sixteen_times_as_far_on_the_first_step(tiny_bert_dir)
     assert b_moves == 2 * 2 + 1  # query and value in both blocks, the head's bias
 
 
+def test_lora_plus_decays_each_groups_matrices_at_its_learning_rate(tiny_bert_dir):
+    """weight_decay > 0 with LoRA+: each group's AdamW decays its matrices only
+    (the mask works inside the partition). On a zero gradient Adam's step is
+    0, so the update is the decay alone: -ratio lr wd B for the B factors,
+    -lr wd W for A and the head's kernel, and none for the vectors of the B
+    group (DoRA's magnitudes, the head's bias)."""
+    model = load_model(tiny_bert_dir, task="classification", num_labels=2, attention="xla",
+                       seed=0).model
+    _, trainable, _, _ = adapt(model, LoraConfig(rank=4, targets=["query", "value"], dora=True),
+                               bert.LORA_TARGETS, jax.random.key(1))
+    trainable = jax.tree.map(lambda x: x + 0.5, trainable)  # B not zero
+    tx = make_optimizer(TrainConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0,
+                                    weight_decay=0.1, lr_ratio_b=4.0), 10)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(np.zeros_like, trainable),
+                                    tx.init(trainable), trainable)
+    seen = set()
+    for (path, param), update in zip(jax.tree_util.tree_flatten_with_path(trainable)[0],
+                                     jax.tree.leaves(updates)):
+        param, group = np.asarray(param), lora_plus_group(path, param)
+        rate = 1e-2 * (4.0 if group == "b" else 1.0) if param.ndim == 2 else 0.0
+        np.testing.assert_allclose(np.asarray(update), -rate * 0.1 * param, rtol=1e-6, atol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+        seen.add((group, param.ndim))
+    assert seen == {("b", 2), ("b", 1), ("rest", 2)}  # B; m and the bias; A and the kernel
+
+
 def test_lora_plus_is_refused_with_full_fine_tuning(tmp_path, tiny_bert_dir):
     (tmp_path / "full.toml").write_text(TINY_RECIPE.replace(
         'method = "lora"\nrank = 4\ntargets = ["query", "value"]\n', 'method = "full"\n'))
@@ -129,11 +155,16 @@ def _family_model(name: str, tiny_bert_dir, tmp_path):
     return ours, theirs.eval()
 
 
-def _logits(model, vocab: int) -> np.ndarray:
+def _ids(vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two rows of ids, the second right-padded, and their mask."""
     ids = np.random.default_rng(0).integers(4, vocab, (2, 12)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[1, 8:] = 0
-    return np.asarray(model(ids, mask), np.float32)
+    return ids, mask
+
+
+def _logits(model, vocab: int) -> np.ndarray:
+    return np.asarray(model(*_ids(vocab)), np.float32)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -150,7 +181,7 @@ def test_pissa_starts_at_the_base_model_with_peft_factors(family, tiny_bert_dir,
     import torch
     from flax import nnx
 
-    from jaxlora.lora import adapter_factors, without_adapters
+    from jaxlora.lora import adapter_factors
 
     loaded, hf = _family_model(family, tiny_bert_dir, tmp_path)
     vocab = loaded.config.vocab_size
@@ -178,15 +209,56 @@ def test_pissa_starts_at_the_base_model_with_peft_factors(family, tiny_bert_dir,
         np.testing.assert_allclose(np.asarray(linears[path].kernel[...]), residual.T,
                                    atol=1e-5, rtol=0, err_msg=path)
 
-    # a trained state reset to where it started is the base model again; B
-    # zeroed alone would leave the residuals, far from it
-    trained = jax.tree_util.tree_map_with_path(  # as if trained: the factors moved
-        lambda path, x: x + 0.05 if "lora" in jax.tree_util.keystr(path) else x, trainable)
-    back = _logits(nnx.merge(graphdef, without_adapters(trained, frozen, start=trainable),
-                             frozen), vocab)
-    np.testing.assert_allclose(back, base, atol=1e-4, rtol=0)
-    residual_only = _logits(nnx.merge(graphdef, without_adapters(trained, frozen), frozen), vocab)
-    assert np.abs(residual_only - base).max() > 1e-2
+
+def test_pissa_with_dora_is_refused_naming_both_fields(tmp_path):
+    from jaxlora.errors import UserError
+    from runner.recipe import load_recipe
+
+    (tmp_path / "tiny.toml").write_text(TINY_RECIPE)
+    with pytest.raises(UserError) as refused:
+        load_recipe(tmp_path / "tiny.toml", ["adapter.init=pissa", "adapter.dora=true"])
+    assert 'adapter.init = "pissa" with adapter.dora = true' in str(refused.value)
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_pissa_peft_export_keeps_the_scale(scaling, tiny_bert_dir, tmp_path):
+    """The PEFT export of a trained PiSSA adapter (rank 2r, see
+    `jaxlora.export`) keeps the scale s: lora_alpha doubled (alpha / r), or
+    times sqrt(2) under rsLoRA (alpha / sqrt(r)); PeftModel.from_pretrained
+    over the untouched base model gives our logits (1e-4)."""
+    import json
+
+    import torch
+    from peft import PeftModel
+
+    from jaxlora.export import peft_config, peft_tensors, write_safetensors
+    from jaxlora.lora import adapter_factors
+    from jaxlora.models import family
+
+    loaded, hf = _family_model("llama", tiny_bert_dir, tmp_path)
+    cfg = LoraConfig(rank=4, alpha=8, targets="all-linear", init="pissa", scaling=scaling)
+    adapt(loaded.model, cfg, loaded.lora_targets, jax.random.key(1))
+    start = adapter_factors(loaded.model)
+    rng = np.random.default_rng(1)
+    for linear in loaded.model.linear_layers().values():  # as if trained: the factors moved
+        for factor in (linear.lora.lora_a, linear.lora.lora_b):
+            factor[...] = factor[...] + rng.normal(0, 0.05, factor.shape).astype(np.float32)
+    ids, mask = _ids(loaded.config.vocab_size)
+    ours = np.asarray(loaded.model(ids, mask), np.float32)[mask == 1]
+
+    fam = family(tmp_path / "llama")
+    write_safetensors(tmp_path / "adapter_model.safetensors",
+                      peft_tensors(loaded.model, fam, start))
+    config = peft_config(cfg, loaded.model, fam, task="causal-lm", base_model=None)
+    assert config["r"] == 8 and config["lora_alpha"] == (
+        16 if scaling == "standard" else pytest.approx(8 * np.sqrt(2), rel=1e-12))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        plain = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        theirs = PeftModel.from_pretrained(hf, str(tmp_path)).eval()(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert np.abs(plain[mask == 1] - ours).max() > 0.05  # the update does change the logits
+    np.testing.assert_allclose(theirs[mask == 1], ours, atol=1e-4, rtol=0)
 
 
 def test_gaussian_init_is_peft_gaussian(tiny_bert_dir):
@@ -297,7 +369,9 @@ def test_a_pissa_run_evaluates_the_base_model_before(pissa_run):
     # alone (B zeroed) move it by ~3e-6 here, the PiSSA start by float rounding
     assert abs(ours["loss"] - base["loss"]) < 2e-7
     report = (run / "report.md").read_text()
-    assert "init `pissa`" in report and "LoRA+: B at 4.0x the learning rate" in report
+    [line] = [x for x in report.splitlines() if x.startswith("- hyperparameters:")]
+    assert "method `lora (PiSSA)`" in line and line.lower().count("pissa") == 1
+    assert "LoRA+: B at 4.0x the learning rate" in line
     assert (run / "pissa.safetensors").is_file()
 
 
@@ -335,8 +409,8 @@ def test_pissa_exports_load_onto_the_untouched_base_model(pissa_run, no_svd):
 
 def test_a_stopped_pissa_run_resumes_bit_for_bit(pissa_run, tmp_path, no_svd):
     """The run as if stopped after its checkpoint of step 3 goes on from the
-    factors it kept to exactly the finished run's weights; without the file
-    (or with another one) it is refused, naming the file."""
+    factors it kept to exactly the finished run's weights; without the file,
+    with a damaged one or with other factors it is refused, naming the file."""
     import json
     import shutil
 
@@ -357,8 +431,34 @@ def test_a_stopped_pissa_run_resumes_bit_for_bit(pissa_run, tmp_path, no_svd):
     refused = _runner("eval", str(stopped), cwd=root)
     assert refused.returncode == 2 and "pissa.safetensors: not a valid safetensors" in refused.stderr
     (stopped / "pissa.safetensors").write_bytes(kept)
+    _refuses_other_factors(stopped)
 
     resumed = _runner("run", str(stopped), cwd=root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "from its checkpoint at step 3" in resumed.stdout
     assert _bytes(open_run(stopped).trainable) == _bytes(open_run(run).trainable)
+
+
+def _refuses_other_factors(run) -> None:
+    """Factors of another shape, or another run's (one adapted layer fewer:
+    other targets), are refused when the run's model is rebuilt, naming the
+    file and the odd tensor; the run's own file is put back."""
+    from jaxlora.errors import UserError
+    from jaxlora.export import write_safetensors
+    from jaxlora.models.weights import read_safetensors_file
+    from runner.build import open_run
+
+    path = run / "pissa.safetensors"
+    kept = path.read_bytes()
+    own = {name: np.array(t) for name, t in read_safetensors_file(path).items()}
+    first = sorted(own)[0]  # "<layer>.lora_a"
+    layer = first.removesuffix(".lora_a")
+    others = {"transposed": {**own, first: own[first].T.copy()},
+              "other targets": {k: v for k, v in own.items() if not k.startswith(layer + ".")}}
+    for why, tensors in others.items():
+        write_safetensors(path, tensors)
+        with pytest.raises(UserError, match="pissa.safetensors: not the initial factors of "
+                                            "this run's adapters") as refused:
+            open_run(run)
+        assert repr(first) in str(refused.value), why
+    path.write_bytes(kept)
