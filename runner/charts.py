@@ -7,7 +7,7 @@ chart of a sweep.
                        after training (the last step)
     before_after.png   the headline metrics before and after fine-tuning
     sweep.png          a sweep's points: score against train time and against
-                       peak memory, one labelled dot per point
+                       peak memory, one dot per point labelled with its number
 
 Everything is drawn from `metrics.jsonl` and `eval.json` (a sweep's: from its
 points' run folders), so `runner report RUN_DIR` and `runner compare
@@ -17,6 +17,7 @@ SWEEP_DIR` can draw them again.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 LOSS_PNG, BARS_PNG, SWEEP_PNG = "loss.png", "before_after.png", "sweep.png"
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -146,33 +147,43 @@ def write_pngs(run_dir: Path, train, evals, before: dict | None, after: dict,
     return written
 
 
-def write_sweep_png(path: Path, dots: list[tuple], score: str) -> None:
-    """sweep.png: per point (label, score, train seconds, peak MiB,
-    dominated) a dot of `score` against train time (left) and against peak
-    memory (right), a colour each, named in the legend below; dominated
-    points hollow."""
+class Dot(NamedTuple):
+    """One point of a sweep on its chart; None where the run lacks a figure."""
+
+    label: str  # short: the point's number, which sweep.md's table keys
+    score: float | None
+    train_seconds: float | None
+    peak_mb: float | None
+    dominated: bool
+
+
+def write_sweep_png(path: Path, dots: list[Dot], score_axis: str) -> None:
+    """sweep.png: each point's score (`score_axis` names it and which way is
+    better) against train time (left) and against peak memory (right), a dot
+    each with its label beside it (no legend, so any number of points fits);
+    dominated points hollow. A point lacking a cost is left out of that
+    plot only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + 0.1 * len(dots)), dpi=110, sharey=True)
-    colours = plt.get_cmap("tab20").colors
-    for ax, column, label in ((axes[0], 2, "train time (s)"), (axes[1], 3, "peak memory (MiB)")):
-        for i, dot in enumerate(dots):
-            if dot[1] is None or dot[column] is None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), dpi=110, sharey=True)
+    for ax, cost, label in ((axes[0], "train_seconds", "train time (s)"),
+                            (axes[1], "peak_mb", "peak memory (MiB)")):
+        for dot in dots:
+            x = getattr(dot, cost)
+            if dot.score is None or x is None:
                 continue
-            colour = colours[i % len(colours)]
-            ax.scatter(dot[column], dot[1], s=60, edgecolors=colour, linewidths=1.5,
-                       facecolors="none" if dot[4] else colour, label=dot[0])
+            ax.scatter(x, dot.score, s=50, edgecolors="tab:blue", linewidths=1.5,
+                       facecolors="none" if dot.dominated else "tab:blue")
+            ax.annotate(dot.label, (x, dot.score), xytext=(5, 4), textcoords="offset points",
+                        fontsize=8)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{score} after fine-tuning")
-    fig.suptitle(f"sweep: {score} against cost (hollow: dominated)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.12 + 0.06 * ((len(dots) + 1) // 2), 1, 1))
+    axes[0].set_ylabel(score_axis)
+    fig.suptitle("sweep: score against cost (hollow: dominated; labels: the table's #)")
+    fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
 

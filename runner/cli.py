@@ -1,9 +1,10 @@
 """`runner`: the argument parser and a table from command name to the module
 that runs it (`runner.commands.<name>.main`); no business checks here.
 
-Exit codes: 0 done, 1 a sweep with points that failed (the others ran), 2 bad input (a recipe field, a data file, a model folder,
-a run folder: one message naming it, no traceback), 128 + N stopped by signal
-N (130 Ctrl-C, 143 SIGTERM) after saving a checkpoint when training.
+Exit codes: 0 done, 1 a sweep with points that failed (the others ran), 2
+bad input (a recipe field, a data file, a model folder, a run folder: one
+message naming it, no traceback), 128 + N stopped by signal N (130 Ctrl-C,
+143 SIGTERM) after saving a checkpoint when training.
 """
 
 from __future__ import annotations
@@ -225,15 +226,19 @@ best of each column starred, dominated points named).
                           grid position
 
 Values are written as for `runner run --set` (TOML: 16, 2e-4, true, "text",
-["a","b"]; a bare word is a string). A point that switches adapter.method
-drops the adapter fields the new method does not take; points whose recipes
-are equal run once. Every point is validated before anything is written.
+["a","b"]; a bare word is a string). Each point drops the fields its
+adapter.method does not take (adapter.rank for full, adapter.quant for lora,
+train.lr_ratio_b for full) unless its own --point sets them; points whose
+recipes are equal run once. Every point is validated before anything is
+written.
 
 SWEEP_DIR (--out; default <output.dir>/<name>-sweep-<hash>) holds sweep.json,
 each point's recipe NN-<point>.toml and its run folder NN-<point>/<timestamp>/.
 The same command again skips finished points and resumes a stopped one.
-SIGTERM/Ctrl-C is passed on to the running point, which checkpoints; exit
-128 + N. A failed point is said and the sweep goes on; then exit 1.
+SIGTERM/Ctrl-C (and SIGHUP, as SIGTERM) is passed on to the running point,
+which checkpoints; exit 128 + N. A failed point is said and the sweep goes
+on; then exit 1. The order of the --set flags and of their values is the
+points' order, part of the sweep (another order, another folder).
 """
 
 

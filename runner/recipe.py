@@ -252,14 +252,20 @@ def shipped_recipe(name: str) -> Path:
     return target
 
 
+def names_shipped_recipe(text: str) -> bool:
+    """Whether `text` looks like a shipped recipe's name rather than a path:
+    no '/' or '\\', no .toml."""
+    return "/" not in text and "\\" not in text and not text.endswith(".toml")
+
+
 def recipe_named(target: Path) -> Path:
     """A recipe given on the command line: the file at `target`, or, where
-    there is none and `target` looks like no path (no '/', no .toml), the
-    shipped recipe of that name."""
-    text = str(target)
-    if target.exists() or "/" in text or text.endswith(".toml"):
+    there is no such file and `target` looks like a name
+    (`names_shipped_recipe`), the shipped recipe of that name (a folder of
+    that name in the working directory does not hide it)."""
+    if target.is_file() or not names_shipped_recipe(str(target)):
         return target
-    return shipped_recipe(text)
+    return shipped_recipe(str(target))
 
 
 def _confinement(path: Path) -> Path | None:
@@ -283,9 +289,8 @@ def _parent_file(path: Path, parent, confine: Path | None) -> Path:
     if not isinstance(parent, str) or not parent:
         raise UserError(f"{path}: extends: expected the name of a shipped recipe or the "
                         f"path of a recipe file, got {parent!r}")
-    by_name = "/" not in parent and "\\" not in parent and not parent.endswith(".toml")
     try:
-        if by_name:
+        if names_shipped_recipe(parent):
             try:
                 target = shipped_recipe(parent).resolve()
             except UserError as e:

@@ -7,11 +7,14 @@ commas outside brackets, braces and quotes; each value read as `runner run
 --set` reads one); the lists multiply into a grid. `--point 'NAME: FIELD=V
 FIELD=V'` gives points that are no product; each point is run at every
 grid position (points x grid). A point's recipe is the file's, with the
-grid's settings, then the point's own, set over it; where that switches
-`adapter.method`, the adapter fields the new method does not take are
-dropped (`rank` for full, `quant` for lora). Every point is validated before
-anything is written, and points whose recipes are equal (name and output
-aside) are one point.
+grid's settings, then the point's own, set over it; the fields its
+`adapter.method` does not take are then dropped, whoever set them
+(`rank` for full, `quant` for lora, `train.lr_ratio_b` for full), except
+those the point's own text sets, which validation refuses. Every point is
+validated before anything is written, and points whose recipes are equal
+(name and output aside) are one point. The order of the --set flags and of
+their values is the order of the points, and part of the sweep: the
+default folder's hash, and what a folder given again must hold.
 
     <output.dir>/<name>-sweep-<hash of the points>/
       sweep.json          the points: name, settings, folder, recipe hash
@@ -24,7 +27,7 @@ The comparison: a row per finished point with its scores (the task's
 headline metrics after training), costs (train time, peak memory) and
 sizes; the best value of each column starred; a point is dominated when
 another scores no worse and costs no more on every count, and better on
-one (`dominators`).
+one (`dominates`), both judged on the figures as the table rounds them.
 """
 
 from __future__ import annotations
@@ -35,18 +38,21 @@ import itertools
 import json
 import os
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
+from jaxlora.data import is_inline_template
 from jaxlora.errors import UserError
 from runner import charts, run_folder, tables
 from runner import manifest as manifests
 from runner.recipe import (SOURCE_FIELDS, Recipe, adapter_variants, canonical, parse_override,
                            read_document, recipe_hash, set_fields, to_toml, validate_document)
 from runner.report import read_run
+from runner.resume import recipe_changes
 from runner.terminal import print_path
 
 SWEEP_JSON, SWEEP_MD, SWEEP_PNG = "sweep.json", "sweep.md", charts.SWEEP_PNG
@@ -181,13 +187,14 @@ def plan(recipe_path: Path, base: Path, sets: list[str], points: list[str]) -> P
     document, provenance = read_document(recipe_path)
     lists = grid_lists(sets)
     given = [parse_point(text) for text in points] or [(None, [])]
-    combined = [(name, [*zip([field for field, _ in lists], values), *own])
+    combined = [(name, list(zip([field for field, _ in lists], values)), own)
                 for name, own in given
                 for values in itertools.product(*(values for _, values in lists))]
     notes: list[str] = []
-    recipes = [_point_recipe(recipe_path, document, provenance, settings, (n, len(combined)),
-                             notes)
-               for n, (_, settings) in enumerate(combined, 1)]
+    recipes = [_point_recipe(recipe_path, document, provenance, (grid, own),
+                             (n, len(combined)), notes)
+               for n, (_, grid, own) in enumerate(combined, 1)]
+    combined = [(name, [*grid, *own]) for name, grid, own in combined]
     merged = _merged([settings for _, settings in combined], recipes, notes)
     fields = list(dict.fromkeys(field for _, settings in combined for field, _ in settings))
     effective = {i: {f: _leaf(canonical(recipes[i]), f) for f in fields} for i in merged}
@@ -219,15 +226,20 @@ def _merged(settings: list[list], recipes: list[Recipe], notes: list[str]
     return merged
 
 
-def _point_recipe(path: Path, document: dict, provenance: dict, settings: list,
+def _point_recipe(path: Path, document: dict, provenance: dict, settings: tuple[list, list],
                   at: tuple[int, int], notes: list[str]) -> Recipe:
-    """One point's recipe: the settings over a copy of the file's document,
-    the adapter fields its method does not take dropped (said once in
-    `notes`), validated; a UserError naming the point (`at`: n of total)."""
-    doc, given = copy.deepcopy(document), dict(provenance)
-    where = f"point {at[0]} of {at[1]} ({_settings_text(settings)})"
-    set_fields(doc, given, settings, source=where)
-    dropped = _drop_foreign_adapter_fields(doc, document)
+    """One point's recipe: the grid's settings, then the point's own
+    (`settings`: both), over a copy of the file's document; the fields its
+    method does not take dropped (said once in `notes`) unless the point's
+    own text set them; validated. A UserError names the point (`at`: n of
+    total)."""
+    grid, own = settings
+    doc, given, explicit = copy.deepcopy(document), dict(provenance), {}
+    where = f"point {at[0]} of {at[1]} ({_settings_text([*grid, *own])})"
+    set_fields(doc, given, grid, source=where)
+    set_fields(doc, explicit, own, source=where)  # `explicit`: the leaves the point set
+    given.update(explicit)
+    dropped = _drop_foreign_fields(doc, set(explicit))
     if dropped:
         note = (f'adapter.method = "{doc["adapter"]["method"]}" takes no '
                 f"{', '.join(dropped)}: left out of its points")
@@ -239,23 +251,32 @@ def _point_recipe(path: Path, document: dict, provenance: dict, settings: list,
         raise UserError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
-def _drop_foreign_adapter_fields(doc: dict, original: dict) -> list[str]:
-    """Where the point switches adapter.method: remove the adapter fields of
-    other methods that the new one does not take; returns them (dotted)."""
-    adapter, before = doc.get("adapter"), original.get("adapter")
-    if not isinstance(adapter, dict):
-        return []
-    method = adapter.get("method", "lora")
-    old = before.get("method", "lora") if isinstance(before, dict) else "lora"
-    variants = adapter_variants()
-    if method == old or method not in variants:
-        return []  # the same method, or one validation names as unknown
+# LoRA+ (a faster learning rate for the B factors) has no B factors to speed
+# up under full fine-tuning.
+ADAPTER_ONLY_TRAIN_FIELDS = ("lr_ratio_b",)
+
+
+def _drop_foreign_fields(doc: dict, explicit: set[str]) -> list[str]:
+    """Remove the fields the point's adapter.method does not take: other
+    methods' adapter fields, and for "full" the train fields of adapters;
+    those in `explicit` (set by the point's own text) are kept, for
+    validation to refuse. Returns the fields removed (dotted)."""
+    adapter, variants = doc.get("adapter"), adapter_variants()
+    method = adapter.get("method", "lora") if isinstance(adapter, dict) else None
+    if not isinstance(method, str) or method not in variants:
+        return []  # no [adapter] table, or a method validation refuses
     known = {name for variant in variants.values() for name in variant.model_fields}
-    dropped = [key for key in adapter if key in known
-               and key not in variants[method].model_fields]
-    for key in dropped:
-        del adapter[key]
-    return [f"adapter.{key}" for key in dropped]
+    foreign = [("adapter", key) for key in adapter
+               if key in known and key not in variants[method].model_fields]
+    train = doc.get("train")
+    if method == "full" and isinstance(train, dict):
+        foreign += [("train", key) for key in ADAPTER_ONLY_TRAIN_FIELDS if key in train]
+    dropped = [(table, key) for table, key in foreign
+               if not any(e == f"{table}.{key}" or e.startswith(f"{table}.{key}.")
+                          for e in explicit)]
+    for table, key in dropped:
+        del doc[table][key]
+    return [f"{table}.{key}" for table, key in dropped]
 
 
 def _content_hash(recipe: Recipe) -> str:
@@ -308,15 +329,17 @@ def _folder_name(n: int, name: str) -> str:
 
 
 def _absolute_sources(recipe: Recipe, base: Path) -> Recipe:
-    """The recipe with its local sources relative to `base` made absolute: a
-    point's recipe lives in the sweep folder and reads the same files."""
+    """The recipe with its local files relative to `base` made absolute (its
+    sources, and data.chat_template where it names a file): a point's recipe
+    lives in the sweep folder and reads the same files."""
     update = {}
-    for table, key in SOURCE_FIELDS:
-        section = getattr(recipe, table)
+    for table, key in (*SOURCE_FIELDS, ("data", "chat_template")):
+        section = update.get(table, getattr(recipe, table))
         value = getattr(section, key)
-        if ("://" in value or Path(value).expanduser().is_absolute()
+        if (value is None or "://" in value or Path(value).expanduser().is_absolute()
+                or (key == "chat_template" and is_inline_template(value))
                 or not (base / value).exists()):
-            continue  # a hub id, a pkg:// file, an absolute path
+            continue  # a hub id, a pkg:// file, an absolute path, a template's own text
         update[table] = section.model_copy(update={key: os.path.normpath(base / value)})
     return recipe.model_copy(update=update)
 
@@ -329,18 +352,21 @@ def is_sweep_dir(path: Path) -> bool:
 
 def open_folder(sweep_dir: Path, chosen: Plan, command: str) -> None:
     """Make the sweep folder (or find it again): sweep.json first, then each
-    point's recipe file. A folder holding another sweep, or other files, is
-    refused before anything is written."""
+    point's recipe file. A folder holding another sweep (the first
+    difference named), or other files, is refused before anything is
+    written. `command`, the command that runs the whole sweep, is recorded
+    each time (sweep.md shows the last one)."""
     record = {"recipe": str(chosen.recipe_path.resolve()), "command": command,
               "varying": chosen.varying, "notes": chosen.notes,
               "points": [point.record(sweep_dir) for point in chosen.points]}
     if is_sweep_dir(sweep_dir):
-        found = run_folder.read_json(sweep_dir / SWEEP_JSON).get("points")
-        pairs = lambda points: [(p.get("folder"), p.get("recipe_hash"))  # noqa: E731
-                                for p in points if isinstance(p, dict)]
-        if not isinstance(found, list) or pairs(found) != pairs(record["points"]):
-            raise UserError(f"{sweep_dir}: holds another sweep (other points or recipes); "
-                            "give another --out, or remove it")
+        found = run_folder.read_json(sweep_dir / SWEEP_JSON)
+        difference = _first_difference(sweep_dir, found.get("points"), chosen.points)
+        if difference:
+            raise UserError(f"{sweep_dir}: holds another sweep ({difference}); give another "
+                            "--out, or remove it")
+        if found.get("command") != command:
+            run_folder.write_json(sweep_dir / SWEEP_JSON, {**found, "command": command})
     else:
         if sweep_dir.is_dir() and any(sweep_dir.iterdir()):
             raise UserError(f"{sweep_dir}: a folder that is not empty and holds no "
@@ -354,6 +380,30 @@ def open_folder(sweep_dir: Path, chosen: Plan, command: str) -> None:
     for point in chosen.points:
         run_folder.write_atomic(recipe_file(sweep_dir, point.folder),
                                 to_toml(point.in_folder(sweep_dir)))
+
+
+def _first_difference(sweep_dir: Path, found, points: list[Point]) -> str | None:
+    """What first differs between the points sweep.json holds (`found`) and
+    these, in words ("point 2 (02-rank-8): adapter.alpha: 16.0 there, 32.0
+    here"); None where they are the same sweep."""
+    if not isinstance(found, list):
+        return f"{SWEEP_JSON} has no list of points"
+    for n, (old, point) in enumerate(zip(found, points), 1):
+        folder = old.get("folder") if isinstance(old, dict) else None
+        if folder != point.folder:
+            return f"point {n} is {folder!r} there, {point.folder!r} here"
+        recipe = point.in_folder(sweep_dir)
+        if old.get("recipe_hash") != recipe_hash(recipe):
+            try:  # the point's recipe as the folder wrote it
+                written = tomllib.loads(recipe_file(sweep_dir, folder).read_text("utf-8"))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+                return f"point {n} ({folder}): another recipe"
+            changes = recipe_changes(written, canonical(recipe))
+            field, there, here = changes[0] if changes else ("its recipe", "one", "another")
+            return f"point {n} ({folder}): {field}: {there!r} there, {here!r} here"
+    if len(found) != len(points):
+        return f"{len(found)} points there, {len(points)} here"
+    return None
 
 
 def recipe_file(sweep_dir: Path, folder: str) -> Path:
@@ -378,17 +428,21 @@ SIZES = [("steps_per_second", "steps/s", ".1f", max), ("trainable_params", "trai
          ("frozen_bytes", "frozen", "size", min), ("checkpoint_bytes", "checkpoint", "size", min)]
 
 FOOTNOTE = f"""\
-{STAR} marks the best value of each column (every point that ties for it).
-**Score**: the task's headline metrics after fine-tuning, on the eval split:
-accuracy and macro-F1 for a classifier (higher is better), perplexity (lower)
-and exact match (higher) for a causal LM. **Cost**: train time (seconds of
-training summed over the run's sessions, compilation and evaluation aside)
-and peak memory (the device's, or the process's on CPU). A point is
-**dominated** when another point is no worse on every score and every cost
-and better on at least one: the last column gives those points' numbers. steps/s is
-1000 / the median step time; trainable is the number of trained parameters;
-frozen the bytes of the frozen base weights (4-bit codes and scales for
-QLoRA); checkpoint the size on disk of the run's latest checkpoint."""
+{STAR} marks the best value of each column as shown (every point that ties
+for it). **Score**: the task's headline metrics after fine-tuning, on the
+eval split: accuracy and macro-F1 for a classifier (higher is better),
+perplexity (lower) and exact match (higher) for a causal LM. **Cost**:
+train time and peak memory (the device's, or the process's on CPU). Train
+time is the seconds of training summed over the run's sessions less their
+compilation (manifest.json's timings.train_seconds - timings.compile_seconds:
+each session's first step, which compiles, is left out; evaluation during
+training is never counted). A point is **dominated** when another point is
+no worse on every score and every cost and better on at least one, compared
+as the table shows them: the last column gives those points' numbers.
+steps/s is the run's steps over that train time; trainable is the number of
+trained parameters; frozen the bytes of the frozen base weights (4-bit codes
+and scales for QLoRA); checkpoint the size on disk of the run's latest
+checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -421,11 +475,8 @@ def summarize(sweep_dir: Path) -> Summary:
         rows.append({"number": number, "point": point, "run": found, "figures": figures(found)})
     if not rows:
         raise UserError(f"{sweep_dir}: no finished point to compare: " + "; ".join(skipped))
-    scores = [s for s in SCORES if any(r["figures"][s[0]] is not None for r in rows)]
-    for row in rows:
-        row["dominated_by"] = [other["number"] for other in rows
-                               if dominates(other["figures"], row["figures"], scores + COSTS)]
-    names, cells = _table(rows, record["varying"], scores)
+    names, cells = comparison_table(rows, record["varying"])
+    scores = scored(rows)
     lines = _shared_line("before fine-tuning (the base model)", rows, "before", scores)
     lines += _shared_line("majority class (its most frequent training label)", rows,
                           "baseline", scores)
@@ -453,19 +504,31 @@ def _read_sweep(sweep_dir: Path) -> dict:
 def figures(run: dict) -> dict:
     """A finished run's scores, costs and sizes (None where it lacks one)."""
     m, after = run["manifest"], run["eval"]["after"]
-    run_folder.check(run["dir"] / "manifest.json", m,
-                     manifests.fields([manifests.Need("timings.train_seconds", optional=True)]))
+    run_folder.check(run["dir"] / "manifest.json", m, manifests.fields(
+        [manifests.Need(f"timings.{key}", optional=True)
+         for key in ("train_seconds", "compile_seconds")]))
     train, model = m.get("train", {}), m.get("model", {})
-    step_ms = train.get("median_step_ms")
+    seconds = train_seconds(m)
     out = {key: after.get(key) for key, *_ in SCORES}
-    out.update(train_seconds=m.get("timings", {}).get("train_seconds",
-                                                      train.get("train_seconds")),
-               peak_memory_mb=train.get("peak_memory_mb"),
-               steps_per_second=1000 / step_ms if step_ms else None,
+    out.update(train_seconds=seconds, peak_memory_mb=train.get("peak_memory_mb"),
+               steps_per_second=train["steps"] / seconds
+               if seconds and isinstance(train.get("steps"), int) else None,
                trainable_params=model.get("trainable_params"),
                frozen_bytes=model.get("frozen_bytes"),
                checkpoint_bytes=checkpoint_bytes(run["dir"]))
     return out
+
+
+def train_seconds(manifest: dict) -> float | None:
+    """The run's seconds of training less its compilation, summed over its
+    sessions (`timings`; a run made before timings were recorded has one
+    session's in `train`); None where either is missing."""
+    timings, train = manifest.get("timings") or {}, manifest.get("train", {})
+    total = timings.get("train_seconds", train.get("train_seconds"))
+    compiled = timings.get("compile_seconds", train.get("compile_seconds"))
+    if total is None or compiled is None:
+        return None
+    return max(total - compiled, 0.0)
 
 
 def checkpoint_bytes(run_dir: Path) -> int | None:
@@ -492,37 +555,55 @@ def dominates(a: dict, b: dict, criteria: list[tuple]) -> bool:
     return better
 
 
-def _table(rows: list[dict], varying: list[str], scores: list[tuple]
-           ) -> tuple[list[str], list[list[str]]]:
+def scored(rows: list[dict]) -> list[tuple]:
+    """The SCORES some row has (a classifier's, or a causal LM's)."""
+    return [s for s in SCORES if any(r["figures"][s[0]] is not None for r in rows)]
+
+
+def comparison_table(rows: list[dict], varying: list[str]) -> tuple[list[str], list[list[str]]]:
     """The column names and the cells: number and name, the varying
-    settings, the figures (the best starred), and the numbers of the points
-    that dominate each."""
-    short = _short_names(varying)
-    columns = scores + COSTS + SIZES
+    settings, the figures (the best of each column as shown starred), and
+    the numbers of the points that dominate each; sets each row's
+    "dominated_by" (for the chart). Stars and dominance compare the figures
+    as the table shows them, so equal-looking numbers are equal."""
+    short, columns = _short_names(varying), scored(rows) + COSTS + SIZES
+    shown_ = [{key: _figure(r["figures"][key], fmt) for key, _, fmt, _ in columns} for r in rows]
+    as_shown = [{key: number for key, (_, number) in texts.items()} for texts in shown_]
+    for row, mine in zip(rows, as_shown):
+        row["dominated_by"] = [other["number"] for other, theirs in zip(rows, as_shown)
+                               if dominates(theirs, mine, scored(rows) + COSTS)]
     best = {key: better(values) if values else None
             for key, _, _, better in columns
-            for values in [[r["figures"][key] for r in rows if r["figures"][key] is not None]]}
+            for values in [[f[key] for f in as_shown if f[key] is not None]]}
     cells = []
-    for row in rows:
+    for row, texts in zip(rows, shown_):
         values = row["point"]["values"]
         cell = [f"#{row['number']}", row["point"]["name"]]
         cell += [shown(values[f]) if f in values else "-" for f in varying]
-        for key, _, fmt, _ in columns:
-            value = row["figures"][key]
-            text = "-" if value is None else _size(value) if fmt == "size" else format(value, fmt)
-            cell.append(f"{text} {STAR}" if value is not None and value == best[key] else text)
+        for key, *_ in columns:
+            text, number = texts[key]
+            cell.append(f"{text} {STAR}" if number is not None and number == best[key] else text)
         cells.append(cell + [", ".join(f"#{n}" for n in row["dominated_by"]) or "-"])
     names = (["#", "point"] + [short[f] for f in varying] + [name for _, name, _, _ in columns]
              + ["dominated by"])
     return names, cells
 
 
-def _size(n: float) -> str:
+def _figure(value: float | None, fmt: str) -> tuple[str, float | None]:
+    """A figure as the table shows it ('-' where missing) and the number
+    that text stands for (the value rounded as shown)."""
+    if value is None:
+        return "-", None
+    if fmt != "size":
+        text = format(value, fmt)
+        return text, float(text.replace(",", ""))
+    scale = 1
     for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
+        if value < scale * 1024:
+            digits = 0 if unit == "B" else 1
+            return f"{value / scale:.{digits}f} {unit}", round(value / scale, digits) * scale
+        scale *= 1024
+    return f"{value / scale:.2f} GiB", round(value / scale, 2) * scale
 
 
 def _shared_line(what: str, rows: list[dict], key: str, scores: list[tuple]) -> list[str]:
@@ -552,9 +633,16 @@ def markdown(sweep_dir: Path, summary: Summary, chart: bool) -> str:
              tables.markdown(summary.names, summary.cells, summary.left), ""]
     parts += [f"- {line}" for line in summary.lines]
     if chart:
-        parts += ["", f"![score against cost]({SWEEP_PNG})"]
+        parts += ["", f"![score against cost]({SWEEP_PNG})", "",
+                  "Each dot is labelled with its point's number (the table's # column)."]
     parts += ["", FOOTNOTE, ""]
     return "\n".join(parts)
+
+
+def score_axis(score: tuple) -> str:
+    """The chart's score axis: the score (SCORES' entry) and which way is better."""
+    _, name, _, better = score
+    return f"{name} after fine-tuning ({'higher' if better is max else 'lower'} is better)"
 
 
 def write_summary(sweep_dir: Path, errors: Console) -> Summary:
@@ -562,14 +650,14 @@ def write_summary(sweep_dir: Path, errors: Console) -> Summary:
     they show (a chart that cannot be drawn is a warning on `errors`, not a
     failure)."""
     summary = summarize(sweep_dir)
-    score = next((s for s in SCORES if any(r["figures"][s[0]] is not None
-                                           for r in summary.rows)), None)
+    scores = scored(summary.rows)
     drawn = False
-    if score is not None:
-        dots = [(f"#{r['number']} {r['point']['name']}", r["figures"][score[0]], r["figures"]["train_seconds"],
-                 r["figures"]["peak_memory_mb"], bool(r["dominated_by"])) for r in summary.rows]
+    if scores:
+        dots = [charts.Dot(f"#{r['number']}", r["figures"][scores[0][0]],
+                           r["figures"]["train_seconds"], r["figures"]["peak_memory_mb"],
+                           bool(r["dominated_by"])) for r in summary.rows]
         try:
-            charts.write_sweep_png(sweep_dir / SWEEP_PNG, dots, score[1])
+            charts.write_sweep_png(sweep_dir / SWEEP_PNG, dots, score_axis(scores[0]))
             drawn = True
         except Exception as e:  # noqa: BLE001 - the table is worth having without the chart
             errors.print(f"[yellow]warning:[/] the chart was not drawn: {escape(str(e))}")

@@ -6,33 +6,40 @@ over as many runs at a time as fit; in Markdown it is one line per run.
 
 `names` are the column names, `cells` one list of texts per row (the first
 cell names the row), and the first `left` columns are left-aligned (names
-and settings), the others right-aligned (figures)."""
+and settings), the others right-aligned (figures). Texts are shown as they
+are: never read as rich markup (a point named `[INST] {prompt} [/INST]`),
+and in Markdown a `|` is escaped and a line break is a space."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def wide(title: str | None, names: list[str], cells: list[list[str]], left: int = 2) -> Table:
     """Rows as rows, figures as columns."""
-    t = Table(title=title)
+    t = Table(title=_plain(title))
     for i, name in enumerate(names):
-        t.add_column(name, justify="left" if i < left else "right")
+        t.add_column(Text(name), justify="left" if i < left else "right")
     for row in cells:
-        t.add_row(*row)
+        t.add_row(*map(Text, row))
     return t
 
 
 def transposed(title: str | None, names: list[str], cells: list[list[str]]) -> Table:
     """Figures as rows, rows as columns (for a narrow terminal)."""
-    t = Table(title=title)
+    t = Table(title=_plain(title))
     t.add_column("")
     for row in cells:
-        t.add_column(row[0], justify="right")
+        t.add_column(Text(row[0]), justify="right")
     for j, name in enumerate(names[1:], 1):
-        t.add_row(name, *(row[j] for row in cells))
+        t.add_row(Text(name), *(Text(row[j]) for row in cells))
     return t
+
+
+def _plain(title: str | None) -> Text | None:
+    return None if title is None else Text(title, style="table.title")
 
 
 def fitted(title: str, names: list[str], cells: list[list[str]], width: int,
@@ -58,7 +65,12 @@ def _width(t: Table) -> int:
 
 def markdown(names: list[str], cells: list[list[str]], left: int = 2) -> str:
     """The table in Markdown, one line per row."""
-    lines = ["| " + " | ".join(names) + " |",
-             "|" + "|".join(["---"] * left + ["---:"] * (len(names) - left)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    line = lambda texts: "| " + " | ".join(map(_markdown_cell, texts)) + " |"  # noqa: E731
+    lines = [line(names), "|" + "|".join(["---"] * left + ["---:"] * (len(names) - left)) + "|"]
+    lines += [line(row) for row in cells]
     return "\n".join(lines)
+
+
+def _markdown_cell(text: str) -> str:
+    """A cell's text that stays one cell of one Markdown table line."""
+    return " ".join(text.replace("\\", "\\\\").replace("|", "\\|").splitlines())

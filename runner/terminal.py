@@ -58,10 +58,11 @@ def note_unfinished(opened) -> None:
 def print_path(console: Console, prefix: str, path) -> None:
     """`prefix path` on one line where it fits the terminal, else the path on
     a line of its own, whole: rich would cut a path longer than the width,
-    the terminal wraps it and a copy and paste still gets it."""
+    the terminal wraps it and a copy and paste still gets it. Both are shown
+    as they are, never read as markup (a point's name may hold brackets)."""
     text = f"{prefix} {path}"
     if len(text) <= console.width:
-        console.print(text, highlight=False, soft_wrap=True)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
     else:
-        console.print(prefix, highlight=False)
-        console.print(str(path), highlight=False, soft_wrap=True)
+        console.print(prefix, markup=False, highlight=False)
+        console.print(str(path), markup=False, highlight=False, soft_wrap=True)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxlora.errors import UserError
 from jaxlora.lora import FullConfig, LoraConfig, QLoraConfig
-from runner.recipe import load_recipe, recipe_hash, to_toml
+from runner.recipe import SHIPPED, load_recipe, recipe_hash, recipe_named, to_toml
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml"))
 
@@ -284,3 +284,15 @@ def test_a_run_made_before_encoding_auto_and_empty_still_resumes(tmp_path):
     old["data"]["encoding"] = "latin-1"
     with pytest.raises(UserError, match=r"data\.encoding: 'latin-1' -> 'auto'"):
         require_same_recipe(tmp_path, manifest, recipe, "advice")
+
+
+def test_a_recipe_name_on_the_command_line_is_a_file_or_a_shipped_recipe(tmp_path,
+                                                                         monkeypatch):
+    """A folder of a shipped recipe's name in the working directory does not
+    hide it; a file of that name does; a '\\' makes a path, as in extends."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bert-sentiment").mkdir()
+    assert recipe_named(Path("bert-sentiment")) == SHIPPED / "bert-sentiment.toml"
+    (tmp_path / "mine").write_text(BASE)
+    assert recipe_named(Path("mine")) == Path("mine")
+    assert recipe_named(Path("a\\bert-sentiment")) == Path("a\\bert-sentiment")

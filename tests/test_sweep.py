@@ -3,7 +3,9 @@ point after another as ordinary run folders, capped by --max, resumed where
 it stopped (after a real SIGTERM, each point then equal to the points of a
 sweep never stopped), compared in sweep.md (and again by `runner compare
 SWEEP_DIR`); bad values refused before anything is written; the planning
-(top-level commas, points, merged recipes, dropped adapter fields) alone."""
+(top-level commas, points, merged recipes, dropped fields), the table
+(stars and dominance as shown), the chart and the stops (signals passed on
+to a stand-in child, the messages) alone."""
 
 import json
 import os
@@ -11,12 +13,20 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from jaxlora.errors import UserError
-from runner.sweep import dominates, plan, split_top_level
+from runner import charts, tables
+from runner.commands import compare
+from runner.commands import sweep as sweep_command
+from runner.signals import Interrupted, StopSignals
+from runner.sweep import (COSTS, SCORES, SIZES, comparison_table, dominates, figures,
+                          open_folder, plan, score_axis, split_top_level)
+from test_chat import CHAT_RECIPE
 from test_cli import TINY_RECIPE
 from test_cli import runner_here as _runner
 from test_resume import _loss_lines, _meta, _workdir
@@ -56,6 +66,7 @@ def swept(tmp_path_factory, tiny_bert_dir):
             _runner(*SWEEP, cwd=workdir)]
     for result in done:
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "os.fork()" not in result.stderr  # JAX's warning: the sweep started no backend
     [sweep] = (workdir / "runs").iterdir()
     return workdir, sweep, done
 
@@ -83,6 +94,8 @@ def test_a_grid_runs_each_point_once_capped_by_max_and_compared(swept, monkeypat
     assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     text = (sweep / "sweep.md").read_text()
+    # the command that runs the whole sweep, as given last (--max left out)
+    assert "`runner sweep tiny.toml --set adapter.rank=4,8 --set train.seed=1,2`" in text
     rows = _table(text)
     assert [row["point"] for row in rows] == NAMES
     assert [(row["rank"], row["seed"]) for row in rows] == [("4", "1"), ("4", "2"),
@@ -92,7 +105,8 @@ def test_a_grid_runs_each_point_once_capped_by_max_and_compared(swept, monkeypat
                      r"0\.\d{3}, macro-F1 0\.\d{3}; #2 accuracy", text)
     assert "majority class (its most frequent training label), the same for every point: " \
            "accuracy 0.400, macro-F1 0.286" in text
-    assert "**dominated** when another point is no worse on every score" in text
+    assert "**dominated** when another point is no worse on every score" in " ".join(
+        text.split())
     # the stars mark each column's best; "dominated by" names points that are
     # no worse on scores and costs, and better on one
     for column, best in (("accuracy", max), ("macro-F1", max), ("train s", min),
@@ -279,3 +293,273 @@ def test_a_point_is_dominated_only_by_one_no_worse_everywhere_and_better_somewhe
     assert not dominates(a, a, criteria)  # equal: better nowhere
     assert not dominates(a, {**a, "accuracy": 0.8, "train_seconds": 9}, criteria)  # a trade
     assert not dominates(a, {**a, "perplexity": None, "accuracy": 0.1}, criteria)
+
+
+def test_every_point_drops_what_its_own_method_does_not_take(recipe_dir):
+    """Whatever the file's method and whoever set the field (the file, the
+    grid): a full point drops rank and LoRA+'s lr_ratio_b, a lora point the
+    quant table; what a --point's own text sets is refused instead."""
+    full_file = TINY_RECIPE.replace('method = "lora"\nrank = 4\ntargets = ["query", "value"]',
+                                    'method = "full"')
+    (recipe_dir / "full.toml").write_text(full_file)
+    planned = plan(recipe_dir / "full.toml", recipe_dir,
+                   ["adapter.method=full,lora", "adapter.rank=4,16"], [])
+    assert [p.name for p in planned.points] == ["method=full", "method=lora rank=4",
+                                                "method=lora rank=16"]
+    assert 'adapter.method = "full" takes no adapter.rank: left out of its points' in \
+        planned.notes
+
+    planned = plan(recipe_dir / "tiny.toml", recipe_dir,
+                   ["adapter.method=qlora,lora", "adapter.quant.block_size=32,64"], [])
+    assert [(p.recipe.adapter.method, getattr(p.recipe.adapter, "quant", None))
+            for p in planned.points][2] == ("lora", None)
+    assert [p.recipe.adapter.quant.block_size for p in planned.points[:2]] == [32, 64]
+    assert len(planned.points) == 3  # the two lora points are one
+
+    (recipe_dir / "plus.toml").write_text('extends = "tiny.toml"\n[train]\nlr_ratio_b = 16.0\n')
+    planned = plan(recipe_dir / "plus.toml", recipe_dir, ["adapter.method=lora,full"], [])
+    assert [p.recipe.train.lr_ratio_b for p in planned.points] == [16.0, None]
+    assert any("train.lr_ratio_b" in note for note in planned.notes)
+
+    with pytest.raises(UserError, match=r"point 1 of 1 .*adapter\.rank"):
+        plan(recipe_dir / "tiny.toml", recipe_dir, [],
+             ['x: adapter.method="full" adapter.rank=4'])
+
+
+def test_a_chat_template_file_beside_the_recipe_is_read_from_the_sweep_folder(tmp_path):
+    (tmp_path / "chat.toml").write_text(CHAT_RECIPE.format(
+        data="rows.jsonl", columns='chat = true\nchat_template = "tmpl.jinja"'))
+    (tmp_path / "tmpl.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    [point] = plan(tmp_path / "chat.toml", tmp_path, [], []).points
+    assert point.recipe.data.chat_template == str(tmp_path / "tmpl.jinja")
+    inline = "{{ messages[0].content }}"
+    [point] = plan(tmp_path / "chat.toml", tmp_path, [f"data.chat_template={inline!r}"],
+                   []).points
+    assert point.recipe.data.chat_template == inline  # the template's own text
+
+
+def test_names_and_values_are_shown_as_written_never_as_markup_and_pipes_escaped():
+    from rich.console import Console
+
+    from runner.terminal import print_path
+
+    name = "template=[INST] {prompt} [/INST] [bold]x|y"
+    console = Console(record=True, width=200)
+    console.print(tables.wide("sweep [x]", ["#", "point"], [["#1", name]]))
+    console.print(tables.transposed(None, ["#", "point"], [["#1", name]]))
+    print_path(console, f"[1/1] {name}: runner run", "/tmp/[bold]a.toml")
+    said = console.export_text()
+    assert said.count(name) == 3 and "/tmp/[bold]a.toml" in said and "sweep [x]" in said
+    assert tables.markdown(["#", "point"], [["#1", name]]).splitlines()[2] == \
+        r"| #1 | template=[INST] {prompt} [/INST] [bold]x\|y |"
+
+
+def _row(number: int, **given) -> dict:
+    blank = {key: None for key, *_ in SCORES + COSTS + SIZES}
+    return {"number": number, "point": {"name": f"p{number}", "values": {}},
+            "figures": {**blank, **given}}
+
+
+def test_stars_and_dominance_judge_the_figures_as_shown_lower_perplexity_best():
+    """Causal-LM rows: perplexity and exact match columns, the lowest
+    perplexity starred; 3.0004 and 3.0001 both show as 3.000, so neither
+    dominates the other; the point worse only in perplexity is dominated."""
+    rows = [_row(1, perplexity=3.0004, exact_match=0.5, train_seconds=10.04,
+                 peak_memory_mb=100.0),
+            _row(2, perplexity=3.0001, exact_match=0.5, train_seconds=10.01,
+                 peak_memory_mb=100.0),
+            _row(3, perplexity=4.0, exact_match=0.5, train_seconds=10.0, peak_memory_mb=100.0)]
+    names, cells = comparison_table(rows, [])
+    assert "perplexity" in names and "exact match" in names and "accuracy" not in names
+    column = dict(zip(names, zip(*cells)))
+    assert column["perplexity"] == (f"3.000 {STAR}", f"3.000 {STAR}", "4.000")
+    assert column["train s"] == (f"10.0 {STAR}",) * 3
+    assert column["dominated by"] == ("-", "-", "#1, #2")
+    assert [r["dominated_by"] for r in rows] == [[], [], [1, 2]]
+    assert score_axis(SCORES[2]) == "perplexity after fine-tuning (lower is better)"
+    assert score_axis(SCORES[0]).endswith("(higher is better)")
+
+
+def test_train_time_leaves_compilation_out_and_steps_per_second_follows(tmp_path):
+    manifest = {"status": "finished", "train": {"steps": 20, "train_seconds": 7.0,
+                                                "compile_seconds": 1.0, "median_step_ms": 50.0},
+                "timings": {"sessions": 2, "train_seconds": 12.5, "compile_seconds": 2.5}}
+    got = figures({"manifest": manifest, "eval": {"after": {"accuracy": 0.5}}, "dir": tmp_path})
+    assert got["train_seconds"] == 10.0 and got["steps_per_second"] == 2.0
+
+
+def test_the_chart_fits_any_number_of_points(tmp_path):
+    import warnings
+
+    dots = [charts.Dot(f"#{n}", 0.5 + n / 100, None if n % 5 == 0 else float(n), 100.0 + n,
+                       n % 2 == 0) for n in range(1, 31)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns where the layout does not fit
+        charts.write_sweep_png(tmp_path / "sweep.png", dots, score_axis(SCORES[0]))
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_folder_of_another_sweep_is_refused_naming_the_first_difference(recipe_dir,
+                                                                          tmp_path):
+    folder = tmp_path / "s"
+    tiny = recipe_dir / "tiny.toml"
+    open_folder(folder, plan(tiny, recipe_dir, ["train.seed=1,2"], []), "first")
+    with pytest.raises(UserError, match=r"point 1 \(01-seed-1\): train\.learning_rate: "
+                                        r"0\.01 there, 0\.5 here"):
+        open_folder(folder, plan(tiny, recipe_dir, ["train.seed=1,2",
+                                                    "train.learning_rate=0.5"], []), "x")
+    with pytest.raises(UserError, match="point 1 is '01-seed-1' there, '01-seed-2' here"):
+        open_folder(folder, plan(tiny, recipe_dir, ["train.seed=2,1"], []), "x")
+    open_folder(folder, plan(tiny, recipe_dir, ["train.seed=1,2"], []), "last")
+    assert json.loads((folder / "sweep.json").read_text())["command"] == "last"
+
+
+def test_compare_markdown_of_a_sweep_prints_the_table_alone(swept, capsys):
+    from argparse import Namespace
+
+    from rich.console import Console
+
+    _, sweep, _ = swept
+    assert compare.main(Namespace(runs=[sweep], markdown=True), Console(), None) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and all(line.startswith("|") for line in out.strip().splitlines())
+    assert "sweep.md:" in err and "majority class" in err
+
+
+# -- stops ----------------------------------------------------------------------------------
+
+# A stand-in for a point's `runner run`: counts the SIGTERMs and SIGINTs it
+# gets (into argv[1]), exits as a stop does at the count argv[2], and by
+# itself after 3 s; argv[1] + ".ready" once its handlers are in place.
+COUNTING_CHILD = '''
+import signal, sys, time
+path, needed, got = sys.argv[1], int(sys.argv[2]), []
+def on(signum, frame):
+    got.append(signum)
+    open(path, "w").write(str(len(got)))
+    if len(got) == needed:
+        sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, on)
+signal.signal(signal.SIGINT, on)
+open(path + ".ready", "w").close()
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    time.sleep(0.01)
+'''
+
+
+def _counting_child(tmp_path: Path, needed: int) -> list[str]:
+    return [sys.executable, "-c", COUNTING_CHILD, str(tmp_path / "count"), str(needed)]
+
+
+def _ready(tmp_path: Path) -> None:
+    ready = tmp_path / "count.ready"
+    for _ in range(500):
+        if ready.exists():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the child never started")
+
+
+def _signals_after_popen(monkeypatch, tmp_path: Path, then) -> None:
+    """Popen, as the sweep calls it, then `then()` once the child is ready."""
+    real = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        child = real(*args, **kwargs)
+        _ready(tmp_path)
+        then()
+        return child
+    monkeypatch.setattr(sweep_command.subprocess, "Popen", popen)
+
+
+def test_a_signal_right_after_the_point_starts_is_passed_on(monkeypatch, tmp_path):
+    _signals_after_popen(monkeypatch, tmp_path, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with StopSignals() as stop:
+        code = sweep_command._child(_counting_child(tmp_path, 1), stop)
+    assert code == 128 + signal.SIGTERM and stop.signum == signal.SIGTERM
+
+
+def test_two_quick_signals_stop_the_point_at_once(monkeypatch, tmp_path):
+    """Both come before the sweep looked (a long poll here): the child gets two."""
+    def twice():
+        def send():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=send, daemon=True).start()
+    _signals_after_popen(monkeypatch, tmp_path, twice)
+    monkeypatch.setattr(sweep_command, "POLL_SECONDS", 1.0)
+    with StopSignals() as stop, pytest.raises(Interrupted):
+        sweep_command._child(_counting_child(tmp_path, 2), stop)
+    assert (tmp_path / "count").read_text() == "2"
+
+
+HANGUP_PARENT = '''
+import sys
+from runner.commands import sweep
+from runner.signals import StopSignals
+with StopSignals() as stop, sweep._hangup_stops():
+    print(sweep._child(sys.argv[1:], stop), flush=True)
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGKILL])
+def test_a_hangup_or_the_sweeps_death_stops_the_point_with_sigterm(tmp_path, signum):
+    """SIGHUP to the sweep is passed on as SIGTERM; a sweep killed outright
+    leaves the point a SIGTERM (Linux's parent-death signal)."""
+    parent = subprocess.Popen([sys.executable, "-c", HANGUP_PARENT,
+                               *_counting_child(tmp_path, 1)], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                  [str(Path(__file__).parents[1]),
+                                   os.environ.get("PYTHONPATH", "")])))
+    _ready(tmp_path)
+    parent.send_signal(signum)
+    out, _ = parent.communicate(timeout=30)
+    for _ in range(300):  # the child's count, written as it gets the signal
+        if (tmp_path / "count").exists():
+            break
+        time.sleep(0.01)
+    assert (tmp_path / "count").read_text() == "1"
+    if signum == signal.SIGHUP:
+        assert out.strip() == str(128 + signal.SIGTERM)
+
+
+class _Point:
+    name, folder = "p", "01-p"
+
+
+@pytest.mark.parametrize("code, finished, words", [
+    (2, False, "during point 1 of 1 (p), which failed (exit 2); `again` runs it again"),
+    (143, True, "point 1 of 1 (p) finished; `again` goes on with the next point"),
+    (143, False, "during point 1 of 1 (p); `again` goes on: finished points are skipped, "
+                 "this one resumes"),
+])
+def test_a_stop_says_what_the_same_command_does_with_the_point(monkeypatch, tmp_path, code,
+                                                                finished, words):
+    from rich.console import Console
+
+    stop = StopSignals()
+    stop.signum = signal.SIGTERM
+    monkeypatch.setattr(sweep_command, "_child", lambda command, stop: code)
+    answers = iter([False, finished])  # not before the point runs; after it, `finished`
+    monkeypatch.setattr(sweep_command.sweeps, "finished", lambda folder, point: next(answers))
+    with pytest.raises(Interrupted, match=re.escape(f"interrupted by SIGTERM {words}")):
+        sweep_command._run_point(tmp_path, _Point, (1, 1), Console(), stop, "again")
+
+
+def test_a_stop_names_the_points_that_failed_before_it(monkeypatch, tmp_path):
+    from rich.console import Console
+
+    outcomes = iter([["a (exit 2)"], Interrupted(signal.SIGTERM, "interrupted by SIGTERM "
+                                                                 "during point 2 of 2 (b)")])
+
+    def run_point(*_):
+        outcome = next(outcomes)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+    monkeypatch.setattr(sweep_command, "_run_point", run_point)
+    with pytest.raises(Interrupted, match=r"during point 2 of 2 \(b\); failed before the "
+                                          r"stop: a \(exit 2\)"):
+        sweep_command._run_points(tmp_path, [_Point, _Point], Console(), StopSignals(), "x")

@@ -52,14 +52,15 @@ from jaxlora.data.batches import (ORDER, TOKEN_ARRAYS, Split, held_examples, pac
                                   slot_order)
 from jaxlora.data.config import DataConfig
 from jaxlora.data.files import SUFFIX_FORMATS, TEXT_FORMATS, Format
-from jaxlora.data.prepare import (DataStats, PreparedData, chat_template, labels_of, prepare,
-                                  prepare_eval)
+from jaxlora.data.prepare import (DataStats, PreparedData, chat_template, is_inline_template,
+                                  labels_of, prepare, prepare_eval)
 from jaxlora.data.rows import MAX_LISTED_VALUES, MISSING_LABEL, eval_rows
 from jaxlora.data.tokenize import LmFormat, tokenize_batch, tokenize_lm_batch
 from jaxlora.runtime import Hosting
 
 __all__ = ["MAX_LISTED_VALUES", "MISSING_LABEL", "ORDER", "SUFFIX_FORMATS", "TEXT_FORMATS",
            "TOKEN_ARRAYS", "DataConfig", "DataStats", "Format", "Hosting", "LmFormat",
-           "PreparedData", "Split", "chat_template", "eval_rows", "held_examples", "labels_of",
+           "PreparedData", "Split", "chat_template", "eval_rows", "held_examples",
+           "is_inline_template", "labels_of",
            "pack", "prepare", "prepare_eval", "slot_examples", "slot_order", "tokenize_batch",
            "tokenize_lm_batch"]

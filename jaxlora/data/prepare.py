@@ -166,6 +166,12 @@ def labels_of(cfg: DataConfig, *, base_dir: Path | None = None,
                             cfg.train_split)
 
 
+def is_inline_template(text: str) -> bool:
+    """Whether `data.chat_template` holds the Jinja text itself, not the name
+    of a file holding it."""
+    return "{{" in text or "{%" in text
+
+
 def chat_template(cfg: DataConfig, tokenizer: Any, base_dir: Path | None) -> str | None:
     """The chat template `cfg.chat` renders with: `data.chat_template` (its text,
     or the file it names, relative to `base_dir`), else None for the
@@ -178,7 +184,7 @@ def chat_template(cfg: DataConfig, tokenizer: Any, base_dir: Path | None) -> str
             raise UserError("data.chat: the model's tokenizer has no chat template; give one "
                             "as data.chat_template (the Jinja text, or a file holding it)")
         return None
-    if "{{" in given or "{%" in given:
+    if is_inline_template(given):
         return given
     file = Path(given).expanduser()
     if not file.is_absolute() and base_dir is not None:

@@ -9,7 +9,8 @@ Markdown table instead (one line per run, to paste anywhere).
 A sweep folder (`runner sweep`), given alone, is compared as the sweep
 compares it: sweep.md and sweep.png written again from its points' run
 folders (points that have not finished left out with a line each), and its
-table shown."""
+table shown; with `--markdown` only the table goes to stdout (the lines
+beside it and where sweep.md is go to stderr)."""
 
 from __future__ import annotations
 
@@ -49,11 +50,13 @@ def _sweep(args, console) -> int:
     if len(args.runs) > 1:
         raise UserError("a sweep folder is compared alone: give it without other folders "
                         "(its points are its runs)")
-    folder = args.runs[0]
-    summary = sweeps.write_summary(folder, Console(stderr=True))
-    if getattr(args, "markdown", False):
+    folder, errors = args.runs[0], Console(stderr=True, soft_wrap=True)
+    summary = sweeps.write_summary(folder, errors)
+    if getattr(args, "markdown", False):  # the table alone on stdout, the rest beside it
         print(tables.markdown(summary.names, summary.cells, summary.left))
-    sweeps.show(summary, folder, console, table=not getattr(args, "markdown", False))
+        sweeps.show(summary, folder, errors, table=False)
+    else:
+        sweeps.show(summary, folder, console)
     return 0
 
 

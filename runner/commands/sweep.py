@@ -10,15 +10,20 @@ folder, skips the points that finished and resumes a stopped one (`runner
 run` goes on from its checkpoint).
 
 Stops: the child runs in a process group of its own, so a terminal's Ctrl-C
-reaches the sweep alone, which passes each signal on to the child. The
-child checkpoints at its next step boundary and exits as `runner run`
-does, and the sweep then ends with one message saying that the same
-command goes on; a second signal stops the child at once, as it would
-stop `runner run`.
+reaches the sweep alone, which passes each signal on to the child (SIGHUP
+as SIGTERM). The child checkpoints at its next step boundary and exits as
+`runner run` does, and the sweep then ends with one message saying what
+the same command will do (resume the point, run it again, or go on with
+the next) and naming the points that failed before; a second signal stops
+the child at once, as it would stop `runner run`. Should the sweep die
+(SIGKILL), the child gets SIGTERM and checkpoints (Linux).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import shlex
 import signal
 import subprocess
@@ -37,13 +42,15 @@ from runner.terminal import print_path
 
 EXIT_POINTS_FAILED = 1
 POLL_SECONDS = 0.1  # how often the sweep looks for a signal while a point runs
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def main(args, console: Console, stop: StopSignals) -> int:
     """Plan, check every point, make the folder, run the points, compare them."""
     again = _command(args)
     try:
-        return _sweep(args, console, stop, again)
+        with _hangup_stops():
+            return _sweep(args, console, stop, again)
     except Interrupted as e:
         if str(e) != f"interrupted by {e.name}":
             raise  # a point's stop, which says it already
@@ -61,11 +68,10 @@ def _sweep(args, console: Console, stop: StopSignals, again: str) -> int:
     say = lambda line: console.print(escape(line), highlight=False)  # noqa: E731 - wrapped
     for note in chosen.notes:
         say(f"note: {note}")
-    sweeps.open_folder(folder, chosen, again)  # nothing is written before this
+    sweeps.open_folder(folder, chosen, _command(args, with_max=False))  # the first write
     todo = chosen.points[:args.max] if args.max else chosen.points
     print_path(console, f"sweep: {len(todo)} of {len(chosen.points)} points in", folder)
-    failed = [f for n, point in enumerate(todo, 1)
-              for f in _run_point(folder, point, (n, len(todo)), console, stop, again)]
+    failed = _run_points(folder, todo, console, stop, again)
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
     if any(sweeps.finished(folder, point) for point in chosen.points):  # else nothing to compare
         sweeps.show(sweeps.write_summary(folder, errors), folder, console)
@@ -78,10 +84,29 @@ def _sweep(args, console: Console, stop: StopSignals, again: str) -> int:
     return 0
 
 
+def _run_points(folder: Path, todo: list[sweeps.Point], console: Console, stop: StopSignals,
+                again: str) -> list[str]:
+    """Run the points in turn; what failed, in words. A stop names the
+    points that failed before it too (the same command runs them again)."""
+    failed: list[str] = []
+    try:
+        for n, point in enumerate(todo, 1):
+            failed += _run_point(folder, point, (n, len(todo)), console, stop, again)
+    except Interrupted as e:
+        if not failed:
+            raise
+        said = str(e) if str(e) != f"interrupted by {e.name}" else (
+            f"interrupted by {e.name}; `{again}` goes on with the sweep")
+        raise Interrupted(e.signum, f"{said}; failed before the stop: {'; '.join(failed)} "
+                                    "(the same command runs them again)") from None
+    return failed
+
+
 def _run_point(folder: Path, point: sweeps.Point, at: tuple[int, int], console: Console,
                stop: StopSignals, again: str) -> list[str]:
     """Run one point (`at`: n of total), unless it finished already; what
-    failed, in words (none or one)."""
+    failed, in words (none or one). A stop during the point is an
+    `Interrupted` saying what the same command will do with it."""
     n, total = at
     say = lambda line: console.print(escape(line), highlight=False)  # noqa: E731
     if sweeps.finished(folder, point):
@@ -90,43 +115,86 @@ def _run_point(folder: Path, point: sweeps.Point, at: tuple[int, int], console: 
     recipe = sweeps.recipe_file(folder, point.folder)
     print_path(console, f"[{n}/{total}] {point.name}: runner run", recipe)
     code = _child([sys.executable, "-m", "runner.cli", "run", str(recipe)], stop)
-    stopped = _stop_signal(code)
-    if stopped is not None:
-        raise Interrupted(stopped, f"interrupted by {signal.Signals(stopped).name} during point "
-                                   f"{n} of {total} ({point.name}); `{again}` goes on: "
-                                   "finished points are skipped, this one resumes from its "
-                                   "checkpoint (where it wrote one)")
-    if stop.requested():  # the signal came as the point ended
-        raise Interrupted(stop.signum, f"interrupted by {signal.Signals(stop.signum).name} "
-                                       f"after point {n} of {total}; `{again}` goes on with "
-                                       "the next point")
-    if code != 0:
-        say(f"[{n}/{total}] {point.name}: failed (exit {code}); the sweep goes on")
-        return [f"{point.name} (exit {code})"]
-    return []
+    signum = _stop_signal(code) or stop.signum
+    if signum is None:
+        if code != 0:
+            say(f"[{n}/{total}] {point.name}: failed (exit {code}); the sweep goes on")
+            return [f"{point.name} (exit {code})"]
+        return []
+    which = f"point {n} of {total} ({point.name})"
+    if sweeps.finished(folder, point):  # the stop came as the point ended
+        goes_on = f"{which} finished; `{again}` goes on with the next point"
+    elif _stop_signal(code) is not None:
+        goes_on = (f"during {which}; `{again}` goes on: finished points are skipped, this "
+                   "one resumes from its checkpoint (where it wrote one)")
+    else:
+        goes_on = f"during {which}, which failed (exit {code}); `{again}` runs it again"
+    raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} {goes_on}")
 
 
 def _child(command: list[str], stop: StopSignals) -> int:
     """Run `command` in its own process group, passing on each signal the
     sweep gets (the first is only recorded here, as training defers it);
-    its exit code."""
+    its exit code. The child is started inside the deferring block, so no
+    signal finds it unwatched; a second signal that comes before the first
+    was passed on sends both (a pause between, so the child counts two);
+    and on Linux the child gets SIGTERM should the sweep die."""
     sys.stdout.flush()  # what the sweep said comes before what the child says
     sys.stderr.flush()
-    child = subprocess.Popen(command, process_group=0)
-    passed = False
+    child, passed = None, False
     try:
         with stop.deferred():
+            child = subprocess.Popen(command, process_group=0, preexec_fn=_dies_with_parent())
             while True:
+                if stop.requested() and not passed:
+                    child.send_signal(stop.signum)
+                    passed = True
                 try:
                     return child.wait(timeout=POLL_SECONDS)
                 except subprocess.TimeoutExpired:
-                    if stop.requested() and not passed:
-                        child.send_signal(stop.signum)
-                        passed = True
+                    pass
     except Interrupted as e:  # a second signal: the child stops at once too
-        child.send_signal(e.signum)
-        child.wait()
+        if child is not None:
+            if not passed:
+                child.send_signal(e.signum)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=POLL_SECONDS)  # one signal at a time: not merged
+            if child.poll() is None:
+                child.send_signal(e.signum)
+            child.wait()
         raise
+
+
+def _dies_with_parent():
+    """For Popen's preexec_fn, on Linux: the child gets SIGTERM (and
+    checkpoints) when the sweep dies, killed or crashed, instead of training
+    on unwatched; elsewhere None. libc is looked up here, before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the sweep died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
+    return set_death_signal
+
+
+@contextlib.contextmanager
+def _hangup_stops():
+    """SIGHUP (the terminal closed) stops the sweep as SIGTERM does: passed
+    on to the running point as SIGTERM, which checkpoints (the point, in its
+    own process group, gets no SIGHUP of its own). Not where SIGHUP is
+    ignored (`nohup`)."""
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _stop_signal(code: int) -> int | None:
@@ -138,11 +206,12 @@ def _stop_signal(code: int) -> int | None:
     return None
 
 
-def _command(args) -> str:
-    """The command line that goes on with this sweep."""
+def _command(args, with_max: bool = True) -> str:
+    """The command line that goes on with this sweep (`with_max`: its --max
+    too; without, the command that runs the whole sweep, as sweep.md shows)."""
     words = ["runner", "sweep", str(args.recipe)]
     words += [word for s in args.set for word in ("--set", s)]
     words += [word for p in args.point for word in ("--point", p)]
-    words += ["--max", str(args.max)] if args.max is not None else []
+    words += ["--max", str(args.max)] if args.max is not None and with_max else []
     words += ["--out", str(args.out)] if args.out is not None else []
     return shlex.join(words)
