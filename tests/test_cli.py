@@ -33,6 +33,19 @@ def runner_here(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["runner", *args], code, out.getvalue(), err.getvalue())
 
 
+def tiny_run(root: Path, model_dir: Path, recipe: str, run=runner_here) -> Path:
+    """The run folder of a finished tiny run of `recipe` (TOML text, written as
+    `root`/tiny.toml beside a copy of the tiny model as model/ and the tiny
+    tweets as tweets.csv), made by `run` (the CLI, in this process by default)."""
+    shutil.copytree(model_dir, root / "model")
+    _tweets_csv(root / "tweets.csv")
+    (root / "tiny.toml").write_text(recipe)
+    done = run("run", "tiny.toml", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [found] = (root / "runs" / "tiny").iterdir()
+    return found
+
+
 def _tweets_csv(path: Path, n: int = 96) -> Path:
     """A tiny latin-1 CSV like the default recipe's: sentiment,confidence,text."""
     good = ["love it", "what a great day", "so happy with this", "brilliant ride"]

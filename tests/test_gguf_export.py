@@ -836,18 +836,10 @@ def test_a_chat_models_end_of_turn_id_is_written_where_it_is_not_eos(chat_run, t
 def classifier_run(tmp_path_factory, tiny_bert_dir):
     """A finished tiny LoRA classification run (tests/test_cli.py's recipe:
     two labels, the data's third label's rows dropped), made by the CLI."""
-    import shutil
-
-    from test_cli import TINY_RECIPE, _tweets_csv
+    from test_cli import TINY_RECIPE, tiny_run
 
     root = tmp_path_factory.mktemp("classifier-card")
-    shutil.copytree(tiny_bert_dir, root / "model")
-    _tweets_csv(root / "tweets.csv")
-    (root / "tiny.toml").write_text(TINY_RECIPE)
-    done = runner("run", "tiny.toml", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [run] = (root / "runs" / "tiny").iterdir()
-    return root, run
+    return root, tiny_run(root, tiny_bert_dir, TINY_RECIPE)
 
 
 def test_a_classifiers_cards_name_its_task_and_labels(classifier_run):

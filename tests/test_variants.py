@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_cli import TINY_RECIPE, _tweets_csv
+from test_cli import TINY_RECIPE, _tweets_csv, tiny_run
 from test_cli import runner_here as _runner
 from tiny_models import tiny_decoder_dir
 
@@ -286,14 +286,7 @@ DORA_QLORA = (TINY_RECIPE.replace('method = "lora"', 'method = "qlora"\ndora = t
 @pytest.fixture(scope="module")
 def dora_run(tmp_path_factory, tiny_bert_dir):
     """A finished tiny DoRA-over-QLoRA run made by the CLI."""
-    root = tmp_path_factory.mktemp("dora")
-    shutil.copytree(tiny_bert_dir, root / "model")
-    _tweets_csv(root / "tweets.csv")
-    (root / "tiny.toml").write_text(DORA_QLORA)
-    done = _runner("run", "tiny.toml", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [run] = list((root / "runs" / "tiny").iterdir())
-    return run
+    return tiny_run(tmp_path_factory.mktemp("dora"), tiny_bert_dir, DORA_QLORA)
 
 
 def _trained(run):

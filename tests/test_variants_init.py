@@ -14,7 +14,7 @@ from jaxlora.models import bert, load_model
 from jaxlora.optim import lora_plus_group, make_optimizer
 from jaxlora.tasks import classification_step_loss
 from jaxlora.train import TrainConfig, build_train_step
-from test_cli import TINY_RECIPE, _tweets_csv
+from test_cli import TINY_RECIPE, tiny_run
 from test_cli import runner_here as _runner
 from test_train import _toy_split
 
@@ -328,15 +328,8 @@ PISSA_RECIPE = (TINY_RECIPE
 def pissa_run(tmp_path_factory, tiny_bert_dir):
     """A finished tiny PiSSA run (with LoRA+, whose partitioned optimizer state
     is checkpointed too), made by the real CLI, and its folder's parent."""
-    import shutil
-
     root = tmp_path_factory.mktemp("pissa")
-    shutil.copytree(tiny_bert_dir, root / "model")
-    _tweets_csv(root / "tweets.csv")
-    (root / "tiny.toml").write_text(PISSA_RECIPE)
-    done = _runner("run", "tiny.toml", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return next((root / "runs" / "tiny").iterdir()), root
+    return tiny_run(root, tiny_bert_dir, PISSA_RECIPE), root
 
 
 @pytest.fixture()
