@@ -44,7 +44,8 @@ def xla_flags(*flags: str) -> str:
 # `make test` runs the suite on two workers (pytest-xdist): the longest tests go
 # first, so that no worker is left with one of them while the other is idle.
 LONGEST_FIRST = ("test_mesh.py", "test_distributed.py", "test_resume.py", "test_stops.py",
-                 "test_reproducible.py", "test_export.py", "test_hub_recipes.py")
+                 "test_reproducible.py", "test_export.py", "test_hub_recipes.py",
+                 "test_sweep.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,7 +21,6 @@ import pytest
 
 from jaxlora.errors import UserError
 from runner import charts, tables
-from runner.commands import compare
 from runner.commands import sweep as sweep_command
 from runner.signals import Interrupted, StopSignals
 from runner.sweep import (COSTS, SCORES, SIZES, comparison_table, dominates, figures,
@@ -71,7 +70,9 @@ def swept(tmp_path_factory, tiny_bert_dir):
     return workdir, sweep, done
 
 
-def test_a_grid_runs_each_point_once_capped_by_max_and_compared(swept, monkeypatch):
+def _a_grid_runs_each_point_once_capped_by_max_and_compared(swept, monkeypatch):
+    """--max 3 runs 3 points, the same command the 4th, once more none; the
+    table's rows, stars and dominance; compare SWEEP_DIR writes it again."""
     workdir, sweep, (capped, rest, again) = swept
     assert re.fullmatch(r"tiny-sweep-[0-9a-f]{8}", sweep.name)  # the same folder each time
     assert "sweep: 3 of 4 points" in capped.stdout
@@ -133,6 +134,12 @@ def test_a_grid_runs_each_point_once_capped_by_max_and_compared(swept, monkeypat
     assert not wide, compared.stdout
     assert all(name in compared.stdout for name in NAMES)  # the table, transposed to fit
     assert (sweep / "sweep.md").read_text() == text and (sweep / "sweep.png").is_file()
+    # --markdown: the table alone on stdout, the notes on stderr (the same
+    # test as the grid's, so that pytest-xdist runs the grid once)
+    markdown = _runner("compare", str(sweep), "--markdown", cwd=workdir)
+    out = markdown.stdout.strip()
+    assert out and all(line.startswith("|") for line in out.splitlines())
+    assert "sweep.md:" in markdown.stderr and "majority class" in markdown.stderr
     # a point's run folder is an ordinary one
     run = next(_folders(sweep)[0].iterdir())
     assert _runner("report", str(run), cwd=workdir).returncode == 0
@@ -160,8 +167,10 @@ if point and "run" in sys.argv and any(point in arg for arg in sys.argv):
 '''
 
 
-def test_sigterm_mid_point_then_the_same_command_finishes_equal_to_a_sweep_never_stopped(
+def _sigterm_mid_point_then_the_same_command_finishes_equal_to_a_sweep_never_stopped(
         swept):
+    """A real SIGTERM in the middle of point 2, then the same command: every
+    point equal, bit for bit, to the grid's uninterrupted points."""
     workdir, reference, _ = swept
     (workdir / "hook").mkdir()
     (workdir / "hook" / "sitecustomize.py").write_text(STOP_HOOK)
@@ -195,6 +204,14 @@ def test_sigterm_mid_point_then_the_same_command_finishes_equal_to_a_sweep_never
             (b / "eval.json").read_text())
         assert _meta(a, STEPS)["sha256"] == _meta(b, STEPS)["sha256"]  # the final weights
         assert _loss_lines(a) == _loss_lines(b)
+
+
+def test_a_grid_then_a_sigterm_mid_point(swept, monkeypatch):
+    """The grid (capped, completed, given again, compared) and a sweep stopped
+    mid-point then finished equal to it: one test, since both read the grid
+    fixture and pytest-xdist would otherwise build it on each worker."""
+    _a_grid_runs_each_point_once_capped_by_max_and_compared(swept, monkeypatch)
+    _sigterm_mid_point_then_the_same_command_finishes_equal_to_a_sweep_never_stopped(swept)
 
 
 # -- refused before anything is written ------------------------------------------------
@@ -415,18 +432,6 @@ def test_a_folder_of_another_sweep_is_refused_naming_the_first_difference(recipe
         open_folder(folder, plan(tiny, recipe_dir, ["train.seed=2,1"], []), "x")
     open_folder(folder, plan(tiny, recipe_dir, ["train.seed=1,2"], []), "last")
     assert json.loads((folder / "sweep.json").read_text())["command"] == "last"
-
-
-def test_compare_markdown_of_a_sweep_prints_the_table_alone(swept, capsys):
-    from argparse import Namespace
-
-    from rich.console import Console
-
-    _, sweep, _ = swept
-    assert compare.main(Namespace(runs=[sweep], markdown=True), Console(), None) == 0
-    out, err = capsys.readouterr()
-    assert out.strip() and all(line.startswith("|") for line in out.strip().splitlines())
-    assert "sweep.md:" in err and "majority class" in err
 
 
 # -- stops ----------------------------------------------------------------------------------
