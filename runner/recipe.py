@@ -32,7 +32,7 @@ from pathlib import Path
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from jaxlora.data import DataConfig
+from jaxlora.data import DataConfig, is_inline_template
 from jaxlora.errors import UserError
 from jaxlora.evaluate import EvalConfig
 from jaxlora.lora import AdapterConfig, LoraConfig
@@ -362,15 +362,16 @@ SOURCE_FIELDS = (("model", "source"), ("data", "source"))
 
 
 def _rebased(document: dict, folder: Path, top: Path) -> dict:
-    """A parent recipe's relative sources that exist beside it (in `folder`),
-    rewritten relative to the extending recipe's folder `top`: a path in a file
-    means what it meant in that file. Others (hub ids, paths from the working
-    directory) are left as they are."""
+    """A parent recipe's relative sources (and a chat template file) that exist
+    beside it (in `folder`), rewritten relative to the extending recipe's
+    folder `top`: a path in a file means what it meant in that file. Others
+    (hub ids, paths from the working directory, a template's own text) are
+    left as they are."""
     out = dict(document)
-    for table, key in SOURCE_FIELDS:
+    for table, key in (*SOURCE_FIELDS, ("data", "chat_template")):
         section = out.get(table)
         value = section.get(key) if isinstance(section, dict) else None
-        if (not isinstance(value, str) or "://" in value
+        if (not isinstance(value, str) or "://" in value or is_inline_template(value)
                 or Path(value).expanduser().is_absolute() or not (folder / value).exists()):
             continue
         moved = os.path.normpath(Path(os.path.relpath(folder, top)) / value)

@@ -177,6 +177,27 @@ def test_a_parents_relative_sources_are_read_from_its_own_folder(tmp_path):
     assert (recipe.model.source, recipe.data.source) == ("some/model", "data.csv")
 
 
+def test_a_parents_chat_template_file_is_read_from_its_own_folder(tmp_path):
+    """A chat template file named in a parent recipe means the file beside the
+    parent, as its sources do; a template's own text stays as written."""
+    from test_chat import CHAT_RECIPE
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "tmpl.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    (shared / "rows.jsonl").write_text("")
+    (shared / "base.toml").write_text(CHAT_RECIPE.format(
+        data="rows.jsonl", columns='chat = true\nchat_template = "tmpl.jinja"'))
+    (tmp_path / "child.toml").write_text('extends = "shared/base.toml"\n')
+    recipe = load_recipe(tmp_path / "child.toml")
+    assert recipe.data.chat_template == "shared/tmpl.jinja"
+    assert recipe.data.source == "shared/rows.jsonl"
+    inline = "{{ messages[0].content }}"
+    (shared / "base.toml").write_text(CHAT_RECIPE.format(
+        data="rows.jsonl", columns=f'chat = true\nchat_template = "{inline}"'))
+    assert load_recipe(tmp_path / "child.toml").data.chat_template == inline
+
+
 def test_extends_refuses_cycles_and_escapes_from_a_run_folder(tmp_path):
     (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
