@@ -110,14 +110,20 @@ def _prefix(family, task: str) -> str:
     return family.CLASSIFIER_PREFIX if task == "classification" else family.PREFIXES[0]
 
 
-def peft_config(cfg, model, family, *, task: str, base_model: str | None) -> dict:
-    """adapter_config.json for a LoRA/QLoRA `cfg` (a `jaxlora.lora.LoraConfig`)."""
+def peft_config(cfg, model, family, *, task: str, base_model: str | None,
+                start: Factors | None = None) -> dict:
+    """adapter_config.json for a LoRA/QLoRA `cfg` (a `jaxlora.lora.LoraConfig`),
+    describing what `peft_tensors(model, family, start)` writes: with PiSSA's
+    `start` (required for a PiSSA adapter), the converted rank-2r adapter."""
+    if cfg.init == "pissa" and start is None:
+        raise ValueError("a PiSSA adapter is exported with the factors it started from "
+                         "(start): without them it only fits the residual base weights")
     prefix = _prefix(family, task)
     targets = [path.removeprefix(prefix) for path, linear in model.linear_layers().items()
                if linear.lora is not None]
     # PiSSA's converted adapter has rank 2r; alpha grows with it so that the
     # scale stays (see above): doubled, or times sqrt(2) for rsLoRA's alpha / sqrt(r)
-    doubled = 2 if cfg.init == "pissa" else 1
+    doubled = 2 if start is not None else 1
     alpha = cfg.alpha * (math.sqrt(doubled) if cfg.scaling == "rslora" else doubled)
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     classify = task == "classification"

@@ -249,7 +249,8 @@ def test_pissa_peft_export_keeps_the_scale(scaling, tiny_bert_dir, tmp_path):
     fam = family(tmp_path / "llama")
     write_safetensors(tmp_path / "adapter_model.safetensors",
                       peft_tensors(loaded.model, fam, start))
-    config = peft_config(cfg, loaded.model, fam, task="causal-lm", base_model=None)
+    config = peft_config(cfg, loaded.model, fam, task="causal-lm", base_model=None,
+                         start=start)
     assert config["r"] == 8 and config["lora_alpha"] == (
         16 if scaling == "standard" else pytest.approx(8 * np.sqrt(2), rel=1e-12))
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))

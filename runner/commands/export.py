@@ -285,7 +285,7 @@ def _write(tmp: Path, opened: OpenedRun, fmt: str, fam, model, notes: list[str])
         write_safetensors(tmp / "adapter_model.safetensors",
                           peft_tensors(model, fam, opened.parts.start), {"format": "pt"})
         config = peft_config(opened.recipe.adapter, model, fam, task=opened.recipe.model.task,
-                             base_model=_base_name(opened))
+                             base_model=_base_name(opened), start=opened.parts.start)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     else:
         # float32 whatever the training dtype: a LoRA update is small next to the
