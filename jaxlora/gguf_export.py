@@ -88,6 +88,8 @@ class GgufModel:
     chat_template: str | None  # the template it was trained with (None: the tokenizer's)
     source: Path | None = None  # the base model's GGUF file, whose tokenizer is copied
     end_of_turn: int | None = None  # a chat model's end-of-turn id, where it is not EOS
+    # the tokenizer keys `check` gave for this tokenizer and source (None: `write` finds them)
+    tokenizer_keys: dict[str, tuple] | None = None
 
 
 def check_quant(quant: str) -> None:
@@ -123,15 +125,14 @@ def architecture(config) -> str:
     return ARCHITECTURES[kind]
 
 
-def check(config, tokenizer, source: Path | None = None) -> str:
+def check(config, tokenizer, source: Path | None = None) -> dict[str, tuple]:
     """What `write` refuses of a model, found from its config and tokenizer
-    alone (before its weights are merged): the llama.cpp architecture it is
-    written as; a UserError with the reason otherwise. `source`: the base
-    model's GGUF file, whose tokenizer keys are copied as they are."""
-    arch = architecture(config)
-    if source is None or not reader.is_gguf(source):
-        _derived_fields(tokenizer, config.vocab_size)
-    return arch
+    alone (before its weights are merged): a UserError with the reason. Gives
+    the tokenizer keys found on the way, for `GgufModel.tokenizer_keys`.
+    `source`: the base model's GGUF file, whose tokenizer keys are copied as
+    they are."""
+    architecture(config)
+    return _base_fields(tokenizer, config.vocab_size, source)
 
 
 def _rope(config) -> dict:
@@ -299,10 +300,8 @@ def _tokenizer_fields(model: GgufModel) -> dict[str, tuple]:
     the model was trained with either way."""
     import gguf
 
-    if model.source is not None and reader.is_gguf(model.source):
-        fields = _copied_fields(model.source)
-    else:
-        fields = _derived_fields(model.tokenizer, model.config.vocab_size)
+    fields = dict(model.tokenizer_keys) if model.tokenizer_keys is not None else \
+        _base_fields(model.tokenizer, model.config.vocab_size, model.source)
     if model.end_of_turn is not None:  # as llama.cpp's converter writes it
         fields[gguf.Keys.Tokenizer.EOT_ID] = (int(model.end_of_turn), gguf.GGUFValueType.UINT32,
                                               None)
@@ -310,6 +309,14 @@ def _tokenizer_fields(model: GgufModel) -> dict[str, tuple]:
     if isinstance(template, str) and template:
         fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = (template, gguf.GGUFValueType.STRING, None)
     return fields
+
+
+def _base_fields(tokenizer, vocab_size: int, source: Path | None) -> dict[str, tuple]:
+    """The base model's tokenizer keys: its GGUF file's own (`source`), else
+    derived from the fast tokenizer (a UserError where they cannot be)."""
+    if source is not None and reader.is_gguf(source):
+        return _copied_fields(source)
+    return _derived_fields(tokenizer, vocab_size)
 
 
 def _copied_fields(source: Path) -> dict[str, tuple]:
@@ -338,9 +345,10 @@ def _derived_fields(tokenizer, vocab_size: int) -> dict[str, tuple]:
         raise UserError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())}, "
                         f"beyond the model's {vocab_size} embedding rows")
     if _byte_level(spec):
-        fields = _byte_level_fields(spec, tokenizer, vocab_size)
+        fields = _byte_level_fields(spec, _tokens_and_types(tokenizer, vocab, vocab_size))
     elif (prefix := sentencepiece_prefix(spec)) is not None:
-        fields = _sentencepiece_fields(spec, tokenizer, vocab_size, prefix != "never")
+        fields = _sentencepiece_fields(spec, _tokens_and_types(tokenizer, vocab, vocab_size),
+                                       prefix != "never")
     else:
         model = spec.get("model") or {}
         raise UserError("GGUF export: the tokenizer is neither a byte-level BPE vocabulary "
@@ -356,9 +364,10 @@ def _byte_level(spec: dict) -> bool:
         (spec.get("decoder") or {}).get("type") == "ByteLevel"
 
 
-def _byte_level_fields(spec: dict, tokenizer, vocab_size: int) -> dict[str, tuple]:
-    """A byte-level BPE vocabulary (`gpt2`): its tokens, types, merges and the
-    pre-tokenizer's name."""
+def _byte_level_fields(spec: dict, tokens_and_types: tuple[list[str], list[int]]
+                       ) -> dict[str, tuple]:
+    """A byte-level BPE vocabulary (`gpt2`): its tokens and types
+    (`_tokens_and_types`), merges and the pre-tokenizer's name."""
     import gguf
 
     T, K = gguf.GGUFValueType, gguf.Keys.Tokenizer
@@ -367,19 +376,19 @@ def _byte_level_fields(spec: dict, tokenizer, vocab_size: int) -> dict[str, tupl
         raise UserError("GGUF export: the tokenizer's pre-tokenizer is none that llama.cpp "
                         f"names here ({', '.join(reader.PRE_TOKENIZERS)}); it cannot be written "
                         "so that llama.cpp splits text the same way")
-    tokens, types = _tokens_and_types(tokenizer, vocab_size)
+    tokens, types = tokens_and_types
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     return {K.MODEL: ("gpt2", T.STRING, None), K.PRE: (pre, T.STRING, None),
             K.LIST: (tokens, T.ARRAY, T.STRING), K.TOKEN_TYPE: (types, T.ARRAY, T.INT32),
             K.MERGES: (merges, T.ARRAY, T.STRING)}
 
 
-def _sentencepiece_fields(spec: dict, tokenizer, vocab_size: int,
+def _sentencepiece_fields(spec: dict, tokens_and_types: tuple[list[str], list[int]],
                           prefix: bool) -> dict[str, tuple]:
     """A SentencePiece-style vocabulary (`llama`), as llama.cpp's converter writes
-    one: its tokens (a user-defined token's "▁" as a space), scores, types
-    (byte tokens `<0xXX>` of type byte) and whether a space goes before the
-    text. A token's score is minus the rank (from 1) of the first merge that
+    one: its tokens (from `_tokens_and_types`; a user-defined token's "▁" as
+    a space), scores, types (byte tokens `<0xXX>` of type byte) and whether a
+    space goes before the text. A token's score is minus the rank (from 1) of the first merge that
     makes it (below every merge for a token no merge makes, -1000 for added
     and padding tokens), so that llama.cpp, merging the pair whose result
     scores highest, merges in transformers' order; a tokenizer for which it
@@ -387,12 +396,12 @@ def _sentencepiece_fields(spec: dict, tokenizer, vocab_size: int,
     import gguf
 
     T, K = gguf.GGUFValueType, gguf.Keys.Tokenizer
-    tokens, types = _tokens_and_types(tokenizer, vocab_size)
+    tokens, types = tokens_and_types
     vocab = spec["model"].get("vocab") or {}
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
               for m in spec["model"].get("merges") or []]
     unmade = -float(len(merges) + 1)  # below every merge (a character's is never used)
-    scores = [unmade if types[i] == NORMAL else ADDED_SCORE for i in range(vocab_size)]
+    scores = [unmade if kind == NORMAL else ADDED_SCORE for kind in types]
     for rank, merge in reversed(list(enumerate(merges))):  # the first rank written last
         made = "".join(merge)
         if made in vocab and types[vocab[made]] == NORMAL:
@@ -435,11 +444,13 @@ def _check_merges(merges: list[tuple[str, str]], tokens: list[str], scores: list
                             f"its token, so it would merge {pair} first, {why}")
 
 
-def _tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Every id's token and llama.cpp token type: the vocabulary's normal, its
-    added tokens control (special) or user-defined, `[PAD<id>]` unused."""
+def _tokens_and_types(tokenizer, vocab: dict[str, int],
+                      vocab_size: int) -> tuple[list[str], list[int]]:
+    """Every id's token and llama.cpp token type: the vocabulary's (`vocab`,
+    the tokenizer's) normal, its added tokens control (special) or
+    user-defined, `[PAD<id>]` unused."""
     tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
-    for token, i in tokenizer.get_vocab().items():
+    for token, i in vocab.items():
         tokens[i], types[i] = token, NORMAL
     for i, added in tokenizer.added_tokens_decoder.items():
         types[i] = reader.CONTROL if added.special else reader.USER_DEFINED

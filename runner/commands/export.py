@@ -150,7 +150,7 @@ def _export_gguf(opened: OpenedRun, out: Path | None, console: Console, quant: s
         raise UserError(f"{opened.run_dir}: --format gguf: a {opened.recipe.model.task} run's "
                         "model has a classification head, which GGUF (llama.cpp) does not "
                         "carry; use --format merged or peft")
-    gguf_export.check(opened.loaded.hf_config, opened.tokenizer, _gguf_source(opened))
+    keys = gguf_export.check(opened.loaded.hf_config, opened.tokenizer, _gguf_source(opened))
     name = opened.recipe.name
     out = Path(out) if out else opened.run_dir / "export" / f"gguf-{quant}" / f"{name}-{quant}.gguf"
     if out.suffix.lower() != gguf.SUFFIX:
@@ -164,7 +164,7 @@ def _export_gguf(opened: OpenedRun, out: Path | None, console: Console, quant: s
     exported = Exported("gguf", out, opened.step, quant=quant, notes=notes)
     tmp = _temporary(out)
     try:
-        gguf_export.write(tmp / out.name, _gguf_model(opened, notes), quant)
+        gguf_export.write(tmp / out.name, _gguf_model(opened, notes, keys), quant)
         (tmp / CARD).write_text(model_card(opened.run_dir, opened.manifest, exported),
                                 encoding="utf-8")
         _publish(tmp)
@@ -223,10 +223,12 @@ def _place(src: Path, dst: Path) -> None:
         src.rename(dst)
 
 
-def _gguf_model(opened: OpenedRun, notes: list[str]) -> gguf_export.GgufModel:
+def _gguf_model(opened: OpenedRun, notes: list[str],
+                keys: dict[str, tuple]) -> gguf_export.GgufModel:
     """What the GGUF file holds: the merged weights (float32 before their
-    --quant rounding), the config, the tokenizer and the chat template the run
-    trained with, and a description saying how it was made."""
+    --quant rounding), the config, the tokenizer (its `keys` as
+    `gguf_export.check` found them) and the chat template the run trained
+    with, and a description saying how it was made."""
     recipe = opened.recipe
     base = manifests.source_folder(opened.manifest, opened.run_dir)
     merged = ("every weight trained" if recipe.adapter.method == "full"
@@ -241,7 +243,7 @@ def _gguf_model(opened: OpenedRun, notes: list[str]) -> gguf_export.GgufModel:
     return gguf_export.GgufModel(
         name=recipe.name, description=description, tensors=tensors,
         config=opened.loaded.hf_config, tokenizer=opened.tokenizer, chat_template=template,
-        source=_gguf_source(opened),
+        source=_gguf_source(opened), tokenizer_keys=keys,
         end_of_turn=_end_of_turn(opened, template or getattr(opened.tokenizer, "chat_template",
                                                              None)))
 
