@@ -53,7 +53,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -161,16 +161,15 @@ def notes(config, tokenizer=None) -> list[str]:
                    f"whole context: the sliding window of {window} tokens is not kept (outputs "
                    f"are the same for sequences up to {window} tokens)")
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if tokenizer is not None else {}
-    scheme = sentencepiece_prefix(spec)
+    prefix = sentencepiece_prefix(spec)
     ours = {"first": "before the start only, unless the text begins with a space: there "
                      "(after each special token of a chat template)",
             "always": "before every piece too, but none where the piece begins with a space: "
                       "there"}
-    if scheme in ours and (spec.get("pre_tokenizer") or {}).get("type") == "Metaspace":
-        # (an older file's Prepend normalizer puts one before every piece, as llama.cpp)
+    if prefix is not None and not prefix.as_llama_cpp:
         out.append("llama.cpp puts a space before every piece of text, its start and what "
                    "follows each special token (SentencePiece's rule); this tokenizer puts one "
-                   f"{ours[scheme]} llama.cpp's ids differ by a \u2581")
+                   f"{ours[prefix.scheme]} llama.cpp's ids differ by a \u2581")
     return out
 
 
@@ -348,7 +347,7 @@ def _derived_fields(tokenizer, vocab_size: int) -> dict[str, tuple]:
         fields = _byte_level_fields(spec, _tokens_and_types(tokenizer, vocab, vocab_size))
     elif (prefix := sentencepiece_prefix(spec)) is not None:
         fields = _sentencepiece_fields(spec, _tokens_and_types(tokenizer, vocab, vocab_size),
-                                       prefix != "never")
+                                       prefix.scheme != "never")
     else:
         model = spec.get("model") or {}
         raise UserError("GGUF export: the tokenizer is neither a byte-level BPE vocabulary "
@@ -475,13 +474,22 @@ def _special_fields(tokenizer) -> dict[str, tuple]:
     return out
 
 
-def sentencepiece_prefix(spec: dict) -> str | None:
+class SpacePrefix(NamedTuple):
+    """How a SentencePiece-style tokenizer puts "▁" before the text (`sentencepiece_prefix`)."""
+
+    scheme: Literal["always", "first", "never"]  # as tokenizers' Metaspace names it
+    # whether llama.cpp, told only add_space_prefix (scheme != "never"), puts it where this does
+    as_llama_cpp: bool
+
+
+def sentencepiece_prefix(spec: dict) -> SpacePrefix | None:
     """How a SentencePiece-style tokenizer.json (`spec`: BPE with byte fallback,
-    spaces as "▁") puts "▁" before the text, as tokenizers' Metaspace names it:
-    "always" (before every piece of text, after each special token too: what
-    llama.cpp does, and the `Prepend` normalizer of older Llama files), "first"
-    (before the start of the text only: transformers 5's Llama tokenizer),
-    "never"; None where `spec` is no such tokenizer."""
+    spaces as "▁") puts "▁" before the text: scheme "always" (before every
+    piece of text, after each special token too: what llama.cpp does, and
+    the `Prepend` normalizer of older Llama files; Metaspace's "always" puts
+    none before a piece that begins with a space, unlike llama.cpp), "first"
+    (before the start of the text only: transformers 5's Llama tokenizer,
+    unlike llama.cpp), "never"; None where `spec` is no such tokenizer."""
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     decoders = [step.get("type") for step in (spec.get("decoder") or {}).get("decoders") or []]
     if model.get("type") != "BPE" or not model.get("byte_fallback") or \
@@ -490,12 +498,13 @@ def sentencepiece_prefix(spec: dict) -> str | None:
     normalizer = spec.get("normalizer")
     if pre.get("type") == "Metaspace" and normalizer is None and \
             pre.get("replacement") == "\u2581" and not pre.get("split", True):
-        return pre.get("prepend_scheme", "always")
+        scheme = pre.get("prepend_scheme", "always")
+        return SpacePrefix(scheme, as_llama_cpp=scheme == "never")
     steps = [(step.get("type"), step.get("prepend") or (step.get("pattern") or {}).get("String"),
               step.get("content")) for step in (normalizer or {}).get("normalizers") or []]
     space = ("Replace", " ", "\u2581")
     if not pre and steps in ([("Prepend", "\u2581", None), space], [space]):
-        return "always" if len(steps) == 2 else "never"
+        return SpacePrefix("always" if len(steps) == 2 else "never", as_llama_cpp=True)
     return None
 
 
