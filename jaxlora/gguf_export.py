@@ -59,6 +59,7 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.models import gguf as reader
+from jaxlora.models import llama
 
 # --quant -> the GGML type of the 2-D weights (norms and biases stay F32).
 QUANTS = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "f32": "F32"}
@@ -107,7 +108,7 @@ def architecture(config) -> str:
                         "Llama, Mistral, Qwen2, GPT-2")
     if kind == "gpt2":
         return "gpt2"
-    rope = _rope(config).get("rope_type", "default")
+    rope = llama.rope_type(_rope(config))
     if rope not in ("default", "linear", "llama3"):
         raise UserError(f"GGUF export: rope scaling {rope!r} is not written; supported: none, "
                         "linear, llama3 (Llama 3.1 and 3.2)")
@@ -145,8 +146,6 @@ def rope_factors(config) -> np.ndarray | None:
     """The `rope_freqs` tensor of a Llama-family config: what each rotary
     frequency is divided by (Llama 3.1/3.2's `llama3` rope, or the factors a
     GGUF base model's file gave); None where the rope has none."""
-    from jaxlora.models import llama
-
     return llama.LlamaConfig.from_hf(config).frequency_factors()
 
 
@@ -226,7 +225,7 @@ def _write_config(writer, config, arch: str) -> None:
         if head_dim * heads != config.hidden_size:
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
-    if rope.get("rope_type") == "linear":
+    if llama.rope_type(rope) == "linear":
         import gguf
 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

@@ -97,13 +97,13 @@ class LlamaConfig:
             raise UserError(f"hidden_act {act!r} is not supported; supported: silu")
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE:
-            raise UserError(f"rope type {rope_type!r} is not supported; supported: "
+        kind = rope_type(rope)
+        if kind not in SUPPORTED_ROPE:
+            raise UserError(f"rope type {kind!r} is not supported; supported: "
                             f"{', '.join(SUPPORTED_ROPE)}")
         factors = c.get(FREQUENCY_FACTORS)
-        if factors is not None and rope_type != "default":
-            raise UserError(f"{FREQUENCY_FACTORS} with rope type {rope_type!r} is not "
+        if factors is not None and kind != "default":
+            raise UserError(f"{FREQUENCY_FACTORS} with rope type {kind!r} is not "
                             "supported: the factors are the whole scaling")
         try:
             if factors is not None:
@@ -139,7 +139,7 @@ class LlamaConfig:
         d = self.head_dim
         inv = 1.0 / (self.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
         rope = dict(self.rope)
-        if rope.get("rope_type", rope.get("type", "default")) == "linear":
+        if rope_type(rope) == "linear":
             return inv / rope["factor"]
         factors = self.frequency_factors()
         return inv if factors is None else inv / jnp.asarray(factors, jnp.float32)
@@ -154,7 +154,7 @@ class LlamaConfig:
         if self.rope_factors is not None:
             return np.asarray(self.rope_factors, np.float32)
         rope = dict(self.rope)
-        if rope.get("rope_type", rope.get("type", "default")) != "llama3":
+        if rope_type(rope) != "llama3":
             return None
         factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
         old = rope["original_max_position_embeddings"]
@@ -163,6 +163,13 @@ class LlamaConfig:
         # 0 above old / low, 1 under old / high: there the factor is `factor` and 1
         smooth = np.clip((old / wavelen - low) / (high - low), 0.0, 1.0)
         return (1.0 / ((1 - smooth) / factor + smooth)).astype(np.float32)
+
+
+def rope_type(rope: Mapping) -> str:
+    """The type of a config's rope parameters (`rope_parameters`, or the older
+    `rope_scaling`): its "rope_type", or the legacy key "type" older configs
+    write; "default" without either."""
+    return rope.get("rope_type", rope.get("type", "default"))
 
 
 def _frequency_factors(factors, head_dim: int) -> tuple[float, ...]:
