@@ -169,10 +169,9 @@ def _optimizer(shape: dict):
     """torch.optim.AdamW's defaults, as the peer (lr 1e-4, weight decay 0.01); for
     LoRA+ the B factors and vectors at the ratio times that, as jaxlora.optim
     groups them."""
-    import jax
     import optax
 
-    from jaxlora.optim import lora_plus_group
+    from jaxlora.optim import lora_plus_groups
 
     variant = shape.get("variant") or ""
     if not variant.startswith("loraplus:"):
@@ -180,8 +179,7 @@ def _optimizer(shape: dict):
     ratio = float(variant.removeprefix("loraplus:"))
     return optax.multi_transform(
         {"rest": optax.adamw(1e-4, weight_decay=0.01),
-         "b": optax.adamw(1e-4 * ratio, weight_decay=0.01)},
-        lambda params: jax.tree_util.tree_map_with_path(lora_plus_group, params))
+         "b": optax.adamw(1e-4 * ratio, weight_decay=0.01)}, lora_plus_groups)
 
 
 def _randomize(model) -> None:

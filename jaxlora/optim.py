@@ -101,20 +101,17 @@ def joins_small_leaves(placement) -> bool:
     return placement is None or not placement.shard_trainable
 
 
-def is_lora_b(path) -> bool:
-    """Whether a pytree path (`jax.tree_util` keys) leads to a LoRA B factor."""
-    return any(getattr(key, "key", None) == "lora_b" for key in path)
-
-
 def lora_plus_group(path, leaf) -> str:
-    """LoRA+'s group of one trainable leaf, as PEFT's `create_loraplus_optimizer`
-    (and the LoRA+ authors' code) groups them: "b", at the ratio times the
-    learning rate, for the LoRA B factors and every vector (DoRA's magnitudes,
-    a head's bias); "rest" for A factors and a head's kernel."""
-    return "b" if is_lora_b(path) or leaf.ndim == 1 else "rest"
+    """LoRA+'s group of one trainable leaf (at pytree `path`, `jax.tree_util`
+    keys), as PEFT's `create_loraplus_optimizer` (and the LoRA+ authors' code)
+    groups them: "b", at the ratio times the learning rate, for the LoRA B
+    factors and every vector (DoRA's magnitudes, a head's bias); "rest" for A
+    factors and a head's kernel."""
+    lora_b = any(getattr(key, "key", None) == "lora_b" for key in path)
+    return "b" if lora_b or leaf.ndim == 1 else "rest"
 
 
-def _lora_plus_groups(params):
+def lora_plus_groups(params):
     """LoRA+'s partition of the trainable tree (`lora_plus_group`)."""
     return jax.tree_util.tree_map_with_path(lora_plus_group, params)
 
@@ -142,7 +139,7 @@ def make_optimizer(cfg: OptimSettings, steps: int, placement=None
         ratio = cfg.lr_ratio_b
         adamw = optax.multi_transform(
             {"rest": _adamw(cfg, schedule),
-             "b": _adamw(cfg, lambda count: ratio * schedule(count))}, _lora_plus_groups)
+             "b": _adamw(cfg, lambda count: ratio * schedule(count))}, lora_plus_groups)
     if cfg.max_grad_norm == 0:
         return adamw
     return optax.chain(clip_by_global_norm(cfg.max_grad_norm,
