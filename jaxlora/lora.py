@@ -218,13 +218,16 @@ def _residual(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float,
 
 
 def pissa(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig,
-          initial: Factors | None = None, sharding: Sharding | None = None) -> Factors:
+          initial: Factors | None = None, sharding: Sharding | None = None
+          ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """PiSSA on the layers `paths`, in place: each kernel becomes its residual;
-    returns the factors A, B each adapter starts from. They are computed (SVD)
-    unless `initial` gives them (a model rebuilt: the same residual as when it
-    was first built, bit for bit on the same kind of device and `sharding`,
-    else up to the rounding of s A B; see the module docstring)."""
-    factors: Factors = {}
+    returns the factors A, B each adapter starts from, as the device arrays
+    the residual was computed from (for `apply_lora`: uploaded once). They are
+    computed (SVD) unless `initial` gives them (a model rebuilt: the same
+    residual as when it was first built, bit for bit on the same kind of
+    device and `sharding`, else up to the rounding of s A B; see the module
+    docstring)."""
+    factors = {}
     scale = cfg.scale
     for path in paths:
         layer = linears[path]
@@ -234,10 +237,9 @@ def pissa(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig,
                             f'values {path} has; adapter.init = "pissa" takes the top rank '
                             "of them")
         # on the host, whole (a sharded kernel's SVD may come out spread over processes)
-        a, b = (initial[path] if initial is not None else
-                to_host(_principal(layer.kernel[...], cfg.rank, scale)))
-        layer.kernel[...] = _residual(layer.kernel[...], jnp.asarray(a), jnp.asarray(b),
-                                      scale, sharding)
+        a, b = map(jnp.asarray, initial[path] if initial is not None else
+                   to_host(_principal(layer.kernel[...], cfg.rank, scale)))
+        layer.kernel[...] = _residual(layer.kernel[...], a, b, scale, sharding)
         factors[path] = (a, b)
     return factors
 
@@ -326,7 +328,7 @@ def select_targets(targets, linears: dict[str, Linear], table: dict[str, str]) -
 
 
 def apply_lora(linears: dict[str, Linear], paths: list[str], cfg: LoraConfig, key: jax.Array,
-               factors: Factors | None = None) -> None:
+               factors: dict[str, tuple[jax.Array, jax.Array]] | None = None) -> None:
     """Attach a fresh `LoRAAdapter` to every layer of `paths`; PiSSA's `factors`
     (see `pissa`) replace the drawn A and zero B where given."""
     for path, k in zip(paths, jax.random.split(key, len(paths))):
