@@ -45,7 +45,7 @@ def xla_flags(*flags: str) -> str:
 # first, so that no worker is left with one of them while the other is idle.
 LONGEST_FIRST = ("test_mesh.py", "test_distributed.py", "test_resume.py", "test_stops.py",
                  "test_reproducible.py", "test_export.py", "test_hub_recipes.py",
-                 "test_sweep.py")
+                 "test_sweep.py", "test_variants.py", "test_variants_init.py")
 
 
 def pytest_collection_modifyitems(config, items):

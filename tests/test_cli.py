@@ -33,14 +33,21 @@ def runner_here(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["runner", *args], code, out.getvalue(), err.getvalue())
 
 
-def tiny_run(root: Path, model_dir: Path, recipe: str, run=runner_here) -> Path:
-    """The run folder of a finished tiny run of `recipe` (TOML text, written as
-    `root`/tiny.toml beside a copy of the tiny model as model/ and the tiny
-    tweets as tweets.csv), made by `run` (the CLI, in this process by default)."""
-    shutil.copytree(model_dir, root / "model")
-    _tweets_csv(root / "tweets.csv")
-    (root / "tiny.toml").write_text(recipe)
-    done = run("run", "tiny.toml", cwd=root)
+def _workdir(path: Path, model_dir: Path, recipe: str) -> Path:
+    """`path` holding `recipe` (TOML text) as tiny.toml beside a copy of the
+    tiny model as model/ and the tiny tweets as tweets.csv."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(model_dir, path / "model")
+    _tweets_csv(path / "tweets.csv")
+    (path / "tiny.toml").write_text(recipe)
+    return path
+
+
+def tiny_run(root: Path, model_dir: Path, recipe: str) -> Path:
+    """The run folder of a finished tiny run of `recipe` in `root` (`_workdir`),
+    made by the CLI in this process."""
+    _workdir(root, model_dir, recipe)
+    done = runner_here("run", "tiny.toml", cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
     [found] = (root / "runs" / "tiny").iterdir()
     return found
@@ -86,10 +93,7 @@ batch_size = 16
 
 @pytest.fixture()
 def workdir(tmp_path, tiny_bert_dir):
-    shutil.copytree(tiny_bert_dir, tmp_path / "model")
-    _tweets_csv(tmp_path / "tweets.csv")
-    (tmp_path / "tiny.toml").write_text(TINY_RECIPE)
-    return tmp_path
+    return _workdir(tmp_path, tiny_bert_dir, TINY_RECIPE)
 
 
 def read_events(folder: Path) -> dict[tuple[str, int], float]:

@@ -20,7 +20,7 @@ from jaxlora.checkpoint import Checkpointer
 from runner.run_folder import checkpoint_steps
 from jaxlora.train import Hook, Hooks, TrainConfig, fit, init_state
 from jaxlora.tasks import classification_step_loss
-from test_cli import TINY_RECIPE, _tweets_csv, read_events
+from test_cli import TINY_RECIPE, _workdir, read_events
 from test_cli import runner_here as _runner
 from test_train import _adapted, _toy_split
 
@@ -92,14 +92,6 @@ STEPS = 80 * 6  # 44 training rows, batches of 8
 # with an evaluation every 40 steps and TensorBoard events: a resumed run writes
 # neither twice nor leaves one out
 REPORTED = LONG.replace("[eval]", "[eval]\nevery_steps = 40") + "[output]\ntensorboard = true\n"
-
-
-def _workdir(path: Path, model_dir: Path, recipe: str) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(model_dir, path / "model")
-    _tweets_csv(path / "tweets.csv")
-    (path / "tiny.toml").write_text(recipe)
-    return path
 
 
 def _start(cwd: Path, *args) -> subprocess.Popen:

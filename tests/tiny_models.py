@@ -198,18 +198,15 @@ def letters_tokenizer(pieces: list[str], merges: list[tuple[str, str]]):
                           eos_token="</s>", add_bos_token=False)
 
 
-def write_gguf_keys(path, fields: dict, tensors: dict | None = None):
-    """A GGUF file (llama architecture) of metadata `fields` (key -> (value, value
-    type, item type), as `jaxlora.gguf_export` makes them) and `tensors` (name
-    -> float32 array): a tokenizer alone, which llama.cpp loads vocab-only, or
-    a config."""
+def write_gguf_keys(path, fields: dict):
+    """A GGUF file (llama architecture) of metadata `fields` alone (key ->
+    (value, value type, item type), as `jaxlora.gguf_export` makes them): a
+    tokenizer, which llama.cpp loads vocab-only, or a config."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
     for key, (value, kind, sub) in fields.items():
         writer.add_key_value(key, value, kind, sub_type=sub)
-    for name, values in (tensors or {}).items():
-        writer.add_tensor(name, values)
     for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
                   writer.write_tensors_to_file, writer.close):
         write()
