@@ -357,8 +357,18 @@ def _unset(merged: dict, provenance: dict[str, str], unset, path: Path) -> None:
             del provenance[field]
 
 
-# Fields a recipe may give as a path relative to its own folder.
+# Fields a recipe may give as a path relative to its own folder: its sources,
+# and (PATH_FIELDS) a chat template file.
 SOURCE_FIELDS = (("model", "source"), ("data", "source"))
+PATH_FIELDS = (*SOURCE_FIELDS, ("data", "chat_template"))
+
+
+def is_local_relative(value, folder: Path) -> bool:
+    """Whether a PATH_FIELDS value is a relative path to something that
+    exists in `folder`: not a hub id, a pkg:// file, a template's own text,
+    an absolute path, or a path that only the working directory holds."""
+    return (isinstance(value, str) and "://" not in value and not is_inline_template(value)
+            and not Path(value).expanduser().is_absolute() and (folder / value).exists())
 
 
 def _rebased(document: dict, folder: Path, top: Path) -> dict:
@@ -368,11 +378,10 @@ def _rebased(document: dict, folder: Path, top: Path) -> dict:
     (hub ids, paths from the working directory, a template's own text) are
     left as they are."""
     out = dict(document)
-    for table, key in (*SOURCE_FIELDS, ("data", "chat_template")):
+    for table, key in PATH_FIELDS:
         section = out.get(table)
         value = section.get(key) if isinstance(section, dict) else None
-        if (not isinstance(value, str) or "://" in value or is_inline_template(value)
-                or Path(value).expanduser().is_absolute() or not (folder / value).exists()):
+        if not is_local_relative(value, folder):
             continue
         moved = os.path.normpath(Path(os.path.relpath(folder, top)) / value)
         if (top / moved).resolve() != (folder / value).resolve():  # a link in the way

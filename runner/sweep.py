@@ -45,12 +45,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from jaxlora.data import is_inline_template
 from jaxlora.errors import UserError
 from runner import charts, run_folder, tables
 from runner import manifest as manifests
-from runner.recipe import (SOURCE_FIELDS, Recipe, adapter_variants, canonical, parse_override,
-                           read_document, recipe_hash, set_fields, to_toml, validate_document)
+from runner.recipe import (PATH_FIELDS, Recipe, adapter_variants, canonical, is_local_relative,
+                           parse_override, read_document, recipe_hash, set_fields, to_toml,
+                           validate_document)
 from runner.report import read_run
 from runner.resume import recipe_changes
 from runner.terminal import print_path
@@ -333,14 +333,11 @@ def _absolute_sources(recipe: Recipe, base: Path) -> Recipe:
     sources, and data.chat_template where it names a file): a point's recipe
     lives in the sweep folder and reads the same files."""
     update = {}
-    for table, key in (*SOURCE_FIELDS, ("data", "chat_template")):
+    for table, key in PATH_FIELDS:
         section = update.get(table, getattr(recipe, table))
         value = getattr(section, key)
-        if (value is None or "://" in value or Path(value).expanduser().is_absolute()
-                or (key == "chat_template" and is_inline_template(value))
-                or not (base / value).exists()):
-            continue  # a hub id, a pkg:// file, an absolute path, a template's own text
-        update[table] = section.model_copy(update={key: os.path.normpath(base / value)})
+        if is_local_relative(value, base):
+            update[table] = section.model_copy(update={key: os.path.normpath(base / value)})
     return recipe.model_copy(update=update)
 
 
