@@ -667,9 +667,11 @@ def canonical(recipe: Recipe) -> dict:
     return recipe.model_dump(mode="json", exclude_none=True)
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    """sha256 of the canonical JSON of the resolved recipe: same hash, same run."""
-    text = json.dumps(canonical(recipe), sort_keys=True, separators=(",", ":"))
+def recipe_hash(recipe: Recipe, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 of the canonical JSON of the resolved recipe, less its
+    top-level fields in `exclude`: same hash, same run."""
+    content = {k: v for k, v in canonical(recipe).items() if k not in exclude}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -57,6 +57,8 @@ from runner.terminal import print_path
 
 SWEEP_JSON, SWEEP_MD, SWEEP_PNG = "sweep.json", "sweep.md", charts.SWEEP_PNG
 STAR = "★"
+# What two points' recipes may differ in and still train the same model.
+NOT_THE_MODEL = ("name", "output")
 
 
 # -- the points --------------------------------------------------------------------------
@@ -174,7 +176,7 @@ class Plan:
         """<output.dir>/<name>-sweep-<hash of the points' names and recipes>:
         the same command finds the same folder again."""
         first = self.points[0].recipe
-        key = json.dumps([[p.name, _content_hash(p.recipe)] for p in self.points])
+        key = json.dumps([[p.name, recipe_hash(p.recipe, NOT_THE_MODEL)] for p in self.points])
         short = hashlib.sha256(key.encode()).hexdigest()[:8]
         return Path(first.output.dir) / f"{first.name}-sweep-{short}"
 
@@ -216,7 +218,7 @@ def _merged(settings: list[list], recipes: list[Recipe], notes: list[str]
     kept: dict[str, int] = {}  # content hash -> the index of its first point
     merged: dict[int, tuple[str, ...]] = {}
     for i, recipe in enumerate(recipes):
-        first = kept.setdefault(_content_hash(recipe), i)
+        first = kept.setdefault(recipe_hash(recipe, NOT_THE_MODEL), i)
         if first == i:
             merged[i] = ()
             continue
@@ -277,13 +279,6 @@ def _drop_foreign_fields(doc: dict, explicit: set[str]) -> list[str]:
     for table, key in dropped:
         del doc[table][key]
     return [f"{table}.{key}" for table, key in dropped]
-
-
-def _content_hash(recipe: Recipe) -> str:
-    """The recipe's hash, its name and output aside: points with the same one
-    train the same model."""
-    content = {k: v for k, v in canonical(recipe).items() if k not in ("name", "output")}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _leaf(document: dict, field: str):
