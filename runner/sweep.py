@@ -46,12 +46,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from jaxlora.errors import UserError
-from runner import charts, run_folder, tables
+from runner import charts, report, run_folder, tables
 from runner import manifest as manifests
 from runner.recipe import (PATH_FIELDS, Recipe, adapter_variants, canonical, is_local_relative,
                            parse_override, read_document, recipe_hash, set_fields, to_toml,
                            validate_document)
-from runner.report import read_run
 from runner.resume import recipe_changes
 from runner.terminal import print_path
 
@@ -405,8 +404,7 @@ def recipe_file(sweep_dir: Path, folder: str) -> Path:
 def finished(sweep_dir: Path, point: Point) -> bool:
     """Whether the point's newest run folder says it finished."""
     run = run_folder.newest_run(sweep_dir, point.folder)
-    return run is not None and run_folder.read_json(run / "manifest.json").get(
-        "status") == "finished"
+    return run is not None and report.finished(run_folder.read_json(run / "manifest.json"))
 
 
 # -- the comparison ------------------------------------------------------------------------
@@ -456,7 +454,7 @@ def summarize(sweep_dir: Path) -> Summary:
     rows, skipped = [], []
     for number, point in enumerate(record["points"], 1):
         run = run_folder.newest_run(sweep_dir, point["folder"])
-        found = read_run(run) if run is not None else {"skipped": "no run folder"}
+        found = report.read_run(run) if run is not None else {"skipped": "no run folder"}
         if "skipped" in found:
             status = (run_folder.read_json(run / "manifest.json").get("status")
                       if run is not None else None)
