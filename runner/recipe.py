@@ -41,6 +41,13 @@ from jaxlora.runtime import RuntimeConfig
 from jaxlora.train import TrainConfig
 
 
+# The [train] fields that tune adapters, and what each does: full fine-tuning
+# takes none of them (a sweep's full points drop them, a recipe may not set them).
+ADAPTER_ONLY_TRAIN_FIELDS = {
+    "lr_ratio_b": "LoRA+ sets the learning rate of the LoRA B factors",
+}
+
+
 class OutputConfig(BaseModel):
     """The recipe's [output] table."""
 
@@ -67,12 +74,14 @@ class Recipe(BaseModel):
     runtime: RuntimeConfig = RuntimeConfig()  # the devices: mesh axes, multi-host
 
     @model_validator(mode="after")
-    def _lr_ratio_b_needs_adapters(self) -> "Recipe":
-        """LoRA+ (`train.lr_ratio_b`) speeds up LoRA B factors: full fine-tuning has none."""
-        if self.adapter.method == "full" and self.train.lr_ratio_b is not None:
-            raise ValueError('train.lr_ratio_b: LoRA+ sets the learning rate of the LoRA B '
-                             'factors; method "full" has no adapters (use lora or qlora, or '
-                             'leave lr_ratio_b unset)')
+    def _adapter_only_train_fields(self) -> "Recipe":
+        """The ADAPTER_ONLY_TRAIN_FIELDS are refused under full fine-tuning."""
+        if self.adapter.method != "full":
+            return self
+        for name, what in ADAPTER_ONLY_TRAIN_FIELDS.items():
+            if getattr(self.train, name) is not None:
+                raise ValueError(f'train.{name}: {what}; method "full" has no adapters (use '
+                                 f"lora or qlora, or leave {name} unset)")
         return self
 
     @model_validator(mode="after")

@@ -48,9 +48,9 @@ from rich.markup import escape
 from jaxlora.errors import UserError
 from runner import charts, report, run_folder, tables
 from runner import manifest as manifests
-from runner.recipe import (PATH_FIELDS, Recipe, adapter_variants, canonical, is_local_relative,
-                           parse_override, read_document, recipe_hash, set_fields, to_toml,
-                           validate_document)
+from runner.recipe import (ADAPTER_ONLY_TRAIN_FIELDS, PATH_FIELDS, Recipe, adapter_variants,
+                           canonical, is_local_relative, parse_override, read_document,
+                           recipe_hash, set_fields, to_toml, validate_document)
 from runner.resume import recipe_changes
 from runner.terminal import print_path
 
@@ -250,11 +250,6 @@ def _point_recipe(path: Path, document: dict, provenance: dict, settings: tuple[
     except UserError as e:
         message = str(e)
         raise UserError(message if message.startswith(where) else f"{where}: {message}") from None
-
-
-# LoRA+ (a faster learning rate for the B factors) has no B factors to speed
-# up under full fine-tuning.
-ADAPTER_ONLY_TRAIN_FIELDS = ("lr_ratio_b",)
 
 
 def _drop_foreign_fields(doc: dict, explicit: set[str]) -> list[str]:
