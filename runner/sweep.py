@@ -433,13 +433,14 @@ checkpoint."""
 @dataclass(frozen=True)
 class Summary:
     """What sweep.md shows: the table, the lines beside it, and the points'
-    figures (for the chart)."""
+    figures and the numbers of the points that dominate each (for the chart)."""
 
     names: list[str]
     cells: list[list[str]]
     left: int  # the name and settings columns
     lines: list[str]
     rows: list[dict]
+    dominated_by: list[list[int]]  # a list per row
 
 
 def summarize(sweep_dir: Path) -> Summary:
@@ -460,14 +461,14 @@ def summarize(sweep_dir: Path) -> Summary:
         rows.append({"number": number, "point": point, "run": found, "figures": figures(found)})
     if not rows:
         raise UserError(f"{sweep_dir}: no finished point to compare: " + "; ".join(skipped))
-    names, cells = comparison_table(rows, record["varying"])
+    names, cells, dominated_by = comparison_table(rows, record["varying"])
     scores = scored(rows)
     lines = _shared_line("before fine-tuning (the base model)", rows, "before", scores)
     lines += _shared_line("majority class (its most frequent training label)", rows,
                           "baseline", scores)
     lines += [f"not in the table: {line}" for line in skipped]
     lines += [f"note: {note}" for note in record.get("notes", [])]
-    return Summary(names, cells, 2 + len(record["varying"]), lines, rows)
+    return Summary(names, cells, 2 + len(record["varying"]), lines, rows, dominated_by)
 
 
 def _read_sweep(sweep_dir: Path) -> dict:
@@ -545,33 +546,34 @@ def scored(rows: list[dict]) -> list[tuple]:
     return [s for s in SCORES if any(r["figures"][s[0]] is not None for r in rows)]
 
 
-def comparison_table(rows: list[dict], varying: list[str]) -> tuple[list[str], list[list[str]]]:
+def comparison_table(rows: list[dict], varying: list[str]
+                     ) -> tuple[list[str], list[list[str]], list[list[int]]]:
     """The column names and the cells: number and name, the varying
     settings, the figures (the best of each column as shown starred), and
-    the numbers of the points that dominate each; sets each row's
-    "dominated_by" (for the chart). Stars and dominance compare the figures
+    the numbers of the points that dominate each, also returned alone, a
+    list per row (for the chart). Stars and dominance compare the figures
     as the table shows them, so equal-looking numbers are equal."""
-    short, columns = _short_names(varying), scored(rows) + COSTS + SIZES
+    criteria = scored(rows) + COSTS
+    short, columns = _short_names(varying), criteria + SIZES
     shown_ = [{key: _figure(r["figures"][key], fmt) for key, _, fmt, _ in columns} for r in rows]
     as_shown = [{key: number for key, (_, number) in texts.items()} for texts in shown_]
-    for row, mine in zip(rows, as_shown):
-        row["dominated_by"] = [other["number"] for other, theirs in zip(rows, as_shown)
-                               if dominates(theirs, mine, scored(rows) + COSTS)]
+    dominated_by = [[other["number"] for other, theirs in zip(rows, as_shown)
+                     if dominates(theirs, mine, criteria)] for mine in as_shown]
     best = {key: better(values) if values else None
             for key, _, _, better in columns
             for values in [[f[key] for f in as_shown if f[key] is not None]]}
     cells = []
-    for row, texts in zip(rows, shown_):
+    for row, texts, by in zip(rows, shown_, dominated_by):
         values = row["point"]["values"]
         cell = [f"#{row['number']}", row["point"]["name"]]
         cell += [shown(values[f]) if f in values else "-" for f in varying]
         for key, *_ in columns:
             text, number = texts[key]
             cell.append(f"{text} {STAR}" if number is not None and number == best[key] else text)
-        cells.append(cell + [", ".join(f"#{n}" for n in row["dominated_by"]) or "-"])
+        cells.append(cell + [", ".join(f"#{n}" for n in by) or "-"])
     names = (["#", "point"] + [short[f] for f in varying] + [name for _, name, _, _ in columns]
              + ["dominated by"])
-    return names, cells
+    return names, cells, dominated_by
 
 
 def _figure(value: float | None, fmt: str) -> tuple[str, float | None]:
@@ -640,7 +642,7 @@ def write_summary(sweep_dir: Path, errors: Console) -> Summary:
     if scores:
         dots = [charts.Dot(f"#{r['number']}", r["figures"][scores[0][0]],
                            r["figures"]["train_seconds"], r["figures"]["peak_memory_mb"],
-                           bool(r["dominated_by"])) for r in summary.rows]
+                           bool(by)) for r, by in zip(summary.rows, summary.dominated_by)]
         try:
             charts.write_sweep_png(sweep_dir / SWEEP_PNG, dots, score_axis(scores[0]))
             drawn = True
