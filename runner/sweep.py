@@ -433,7 +433,8 @@ checkpoint."""
 @dataclass(frozen=True)
 class Summary:
     """What sweep.md shows: the table, the lines beside it, and the points'
-    figures and the numbers of the points that dominate each (for the chart)."""
+    figures and the numbers of the points that dominate each (for the chart).
+    No rows: no point finished (`skipped` says why), nothing to compare."""
 
     names: list[str]
     cells: list[list[str]]
@@ -441,11 +442,13 @@ class Summary:
     lines: list[str]
     rows: list[dict]
     dominated_by: list[list[int]]  # a list per row
+    skipped: list[str]  # the points not in the table, and why
 
 
 def summarize(sweep_dir: Path) -> Summary:
     """The comparison of a sweep folder's finished points, from its
-    sweep.json and the points' run folders only."""
+    sweep.json and the points' run folders only (no rows where none
+    finished)."""
     record = _read_sweep(sweep_dir)
     rows, skipped = [], []
     for number, point in enumerate(record["points"], 1):
@@ -459,8 +462,6 @@ def summarize(sweep_dir: Path) -> Summary:
                 "no run folder (not run yet, or refused before its run began)"))
             continue
         rows.append({"number": number, "point": point, "run": found, "figures": figures(found)})
-    if not rows:
-        raise UserError(f"{sweep_dir}: no finished point to compare: " + "; ".join(skipped))
     names, cells, dominated_by = comparison_table(rows, record["varying"])
     scores = scored(rows)
     lines = _shared_line("before fine-tuning (the base model)", rows, "before", scores)
@@ -468,7 +469,7 @@ def summarize(sweep_dir: Path) -> Summary:
                           "baseline", scores)
     lines += [f"not in the table: {line}" for line in skipped]
     lines += [f"note: {note}" for note in record.get("notes", [])]
-    return Summary(names, cells, 2 + len(record["varying"]), lines, rows, dominated_by)
+    return Summary(names, cells, 2 + len(record["varying"]), lines, rows, dominated_by, skipped)
 
 
 def _read_sweep(sweep_dir: Path) -> dict:
@@ -635,8 +636,11 @@ def score_axis(score: tuple) -> str:
 def write_summary(sweep_dir: Path, errors: Console) -> Summary:
     """Draw sweep.png and write sweep.md from the sweep folder; returns what
     they show (a chart that cannot be drawn is a warning on `errors`, not a
-    failure)."""
+    failure). Where no point finished, nothing is written and the summary
+    has no rows."""
     summary = summarize(sweep_dir)
+    if not summary.rows:
+        return summary
     scores = scored(summary.rows)
     drawn = False
     if scores:

@@ -78,8 +78,9 @@ def _sweep(args, console: Console, stop: StopSignals, again: str) -> int:
     print_path(console, f"sweep: {len(todo)} of {len(chosen.points)} points in", folder)
     failed = _run_points(folder, todo, console, stop, again)
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
-    if any(sweeps.finished(folder, point) for point in chosen.points):  # else nothing to compare
-        sweeps.show(sweeps.write_summary(folder, errors), folder, console)
+    summary = sweeps.write_summary(folder, errors)
+    if summary.rows:  # else nothing to compare
+        sweeps.show(summary, folder, console)
     if len(todo) < len(chosen.points):
         say(f"--max {args.max}: {len(chosen.points) - len(todo)} more point(s) not run; the "
             "same command without --max runs them")
