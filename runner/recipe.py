@@ -41,6 +41,13 @@ from jaxlora.runtime import RuntimeConfig
 from jaxlora.train import TrainConfig
 
 
+# The [train] fields that tune adapters, and what each does: full fine-tuning
+# takes none of them (a sweep's full points drop them, a recipe may not set them).
+ADAPTER_ONLY_TRAIN_FIELDS = {
+    "lr_ratio_b": "LoRA+ sets the learning rate of the LoRA B factors",
+}
+
+
 class OutputConfig(BaseModel):
     """The recipe's [output] table."""
 
@@ -67,12 +74,14 @@ class Recipe(BaseModel):
     runtime: RuntimeConfig = RuntimeConfig()  # the devices: mesh axes, multi-host
 
     @model_validator(mode="after")
-    def _lr_ratio_b_needs_adapters(self) -> "Recipe":
-        """LoRA+ (`train.lr_ratio_b`) speeds up LoRA B factors: full fine-tuning has none."""
-        if self.adapter.method == "full" and self.train.lr_ratio_b is not None:
-            raise ValueError('train.lr_ratio_b: LoRA+ sets the learning rate of the LoRA B '
-                             'factors; method "full" has no adapters (use lora or qlora, or '
-                             'leave lr_ratio_b unset)')
+    def _adapter_only_train_fields(self) -> "Recipe":
+        """The ADAPTER_ONLY_TRAIN_FIELDS are refused under full fine-tuning."""
+        if self.adapter.method != "full":
+            return self
+        for name, what in ADAPTER_ONLY_TRAIN_FIELDS.items():
+            if getattr(self.train, name) is not None:
+                raise ValueError(f'train.{name}: {what}; method "full" has no adapters (use '
+                                 f"lora or qlora, or leave {name} unset)")
         return self
 
     @model_validator(mode="after")
@@ -357,8 +366,18 @@ def _unset(merged: dict, provenance: dict[str, str], unset, path: Path) -> None:
             del provenance[field]
 
 
-# Fields a recipe may give as a path relative to its own folder.
+# Fields a recipe may give as a path relative to its own folder: its sources,
+# and (PATH_FIELDS) a chat template file.
 SOURCE_FIELDS = (("model", "source"), ("data", "source"))
+PATH_FIELDS = (*SOURCE_FIELDS, ("data", "chat_template"))
+
+
+def is_local_relative(value, folder: Path) -> bool:
+    """Whether a PATH_FIELDS value is a relative path to something that
+    exists in `folder`: not a hub id, a pkg:// file, a template's own text,
+    an absolute path, or a path that only the working directory holds."""
+    return (isinstance(value, str) and "://" not in value and not is_inline_template(value)
+            and not Path(value).expanduser().is_absolute() and (folder / value).exists())
 
 
 def _rebased(document: dict, folder: Path, top: Path) -> dict:
@@ -368,11 +387,10 @@ def _rebased(document: dict, folder: Path, top: Path) -> dict:
     (hub ids, paths from the working directory, a template's own text) are
     left as they are."""
     out = dict(document)
-    for table, key in (*SOURCE_FIELDS, ("data", "chat_template")):
+    for table, key in PATH_FIELDS:
         section = out.get(table)
         value = section.get(key) if isinstance(section, dict) else None
-        if (not isinstance(value, str) or "://" in value or is_inline_template(value)
-                or Path(value).expanduser().is_absolute() or not (folder / value).exists()):
+        if not is_local_relative(value, folder):
             continue
         moved = os.path.normpath(Path(os.path.relpath(folder, top)) / value)
         if (top / moved).resolve() != (folder / value).resolve():  # a link in the way
@@ -658,9 +676,11 @@ def canonical(recipe: Recipe) -> dict:
     return recipe.model_dump(mode="json", exclude_none=True)
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    """sha256 of the canonical JSON of the resolved recipe: same hash, same run."""
-    text = json.dumps(canonical(recipe), sort_keys=True, separators=(",", ":"))
+def recipe_hash(recipe: Recipe, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 of the canonical JSON of the resolved recipe, less its
+    top-level fields in `exclude`: same hash, same run."""
+    content = {k: v for k, v in canonical(recipe).items() if k not in exclude}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

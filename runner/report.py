@@ -75,7 +75,7 @@ def read_run(run_dir: Path) -> dict:
         raise UserError(f"{run_dir}: no manifest.json; not a run folder "
                         "(runs/<name>/<timestamp>/ after `runner run`)")
     manifest = run_folder.read_json(run_dir / "manifest.json")
-    if manifest.get("status") != "finished":
+    if not finished(manifest):
         return {"skipped": f"{run_dir}: the run did not finish (status "
                            f"{manifest.get('status')!r})"}
     if not (run_dir / "eval.json").is_file():
@@ -159,6 +159,7 @@ def scalars(metrics: dict) -> dict:
 
 
 def finished(manifest: dict) -> bool:
+    """Whether the run's manifest says it finished."""
     return manifest.get("status") == "finished"
 
 

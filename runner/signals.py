@@ -51,6 +51,13 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, message: str = ""):
         super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
+        self._said = bool(message)
+
+    @property
+    def plain(self) -> bool:
+        """Whether the stop says only its signal ("interrupted by SIGTERM"): no
+        message was given, and the command it ends may say what goes on."""
+        return not self._said
 
     @property
     def exit_code(self) -> int:
@@ -59,6 +66,15 @@ class Interrupted(BaseException):
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name
+
+
+def stop_signal(code: int) -> int | None:
+    """The signal a process's exit code says it stopped for (the inverse of
+    `Interrupted.exit_code`: 128 + N; or -N, killed by it), if it is a stop's."""
+    for signum in SIGNALS:
+        if code in (128 + signum, -signum):
+            return signum
+    return None
 
 
 class StopSignals:

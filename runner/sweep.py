@@ -45,18 +45,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from jaxlora.data import is_inline_template
 from jaxlora.errors import UserError
-from runner import charts, run_folder, tables
+from runner import charts, report, run_folder, tables
 from runner import manifest as manifests
-from runner.recipe import (SOURCE_FIELDS, Recipe, adapter_variants, canonical, parse_override,
-                           read_document, recipe_hash, set_fields, to_toml, validate_document)
-from runner.report import read_run
+from runner.recipe import (ADAPTER_ONLY_TRAIN_FIELDS, PATH_FIELDS, Recipe, adapter_variants,
+                           canonical, is_local_relative, parse_override, read_document,
+                           recipe_hash, set_fields, to_toml, validate_document)
 from runner.resume import recipe_changes
 from runner.terminal import print_path
 
 SWEEP_JSON, SWEEP_MD, SWEEP_PNG = "sweep.json", "sweep.md", charts.SWEEP_PNG
 STAR = "★"
+# What two points' recipes may differ in and still train the same model.
+NOT_THE_MODEL = ("name", "output")
 
 
 # -- the points --------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class Plan:
         """<output.dir>/<name>-sweep-<hash of the points' names and recipes>:
         the same command finds the same folder again."""
         first = self.points[0].recipe
-        key = json.dumps([[p.name, _content_hash(p.recipe)] for p in self.points])
+        key = json.dumps([[p.name, recipe_hash(p.recipe, NOT_THE_MODEL)] for p in self.points])
         short = hashlib.sha256(key.encode()).hexdigest()[:8]
         return Path(first.output.dir) / f"{first.name}-sweep-{short}"
 
@@ -216,7 +217,7 @@ def _merged(settings: list[list], recipes: list[Recipe], notes: list[str]
     kept: dict[str, int] = {}  # content hash -> the index of its first point
     merged: dict[int, tuple[str, ...]] = {}
     for i, recipe in enumerate(recipes):
-        first = kept.setdefault(_content_hash(recipe), i)
+        first = kept.setdefault(recipe_hash(recipe, NOT_THE_MODEL), i)
         if first == i:
             merged[i] = ()
             continue
@@ -251,11 +252,6 @@ def _point_recipe(path: Path, document: dict, provenance: dict, settings: tuple[
         raise UserError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
-# LoRA+ (a faster learning rate for the B factors) has no B factors to speed
-# up under full fine-tuning.
-ADAPTER_ONLY_TRAIN_FIELDS = ("lr_ratio_b",)
-
-
 def _drop_foreign_fields(doc: dict, explicit: set[str]) -> list[str]:
     """Remove the fields the point's adapter.method does not take: other
     methods' adapter fields, and for "full" the train fields of adapters;
@@ -277,13 +273,6 @@ def _drop_foreign_fields(doc: dict, explicit: set[str]) -> list[str]:
     for table, key in dropped:
         del doc[table][key]
     return [f"{table}.{key}" for table, key in dropped]
-
-
-def _content_hash(recipe: Recipe) -> str:
-    """The recipe's hash, its name and output aside: points with the same one
-    train the same model."""
-    content = {k: v for k, v in canonical(recipe).items() if k not in ("name", "output")}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _leaf(document: dict, field: str):
@@ -333,14 +322,11 @@ def _absolute_sources(recipe: Recipe, base: Path) -> Recipe:
     sources, and data.chat_template where it names a file): a point's recipe
     lives in the sweep folder and reads the same files."""
     update = {}
-    for table, key in (*SOURCE_FIELDS, ("data", "chat_template")):
+    for table, key in PATH_FIELDS:
         section = update.get(table, getattr(recipe, table))
         value = getattr(section, key)
-        if (value is None or "://" in value or Path(value).expanduser().is_absolute()
-                or (key == "chat_template" and is_inline_template(value))
-                or not (base / value).exists()):
-            continue  # a hub id, a pkg:// file, an absolute path, a template's own text
-        update[table] = section.model_copy(update={key: os.path.normpath(base / value)})
+        if is_local_relative(value, base):
+            update[table] = section.model_copy(update={key: os.path.normpath(base / value)})
     return recipe.model_copy(update=update)
 
 
@@ -413,8 +399,7 @@ def recipe_file(sweep_dir: Path, folder: str) -> Path:
 def finished(sweep_dir: Path, point: Point) -> bool:
     """Whether the point's newest run folder says it finished."""
     run = run_folder.newest_run(sweep_dir, point.folder)
-    return run is not None and run_folder.read_json(run / "manifest.json").get(
-        "status") == "finished"
+    return run is not None and report.finished(run_folder.read_json(run / "manifest.json"))
 
 
 # -- the comparison ------------------------------------------------------------------------
@@ -448,23 +433,27 @@ checkpoint."""
 @dataclass(frozen=True)
 class Summary:
     """What sweep.md shows: the table, the lines beside it, and the points'
-    figures (for the chart)."""
+    figures and the numbers of the points that dominate each (for the chart).
+    No rows: no point finished (`skipped` says why), nothing to compare."""
 
     names: list[str]
     cells: list[list[str]]
     left: int  # the name and settings columns
     lines: list[str]
     rows: list[dict]
+    dominated_by: list[list[int]]  # a list per row
+    skipped: list[str]  # the points not in the table, and why
 
 
 def summarize(sweep_dir: Path) -> Summary:
     """The comparison of a sweep folder's finished points, from its
-    sweep.json and the points' run folders only."""
+    sweep.json and the points' run folders only (no rows where none
+    finished)."""
     record = _read_sweep(sweep_dir)
     rows, skipped = [], []
     for number, point in enumerate(record["points"], 1):
         run = run_folder.newest_run(sweep_dir, point["folder"])
-        found = read_run(run) if run is not None else {"skipped": "no run folder"}
+        found = report.read_run(run) if run is not None else {"skipped": "no run folder"}
         if "skipped" in found:
             status = (run_folder.read_json(run / "manifest.json").get("status")
                       if run is not None else None)
@@ -473,16 +462,14 @@ def summarize(sweep_dir: Path) -> Summary:
                 "no run folder (not run yet, or refused before its run began)"))
             continue
         rows.append({"number": number, "point": point, "run": found, "figures": figures(found)})
-    if not rows:
-        raise UserError(f"{sweep_dir}: no finished point to compare: " + "; ".join(skipped))
-    names, cells = comparison_table(rows, record["varying"])
+    names, cells, dominated_by = comparison_table(rows, record["varying"])
     scores = scored(rows)
     lines = _shared_line("before fine-tuning (the base model)", rows, "before", scores)
     lines += _shared_line("majority class (its most frequent training label)", rows,
                           "baseline", scores)
     lines += [f"not in the table: {line}" for line in skipped]
     lines += [f"note: {note}" for note in record.get("notes", [])]
-    return Summary(names, cells, 2 + len(record["varying"]), lines, rows)
+    return Summary(names, cells, 2 + len(record["varying"]), lines, rows, dominated_by, skipped)
 
 
 def _read_sweep(sweep_dir: Path) -> dict:
@@ -560,33 +547,34 @@ def scored(rows: list[dict]) -> list[tuple]:
     return [s for s in SCORES if any(r["figures"][s[0]] is not None for r in rows)]
 
 
-def comparison_table(rows: list[dict], varying: list[str]) -> tuple[list[str], list[list[str]]]:
+def comparison_table(rows: list[dict], varying: list[str]
+                     ) -> tuple[list[str], list[list[str]], list[list[int]]]:
     """The column names and the cells: number and name, the varying
     settings, the figures (the best of each column as shown starred), and
-    the numbers of the points that dominate each; sets each row's
-    "dominated_by" (for the chart). Stars and dominance compare the figures
+    the numbers of the points that dominate each, also returned alone, a
+    list per row (for the chart). Stars and dominance compare the figures
     as the table shows them, so equal-looking numbers are equal."""
-    short, columns = _short_names(varying), scored(rows) + COSTS + SIZES
+    criteria = scored(rows) + COSTS
+    short, columns = _short_names(varying), criteria + SIZES
     shown_ = [{key: _figure(r["figures"][key], fmt) for key, _, fmt, _ in columns} for r in rows]
     as_shown = [{key: number for key, (_, number) in texts.items()} for texts in shown_]
-    for row, mine in zip(rows, as_shown):
-        row["dominated_by"] = [other["number"] for other, theirs in zip(rows, as_shown)
-                               if dominates(theirs, mine, scored(rows) + COSTS)]
+    dominated_by = [[other["number"] for other, theirs in zip(rows, as_shown)
+                     if dominates(theirs, mine, criteria)] for mine in as_shown]
     best = {key: better(values) if values else None
             for key, _, _, better in columns
             for values in [[f[key] for f in as_shown if f[key] is not None]]}
     cells = []
-    for row, texts in zip(rows, shown_):
+    for row, texts, by in zip(rows, shown_, dominated_by):
         values = row["point"]["values"]
         cell = [f"#{row['number']}", row["point"]["name"]]
         cell += [shown(values[f]) if f in values else "-" for f in varying]
         for key, *_ in columns:
             text, number = texts[key]
             cell.append(f"{text} {STAR}" if number is not None and number == best[key] else text)
-        cells.append(cell + [", ".join(f"#{n}" for n in row["dominated_by"]) or "-"])
+        cells.append(cell + [", ".join(f"#{n}" for n in by) or "-"])
     names = (["#", "point"] + [short[f] for f in varying] + [name for _, name, _, _ in columns]
              + ["dominated by"])
-    return names, cells
+    return names, cells, dominated_by
 
 
 def _figure(value: float | None, fmt: str) -> tuple[str, float | None]:
@@ -648,14 +636,17 @@ def score_axis(score: tuple) -> str:
 def write_summary(sweep_dir: Path, errors: Console) -> Summary:
     """Draw sweep.png and write sweep.md from the sweep folder; returns what
     they show (a chart that cannot be drawn is a warning on `errors`, not a
-    failure)."""
+    failure). Where no point finished, nothing is written and the summary
+    has no rows."""
     summary = summarize(sweep_dir)
+    if not summary.rows:
+        return summary
     scores = scored(summary.rows)
     drawn = False
     if scores:
         dots = [charts.Dot(f"#{r['number']}", r["figures"][scores[0][0]],
                            r["figures"]["train_seconds"], r["figures"]["peak_memory_mb"],
-                           bool(r["dominated_by"])) for r in summary.rows]
+                           bool(by)) for r, by in zip(summary.rows, summary.dominated_by)]
         try:
             charts.write_sweep_png(sweep_dir / SWEEP_PNG, dots, score_axis(scores[0]))
             drawn = True

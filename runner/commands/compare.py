@@ -52,6 +52,8 @@ def _sweep(args, console) -> int:
                         "(its points are its runs)")
     folder, errors = args.runs[0], Console(stderr=True, soft_wrap=True)
     summary = sweeps.write_summary(folder, errors)
+    if not summary.rows:
+        raise UserError(f"{folder}: no finished point to compare: " + "; ".join(summary.skipped))
     if getattr(args, "markdown", False):  # the table alone on stdout, the rest beside it
         print(tables.markdown(summary.names, summary.cells, summary.left))
         sweeps.show(summary, folder, errors, table=False)

@@ -143,7 +143,7 @@ def _says_how_to_go_on(run_dir: Path | None, again: str):
     try:
         yield
     except Interrupted as e:
-        if run_dir is None or str(e) != f"interrupted by {e.name}":
+        if run_dir is None or not e.plain:
             raise  # a new run's, or a stop that says it already
         raise Interrupted(e.signum, _interrupted_message(e, run_dir, again)) from None
 

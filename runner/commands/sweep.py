@@ -37,7 +37,7 @@ from jaxlora.errors import UserError
 from runner import build
 from runner import sweep as sweeps
 from runner.recipe import recipe_named
-from runner.signals import SIGNALS, Interrupted, StopSignals
+from runner.signals import Interrupted, StopSignals, stop_signal
 from runner.terminal import print_path
 
 EXIT_POINTS_FAILED = 1
@@ -52,10 +52,15 @@ def main(args, console: Console, stop: StopSignals) -> int:
         with _hangup_stops():
             return _sweep(args, console, stop, again)
     except Interrupted as e:
-        if str(e) != f"interrupted by {e.name}":
+        if not e.plain:
             raise  # a point's stop, which says it already
-        raise Interrupted(e.signum, f"interrupted by {e.name}; `{again}` goes on with the "
-                                    "sweep") from None
+        raise Interrupted(e.signum, _said(e, again)) from None
+
+
+def _said(e: Interrupted, again: str) -> str:
+    """What the sweep's stop says: a point's stop says it already; a plain
+    one (between points) is told that `again` goes on with the sweep."""
+    return f"interrupted by {e.name}; `{again}` goes on with the sweep" if e.plain else str(e)
 
 
 def _sweep(args, console: Console, stop: StopSignals, again: str) -> int:
@@ -73,8 +78,9 @@ def _sweep(args, console: Console, stop: StopSignals, again: str) -> int:
     print_path(console, f"sweep: {len(todo)} of {len(chosen.points)} points in", folder)
     failed = _run_points(folder, todo, console, stop, again)
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
-    if any(sweeps.finished(folder, point) for point in chosen.points):  # else nothing to compare
-        sweeps.show(sweeps.write_summary(folder, errors), folder, console)
+    summary = sweeps.write_summary(folder, errors)
+    if summary.rows:  # else nothing to compare
+        sweeps.show(summary, folder, console)
     if len(todo) < len(chosen.points):
         say(f"--max {args.max}: {len(chosen.points) - len(todo)} more point(s) not run; the "
             "same command without --max runs them")
@@ -95,10 +101,8 @@ def _run_points(folder: Path, todo: list[sweeps.Point], console: Console, stop: 
     except Interrupted as e:
         if not failed:
             raise
-        said = str(e) if str(e) != f"interrupted by {e.name}" else (
-            f"interrupted by {e.name}; `{again}` goes on with the sweep")
-        raise Interrupted(e.signum, f"{said}; failed before the stop: {'; '.join(failed)} "
-                                    "(the same command runs them again)") from None
+        said = f"{_said(e, again)}; failed before the stop: {'; '.join(failed)}"
+        raise Interrupted(e.signum, f"{said} (the same command runs them again)") from None
     return failed
 
 
@@ -115,7 +119,8 @@ def _run_point(folder: Path, point: sweeps.Point, at: tuple[int, int], console: 
     recipe = sweeps.recipe_file(folder, point.folder)
     print_path(console, f"[{n}/{total}] {point.name}: runner run", recipe)
     code = _child([sys.executable, "-m", "runner.cli", "run", str(recipe)], stop)
-    signum = _stop_signal(code) or stop.signum
+    stopped = stop_signal(code)
+    signum = stopped or stop.signum
     if signum is None:
         if code != 0:
             say(f"[{n}/{total}] {point.name}: failed (exit {code}); the sweep goes on")
@@ -124,7 +129,7 @@ def _run_point(folder: Path, point: sweeps.Point, at: tuple[int, int], console: 
     which = f"point {n} of {total} ({point.name})"
     if sweeps.finished(folder, point):  # the stop came as the point ended
         goes_on = f"{which} finished; `{again}` goes on with the next point"
-    elif _stop_signal(code) is not None:
+    elif stopped is not None:
         goes_on = (f"during {which}; `{again}` goes on: finished points are skipped, this "
                    "one resumes from its checkpoint (where it wrote one)")
     else:
@@ -195,15 +200,6 @@ def _hangup_stops():
         yield
     finally:
         signal.signal(signal.SIGHUP, previous)
-
-
-def _stop_signal(code: int) -> int | None:
-    """The signal a point's exit code says it stopped for (128 + N, as `runner
-    run` exits after a stop; -N, killed by it), if it is a stop's."""
-    for signum in SIGNALS:
-        if code in (128 + signum, -signum):
-            return signum
-    return None
 
 
 def _command(args, with_max: bool = True) -> str:
